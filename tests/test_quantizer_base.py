@@ -75,6 +75,9 @@ def test_usage_tracker_counts_only_in_training():
     out, same = m.apply(updates, jnp.array([[5, 6, 7, 7]]), train=False, mutable=[base.STATS])
     np.testing.assert_array_equal(np.asarray(nn.unbox(same[base.STATS])["usage"]["code_counts"]), np.asarray(counts))
     assert float(out["usage"]) == pytest.approx(3 / 8)  # batch usage is of this batch: codes 5, 6, 7
+    # eval with params only (no stats collection) still reports batch metrics
+    out = m.apply({}, idx, train=False)
+    assert "cumulative_usage" not in out and float(out["usage"]) == pytest.approx(3 / 8)
 
 
 def test_huge_codebook_usage_counts_distinct_codes():

@@ -161,6 +161,8 @@ class UsageTracker(nn.Module):
 
     @nn.compact
     def __call__(self, counts: jax.Array, train: bool) -> dict[str, jax.Array]:
+        if not train and not self.is_initializing() and not self.has_variable(STATS, "code_counts"):
+            return {}  # applied in eval with params only: nothing to report, nothing to update
         total = self.variable(STATS, "code_counts",
                               nn.with_logical_partitioning(jnp.zeros, ("codebook",)),
                               (self.codebook_size,), jnp.float32)
