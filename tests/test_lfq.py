@@ -260,8 +260,6 @@ def test_explicit_mesh_entropy_and_gradient(grouping):
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref_g), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason="base.code_histogram's scatter-add has no out_sharding: it fails on "
-                   "batches sharded over an Explicit mesh (jax.make_mesh's default); fix in base.py, then drop this mark")
 def test_full_forward_on_explicit_mesh():
     z = jax.random.normal(jax.random.key(5), (16, 3, 6))
     q = LFQ(6, track_usage=False)

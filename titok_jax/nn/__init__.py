@@ -1,11 +1,13 @@
 """Shared layers: attention (qk-norm, RoPE, masks), MLP/SwiGLU, pre-LN / adaLN-zero transformer
 block, patch embedding, position and timestep embeddings. Every param carries logical axis names.
+All of them run under ``jax.jit`` with the batch sharded over an Auto or an Explicit mesh.
 """
 from titok_jax.nn.adaln import AdaLNModulation, gate, modulate
 from titok_jax.nn.attention import (HeadsDense, HeadsOutDense, MultiHeadAttention, causal_mask,
                                     combine_masks, dot_product_attention, padding_mask,
                                     prefix_causal_mask, segment_mask)
 from titok_jax.nn.block import TransformerBlock
+from titok_jax.nn.dropout import Dropout
 from titok_jax.nn.initializers import (LOGICAL_AXES, boxed, flat_kernel_init,
                                        width_scaled_normal)
 from titok_jax.nn.mlp import MLP
@@ -16,7 +18,7 @@ from titok_jax.nn.posemb import (LearnedPositionEmbedding, TimestepEmbedder, app
                                  timestep_embedding)
 
 __all__ = [
-    "AdaLNModulation", "HeadsDense", "HeadsOutDense", "LOGICAL_AXES", "LearnedPositionEmbedding",
+    "AdaLNModulation", "Dropout", "HeadsDense", "HeadsOutDense", "LOGICAL_AXES", "LearnedPositionEmbedding",
     "MLP", "MultiHeadAttention", "PatchEmbed", "TimestepEmbedder", "TransformerBlock",
     "apply_rope", "boxed", "causal_mask", "combine_masks", "dot_product_attention",
     "flat_kernel_init", "gate", "grid_positions", "make_norm", "modulate", "padding_mask",

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from titok_jax.nn.dropout import bernoulli_like
 from titok_jax.nn.initializers import (Initializer, boxed, default_kernel_init, flat_kernel_init,
                                        zeros_init)
 from titok_jax.nn.norm import make_norm
@@ -107,7 +108,7 @@ def dot_product_attention(
     if mask is not None:
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
     if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        keep = bernoulli_like(dropout_rng, 1.0 - dropout_rate, weights)   # weights' sharding
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, precision=precision)
 

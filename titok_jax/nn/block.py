@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from titok_jax.nn.adaln import AdaLNModulation, gate, modulate
 from titok_jax.nn.attention import MultiHeadAttention
+from titok_jax.nn.dropout import Dropout
 from titok_jax.nn.initializers import Initializer, default_kernel_init
 from titok_jax.nn.mlp import MLP
 from titok_jax.nn.norm import make_norm
@@ -86,7 +87,7 @@ class TransformerBlock(nn.Module):
                   activation=self.activation, use_bias=self.mlp_bias,
                   kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
                   precision=self.precision, name="mlp")
-        drop = nn.Dropout(self.dropout_rate)
+        drop = Dropout(self.dropout_rate)
 
         if self.adaln:
             if cond is None:

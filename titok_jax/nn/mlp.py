@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from titok_jax.nn.dropout import Dropout
 from titok_jax.nn.initializers import Initializer, boxed, default_kernel_init, zeros_init
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
@@ -58,5 +59,5 @@ class MLP(nn.Module):
             h = nn.silu(gate) * value
         else:
             raise ValueError(f"unknown activation {self.activation!r}; expected {ACTIVATIONS}")
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return self._dense(out_dim, ("mlp", "embed"), "fc_out")(h)

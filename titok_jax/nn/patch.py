@@ -35,11 +35,14 @@ def patchify(images: jax.Array, p: int, channel_order: str = "hwc") -> jax.Array
     b, h, w, c = images.shape
     if h % p or w % p:
         raise ValueError(f"image {h}x{w} is not divisible by patch size {p}")
-    x = images.reshape(b, h // p, p, w // p, p, c)           # b, gh, i, gw, j, k
+    # One axis split or merge per reshape: on a mesh with Explicit axes (batch sharded in the type)
+    # jax infers the output sharding of a single split / merge, not of two at once.
+    x = images.reshape(b, h // p, p, w, c).reshape(b, h // p, p, w // p, p, c)  # b,gh,i,gw,j,k
     if channel_order == "hwc":
         x = x.transpose(0, 1, 3, 2, 4, 5)                      # b, gh, gw, i, j, k
     else:
         x = x.transpose(0, 1, 3, 5, 2, 4)                      # b, gh, gw, k, i, j
+    x = x.reshape((b, (h // p) * (w // p)) + x.shape[3:])
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
@@ -54,11 +57,12 @@ def unpatchify(tokens: jax.Array, p: int, h: int, w: int, c: int,
     gh, gw = h // p, w // p
     if n != gh * gw or f != p * p * c:
         raise ValueError(f"tokens {tokens.shape} do not match a {h}x{w}x{c} image with patch {p}")
+    x = tokens.reshape(b, gh, gw, f)      # one split / merge per reshape (see patchify)
     if channel_order == "hwc":
-        x = tokens.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     else:
-        x = tokens.reshape(b, gh, gw, c, p, p).transpose(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, h, w, c)
+        x = x.reshape(b, gh, gw, c, p, p).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h, gw, p, c).reshape(b, h, w, c)
 
 
 class PatchEmbed(nn.Module):

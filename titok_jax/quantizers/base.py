@@ -13,6 +13,11 @@ Conventions (see ``shared/API.md``):
 Under ``jax.jit`` with a batch sharded over devices every reduction here is already global. For code
 that runs a quantizer inside ``shard_map`` (per-device views), pass ``axis_name`` so the same
 reductions are summed over that mesh axis.
+
+Meshes with ``AxisType.Explicit`` axes (the default of ``jax.make_mesh`` in jax 0.10, "sharding in
+types") need an output sharding on every gather, scatter and contraction over the sharded token axis.
+The helpers below (``explicit_spec``, ``take_rows``, ``scatter_add_replicated``, ``replicate``) add
+it only there: on Auto meshes, on one device and inside ``shard_map`` they are the plain ``jnp`` ops.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 STATS = "quantizer_stats"   # the variable collection holding quantizer state
 RNG = "quantizer"           # the rng stream quantizers draw from in training
@@ -117,14 +123,102 @@ def binary_entropy_from_logits(x: jax.Array) -> jax.Array:
     return jax.nn.softplus(x) - x * jax.nn.sigmoid(x)
 
 
+# ---- explicit-sharding helpers ------------------------------------------------------------------
+def _explicit_mesh(x: Any) -> Any:
+    """The (abstract) mesh of ``x``'s type when it has ``AxisType.Explicit`` axes, else None."""
+    try:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+    except TypeError:   # not an array-like (python scalar, None, ...)
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    return mesh
+
+
+def explicit_spec(x: Any) -> tuple[Any, ...] | None:
+    """The PartitionSpec of ``x``'s type, one entry per dimension, when ``x`` lives on a mesh with
+    Explicit axes ("sharding in types", ``jax.make_mesh``'s default); None otherwise (Auto meshes,
+    a single device, inside ``shard_map``), i.e. whenever plain ``jnp`` ops need no annotation."""
+    mesh = _explicit_mesh(x)
+    if mesh is None:
+        return None
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (jnp.ndim(x) - len(spec))
+
+
+def replicated_if_explicit(x: Any) -> NamedSharding | None:
+    """A replicated ``NamedSharding`` on ``x``'s mesh when it has Explicit axes, else None: the
+    ``out_sharding`` of a contraction / scatter over ``x``'s sharded axis (None is jax's default)."""
+    mesh = _explicit_mesh(x)
+    return None if mesh is None else NamedSharding(mesh, PartitionSpec())
+
+
+def shard_count(x: Any, axis: int = 0) -> int:
+    """Number of shards of ``x``'s dimension ``axis`` on an Explicit mesh (1 when not sharded, on an
+    Auto mesh, on one device or inside ``shard_map``)."""
+    spec = explicit_spec(x)
+    entry = None if spec is None else spec[axis]
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return 1
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    mesh = _explicit_mesh(x)
+    n = 1
+    for name in names:
+        n *= mesh.shape[name]
+    return n
+
+
+def replicate(x: jax.Array) -> jax.Array:
+    """``x`` resharded to replicated when it is sharded on an Explicit mesh (an all-gather), else
+    ``x`` itself. For ops that need a whole axis on every device (e.g. ``sort``)."""
+    spec = explicit_spec(x)
+    if spec is None or all(e is None for e in spec):
+        return x
+    return jax.sharding.reshard(x, replicated_if_explicit(x))
+
+
+def take_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
+    """``jnp.take(table, indices, axis=0)``: rows ``[*indices.shape, *table.shape[1:]]``.
+
+    On an Explicit mesh the gather names its output sharding: ``indices``' spec (e.g. the sharded
+    token axis) followed by ``table``'s spec of the remaining axes (None where an axis name is
+    already used by ``indices``), so a token-sharded lookup stays sharded and rows drawn from a
+    token-sharded table with replicated indices come back replicated."""
+    spec_t, spec_i = explicit_spec(table), explicit_spec(indices)
+    if spec_t is None and spec_i is None:
+        return jnp.take(table, indices, axis=0)
+    mesh = _explicit_mesh(indices) if spec_i is not None else _explicit_mesh(table)
+    spec_i = spec_i or (None,) * jnp.ndim(indices)
+    rest = (spec_t or (None,) * table.ndim)[1:]
+
+    def names(e):
+        return set() if e is None else {e} if isinstance(e, str) else set(e)
+
+    used = set().union(*map(names, spec_i))
+    rest = tuple(None if names(e) & used else e for e in rest)
+    out = NamedSharding(mesh, PartitionSpec(*spec_i, *rest))
+    return table.at[indices].get(mode="fill", out_sharding=out)
+
+
+def scatter_add_replicated(shape: tuple[int, ...], indices: jax.Array, updates: Any) -> jax.Array:
+    """float32 ``zeros(shape).at[indices].add(updates)``: per-code sums over every (possibly
+    token-sharded) index, replicated on an Explicit mesh (the scatter names ``out_sharding=P()``)."""
+    out = jnp.zeros(shape, jnp.float32)
+    rep = replicated_if_explicit(indices)
+    if rep is None:
+        return out.at[indices].add(updates)
+    return out.at[indices].add(updates, out_sharding=rep)
+
+
 def code_histogram(indices: jax.Array, codebook_size: int,
                    axis_name: str | Sequence[str] | None = None) -> jax.Array:
     """float32 counts ``[codebook_size]`` of each code over all of ``indices`` (global batch).
     Negative indices (dropped levels) are not counted."""
     flat = indices.reshape(-1).astype(jnp.int32)
     valid = flat >= 0
-    counts = jnp.zeros((codebook_size,), jnp.float32).at[jnp.where(valid, flat, 0)].add(
-        valid.astype(jnp.float32))
+    counts = scatter_add_replicated((codebook_size,), jnp.where(valid, flat, 0),
+                                    valid.astype(jnp.float32))
     return global_sum(counts, axis_name)
 
 
@@ -144,7 +238,7 @@ def batch_usage_metrics(indices: jax.Array, codebook_size: int,
     if codebook_size > MAX_HISTOGRAM_CODES:
         # Too many codes to histogram: report the number of distinct codes in the batch instead of
         # a fraction of the codebook. Sorting is global under jit.
-        flat = jnp.sort(indices.reshape(-1))
+        flat = jnp.sort(replicate(indices.reshape(-1)))   # sort needs the whole axis per device
         distinct = 1 + jnp.sum(flat[1:] != flat[:-1])
         return {"perplexity": jnp.float32(jnp.nan), "usage": distinct.astype(jnp.float32) / codebook_size}
     return usage_metrics(code_histogram(indices, codebook_size, axis_name))

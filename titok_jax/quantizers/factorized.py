@@ -15,6 +15,9 @@ Extra terms (both optional, already weighted in ``out.losses``):
   ``representation_weight * InfoNCE(head(c_i), target)`` over the batch, averaged over the heads
   used. The heads' outputs are also returned in ``out.aux`` (``representation_i``) with each factor's
   codes (``codes_i``).
+
+Multi-device: as the sub-quantizers (global statistics under ``jax.jit`` with a sharded batch, on
+Auto and Explicit meshes); the InfoNCE logits keep the batch sharding of their rows.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from titok_jax.quantizers.base import QuantizerOutput, l2_normalize
+from titok_jax.quantizers.base import QuantizerOutput, explicit_spec, l2_normalize
 
 
 def disentanglement_loss(codes: Sequence[jax.Array]) -> jax.Array:
@@ -44,8 +48,18 @@ def info_nce(pred: jax.Array, target: jax.Array, temperature: float = 1.0) -> ja
     t = l2_normalize(target.astype(jnp.float32).reshape(target.shape[0], -1))
     if p.shape != t.shape:
         raise ValueError(f"info_nce: prediction {p.shape} and target {t.shape} differ")
-    logits = p @ t.T / temperature
-    return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
+    sp, st = explicit_spec(p), explicit_spec(t)
+    if sp is None and st is None:
+        logits = p @ t.T / temperature
+        return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
+    # Explicit mesh (batch sharded in the types): the logits rows keep the batch sharding of the
+    # predictions, the matmul gathers the targets; the diagonal is read with a mask, not a gather.
+    mesh = jax.typeof(p if sp is not None else t).sharding.mesh
+    out = NamedSharding(mesh, PartitionSpec(sp[0] if sp is not None else None, None))
+    logits = jnp.matmul(p, t.T, out_sharding=out) / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    eye = jnp.arange(p.shape[0])[:, None] == jnp.arange(p.shape[0])[None, :]
+    return -jnp.mean(jnp.sum(jnp.where(eye, logp, 0.0), axis=-1))
 
 
 class FactorizedQuantizer(nn.Module):

@@ -48,11 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from titok_jax.quantizers.base import (HIGHEST, QuantizerOutput, binary_entropy_from_logits,
                                        entropy, global_mean, global_sum, l2_normalize,
-                                       quantizer_metrics, straight_through)
+                                       quantizer_metrics, replicated_if_explicit, straight_through)
 
 EXACT_BATCH_ENTROPY_MAX_BITS = 16   # above this, the default batch entropy is grouped
 MAX_GROUP_BITS = 24                 # a group's mixture has 2^g entries
@@ -90,19 +89,8 @@ def mixture_sum(logits: jax.Array) -> jax.Array:
     hi = code_probs(logits[:, m:])        # [N, 2^(g-m)]
     # row c_hi, column c_lo -> index c_lo + 2^m c_hi; the contraction is over the (sharded) batch
     joint = jnp.matmul(hi.T, lo, precision=HIGHEST, preferred_element_type=jnp.float32,
-                       out_sharding=_replicated_if_explicit(logits))
+                       out_sharding=replicated_if_explicit(logits))
     return joint.reshape(-1)
-
-
-def _replicated_if_explicit(x: jax.Array) -> Any:
-    """A replicated output sharding when ``x`` lives on a mesh with Explicit axes (the
-    ``jax.make_mesh`` default), where a contraction over a sharded axis must name its output
-    sharding; None otherwise (Auto meshes, inside ``shard_map``, single device)."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
-        return None
-    return NamedSharding(mesh, PartitionSpec())
 
 
 def mixture_entropy(logits: jax.Array, axis_name: Any = None) -> jax.Array:

@@ -5,9 +5,10 @@ Maths (``z`` the tokens after the optional in-projection and l2-normalisation, `
 
 - ``k*_n = argmin_k ||z_n - e_k||^2`` (cosine: ``argmax_k z_n . e_k``), float32 at HIGHEST
   precision, chunked so the ``N x K`` matrix never exists whole (``vq_lookup.nearest_code``);
-- ``q_n = E[k*_n]`` (``jnp.take``); output ``z_q = project_out(sg(q) + (z - sg(z)))``, whose forward
-  value is exactly ``project_out(q)`` (with ``rotation_trick`` the ``z - sg(z)`` term becomes the
-  rotated ``z``, same forward value, rotation-trick gradient);
+- ``q_n = E[k*_n]`` (``base.take_rows``, i.e. ``jnp.take``); output
+  ``z_q = project_out(sg(q) + (z - sg(z)))``, whose forward value is exactly ``project_out(q)`` (with
+  ``rotation_trick`` the ``z - sg(z)`` term becomes the rotated ``z``, same forward value,
+  rotation-trick gradient);
 - losses: ``commitment = beta * mean ||sg(q) - z||^2``, ``codebook = w * mean ||q - sg(z)||^2``
   (gradient-learned codebook only), ``entropy = w_H * (mean_n H(p_n) - H(mean_n p_n))`` with
   ``p_n = softmax(-||z_n - e||^2 / T)``. E.g. ``E = [[0], [10]]``, ``z = [1, 2, 9]``: indices
@@ -21,11 +22,13 @@ Maths (``z`` the tokens after the optional in-projection and l2-normalisation, `
 - ``kmeans_init`` (EMA only): the first training call runs ``vq_kmeans.kmeans`` on the batch and sets
   ``E = means``, ``N = bins``, ``m = means * bins`` *before* the lookup of that call.
 
-Multi-device: under ``jax.jit`` with the batch sharded over a mesh with ``AxisType.Auto`` axes every
-statistic is global. Inside ``shard_map`` set ``axis_name`` and they are ``psum``-ed (``init`` may run
-outside ``shard_map``: it skips the collectives). Meshes with ``AxisType.Explicit`` axes (the default of
-``jax.make_mesh`` in jax 0.10) are not supported: scatter-adds (also ``base.code_histogram``),
-gathers and chunk reshapes of a token-sharded array there need ``out_sharding`` annotations.
+Multi-device: under ``jax.jit`` with the batch sharded over a mesh, with ``AxisType.Auto`` axes or
+``AxisType.Explicit`` ones (the default of ``jax.make_mesh`` in jax 0.10), every statistic is global;
+on Explicit meshes the gathers, scatter-adds and chunk reshapes over the token-sharded axis name
+their output sharding (``base.take_rows``, ``base.scatter_add_replicated``, ``vq_lookup``'s per-block
+chunking) and the codes and indices stay sharded like the batch. Inside ``shard_map`` set
+``axis_name`` and the statistics are ``psum``-ed (``init`` may run outside ``shard_map``: it skips
+the collectives).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from titok_jax.quantizers.base import (
-    RNG, STATS, QuantizerOutput, global_mean, quantizer_metrics, straight_through,
+    RNG, STATS, QuantizerOutput, global_mean, quantizer_metrics, straight_through, take_rows,
 )
 from titok_jax.quantizers.vq_kmeans import KMEANS_METHODS, cluster_stats, kmeans, sample_rows
 from titok_jax.quantizers.vq_lookup import (
@@ -197,7 +200,7 @@ class VectorQuantizer(nn.Module):
             if lo < 0 or hi >= self.codebook_size:
                 raise ValueError(f"code index out of range [0, {self.codebook_size}): "
                                  f"min {lo}, max {hi}")
-        codes = jnp.take(self._codes_table(self._read_codebook()), indices, axis=0)
+        codes = take_rows(self._codes_table(self._read_codebook()), indices)
         return self._to_output(codes, dtype or self.dtype or jnp.float32)
 
     @nn.compact
@@ -224,7 +227,7 @@ class VectorQuantizer(nn.Module):
 
         indices = nearest_code(x, table, cosine=self.l2_normalize,
                                max_elements=self.max_distance_elements)
-        q = jnp.take(table, indices, axis=0)
+        q = take_rows(table, indices)
         losses = {"commitment": self.commitment_weight * global_mean(
             jnp.square(lax.stop_gradient(q) - x), axis=None, axis_name=axis)}
         if not self.use_ema:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from titok_jax.quantizers.base import global_sum
+from titok_jax.quantizers.base import explicit_spec, global_sum, scatter_add_replicated, take_rows
 from titok_jax.quantizers.vq_lookup import DEFAULT_MAX_ELEMENTS, nearest_code, normalize_if
 
 KMEANS_METHODS = ("kmeans++", "random")
@@ -32,7 +32,7 @@ def _axis_index_and_size(axis_name: Any) -> tuple[jax.Array, jax.Array]:
 def sample_rows(key: jax.Array, x: jax.Array, num: int, axis_name: Any = None) -> jax.Array:
     """``num`` rows of ``x [N, d]`` drawn uniformly with replacement from the global batch."""
     if axis_name is None:
-        return jnp.take(x, jax.random.randint(key, (num,), 0, x.shape[0]), axis=0)
+        return take_rows(x, jax.random.randint(key, (num,), 0, x.shape[0]))
     k_dev, k_row = jax.random.split(key)
     me, n_dev = _axis_index_and_size(axis_name)
     dev = jax.random.randint(k_dev, (num,), 0, n_dev)   # equal local batches: uniform device
@@ -43,7 +43,7 @@ def sample_rows(key: jax.Array, x: jax.Array, num: int, axis_name: Any = None) -
 def _sample_distinct_rows(key: jax.Array, x: jax.Array, num: int, axis_name: Any) -> jax.Array:
     """Uniform rows, without replacement when the (local, unsharded) batch allows it."""
     if axis_name is None and x.shape[0] >= num:
-        return jnp.take(x, jax.random.choice(key, x.shape[0], (num,), replace=False), axis=0)
+        return take_rows(x, jax.random.choice(key, x.shape[0], (num,), replace=False))
     return sample_rows(key, x, num, axis_name)
 
 
@@ -55,7 +55,7 @@ def _weighted_row(key: jax.Array, x: jax.Array, weights: jax.Array, axis_name: A
     logw = jnp.where(weights > 0, jnp.log(jnp.where(weights > 0, weights, 1.0)), -jnp.inf)
     score = logw + jax.random.gumbel(key, weights.shape, jnp.float32)
     i = jnp.argmax(score)
-    row = x[i]
+    row = x[i] if explicit_spec(x) is None else take_rows(x, i[None])[0]
     if axis_name is None:
         return row
     me = lax.axis_index(axis_name)
@@ -82,8 +82,8 @@ def _kmeans_plus_plus(key: jax.Array, x: jax.Array, k: int, axis_name: Any) -> j
 def cluster_stats(x: jax.Array, indices: jax.Array, k: int,
                   axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
     """Global ``(counts [k], sums [k, d])`` of the rows of ``x`` assigned to each code."""
-    counts = jnp.zeros((k,), jnp.float32).at[indices].add(1.0)
-    sums = jnp.zeros((k, x.shape[1]), jnp.float32).at[indices].add(x.astype(jnp.float32))
+    counts = scatter_add_replicated((k,), indices, 1.0)
+    sums = scatter_add_replicated((k, x.shape[1]), indices, x.astype(jnp.float32))
     return global_sum(counts, axis_name), global_sum(sums, axis_name)
 
 

@@ -7,7 +7,10 @@ at most ``max_elements`` distances exist at a time.
 
 Token chunks are *strided*: chunk ``j`` holds tokens ``j, j + C, j + 2C, ...`` (``C`` chunks). A batch
 sharded over devices along the token axis therefore stays sharded inside every chunk, and every chunk
-runs on all devices at once instead of being gathered to one.
+runs on all devices at once instead of being gathered to one. On a mesh with Explicit axes, where the
+token axis is split into ``S`` equal blocks in the array's type, the striding (and the padding to a
+whole number of chunks) is done inside each block: chunk ``j`` holds local tokens ``j, j + C, ...`` of
+every block, i.e. it is ``[S * rows_per_block]`` sharded the same way, with no data movement.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from titok_jax.quantizers.base import (
-    HIGHEST, entropy, entropy_from_logits, global_sum, l2_normalize,
+    HIGHEST, entropy, entropy_from_logits, global_sum, l2_normalize, shard_count,
 )
 
 DEFAULT_MAX_ELEMENTS = 1 << 24   # 64 MiB of float32 distances per chunk
@@ -32,35 +35,66 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
                            preferred_element_type=jnp.float32)
 
 
-def _token_chunks(n: int, per_chunk: int) -> tuple[int, int]:
-    """(rows per chunk, number of chunks) for ``n`` tokens and at most ``per_chunk`` rows a chunk."""
+def _token_chunks(n: int, per_chunk: int, shards: int = 1) -> tuple[int, int]:
+    """(rows per chunk, number of chunks) for ``n`` tokens and at most ``per_chunk`` rows a chunk.
+
+    With ``shards > 1`` (token axis split into that many equal blocks on an Explicit mesh) every
+    block contributes the same number of rows to each chunk, so rows is a multiple of ``shards``."""
+    if shards > 1:
+        local = max(1, min(n // shards, per_chunk // shards))
+        return shards * local, max(1, math.ceil(n // shards / local))
     rows = max(1, min(n, per_chunk))
     return rows, max(1, math.ceil(n / rows))
 
 
 def _map_token_chunks(fn: Callable[..., Any], xs: tuple[jax.Array, ...], rows: int,
-                      chunks: int, remat: bool = False) -> Any:
+                      chunks: int, remat: bool = False, shards: int = 1) -> Any:
     """Apply ``fn(*chunk)`` to strided token chunks of the arrays ``xs`` (all ``[N, ...]``).
 
     Returns ``fn``'s outputs stacked over chunks (leading axis ``chunks``, then ``rows``); padded
-    rows (indices ``>= N``) are the caller's to drop (see ``_unchunk``)."""
+    rows are the caller's to drop (see ``_unchunk``). ``shards``: the number of equal blocks the
+    token axis is split into on an Explicit mesh (1 otherwise); the striding and padding then happen
+    inside each block (``[S, N/S] -> [C, S * rows/S]``) so that the chunks keep the blocks' sharding."""
     if chunks == 1:
         return jax.tree.map(lambda y: y[None], fn(*xs))
     n = xs[0].shape[0]
-    pad = rows * chunks - n
+    local = rows // shards
+    pad = local * chunks - n // shards
 
     def split(a):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        return jnp.swapaxes(a.reshape((rows, chunks) + a.shape[1:]), 0, 1)
+        tail = a.shape[1:]
+        a = a.reshape((shards, n // shards) + tail)
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * len(tail))
+        a = jnp.moveaxis(a.reshape((shards, local, chunks) + tail), 2, 0)
+        return a.reshape((chunks, rows) + tail)
 
     body = jax.checkpoint(lambda c: fn(*c)) if remat else (lambda c: fn(*c))
     return lax.map(body, tuple(split(a) for a in xs))
 
 
-def _unchunk(y: jax.Array, n: int) -> jax.Array:
+def _unchunk(y: jax.Array, n: int, shards: int = 1) -> jax.Array:
     """Inverse of the strided split for a per-row output ``[chunks, rows, ...]`` -> ``[n, ...]``."""
     chunks, rows = y.shape[:2]
-    return jnp.swapaxes(y, 0, 1).reshape((rows * chunks,) + y.shape[2:])[:n]
+    if chunks == 1:
+        return y[0]
+    tail = y.shape[2:]
+    local = rows // shards
+    y = jnp.moveaxis(y.reshape((chunks, shards, local) + tail), 0, 2)
+    y = y.reshape((shards, local * chunks) + tail)[:, :n // shards]
+    return y.reshape((n,) + tail)
+
+
+def _chunk_shards(x: jax.Array) -> int:
+    """Blocks of the token axis of ``x [N, ...]`` to chunk within (> 1 only on an Explicit mesh)."""
+    s = shard_count(x, 0)
+    return s if s > 1 and x.shape[0] % s == 0 else 1
+
+
+def _full_rows(like: jax.Array, value: Any, dtype: Any) -> jax.Array:
+    """``full((like.shape[0],), value)`` with ``like``'s sharding of its first axis."""
+    if shard_count(like, 0) == 1:
+        return jnp.full((like.shape[0],), value, dtype)
+    return jnp.full_like(like[:, 0] if like.ndim > 1 else like, value, dtype)
 
 
 def nearest_code(x: jax.Array, codebook: jax.Array, *, cosine: bool = False,
@@ -94,12 +128,13 @@ def nearest_code(x: jax.Array, codebook: jax.Array, *, cosine: bool = False,
             better = cmin < best   # strict: earlier chunks win ties
             return (jnp.where(better, cmin, best), jnp.where(better, carg + off, arg)), None
 
-        init = (jnp.full((xc.shape[0],), jnp.inf, jnp.float32), jnp.zeros((xc.shape[0],), jnp.int32))
+        init = (_full_rows(xc, jnp.inf, jnp.float32), _full_rows(xc, 0, jnp.int32))
         offsets = jnp.arange(code_chunks, dtype=jnp.int32) * code_rows
         return lax.scan(step, init, (e, bias, offsets))[0][1]
 
-    rows, chunks = _token_chunks(n, max_elements // code_rows)
-    return _unchunk(_map_token_chunks(search, (x,), rows, chunks), n)
+    shards = _chunk_shards(x)
+    rows, chunks = _token_chunks(n, max_elements // code_rows, shards)
+    return _unchunk(_map_token_chunks(search, (x,), rows, chunks, shards=shards), n, shards)
 
 
 def entropy_terms(x: jax.Array, codebook: jax.Array, temperature: float, *,
@@ -121,9 +156,10 @@ def entropy_terms(x: jax.Array, codebook: jax.Array, temperature: float, *,
         p = jax.nn.softmax(logits, axis=-1) * valid[:, None]
         return jnp.sum(h), jnp.sum(p, axis=0)
 
-    rows, chunks = _token_chunks(n, max(1, max_elements // k))
-    valid = jnp.ones((n,), jnp.float32)
-    h_sum, p_sum = _map_token_chunks(fn, (x, valid), rows, chunks, remat=chunks > 1)
+    shards = _chunk_shards(x)
+    rows, chunks = _token_chunks(n, max(1, max_elements // k), shards)
+    valid = _full_rows(x, 1.0, jnp.float32)
+    h_sum, p_sum = _map_token_chunks(fn, (x, valid), rows, chunks, remat=chunks > 1, shards=shards)
     count = global_sum(jnp.asarray(n, jnp.float32), axis_name)
     mean_h = global_sum(jnp.sum(h_sum), axis_name) / count
     p_mean = global_sum(jnp.sum(p_sum, axis=0), axis_name) / count
