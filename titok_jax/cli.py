@@ -18,8 +18,17 @@ COMMANDS = {
     "import-torch": "official PyTorch release to a workdir: --input HF_DIR --output DIR",
 }
 
-# Commands with an implementation: name -> callable(argv) -> exit status. Filled as they land.
-HANDLERS: dict = {}
+
+
+def _handler(name: str):
+    def run(argv):
+        from titok_jax import commands
+        return commands.run_command(getattr(commands, name), argv)
+    return run
+
+
+# Commands with an implementation: name -> callable(argv) -> exit status.
+HANDLERS: dict = {"train": _handler("train"), "eval": _handler("evaluate")}
 
 
 def usage() -> str:

@@ -186,6 +186,9 @@ class MultiHeadAttention(nn.Module):
         (``rope_axes_dims`` default ``(head_dim,)``; see ``posemb.rope_angles``).
       dropout_rate: dropout on the attention weights (needs the ``dropout`` rng when
         ``deterministic=False``).
+      kernel_init / qkv_kernel_init: initialisers of the projections; ``qkv_kernel_init`` (default
+        ``kernel_init``) for q, k, v only (PyTorch's ``nn.MultiheadAttention`` keeps xavier-uniform
+        on its packed in-projection even when a model re-initialises its Linear layers).
     """
 
     num_heads: int
@@ -204,6 +207,7 @@ class MultiHeadAttention(nn.Module):
     rope_interleaved: bool = True
     dropout_rate: float = 0.0
     kernel_init: Initializer = default_kernel_init
+    qkv_kernel_init: Initializer | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
@@ -220,7 +224,7 @@ class MultiHeadAttention(nn.Module):
         features = x.shape[-1]
         head_dim = self.head_dim or features // self.num_heads
         dense = dict(num_heads=self.num_heads, head_dim=head_dim, use_bias=self.qkv_bias,
-                     kernel_init=self.kernel_init, dtype=self.dtype,
+                     kernel_init=self.qkv_kernel_init or self.kernel_init, dtype=self.dtype,
                      param_dtype=self.param_dtype, precision=self.precision)
         if self.fused_qkv:
             if inputs_kv is not None:

@@ -64,6 +64,7 @@ class TransformerBlock(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     kernel_init: Initializer = default_kernel_init
+    qkv_kernel_init: Initializer | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
@@ -81,8 +82,8 @@ class TransformerBlock(nn.Module):
             qk_norm_eps=self.qk_norm_eps, scale=self.attn_scale, use_rope=self.use_rope,
             rope_axes_dims=self.rope_axes_dims, rope_theta=self.rope_theta,
             rope_interleaved=self.rope_interleaved, dropout_rate=self.attention_dropout_rate,
-            kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,
-            precision=self.precision, name="attn")
+            kernel_init=self.kernel_init, qkv_kernel_init=self.qkv_kernel_init, dtype=self.dtype,
+            param_dtype=self.param_dtype, precision=self.precision, name="attn")
         mlp = MLP(hidden_dim=self.mlp_dim or int(self.mlp_ratio * features),
                   activation=self.activation, use_bias=self.mlp_bias,
                   kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -1,0 +1,283 @@
+"""grain pipelines: train (shuffled, repeated, checkpointable) and eval (ordered, padded, masked).
+
+Train, per process ``p`` of ``n``::
+
+    MapDataset.source(src).shuffle(seed).repeat(epochs)   # global stream, reshuffled every epoch
+      .map_with_index(TrainTransform(seed))               # augmentation = f(seed, stream position)
+      [p::n]                                              # this process's share, no overlap
+      .batch(global_batch // n, drop_remainder=True)
+      .to_iter_dataset(ReadOptions)[.mp_prefetch(workers)]
+
+Global step ``k`` therefore holds stream positions ``k*G .. k*G + G - 1`` whatever ``n`` is, with the
+same crops: the run is reproducible across worker and process counts. ``iter(ds).get_state()`` /
+``set_state()`` checkpoint the position (save it with ``grain.checkpoint.CheckpointSave``).
+
+Eval: positions ``0 .. N-1`` padded up to a whole number of global batches, sliced ``[p::n]``, centre
+crops; every element carries ``mask`` (False for padding and for stand-ins of corrupt files), so all
+processes run the same number of steps and metrics count each image once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from titok_jax.data.sources import make_source
+from titok_jax.data.transforms import EvalTransform, TrainTransform, _check_size
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process_index/process_count: {process_index}/{process_count}")
+    return int(process_index), int(process_count)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """``global_batch_size // process_count``; a ValueError unless it divides evenly."""
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, (int, np.integer)) \
+            or global_batch_size <= 0:
+        raise ValueError(f"global batch size must be a positive integer, got {global_batch_size!r}")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the process count {process_count}"
+        )
+    return int(global_batch_size) // process_count
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
+def _finish(ds: grain.MapDataset, read_threads: int, prefetch_buffer_size: int,
+            worker_count: int, worker_buffer_size: int) -> grain.IterDataset:
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size)
+    )
+    if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app.run mark
+            flags.FLAGS.mark_as_parsed()  # them parsed (defaults) instead of failing
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+            )
+        )
+    return it
+
+
+def make_train_dataset(
+    source: Any,
+    image_size: int,
+    global_batch_size: int,
+    seed: int,
+    *,
+    split: str = "train",
+    data_dir: str | None = None,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    crop_scale: tuple[float, float] | None = None,
+    flip: bool = True,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int = 4,
+    prefetch_buffer_size: int = 4,
+) -> grain.IterDataset:
+    """The training ``IterDataset`` of per-process batches (see the module docstring).
+
+    ``source``: a spec (``sample``, ``folder:PATH``, ``tfds:NAME[:split]``) or a source object.
+    ``num_epochs=None`` repeats forever; a finite count is cut to whole global batches.
+    ``crop_scale=None`` takes the source's ``default_crop_scale`` (sample: (0.35, 1)) or (1, 1):
+    resize the shorter side, then a random crop. Batches are dicts of NumPy arrays:
+    ``image`` float32 ``[B, S, S, 3]`` in ``value_range``, ``label`` int32 ``[B]``, ``index`` int64 ``[B]``.
+    """
+    image_size = _check_size(image_size)
+    seed = _check_seed(seed)
+    p, n = _process_info(process_index, process_count)
+    local = local_batch_size(global_batch_size, n)
+    src = make_source(source, split, data_dir=data_dir)
+    if len(src) == 0:
+        raise ValueError(f"data source {source!r} split {split!r} is empty")
+    if crop_scale is None:
+        crop_scale = getattr(src, "default_crop_scale", (1.0, 1.0))
+    transform = TrainTransform(image_size, seed, crop_scale=crop_scale, flip=flip,
+                               value_range=value_range)
+    ds = grain.MapDataset.source(src)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    ds = ds.repeat(num_epochs)
+    if num_epochs is not None:
+        whole = (len(ds) // global_batch_size) * global_batch_size
+        if whole == 0:
+            raise ValueError(
+                f"{len(ds)} records x epochs is less than one global batch of {global_batch_size}"
+            )
+        ds = ds[:whole]
+    ds = ds.map_with_index(transform)
+    ds = ds[p::n]
+    ds = ds.batch(local, drop_remainder=True)
+    return _finish(ds, read_threads, prefetch_buffer_size, worker_count, worker_buffer_size)
+
+
+def make_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
+    """``iter(make_train_dataset(...))``: a ``grain.DatasetIterator`` with ``get_state``/``set_state``.
+
+    Signature: ``make_train_iterator(source, image_size, global_batch_size, seed, *, split="train",
+    data_dir=None, num_epochs=None, shuffle=True, crop_scale=None, flip=True, value_range=(0, 1),
+    process_index=None, process_count=None, worker_count=0, worker_buffer_size=2, read_threads=4,
+    prefetch_buffer_size=4)``.
+    """
+    return iter(make_train_dataset(*args, **kwargs))
+
+
+class _EvalElement:
+    """Position -> transformed record, or padding past the end of the source."""
+
+    def __init__(self, source: Any, transform: EvalTransform):
+        self.source = source
+        self.transform = transform
+        self.num_records = len(source)
+
+    def __call__(self, position: int) -> dict[str, Any]:
+        position = int(position)
+        record = self.source[position] if position < self.num_records else None
+        return self.transform(position, record)
+
+
+def make_eval_dataset(
+    source: Any,
+    image_size: int,
+    global_batch_size: int,
+    *,
+    split: str = "eval",
+    data_dir: str | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """Batched eval ``MapDataset``: ``len()`` = number of global steps = ``ceil(N / global_batch)``.
+
+    Every record once, in order, centre-cropped; the last global batch is padded, and ``mask``
+    (bool ``[B]``) is False for padding. Process ``p`` gets positions ``p, p + n, ...``.
+    """
+    image_size = _check_size(image_size)
+    p, n = _process_info(process_index, process_count)
+    local = local_batch_size(global_batch_size, n)
+    src = make_source(source, split, data_dir=data_dir, sample_repeats=1)
+    num = len(src)
+    if num == 0:
+        raise ValueError(f"data source {source!r} split {split!r} is empty")
+    padded = math.ceil(num / global_batch_size) * global_batch_size
+    ds = grain.MapDataset.range(padded)[p::n]
+    ds = ds.map(_EvalElement(src, EvalTransform(image_size, value_range=value_range)))
+    return ds.batch(local, drop_remainder=True)
+
+
+def make_eval_iterator(
+    source: Any,
+    image_size: int,
+    global_batch_size: int,
+    *,
+    read_threads: int = 4,
+    prefetch_buffer_size: int = 4,
+    **kwargs,
+) -> grain.DatasetIterator:
+    """Iterator over ``make_eval_dataset(source, image_size, global_batch_size, **kwargs)``; finite.
+
+    Batches: ``image`` float32 ``[B, S, S, 3]``, ``label`` int32, ``index`` int64 (-1 on padding),
+    ``mask`` bool (True = a real image, counted in metrics).
+    """
+    ds = make_eval_dataset(source, image_size, global_batch_size, **kwargs)
+    return iter(_finish(ds, read_threads, prefetch_buffer_size, 0, 1))
+
+
+def batch_sharding(mesh, data_axes: Sequence[str] = ("data", "fsdp")):
+    """``NamedSharding(mesh, P(axes))``: the batch dimension split over the mesh's ``data_axes``
+    (axes the mesh lacks are ignored), every other dimension replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    axes = tuple(a for a in data_axes if a in mesh.axis_names)
+    return NamedSharding(mesh, P(axes if axes else None))
+
+
+def to_global_array(local_batch: Any, mesh, data_axes: Sequence[str] = ("data", "fsdp")) -> Any:
+    """Each process's NumPy batch (a pytree of ``[B_local, ...]``) -> global ``jax.Array`` s of
+    ``[B_local * process_count, ...]`` sharded over ``data_axes``, via
+    ``jax.make_array_from_process_local_data``."""
+    import jax
+
+    sharding = batch_sharding(mesh, data_axes)
+    shards = math.prod(mesh.shape[a] for a in data_axes if a in mesh.axis_names)
+    count = jax.process_count()
+
+    def one(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or x.dtype.kind not in "biuf":
+            raise ValueError(
+                f"batch leaves must be numeric arrays with a batch dimension, got {x.dtype} {x.shape}"
+            )
+        if (x.shape[0] * count) % shards:
+            raise ValueError(
+                f"global batch {x.shape[0] * count} is not divisible by the {shards} shards of "
+                f"mesh axes {tuple(data_axes)}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, local_batch)
+
+
+make_global_batch = to_global_array
+
+
+def _cfg_get(cfg, key, default):
+    try:
+        return cfg.get(key, default)
+    except AttributeError:
+        return getattr(cfg, key, default)
+
+
+def train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
+    """``make_train_iterator`` from a run config: ``data.source``, ``data.image_size``,
+    ``batch_size`` (global), ``seed``; optional ``data.{data_dir, worker_count, crop_scale, flip,
+    value_range, train_split}``. Keyword ``overrides`` win."""
+    data = config.data
+    kwargs = dict(
+        split=_cfg_get(data, "train_split", "train"),
+        data_dir=_cfg_get(data, "data_dir", None),
+        worker_count=_cfg_get(data, "worker_count", 0),
+        crop_scale=_cfg_get(data, "crop_scale", None),
+        flip=_cfg_get(data, "flip", True),
+        value_range=tuple(_cfg_get(data, "value_range", (0.0, 1.0))),
+    )
+    kwargs.update(overrides)
+    return make_train_iterator(data.source, data.image_size, config.batch_size, config.seed, **kwargs)
+
+
+def eval_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
+    """``make_eval_iterator`` from a run config (``data.eval_split`` default "eval",
+    ``data.eval_batch_size`` default ``batch_size``)."""
+    data = config.data
+    kwargs = dict(
+        split=_cfg_get(data, "eval_split", "eval"),
+        data_dir=_cfg_get(data, "data_dir", None),
+        value_range=tuple(_cfg_get(data, "value_range", (0.0, 1.0))),
+    )
+    kwargs.update(overrides)
+    batch = _cfg_get(data, "eval_batch_size", None) or config.batch_size
+    return make_eval_iterator(data.source, data.image_size, batch, **kwargs)

@@ -1,0 +1,113 @@
+"""Image grids for looking at reconstructions: uint8 conversion, originals-next-to-reconstructions
+grids, PNG files (pillow) and TensorBoard images (tensorboardX). Host-side numpy; accepts jax
+arrays.
+
+Grid layout (``make_grid``): image ``i`` of a batch of ``N`` sits in grid column ``i % ncol``; its
+pair row is ``i // ncol``. Each pair row is two image rows: the originals on top and, directly
+below each original, its reconstruction - so each pair reads as one column. Every cell is
+``H x W`` and ``padding`` pixels of ``pad_value`` separate the cells and frame the grid (as
+torchvision's ``make_grid``)::
+
+    top-left of the original of image i       = (p + 2r (H + p),     p + c (W + p))
+    top-left of the reconstruction of image i = (p + (2r + 1)(H + p), p + c (W + p))
+    r = i // ncol, c = i % ncol, p = padding
+    grid shape = (p + 2 ceil(N / ncol) (H + p),  p + min(ncol, N) (W + p),  C)
+
+Cells past the last image (when ``ncol`` does not divide ``N``) are left at ``pad_value``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["to_uint8", "make_grid", "save_png", "load_png", "log_image", "log_reconstructions",
+           "save_reconstruction_grid"]
+
+
+def to_uint8(x: Any) -> np.ndarray:
+    """Float images in ``[0, 1]`` -> uint8 in ``[0, 255]``: clip, then ``floor(255 x + 0.5)``
+    (round half up, as torchvision's ``save_image``); NaN -> 0. uint8 input is returned as is."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    x = np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.floor(np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def make_grid(originals: Any, reconstructions: Any, ncol: int = 8, padding: int = 2,
+              pad_value: int = 255) -> np.ndarray:
+    """uint8 ``[H_grid, W_grid, C]`` grid with each reconstruction directly below its original
+    (layout in the module docstring). Inputs: ``[N, H, W, C]`` float in ``[0, 1]`` or uint8."""
+    a = to_uint8(originals)
+    b = to_uint8(reconstructions)
+    if a.shape != b.shape:
+        raise ValueError(f"originals {a.shape} and reconstructions {b.shape} differ in shape")
+    if a.ndim != 4 or a.shape[0] == 0:
+        raise ValueError(f"expected non-empty images [N, H, W, C], got shape {a.shape}")
+    if ncol < 1 or padding < 0:
+        raise ValueError(f"need ncol >= 1 and padding >= 0, got ncol={ncol}, padding={padding}")
+    n, h, w, c = a.shape
+    ncol = min(ncol, n)
+    pair_rows = math.ceil(n / ncol)
+    p = padding
+    grid = np.full((p + 2 * pair_rows * (h + p), p + ncol * (w + p), c), pad_value, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top = p + 2 * r * (h + p)
+        left = p + col * (w + p)
+        grid[top:top + h, left:left + w] = a[i]
+        top += h + p
+        grid[top:top + h, left:left + w] = b[i]
+    return grid
+
+
+def save_png(path: str | os.PathLike, image: Any) -> None:
+    """Write one ``[H, W, C]`` (C in 1, 3, 4) or ``[H, W]`` image as PNG (float in [0, 1] is
+    converted with ``to_uint8``); creates the parent directory."""
+    from PIL import Image
+
+    arr = to_uint8(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(f"expected an image [H, W], [H, W, 1|3|4], got shape {arr.shape}")
+    parent = os.path.dirname(os.fspath(path))
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(arr)).save(path, format="PNG")
+
+
+def load_png(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file into a uint8 ``[H, W, C]`` array (``[H, W]`` for grayscale)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im).copy()
+
+
+def save_reconstruction_grid(path: str | os.PathLike, originals: Any, reconstructions: Any,
+                             ncol: int = 8, padding: int = 2) -> np.ndarray:
+    """``make_grid`` then ``save_png``; returns the grid."""
+    grid = make_grid(originals, reconstructions, ncol=ncol, padding=padding)
+    save_png(path, grid)
+    return grid
+
+
+def log_image(writer: Any, tag: str, image: Any, step: int) -> None:
+    """``writer.add_image(tag, uint8 [H, W, C], step, dataformats="HWC")`` on a tensorboardX
+    ``SummaryWriter`` (float input is converted with ``to_uint8``)."""
+    arr = to_uint8(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    writer.add_image(tag, arr, global_step=int(step), dataformats="HWC")
+
+
+def log_reconstructions(writer: Any, tag: str, originals: Any, reconstructions: Any, step: int,
+                        ncol: int = 8, padding: int = 2) -> np.ndarray:
+    """Log the ``make_grid`` of originals and reconstructions as one TensorBoard image; returns it."""
+    grid = make_grid(originals, reconstructions, ncol=ncol, padding=padding)
+    log_image(writer, tag, grid, step)
+    return grid

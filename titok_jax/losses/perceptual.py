@@ -1,0 +1,198 @@
+"""LPIPS (Zhang et al. 2018, "vgg" variant, v0.1 linear layers) as a frozen perceptual distance.
+
+For images ``x``, ``y`` (NHWC, 3 channels) the distance is::
+
+    u      = 2 * (x - lo) / (hi - lo) - 1                 # input_range (lo, hi) -> [-1, 1]
+    s      = (u - shift) / scale                           # shift = [-.030, -.088, -.188]
+                                                           # scale = [ .458,  .448,  .450]
+    f_k    = VGG16 tap k of s, k = 0..4                    # relu1_2 .. relu5_3
+    n_k    = f_k / (||f_k||_2 over channels + 1e-10)       # unit-normalised per pixel
+    d(x,y) = sum_k  mean_{h,w}  sum_c  w_{k,c} * (n_k(x) - n_k(y))**2
+
+``w_k`` are the non-negative 1x1 "lin" weights (no bias). The result is one value per image,
+``[B]``.
+
+Input convention: TiTok feeds images in **[0, 1]**, so that is the default ``input_range=(0., 1.)``
+(identical to the ``lpips`` package with ``normalize=True``); pass ``input_range=(-1., 1.)`` for
+images already in [-1, 1]. Any ``(lo, hi)`` works (e.g. ``(0., 255.)``).
+
+Weights are **frozen**: :func:`lpips_distance` wraps the params in ``stop_gradient``, so the loss
+sends gradient to the images only. They are never downloaded: convert the torchvision VGG16 and the
+LPIPS ``vgg.pth`` linear weights once with ``python -m titok_jax.convert.lpips`` and load the result
+with :func:`load_lpips_params`.
+
+File format read by :func:`load_lpips_params` (``.safetensors`` or ``.npz``): a flat mapping of
+exactly these float32 arrays (``/``-joined Flax param paths, see :func:`lpips_param_shapes`)::
+
+    vgg/conv{b}_{i}/kernel  [3, 3, C_in, C_out]      13 convs, VGG16 trunk (models/vgg.py)
+    vgg/conv{b}_{i}/bias    [C_out]
+    lin{k}/kernel           [C_k, 1]                  k = 0..4, C_k = 64, 128, 256, 512, 512
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from titok_jax.models.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS, VGG16Features
+
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+LPIPS_EPS = 1e-10
+# Smallest image side for which relu5_3 (after 4 pools) is at least 1x1.
+LPIPS_MIN_SIZE = 16
+
+
+def _unit_normalize(f: jax.Array, eps: float = LPIPS_EPS) -> jax.Array:
+    """``f / (||f||_2 + eps)`` over the channel axis, with a finite gradient where ``f == 0``.
+
+    ``sqrt`` has an infinite derivative at 0 and ReLU features are often exactly zero at a pixel;
+    the double ``where`` keeps the forward value identical (``0 / eps = 0``) and the gradient
+    finite.
+    """
+    sq = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+    positive = sq > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return f / (norm + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG distance ``[B, H, W, 3] x [B, H, W, 3] -> [B]`` (see the module docstring).
+
+    Params: ``vgg`` (:class:`~titok_jax.models.vgg.VGG16Features`) and ``lin0..lin4`` (``Dense(1)``
+    without bias, kernel ``[C_k, 1]``). ``dtype`` is the compute dtype of the trunk; the
+    normalisation, differences and averages are float32.
+    """
+
+    input_range: tuple[float, float] = (0.0, 1.0)
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+        if x.shape != y.shape:
+            raise ValueError(f"LPIPS inputs differ in shape: {x.shape} vs {y.shape}")
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"LPIPS expects [B, H, W, 3] images, got {x.shape}")
+        if min(x.shape[1:3]) < LPIPS_MIN_SIZE:
+            raise ValueError(f"LPIPS needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                             f"got {x.shape[1]}x{x.shape[2]}")
+        lo, hi = (float(v) for v in self.input_range)
+        if not hi > lo:
+            raise ValueError(f"input_range must be (lo, hi) with hi > lo, got {self.input_range}")
+        shift = jnp.asarray(LPIPS_SHIFT, jnp.float32)
+        scale = jnp.asarray(LPIPS_SCALE, jnp.float32)
+
+        b = x.shape[0]
+        both = jnp.concatenate([x, y], axis=0).astype(jnp.float32)   # one trunk pass for x and y
+        both = (2.0 * (both - lo) / (hi - lo) - 1.0 - shift) / scale
+        taps = VGG16Features(dtype=self.dtype, param_dtype=self.param_dtype,
+                             precision=self.precision, name="vgg")(both)
+        total = jnp.zeros((b,), jnp.float32)
+        for k, f in enumerate(taps):
+            f = _unit_normalize(f.astype(jnp.float32))
+            diff = jnp.square(f[:b] - f[b:])                                  # [B, h, w, C_k]
+            lin = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
+                           precision=self.precision, name=f"lin{k}")(diff)    # [B, h, w, 1]
+            total = total + jnp.mean(lin, axis=(1, 2, 3))
+        return total
+
+
+def lpips_param_shapes() -> dict[str, tuple[int, ...]]:
+    """Flat LPIPS param shapes ``{"vgg/conv1_1/kernel": (3, 3, 3, 64), ..., "lin4/kernel": (512, 1)}``.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, _, c_in, c_out in VGG16_CONVS:
+        shapes[f"vgg/{name}/kernel"] = (3, 3, c_in, c_out)
+        shapes[f"vgg/{name}/bias"] = (c_out,)
+    for k, c in enumerate(VGG16_TAP_CHANNELS):
+        shapes[f"lin{k}/kernel"] = (c, 1)
+    return shapes
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a/b/c": v}`` -> ``{"a": {"b": {"c": v}}}``."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of :func:`unflatten_params`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, path + "/"))
+        else:
+            flat[path] = value
+    return flat
+
+
+def check_lpips_params(flat: Mapping[str, Any], source: str = "params") -> None:
+    """Raise ``ValueError`` naming the first missing, unexpected or mis-shaped LPIPS param."""
+    expected = lpips_param_shapes()
+    for key, shape in expected.items():
+        if key not in flat:
+            raise ValueError(f"{source}: missing LPIPS param {key!r} (shape {shape})")
+        got = tuple(np.shape(flat[key]))
+        if got != shape:
+            raise ValueError(f"{source}: LPIPS param {key!r} has shape {got}, expected {shape}")
+    extra = sorted(set(flat) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: unexpected LPIPS param {extra[0]!r}"
+                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def load_lpips_params(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an LPIPS param file (``.safetensors`` or ``.npz``, format in the module docstring).
+
+    Returns the nested Flax params tree (``LPIPS().apply({"params": tree}, x, y)``) of float32
+    ``jax.Array``s. Raises ``FileNotFoundError`` / ``ValueError`` with the offending key.
+    Never downloads anything; produce the file with ``python -m titok_jax.convert.lpips``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LPIPS params file not found: {path} "
+                                "(create it with `python -m titok_jax.convert.lpips`)")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        flat = dict(load_file(path))
+    elif path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            flat = {k: data[k] for k in data.files}
+    else:
+        raise ValueError(f"{path}: LPIPS params must be a .safetensors or .npz file "
+                         "(convert .pth files with `python -m titok_jax.convert.lpips`)")
+    check_lpips_params(flat, source=path)
+    return unflatten_params({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *,
+                   input_range: tuple[float, float] = (0.0, 1.0), dtype: Any = None,
+                   precision: Any = None) -> jax.Array:
+    """Per-image LPIPS-VGG distance ``[B]`` between ``x`` and ``y`` (``[B, H, W, 3]``, H, W >= 16).
+
+    ``params`` is the tree from :func:`load_lpips_params` (a ``{"params": tree}`` dict is accepted
+    too). The params are frozen: ``stop_gradient`` is applied, so ``jax.grad`` w.r.t. them is zero.
+    """
+    if "params" in params and len(params) == 1:
+        params = params["params"]
+    params = jax.tree.map(jax.lax.stop_gradient, params)
+    model = LPIPS(input_range=input_range, dtype=dtype, precision=precision)
+    return model.apply({"params": params}, x, y)
+
+
+def lpips_loss(params: Mapping[str, Any], x: jax.Array, y: jax.Array, **kwargs: Any) -> jax.Array:
+    """Batch mean of :func:`lpips_distance` (a scalar)."""
+    return jnp.mean(lpips_distance(params, x, y, **kwargs))

@@ -1,0 +1,372 @@
+"""TiTok: a ViT encoder reads an image into ``N`` 1D latent tokens, a VQ (or a diagonal Gaussian)
+bottleneck, and a ViT decoder paints the image back from mask tokens (arXiv 2406.07550).
+
+This is the single-stage (pixel-head) model of the 10/2024 TiTok-BL/SL/LL weights; the two-stage
+logits head (MaskGIT-VQGAN proxy codes) is not built here. With ``g = image_size / patch_size``,
+``W`` a width and ``C = token_size``:
+
+Encoder (width ``We``)::
+
+    x   = [cls, PatchEmbed(images)] + pos[g*g+1]              patches row-major, conv p/p ("chw")
+    l   = latent_tokens[N, We] + latent_pos[N]                (``latent_tokens``: a top-level param)
+    h   = blocks(ln_pre([x, l]))[:, 1 + g*g:]                 read-out of the N latent slots only
+    z   = conv_out(ln_post(h))                                per-token Linear We -> C (2C for VAE)
+          legacy: conv_out(ln_post(h).reshape(B, We, N).swapaxes(1, 2))   (PyTorch reshape quirk)
+
+Bottleneck: ``VectorQuantizer`` (straight-through, ``commitment`` + ``codebook`` losses, optional
+l2-normalised cosine lookup, codebook ``U(+-1/K)``) or a diagonal Gaussian: ``mean, logvar =
+split(z)``, ``logvar`` clipped to ``[-30, 20]``, ``z = mean + exp(logvar/2) * eps`` (rng stream
+``"sample"``) in training and ``z = mean`` in eval, ``kl = kl_weight * mean_b sum_{n,c} 0.5 (mean^2
++ var - 1 - logvar)``.
+
+Decoder (width ``Wd``)::
+
+    m   = [cls, mask_token * g*g] + pos[g*g+1]                one learned mask token, repeated
+    t   = Linear_{C -> Wd}(z) + latent_pos[:N]
+    h   = ln_post(blocks(ln_pre([m, t]))[:, 1:1 + g*g])       the mask-token slots
+    img = conv3x3(unpatchify(Linear_{Wd -> p*p*3}(h), "hwc")) unbounded; the caller clamps to [0, 1]
+
+Blocks are open_clip ``ResidualAttentionBlock``s (pre-LN, eps 1e-5, exact GELU, MLP 4x, biases).
+Images are NHWC float in **[0, 1]**, fed as they are: the official single-stage models apply no
+mean/std normalisation, so neither does this module. Reconstructions are returned as float32.
+
+Parameter names follow the PyTorch ``state_dict`` (``latent_tokens``, ``encoder/patch_embed``,
+``encoder/class_embedding``, ``encoder/positional_embedding``, ``encoder/transformer_{i}``,
+``encoder/conv_out``, ``decoder/decoder_embed``, ``decoder/mask_token``, ``decoder/ffn``,
+``decoder/conv_out``, ``quantize/codebook``), so weight import is a table.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from titok_jax.nn import (LearnedPositionEmbedding, PatchEmbed, TransformerBlock, boxed,
+                          make_norm, unpatchify, width_scaled_normal)
+from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
+
+Dtype = Any
+QUANTIZERS = ("vq", "vae")
+SAMPLE_RNG = "sample"          # rng stream of the VAE posterior sample (train only)
+LOGVAR_RANGE = (-30.0, 20.0)
+
+# TiTok initialisation: Linear/Conv weights N(0, 0.02) (PyTorch ``trunc_normal_(std=.02)`` cuts at
+# +-2 absolute, i.e. 100 std: a plain normal), zero biases; LayerNorm 1/0; tokens and position
+# tables ``width**-0.5 * N(0, 1)``.
+kernel_init = nn.initializers.normal(stddev=0.02)
+# ...except the packed q/k/v in-projection of open_clip's nn.MultiheadAttention, which is not an
+# nn.Linear, so TiTok's re-initialisation skips it and it keeps PyTorch's xavier-uniform (fans of the
+# whole [3W, W] matrix). With N(0, .02) there instead, attention starts uniform and a small model
+# does not learn to route image content into the latent tokens for hundreds of steps.
+qkv_kernel_init = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+
+
+def uniform_codebook_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32
+                          ) -> jax.Array:
+    """TiTok's codebook init ``U(-1/K, 1/K)`` for a ``[K, d]`` table."""
+    bound = 1.0 / shape[0]
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _blocks(x: jax.Array, depth: int, num_heads: int, remat: bool, dtype: Dtype,
+            param_dtype: Dtype) -> jax.Array:
+    """``depth`` open_clip blocks named ``transformer_{i}`` (call from a compact method)."""
+    block = nn.remat(TransformerBlock) if remat else TransformerBlock
+    for i in range(depth):
+        x = block(num_heads=num_heads, mlp_ratio=4.0, activation="gelu", norm_eps=1e-5,
+                  kernel_init=kernel_init, qkv_kernel_init=qkv_kernel_init, dtype=dtype,
+                  param_dtype=param_dtype, name=f"transformer_{i}")(x)
+    return x
+
+
+def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
+           param_dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=boxed(kernel_init, names), bias_init=boxed(zeros, names[1:]),
+                    name=name)
+
+
+class TiTokEncoder(nn.Module):
+    """``images [B, H, W, 3]``, ``latent_tokens [N, W]`` -> ``[B, N, out_dim]`` float32."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    num_latent_tokens: int
+    out_dim: int
+    is_legacy: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, latent_tokens: jax.Array) -> jax.Array:
+        g = self.image_size // self.patch_size
+        b, n, w = images.shape[0], self.num_latent_tokens, self.width
+        x = PatchEmbed(self.patch_size, w, channel_order="chw", kernel_init=kernel_init,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="patch_embed")(images.astype(self.dtype))
+        cls = self.param("class_embedding", boxed(width_scaled_normal(w), (None, "embed")),
+                         (1, w), self.param_dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)), x], 1)
+        x = LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
+                                     dtype=self.dtype, name="positional_embedding")(x)
+        lat = jnp.broadcast_to(latent_tokens.astype(self.dtype)[None], (b, n, w))
+        lat = LearnedPositionEmbedding(n, w, param_dtype=self.param_dtype, dtype=self.dtype,
+                                       name="latent_token_positional_embedding")(lat)
+        x = jnp.concatenate([x, lat], axis=1)
+        norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = make_norm("layernorm", name="ln_pre", **norm)(x)
+        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype)
+        x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + g * g:])
+        if self.is_legacy:
+            # PyTorch ``latent.reshape(B, W, N, 1)`` of a [B, N, W] tensor: memory is reinterpreted,
+            # not transposed; the 1x1 conv then mixes over the scrambled "W" axis.
+            x = x.reshape(b, w, n).swapaxes(1, 2)
+        x = _dense(self.out_dim, ("embed", None), self.dtype, self.param_dtype, "conv_out")(x)
+        return x.astype(jnp.float32)
+
+
+class TiTokDecoder(nn.Module):
+    """Continuous codes ``[B, N, C]`` -> pixels ``[B, H, W, 3]`` float32 (unbounded)."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    num_latent_tokens: int
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        p, w = self.patch_size, self.width
+        g = self.image_size // p
+        b, n = z.shape[:2]
+        if n > self.num_latent_tokens:
+            raise ValueError(f"{n} tokens but the decoder has {self.num_latent_tokens} positions")
+        t = _dense(w, (None, "embed"), self.dtype, self.param_dtype, "decoder_embed")(
+            z.astype(self.dtype))
+        cls = self.param("class_embedding", boxed(width_scaled_normal(w), (None, "embed")),
+                         (1, w), self.param_dtype)
+        mask = self.param("mask_token", boxed(width_scaled_normal(w), (None, None, "embed")),
+                          (1, 1, w), self.param_dtype)
+        m = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)),
+                             jnp.broadcast_to(mask.astype(self.dtype), (b, g * g, w))], axis=1)
+        m = LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
+                                     dtype=self.dtype, name="positional_embedding")(m)
+        t = LearnedPositionEmbedding(self.num_latent_tokens, w, param_dtype=self.param_dtype,
+                                     dtype=self.dtype, name="latent_token_positional_embedding")(t)
+        x = jnp.concatenate([m, t], axis=1)
+        norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = make_norm("layernorm", name="ln_pre", **norm)(x)
+        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype)
+        x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g])
+        # Conv1x1(W -> p*p*3) then Rearrange('b (p1 p2 c) h w -> b c (h p1) (w p2)'): "hwc".
+        x = _dense(p * p * 3, ("embed", None), self.dtype, self.param_dtype, "ffn")(x)
+        x = unpatchify(x, p, self.image_size, self.image_size, 3, channel_order="hwc")
+        x = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=boxed(kernel_init, (None, None, None, None)),
+                    bias_init=boxed(zeros, (None,)), name="conv_out")(x)
+        return x.astype(jnp.float32)
+
+
+def gaussian_posterior(moments: jax.Array, *, sample_key: jax.Array | None, kl_weight: float
+                       ) -> tuple[jax.Array, QuantizerOutput]:
+    """Diagonal Gaussian bottleneck on ``moments [B, N, 2C]`` (mean = first ``C`` channels).
+
+    Returns ``z`` (``mean + std * eps`` when ``sample_key`` is given, else ``mean``) and a record
+    with ``indices=None``, ``losses={"kl": kl_weight * mean_b sum_{n,c} KL}``, ``metrics={"kl":
+    unweighted per-image KL, "posterior_std": mean std}`` and ``aux={"mean", "logvar"}``.
+    """
+    moments = moments.astype(jnp.float32)
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    logvar = jnp.clip(logvar, *LOGVAR_RANGE)
+    std = jnp.exp(0.5 * logvar)
+    z = mean if sample_key is None else mean + std * jax.random.normal(sample_key, mean.shape)
+    kl_tokens = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
+    kl = jnp.mean(jnp.sum(kl_tokens.reshape(kl_tokens.shape[0], -1), axis=-1))
+    return z, QuantizerOutput(indices=None, losses={"kl": kl_weight * kl},
+                              metrics={"kl": kl, "posterior_std": jnp.mean(std)},
+                              aux={"mean": mean, "logvar": logvar})
+
+
+class TiTok(nn.Module):
+    """Single-stage TiTok (see the module docstring): ``TiTok(**titok_variant(name))``.
+
+    ``__call__(images, train)`` -> ``(reconstruction [B,H,W,3] f32, QuantizerOutput)``;
+    ``encode`` -> ``(codes [B,N,C] f32, QuantizerOutput)``; ``decode(codes)``;
+    ``decode_tokens(indices [B,N] or [B,1,N])`` (VQ; a VAE takes continuous codes).
+    Training a VQ model: ``mutable=["quantizer_stats"]``; a VAE: ``rngs={"sample": key}``.
+
+    Attributes (defaults = TiTok-BL-64-VQ):
+      image_size, patch_size: square input side and patch side (the same for both ViTs).
+      encoder_* / decoder_*: width, depth and heads of each ViT (MLP 4x width).
+      num_latent_tokens: N; token_size: C (the VAE encoder emits 2C: mean then logvar).
+      quantizer: ``"vq"`` or ``"vae"``; codebook_size, use_l2_norm (cosine lookup with
+        l2-normalised codes), commitment_cost (beta): the VQ; kl_weight: the VAE's KL weight.
+      is_legacy: the two-stage checkpoints' encoder read-out reshape (see the module docstring).
+      remat: rematerialise each transformer block in the backward pass.
+      dtype: compute dtype (bf16 on accelerators); the quantizer / posterior stay float32.
+      param_dtype: parameter dtype (float32).
+    """
+
+    image_size: int = 256
+    patch_size: int = 16
+    encoder_width: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    decoder_width: int = 1024
+    decoder_depth: int = 24
+    decoder_heads: int = 16
+    num_latent_tokens: int = 64
+    token_size: int = 64
+    quantizer: str = "vq"
+    codebook_size: int = 8192
+    use_l2_norm: bool = False
+    commitment_cost: float = 0.25
+    # VQ codebook training (the official TiTok learns it by gradient: all off). EMA updates with
+    # k-means initialisation and dead-code replacement restart collapsed codebooks (quantizers.vq).
+    ema_codebook: bool = False
+    ema_decay: float = 0.99
+    kmeans_init: bool = False
+    dead_code_threshold: float = 0.0
+    kl_weight: float = 1e-6
+    is_legacy: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def setup(self) -> None:
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
+                             f"{self.patch_size}")
+        vae = self.quantizer == "vae"
+        common = dict(image_size=self.image_size, patch_size=self.patch_size,
+                      num_latent_tokens=self.num_latent_tokens, remat=self.remat,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
+        self.latent_tokens = self.param(
+            "latent_tokens", boxed(width_scaled_normal(self.encoder_width), ("tokens", "embed")),
+            (self.num_latent_tokens, self.encoder_width), self.param_dtype)
+        self.encoder = TiTokEncoder(
+            width=self.encoder_width, depth=self.encoder_depth, num_heads=self.encoder_heads,
+            out_dim=self.token_size * (2 if vae else 1), is_legacy=self.is_legacy, **common)
+        if not vae:
+            # Forced to float32 like the official quantizer (inputs arrive as float32).
+            self.quantize = VectorQuantizer(
+                self.codebook_size, self.token_size, l2_normalize=self.use_l2_norm,
+                commitment_weight=self.commitment_cost, codebook_init=uniform_codebook_init,
+                use_ema=self.ema_codebook, ema_decay=self.ema_decay, kmeans_init=self.kmeans_init,
+                dead_code_threshold=self.dead_code_threshold,
+                dtype=jnp.float32, param_dtype=self.param_dtype)
+        self.decoder = TiTokDecoder(width=self.decoder_width, depth=self.decoder_depth,
+                                    num_heads=self.decoder_heads, **common)
+
+    def _check_images(self, images: jax.Array) -> None:
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(f"TiTok expects images [B, {s}, {s}, 3] in [0, 1], got {images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"TiTok expects float images in [0, 1], got dtype {images.dtype}")
+
+    def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
+        """``images [B,H,W,3]`` in [0,1] -> ``(codes [B,N,C] f32, QuantizerOutput)``.
+
+        VQ: codes are ``z_q`` (straight-through; l2-normalised codes when ``use_l2_norm``) and
+        ``out.indices`` int32 ``[B, N]``. VAE: codes are the posterior sample (train) or mean
+        (eval); ``out.indices`` is None and ``out.losses == {"kl": ...}``.
+        """
+        self._check_images(images)
+        z = self.encoder(images, self.latent_tokens)
+        if self.quantizer == "vae":
+            key = self.make_rng(SAMPLE_RNG) if train else None
+            return gaussian_posterior(z, sample_key=key, kl_weight=self.kl_weight)
+        return self.quantize(z, train=train)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Continuous codes ``[B, N, token_size]`` -> pixels ``[B, H, W, 3]`` f32 (unclamped)."""
+        if codes.ndim != 3 or codes.shape[-1] != self.token_size:
+            raise ValueError(f"decode expects codes [B, N, {self.token_size}], got {codes.shape}")
+        return self.decoder(codes)
+
+    def decode_tokens(self, tokens: jax.Array) -> jax.Array:
+        """VQ: int indices ``[B, N]`` (or ``[B, 1, N]``) -> codebook lookup -> ``decode``.
+        VAE: continuous codes ``[B, N, C]`` -> ``decode``."""
+        if self.quantizer == "vae":
+            return self.decode(tokens)
+        if tokens.ndim == 3 and tokens.shape[1] == 1:
+            tokens = tokens[:, 0]
+        if tokens.ndim != 2:
+            raise ValueError(f"decode_tokens expects indices [B, N], got shape {tokens.shape}")
+        codes = self.quantize.indices_to_codes(tokens, dtype=jnp.float32)
+        return self.decode(codes)
+
+    def __call__(self, images: jax.Array, train: bool = False
+                 ) -> tuple[jax.Array, QuantizerOutput]:
+        """``images [B,H,W,3]`` in [0,1] -> ``(reconstruction [B,H,W,3] f32, QuantizerOutput)``."""
+        codes, out = self.encode(images, train=train)
+        return self.decode(codes), out
+
+
+# --------------------------------------------------------------------------- variants
+
+SIZES = {  # width, depth, heads (MLP 4x)
+    "S": (512, 8, 8),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+}
+
+
+def _published(enc: str, dec: str, num_tokens: int, quantizer: str) -> dict[str, Any]:
+    (ew, ed, eh), (dw, dd, dh) = SIZES[enc], SIZES[dec]
+    kw = dict(image_size=256, patch_size=16, encoder_width=ew, encoder_depth=ed,
+              encoder_heads=eh, decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
+              num_latent_tokens=num_tokens, quantizer=quantizer, is_legacy=False)
+    if quantizer == "vq":
+        kw.update(token_size=64, codebook_size=8192, use_l2_norm=False, commitment_cost=0.25)
+    else:
+        kw.update(token_size=16, kl_weight=1e-6)
+    return kw
+
+
+_TINY = dict(image_size=32, patch_size=8, encoder_width=64, encoder_depth=2, encoder_heads=4,
+             decoder_width=64, decoder_depth=2, decoder_heads=4, num_latent_tokens=32,
+             is_legacy=False)
+
+# name -> TiTok kwargs. Published single-stage sizes (HF yucornetto/tokenizer_titok_*), plus tiny
+# CPU test models. Reference parameter counts: bl64_vq 390.02M, bl128_vq 390.18M, sl256_vq 330.26M,
+# ll32_vae 606.88M, bl64_vae 389.42M, bl128_vae 389.58M.
+TITOK_VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(_TINY, token_size=8, quantizer="vq", codebook_size=64, use_l2_norm=False),
+    "tiny_l2": dict(_TINY, token_size=8, quantizer="vq", codebook_size=64, use_l2_norm=True),
+    "tiny_vae": dict(_TINY, token_size=8, quantizer="vae"),
+    "bl64_vq": _published("B", "L", 64, "vq"),
+    "bl128_vq": _published("B", "L", 128, "vq"),
+    "sl256_vq": _published("S", "L", 256, "vq"),
+    "ll32_vae": _published("L", "L", 32, "vae"),
+    "bl64_vae": _published("B", "L", 64, "vae"),
+    "bl128_vae": _published("B", "L", 128, "vae"),
+}
+
+
+def titok_variant(name: str, **overrides: Any) -> dict[str, Any]:
+    """A copy of ``TITOK_VARIANTS[name]`` updated with ``overrides`` (``dtype=jnp.bfloat16``...)."""
+    if name not in TITOK_VARIANTS:
+        raise KeyError(f"unknown TiTok variant {name!r}; known: {sorted(TITOK_VARIANTS)}")
+    unknown = set(overrides) - set(TiTok.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown TiTok fields {sorted(unknown)}")
+    return {**TITOK_VARIANTS[name], **overrides}

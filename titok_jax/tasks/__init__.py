@@ -1,0 +1,6 @@
+"""Tasks: what the one trainer trains. A task builds its model from the config and provides
+``init``, ``grads`` (the loss and its gradients), ``constants`` (frozen inputs such as LPIPS
+weights) and ``reconstruct`` (eval outputs). Registered by name; the trainer and the API look them
+up through ``get_task``."""
+from titok_jax.tasks.base import TASKS, get_task, register_task  # noqa: F401
+from titok_jax.tasks import tokenizer  # noqa: F401  (registers "tokenizer")

@@ -1,0 +1,191 @@
+"""The one training loop: mesh, task, sharded state (fresh or resumed from the workdir), the grain
+iterator, the jitted step, logging, periodic evaluation, checkpoints, preemption and SIGTERM."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from titok_jax import data as data_lib
+from titok_jax.checkpoint import Checkpointer, write_json
+from titok_jax.tasks import get_task
+from titok_jax.train import sharding as sharding_lib
+from titok_jax.train.evaluate import evaluate, make_eval_fn, save_grid
+from titok_jax.train.metrics_writer import MetricWriter
+from titok_jax.train.optimizer import learning_rates, make_optimizer
+from titok_jax.train.state import abstract_and_shardings, create_state
+from titok_jax.train.step import make_train_step
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, bad data); the message is one line for the user."""
+
+
+class Trainer:
+    """Everything a run needs, built from a config and a workdir (also used by ``eval``)."""
+
+    def __init__(self, config: Any, workdir: str):
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.mesh = sharding_lib.make_mesh(dict(config.mesh))
+        self.rules = sharding_lib.rules_from_config(config.get("logical_axis_rules"))
+        self.task = get_task(config)
+        self.use_ema = float(config.optimizer.get("ema_decay", 0.0)) > 0
+        self.abstract, self.shardings, self.optimizer = abstract_and_shardings(
+            self.task.init, lambda p: make_optimizer(config, p), self.use_ema, self.mesh, self.rules)
+        ck = config.checkpoint
+        self.checkpointer = Checkpointer(self.workdir, ck.every_steps, ck.get("keep", 3),
+                                         ck.get("keep_every_steps", 0), ck.get("async_save", True))
+        self.writer = MetricWriter(self.workdir)
+        self.eval_fn = make_eval_fn(self.task)
+
+    # ------------------------------------------------------------------ state
+    def abstract_with_shardings(self) -> Any:
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract, self.shardings)
+
+    def initial_state(self, data_iter: Any = None) -> tuple[Any, str]:
+        """Latest checkpoint of the workdir if there is one (restoring ``data_iter`` too), else
+        a fresh state. Returns ``(state, how)``."""
+        if self.checkpointer.latest_step() is not None:
+            state, step = self.checkpointer.restore(self.abstract_with_shardings(), data_iter)
+            return state, f"resumed from step {step}"
+        state = create_state(self.task.init, self.optimizer, self.use_ema, self.shardings,
+                             int(self.config.seed))
+        return state, "initialised from scratch"
+
+    def eval_params(self, state: Any) -> Any:
+        return state.ema_params if state.ema_params is not None else state.params["model"]
+
+    def codebook_size(self) -> Any:
+        return getattr(self.task.model, "codebook_size", None) if getattr(
+            self.task.model, "quantizer", "vq") != "vae" else None
+
+    def run_eval(self, state: Any, step: int) -> tuple[dict, str | None]:
+        cfg = self.config
+        metrics, originals, recs = evaluate(self.task, self.eval_fn, self.eval_params(state),
+                                            state.model_state, cfg, self.mesh, self.codebook_size(),
+                                            int(cfg.data.get("eval_num_images", 0)))
+        grid_path = None
+        if originals is not None and jax.process_index() == 0:
+            grid_path, grid = save_grid(self.workdir, step, originals, recs,
+                                        int(cfg.samples.get("num_images", 8)))
+            self.writer.image("reconstructions", grid, step)
+        self.writer.write("eval.jsonl", step, metrics, prefix="eval/")
+        self.writer.flush()
+        return metrics, grid_path
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
+        raise TrainingError(f"the loss became non-finite ({loss}) at step {step} (non-finite terms: "
+                            f"{', '.join(bad)}); no checkpoint was written for it. Lower the learning "
+                            f"rate or check the data.")
+
+
+def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | None = None) -> dict:
+    """Train until ``config.total_steps``; returns a summary with the paths a person looks at.
+
+    ``stop_at_step`` ends the run at that step exactly as a SIGTERM would (checkpoint, clean exit),
+    without changing the config; tests use it to interrupt and resume a run."""
+    t = Trainer(config, workdir)
+    cfg = config
+    data_iter = data_lib.train_iterator_from_config(cfg)
+    state, how = t.initial_state(data_iter)  # raises before anything is written if it cannot resume
+    if jax.process_index() == 0:
+        write_json(os.path.join(t.workdir, "config.json"), cfg.to_dict())
+    start = int(jax.device_get(state.step))
+    total = int(cfg.total_steps)
+    print(f"[titok_jax] {cfg.family}:{cfg.variant} on {jax.device_count()} {jax.devices()[0].platform} "
+          f"device(s), mesh {dict(t.mesh.shape)}: {how}; training steps {start} -> {total}", file=sys.stderr)
+
+    step_fn = make_train_step(
+        t.task.grads, t.optimizer,
+        ema_decay=float(cfg.optimizer.get("ema_decay", 0.0)),
+        accumulation_steps=int(cfg.optimizer.get("accumulation_steps", 1)),
+        lr_fn=lambda st: learning_rates(cfg, st, t.abstract.params))
+    repl = sharding_lib.replicated(t.mesh)
+    constants = jax.device_put(t.task.constants(), repl)
+    jitted = jax.jit(step_fn, in_shardings=(t.shardings, sharding_lib.batch_sharding(t.mesh), repl),
+                     out_shardings=(t.shardings, None), donate_argnums=(0,))
+
+    stop = {"signal": None}
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    bar = _progress(start, total, progress)
+    last_eval, grid_path, last_metrics = None, None, {}
+    log_every, eval_every = int(cfg.log_every_steps), int(cfg.eval_every_steps)
+    t0, steps_since = time.perf_counter(), 0
+    try:
+        step = start
+        while step < total:
+            batch = next(data_iter)
+            images = data_lib.to_global_array({"image": batch["image"]}, t.mesh)
+            state, metrics = jitted(state, images, constants)
+            step += 1
+            steps_since += 1
+            at_log = step % log_every == 0 or step == total
+            will_save = (t.checkpointer.manager.should_save(step) or step == total
+                         or stop["signal"] is not None or step == stop_at_step)
+            if at_log or will_save:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(host, step)
+                if at_log:
+                    elapsed = time.perf_counter() - t0
+                    host["steps_per_s"] = steps_since / max(elapsed, 1e-9)
+                    t0, steps_since = time.perf_counter(), 0
+                    t.writer.write("metrics.jsonl", step, host, prefix="train/")
+                    last_metrics = host
+                    bar.set_postfix(loss=f"{host['loss']:.4f}", steps_s=f"{host['steps_per_s']:.2f}")
+            bar.update(1)
+            if eval_every and (step % eval_every == 0 or step == total):
+                last_eval, grid_path = t.run_eval(state, step)
+                bar.write(f"[titok_jax] step {step}: eval psnr {last_eval['psnr']:.2f} dB, "
+                          f"ssim {last_eval['ssim']:.4f}")
+            if stop_at_step is not None and step >= stop_at_step and step < total:
+                stop["signal"] = "stop_at_step"
+            if stop["signal"] is not None:
+                t.checkpointer.save(step, state, data_iter, cfg.to_dict(), force=True)
+                t.checkpointer.wait()
+                bar.write(f"[titok_jax] stopped by signal {stop['signal']} at step {step}; "
+                          f"checkpoint saved, rerun the same command to resume")
+                break
+            t.checkpointer.save(step, state, data_iter, cfg.to_dict(), force=step == total)
+            if t.checkpointer.reached_preemption(step):
+                t.checkpointer.wait()
+                bar.write(f"[titok_jax] preempted at step {step}; checkpoint saved")
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+        t.checkpointer.wait()
+        ckpt_path = t.checkpointer.step_path()
+        t.checkpointer.close()
+        t.writer.close()
+    final = int(jax.device_get(state.step))
+    return {
+        "step": final,
+        "checkpoint": ckpt_path,
+        "metrics": os.path.join(t.workdir, "metrics.jsonl"),
+        "eval": os.path.join(t.workdir, "eval.jsonl"),
+        "grid": grid_path,
+        "last_eval": last_eval,
+        "last_metrics": last_metrics,
+    }
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not enabled or jax.process_index() != 0,
+                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                desc="train", unit="step", file=sys.stderr)

@@ -1,0 +1,106 @@
+"""Optimizers from the config: AdamW with linear warmup and cosine decay, a weight-decay mask by
+parameter name, global-norm clipping, frozen parameters, one optimizer per parameter group
+(``model``, ``disc``, ...), and the EMA of the model parameters.
+
+Config (``config.optimizer``; a group ``G`` other than ``model`` reads ``config.optimizers.G`` and falls
+back to the model's values):
+  lr, end_lr, warmup_steps, b1, b2, eps, weight_decay, grad_clip (0 = off),
+  no_decay (regex on the '/'-joined parameter path; plus every parameter with ndim < 2),
+  frozen (regex; matching parameters get no update at all), ema_decay (0 = no EMA).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Norm scales/biases, biases, embeddings, position tables, latent and mask tokens, codebooks.
+DEFAULT_NO_DECAY = (r"(^|/)(bias|scale)$|norm|ln_|embed|posemb|pos_emb|position|latent_tokens|"
+                    r"mask_token|class_token|cls|codebook")
+
+
+def path_keys(path: tuple) -> tuple[str, ...]:
+    """The key names of a pytree key path (dict keys, attribute names, sequence indices)."""
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+        else:
+            parts.append(str(p))
+    return tuple(parts)
+
+
+def path_str(path: tuple) -> str:
+    """'/'-joined key path of a pytree leaf."""
+    return "/".join(path_keys(path))
+
+
+def decay_mask(params: Any, no_decay: str = DEFAULT_NO_DECAY) -> Any:
+    """True where weight decay applies: ndim >= 2 and the path does not match ``no_decay``."""
+    pattern = re.compile(no_decay) if no_decay else None
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: bool(jnp.ndim(x) >= 2 and not (pattern and pattern.search(path_str(path)))),
+        params)
+
+
+def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+    """Linear warmup 0 -> lr over ``warmup_steps``, then cosine decay to ``end_lr`` at ``total_steps``."""
+    lr, end_lr = float(cfg["lr"]), float(cfg.get("end_lr", 0.0))
+    warmup = int(cfg.get("warmup_steps", 0))
+    decay_steps = max(int(total_steps), warmup + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps, end_lr)
+
+
+def _group_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
+    """One group's optimizer. Masks and labels are functions of the params they are given, since
+    ``multi_transform`` hands each group the whole tree with the other groups masked out."""
+    parts = []
+    if float(cfg.get("grad_clip", 0.0)) > 0:
+        parts.append(optax.clip_by_global_norm(float(cfg["grad_clip"])))
+    no_decay = cfg.get("no_decay") or DEFAULT_NO_DECAY
+    parts.append(optax.adamw(schedule(cfg, total_steps), b1=float(cfg.get("b1", 0.9)),
+                             b2=float(cfg.get("b2", 0.999)), eps=float(cfg.get("eps", 1e-8)),
+                             weight_decay=float(cfg.get("weight_decay", 0.0)),
+                             mask=lambda p: decay_mask(p, no_decay)))
+    tx = optax.chain(*parts)
+    frozen = cfg.get("frozen", "")
+    if frozen:
+        pattern = re.compile(frozen)
+        labels = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, _: "frozen" if pattern.search(path_str(path)) else "train", p)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
+
+
+def group_config(config: Any, group: str) -> dict:
+    """The optimizer settings of a parameter group (``model`` reads ``config.optimizer``)."""
+    base = dict(config.optimizer)
+    if group != "model":
+        extra = config.get("optimizers", {}) or {}
+        base.update(dict(extra.get(group, {})))
+    return base
+
+
+def make_optimizer(config: Any, params: Mapping[str, Any]) -> optax.GradientTransformation:
+    """One optimizer per top-level group of ``params`` (``{'model': ..., 'disc': ...}``)."""
+    total = int(config.total_steps)
+    transforms = {g: _group_optimizer(group_config(config, g), total) for g in params}
+    labels = {g: jax.tree.map(lambda _, g=g: g, p) for g, p in params.items()}
+    return optax.multi_transform(transforms, labels)
+
+
+def learning_rates(config: Any, step: jax.Array, groups: Any) -> dict[str, jax.Array]:
+    """The scheduled learning rate of each group at ``step`` (for logging)."""
+    return {f"lr/{g}": schedule(group_config(config, g), int(config.total_steps))(step) for g in groups}
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """``ema <- d ema + (1 - d) params`` with the warmed-up ``d = min(decay, (1 + t) / (10 + t))``."""
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)

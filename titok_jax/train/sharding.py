@@ -1,0 +1,115 @@
+"""The device mesh and the logical-axis rules that place params, optimizer state and batches on it.
+
+Mesh axes are ``('data', 'fsdp', 'tensor')``; the config gives their sizes with one ``-1`` that takes
+the remaining devices. Params carry logical axis names (``embed``, ``mlp``, ``heads``, ...; see
+``titok_jax.nn.LOGICAL_AXES``); the rules table maps them to mesh axes, so FSDP is ``embed -> fsdp`` and
+tensor parallelism is ``mlp/heads -> tensor``. Batches are split over ``('data', 'fsdp')``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axis or axes or None), first match wins (flax semantics).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("tokens", None),
+    ("patch", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+    ("codebook", None),
+)
+
+
+def mesh_shape(spec: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes of ``MESH_AXES`` from ``spec`` (missing axes are 1; one axis may be -1 = the rest)."""
+    unknown = set(spec) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    sizes = [int(spec.get(a, 1)) for a in MESH_AXES]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"{num_devices} are present")
+    return tuple(sizes)
+
+
+def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all (or the given) devices with Auto axis types (jit propagates shardings)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(spec, len(devices))
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
+    """Rules from a config (a list of [name, axis-or-list-or-None] pairs) or the defaults."""
+    if not rules:
+        return DEFAULT_RULES
+    out = []
+    for name, axes in rules:
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+        out.append((str(name), axes))
+    return tuple(out)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """NamedShardings for a (boxed, abstract) tree: logical names through ``rules``; leaves without
+    names are replicated. Mesh axes that do not divide a dimension are dropped for that leaf."""
+    specs = nn.get_partition_spec(abstract_tree)
+
+    def to_sharding(leaf, spec):
+        if not isinstance(spec, P):
+            return NamedSharding(mesh, P())
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
+        return NamedSharding(mesh, _fit(mesh_spec, getattr(leaf, "shape", ()), mesh))
+
+    return jax.tree.map(to_sharding, nn.unbox(abstract_tree), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes that do not evenly divide the dimension they would split."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``('data', 'fsdp')``, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
