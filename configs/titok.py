@@ -40,7 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      # From scratch on a few photos the latent slots start almost image-independent
                      # and a gradient-learned codebook maps every image to the same tokens; EMA codes
                      # with k-means init and dead-code restarts break that symmetry early.
-                     ema_codebook=True, kmeans_init=True, dead_code_threshold=0.5)
+                     ema_codebook=True, kmeans_init=True, dead_code_threshold=0.5,
+                     # xavier-uniform weights instead of TiTok's N(0, .02): image content reaches
+                     # the decoder of this small model within the first few hundred steps.
+                     init_scheme="xavier")
     c.model = ml_collections.ConfigDict({"name": "titok", **model})
     c.compute_dtype = "float32" if tiny else "bfloat16"
 

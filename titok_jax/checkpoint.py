@@ -140,8 +140,11 @@ def _check_tree(abstract: Any, restored: Any, step: int, directory: str) -> None
 def _drop_failed_reads() -> None:
     """A failed restore leaves orbax's per-array read coroutines pending in its event loop; when they
     are destroyed (at the latest when the process exits) each would print a long tensorstore
-    traceback. The error has been reported as one line already, so silence those reports."""
+    traceback (or asyncio logs "Task exception was never retrieved"). The error has been reported
+    as one line already, so silence those reports."""
+    import logging
     sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def _one_line(e: BaseException) -> str:
@@ -155,3 +158,45 @@ def write_json(path: str, obj: Any) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def restore_params(workdir: str, abstract: dict, step: int | None = None) -> tuple[dict, int]:
+    """Restore only the parts of the saved train state named in ``abstract`` (for inference), e.g.
+    ``{"params": {"model": ...}, "ema_params": ..., "model_state": ...}`` of
+    ``jax.ShapeDtypeStruct`` (with ``sharding``); nothing else (optimizer state, rng) is read.
+
+    Opens the checkpoint directory read-only; raises ``CheckpointError`` (one line) when there is
+    no checkpoint or it cannot be read into ``abstract``. Returns ``(restored, step)``."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint in {directory}")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, step_format_fixed_length=9,
+                                           save_interval_steps=0)
+    import logging
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only
+    try:
+        manager = ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_logger.setLevel(level)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        path = os.path.join(directory, f"{int(step):09d}")
+        failure = None
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.PyTreeRestore(
+                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True)}))
+        except Exception as e:  # orbax raises many types; all mean "cannot use this checkpoint"
+            failure = _one_line(e)
+        if failure is not None:
+            _drop_failed_reads()
+            raise CheckpointError(f"checkpoint {path} cannot be restored for this config: {failure}")
+        _check_tree(abstract, restored[STATE], step, directory)
+        return restored[STATE], int(step)
+    finally:
+        manager.close()

@@ -28,7 +28,9 @@ def _handler(name: str):
 
 
 # Commands with an implementation: name -> callable(argv) -> exit status.
-HANDLERS: dict = {"train": _handler("train"), "eval": _handler("evaluate")}
+HANDLERS: dict = {"train": _handler("train"), "eval": _handler("evaluate"),
+                  "reconstruct": _handler("reconstruct"), "tokenize": _handler("tokenize"),
+                  "detokenize": _handler("detokenize")}
 
 
 def usage() -> str:

@@ -77,10 +77,21 @@ def _message(e: BaseException) -> str:
 
 
 def _maybe_init_distributed() -> None:
-    """Multi-host runs (launch/ sets TITOK_MULTIHOST=1): join the JAX cluster before any JAX op."""
+    """Multi-host runs (launch/ sets TITOK_MULTIHOST=1): join the JAX cluster before any JAX op.
+
+    On TPU pods, Slurm and Open MPI jax detects everything itself. Elsewhere set
+    JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID: jax 0.10 reads only
+    the first from the environment, so the other two are passed explicitly. Cross-process
+    collectives on CPU use gloo (jax's default, ``jax_cpu_collectives_implementation``)."""
     if os.environ.get("TITOK_MULTIHOST") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         import jax
-        jax.distributed.initialize()
+        kwargs = {}
+        for key, env in (("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
+                         ("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            value = os.environ.get(env)
+            if value:
+                kwargs[key] = value if key == "coordinator_address" else int(value)
+        jax.distributed.initialize(**kwargs)
 
 
 def _load_run_config(workdir: str):
@@ -113,6 +124,8 @@ def train(argv: Sequence[str]) -> int:
     from titok_jax.train.loop import train as run
     summary = run(fv.config, fv.workdir, progress=fv.progress)
     print(f"trained to step {summary['step']}")
+    if summary.get("last_metrics"):  # printed by every process: multi-host runs can be compared
+        print(f"last loss:  {summary['last_metrics']['loss']:.8g}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics:    {summary['metrics']}")
     if summary.get("last_eval"):
@@ -149,6 +162,123 @@ def evaluate(argv: Sequence[str]) -> int:
     return 0
 
 
+def _tokenizer_flags(fv, input_help: str, output_help: str) -> None:
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "a tokenizer workdir (train or import-torch output)", flag_values=fv)
+    flags.DEFINE_string("input", None, input_help, flag_values=fv)
+    flags.DEFINE_string("output", None, output_help, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "images per encode/decode call", flag_values=fv)
+
+
+def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help: str):
+    fv = _parse(f"titok-jax {name}", argv, lambda fv: _tokenizer_flags(fv, input_help, output_help))
+    missing = [f"--{k}" for k in ("workdir", "input", "output") if not getattr(fv, k)]
+    if missing:
+        raise UsageError(f"{name} needs {' '.join(missing)} (usage: titok-jax {name} --workdir DIR "
+                         f"--input {input_help.split(':')[0]} --output {output_help.split(':')[0]})")
+    if fv.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {fv.batch_size}")
+    if not os.path.isdir(fv.workdir):
+        raise UsageError(f"workdir {fv.workdir} does not exist")
+    if not os.path.isfile(os.path.join(fv.workdir, "config.json")):
+        raise UsageError(f"{fv.workdir} is not a titok_jax workdir (no config.json); train one first")
+    if not os.path.exists(fv.input):
+        raise FileNotFoundError(f"input {fv.input} does not exist")
+    return fv
+
+
+def _image_batches(paths: Sequence[str], image_size: int, batch_size: int):
+    """Yield ``(start, uint8 [b, S, S, 3])`` batches of decoded, resized and centre-cropped images;
+    an unreadable file raises ValueError naming it."""
+    import numpy as np
+    from titok_jax.api import load_image
+    for start in range(0, len(paths), batch_size):
+        yield start, np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]])
+
+
+def reconstruct(argv: Sequence[str]) -> int:
+    """encode + decode: a single image -> a PNG at --output; a directory -> a PNG per image under
+    --output/ (relative names kept, extension .png). An unreadable image is an error naming it."""
+    fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images",
+                         "PATH: the PNG to write (a directory when --input is one)")
+    from titok_jax.api import list_images, load_tokenizer, png_names
+    from titok_jax.evaluation.images import save_png
+    paths, names, is_dir = list_images(fv.input)
+    if is_dir and os.path.isfile(fv.output):
+        raise UsageError(f"--output {fv.output} is a file; a directory input needs an output directory")
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    if is_dir:
+        outputs = [os.path.join(fv.output, n) for n in png_names(names)]
+    elif os.path.isdir(fv.output):
+        outputs = [os.path.join(fv.output, png_names(names)[0])]
+    else:
+        outputs = [fv.output]
+    for start, images in _image_batches(paths, tok.image_size, fv.batch_size):
+        for i, rec in enumerate(tok.decode(tok.encode(images))):
+            save_png(outputs[start + i], rec)
+    print(f"reconstructed {len(paths)} image(s) -> {fv.output if is_dir else outputs[0]}")
+    return 0
+
+
+def tokenize(argv: Sequence[str]) -> int:
+    """images -> ``tokens.npz`` with ``tokens`` (int32 [N, T]; float32 [N, T, C] for a VAE) and
+    ``files`` (the input names: the basename, or paths relative to the input directory)."""
+    fv = _tokenizer_args("tokenize", argv, "IMG_OR_DIR: an image file or a directory of images",
+                         "tokens.npz: the file to write")
+    import numpy as np
+    from titok_jax.api import list_images, load_tokenizer
+    paths, names, _ = list_images(fv.input)
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    tokens = np.concatenate([tok.encode(images) for _, images in
+                             _image_batches(paths, tok.image_size, fv.batch_size)])
+    out = fv.output if fv.output.endswith(".npz") else fv.output + ".npz"  # np.savez would add it
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    np.savez(out, tokens=tokens, files=np.asarray(names, dtype=str))
+    print(f"tokenized {len(paths)} image(s) -> {out} (tokens {tokens.dtype} {list(tokens.shape)})")
+    return 0
+
+
+def detokenize(argv: Sequence[str]) -> int:
+    """``tokens.npz`` (as written by tokenize: ``tokens`` and optional ``files``) -> a PNG per row
+    under --output/, named after ``files`` (extension .png) or the row index."""
+    fv = _tokenizer_args("detokenize", argv, "tokens.npz: written by tokenize", "OUT_DIR: where the PNGs go")
+    import zipfile
+    import numpy as np
+    from titok_jax.api import load_tokenizer, png_names
+    from titok_jax.evaluation.images import save_png
+    if os.path.isdir(fv.input):
+        raise ValueError(f"--input {fv.input} is a directory; expected a tokens .npz file")
+    try:
+        with np.load(fv.input, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("not an npz archive")
+            if "tokens" not in data.files:
+                raise ValueError(f"{fv.input} has no 'tokens' array (it has {sorted(data.files)})")
+            tokens = data["tokens"]
+            files = data["files"] if "files" in data.files else None
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        text = _message(e)
+        raise ValueError(text if text.startswith(fv.input) else f"cannot read {fv.input}: {text}") from None
+    if os.path.isfile(fv.output):
+        raise UsageError(f"--output {fv.output} is a file; expected an output directory")
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    n = tokens.shape[0] if tokens.ndim else 0
+    if files is not None and (files.ndim != 1 or len(files) != n):
+        raise ValueError(f"{fv.input}: 'files' has shape {files.shape}, expected [{n}] to match 'tokens'")
+    try:
+        tok._check_tokens(tokens)  # validate everything before writing anything
+    except ValueError as e:
+        raise ValueError(f"{fv.input}: {e}") from None
+    width = max(6, len(str(max(n - 1, 0))))
+    names = png_names([str(f) for f in files]) if files is not None else [f"{i:0{width}d}.png" for i in range(n)]
+    for start in range(0, n, fv.batch_size):
+        for i, image in enumerate(tok.decode(tokens[start:start + fv.batch_size])):
+            save_png(os.path.join(fv.output, names[start + i]), image)
+    print(f"decoded {n} token row(s) -> {fv.output}")
+    return 0
+
+
 def run_command(handler, argv: Sequence[str]) -> int:
     """Run a command; known failures print one line on stderr and exit non-zero."""
     from titok_jax.checkpoint import CheckpointError
@@ -169,5 +299,7 @@ def run_command(handler, argv: Sequence[str]) -> int:
         from titok_jax.train.loop import TrainingError
         if isinstance(e, TrainingError):
             print(f"titok-jax: error: {e}", file=sys.stderr)
-            return 1
-        raise
+        else:
+            print(f"titok-jax: internal error: {type(e).__name__}: {_message(e)} "
+                  f"(rerun with TITOK_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

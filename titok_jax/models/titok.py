@@ -61,6 +61,17 @@ kernel_init = nn.initializers.normal(stddev=0.02)
 # whole [3W, W] matrix). With N(0, .02) there instead, attention starts uniform and a small model
 # does not learn to route image content into the latent tokens for hundreds of steps.
 qkv_kernel_init = nn.initializers.xavier_uniform()
+# name -> (kernel init, q/k/v init). "titok" is the official scheme; "xavier" (xavier-uniform
+# everywhere) lets image content reach the small decoder much sooner when training from scratch,
+# which the CPU-sized `tiny` recipe needs.
+INITS = {"titok": (kernel_init, qkv_kernel_init),
+         "xavier": (nn.initializers.xavier_uniform(), nn.initializers.xavier_uniform())}
+
+
+def _kernel_inits(init: str):
+    if init not in INITS:
+        raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
+    return INITS[init]
 zeros = nn.initializers.zeros_init()
 
 
@@ -72,21 +83,22 @@ def uniform_codebook_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype =
 
 
 def _blocks(x: jax.Array, depth: int, num_heads: int, remat: bool, dtype: Dtype,
-            param_dtype: Dtype) -> jax.Array:
+            param_dtype: Dtype, init: str = "titok") -> jax.Array:
     """``depth`` open_clip blocks named ``transformer_{i}`` (call from a compact method)."""
     block = nn.remat(TransformerBlock) if remat else TransformerBlock
+    k_init, qkv_init = _kernel_inits(init)
     for i in range(depth):
         x = block(num_heads=num_heads, mlp_ratio=4.0, activation="gelu", norm_eps=1e-5,
-                  kernel_init=kernel_init, qkv_kernel_init=qkv_kernel_init, dtype=dtype,
+                  kernel_init=k_init, qkv_kernel_init=qkv_init, dtype=dtype,
                   param_dtype=param_dtype, name=f"transformer_{i}")(x)
     return x
 
 
 def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
-           param_dtype: Dtype, name: str) -> nn.Dense:
+           param_dtype: Dtype, name: str, init: str = "titok") -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=boxed(kernel_init, names), bias_init=boxed(zeros, names[1:]),
-                    name=name)
+                    kernel_init=boxed(_kernel_inits(init)[0], names),
+                    bias_init=boxed(zeros, names[1:]), name=name)
 
 
 class TiTokEncoder(nn.Module):
@@ -101,6 +113,7 @@ class TiTokEncoder(nn.Module):
     out_dim: int
     is_legacy: bool = False
     remat: bool = False
+    init_scheme: str = "titok"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -108,7 +121,8 @@ class TiTokEncoder(nn.Module):
     def __call__(self, images: jax.Array, latent_tokens: jax.Array) -> jax.Array:
         g = self.image_size // self.patch_size
         b, n, w = images.shape[0], self.num_latent_tokens, self.width
-        x = PatchEmbed(self.patch_size, w, channel_order="chw", kernel_init=kernel_init,
+        x = PatchEmbed(self.patch_size, w, channel_order="chw",
+                       kernel_init=_kernel_inits(self.init_scheme)[0],
                        dtype=self.dtype, param_dtype=self.param_dtype,
                        name="patch_embed")(images.astype(self.dtype))
         cls = self.param("class_embedding", boxed(width_scaled_normal(w), (None, "embed")),
@@ -122,13 +136,15 @@ class TiTokEncoder(nn.Module):
         x = jnp.concatenate([x, lat], axis=1)
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = make_norm("layernorm", name="ln_pre", **norm)(x)
-        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype)
+        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype,
+                    self.init_scheme)
         x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + g * g:])
         if self.is_legacy:
             # PyTorch ``latent.reshape(B, W, N, 1)`` of a [B, N, W] tensor: memory is reinterpreted,
             # not transposed; the 1x1 conv then mixes over the scrambled "W" axis.
             x = x.reshape(b, w, n).swapaxes(1, 2)
-        x = _dense(self.out_dim, ("embed", None), self.dtype, self.param_dtype, "conv_out")(x)
+        x = _dense(self.out_dim, ("embed", None), self.dtype, self.param_dtype, "conv_out",
+                   self.init_scheme)(x)
         return x.astype(jnp.float32)
 
 
@@ -142,6 +158,7 @@ class TiTokDecoder(nn.Module):
     num_heads: int
     num_latent_tokens: int
     remat: bool = False
+    init_scheme: str = "titok"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -152,7 +169,8 @@ class TiTokDecoder(nn.Module):
         b, n = z.shape[:2]
         if n > self.num_latent_tokens:
             raise ValueError(f"{n} tokens but the decoder has {self.num_latent_tokens} positions")
-        t = _dense(w, (None, "embed"), self.dtype, self.param_dtype, "decoder_embed")(
+        t = _dense(w, (None, "embed"), self.dtype, self.param_dtype, "decoder_embed",
+                   self.init_scheme)(
             z.astype(self.dtype))
         cls = self.param("class_embedding", boxed(width_scaled_normal(w), (None, "embed")),
                          (1, w), self.param_dtype)
@@ -167,13 +185,16 @@ class TiTokDecoder(nn.Module):
         x = jnp.concatenate([m, t], axis=1)
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = make_norm("layernorm", name="ln_pre", **norm)(x)
-        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype)
+        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype,
+                    self.init_scheme)
         x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g])
         # Conv1x1(W -> p*p*3) then Rearrange('b (p1 p2 c) h w -> b c (h p1) (w p2)'): "hwc".
-        x = _dense(p * p * 3, ("embed", None), self.dtype, self.param_dtype, "ffn")(x)
+        x = _dense(p * p * 3, ("embed", None), self.dtype, self.param_dtype, "ffn",
+                   self.init_scheme)(x)
         x = unpatchify(x, p, self.image_size, self.image_size, 3, channel_order="hwc")
         x = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=boxed(kernel_init, (None, None, None, None)),
+                    kernel_init=boxed(_kernel_inits(self.init_scheme)[0],
+                                      (None, None, None, None)),
                     bias_init=boxed(zeros, (None,)), name="conv_out")(x)
         return x.astype(jnp.float32)
 
@@ -241,6 +262,7 @@ class TiTok(nn.Module):
     kl_weight: float = 1e-6
     is_legacy: bool = False
     remat: bool = False
+    init_scheme: str = "titok"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -257,6 +279,7 @@ class TiTok(nn.Module):
         vae = self.quantizer == "vae"
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
                       num_latent_tokens=self.num_latent_tokens, remat=self.remat,
+                      init_scheme=self.init_scheme,
                       dtype=self.dtype, param_dtype=self.param_dtype)
         self.latent_tokens = self.param(
             "latent_tokens", boxed(width_scaled_normal(self.encoder_width), ("tokens", "embed")),

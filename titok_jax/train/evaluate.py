@@ -38,18 +38,18 @@ def evaluate(task: Any, eval_fn: Callable, model_params: Any, model_state: Any, 
     counter = ev.CodebookCounter(codebook_size) if codebook_size else None
     first = (None, None)
     for batch in it:
-        mask = np.asarray(batch["mask"], bool)
+        mask = _gather(np.asarray(batch["mask"], bool))
         images = data_lib.to_global_array({"image": batch["image"]}, mesh)["image"]
         rec, indices, psnr, ssim = eval_fn(model_params, model_state, images)
-        psnr, ssim = np.asarray(jax.device_get(psnr)), np.asarray(jax.device_get(ssim))
+        psnr, ssim = _gather(psnr), _gather(ssim)
         psnr_sum += float(psnr[mask].sum())
         ssim_sum += float(ssim[mask].sum())
         count += float(mask.sum())
         if counter is not None and indices is not None:
-            counter.update(np.asarray(jax.device_get(indices)), mask=mask)
+            counter.update(_gather(indices), mask=mask)
         if first[0] is None:
             keep = np.nonzero(mask)[0]
-            first = (np.asarray(batch["image"])[keep], np.asarray(jax.device_get(rec))[keep])
+            first = (_gather(np.asarray(batch["image"]))[keep], _gather(rec)[keep])
         if max_images and count >= max_images:
             break
     if count == 0:
@@ -59,6 +59,15 @@ def evaluate(task: Any, eval_fn: Callable, model_params: Any, model_state: Any, 
         result = counter.result(prefix="codebook_")
         metrics.update({k: float(v) for k, v in result.items()})
     return metrics, first[0], first[1]
+
+
+def _gather(x: Any) -> np.ndarray:
+    """The whole batch as NumPy: a global ``jax.Array`` (which may span other processes' devices)
+    or, for host data, every process's local rows concatenated in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def save_grid(workdir: str, step: int, originals: np.ndarray, reconstructions: np.ndarray,
