@@ -150,20 +150,20 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
             bar.update(1)
             if eval_every and (step % eval_every == 0 or step == total):
                 last_eval, grid_path = t.run_eval(state, step)
-                bar.write(f"[titok_jax] step {step}: eval psnr {last_eval['psnr']:.2f} dB, "
+                _say(f"[titok_jax] step {step}: eval psnr {last_eval['psnr']:.2f} dB, "
                           f"ssim {last_eval['ssim']:.4f}")
             if stop_at_step is not None and step >= stop_at_step and step < total:
                 stop["signal"] = "stop_at_step"
             if stop["signal"] is not None:
                 t.checkpointer.save(step, state, data_iter, cfg.to_dict(), force=True)
                 t.checkpointer.wait()
-                bar.write(f"[titok_jax] stopped by signal {stop['signal']} at step {step}; "
+                _say(f"[titok_jax] stopped by signal {stop['signal']} at step {step}; "
                           f"checkpoint saved, rerun the same command to resume")
                 break
             t.checkpointer.save(step, state, data_iter, cfg.to_dict(), force=step == total)
             if t.checkpointer.reached_preemption(step):
                 t.checkpointer.wait()
-                bar.write(f"[titok_jax] preempted at step {step}; checkpoint saved")
+                _say(f"[titok_jax] preempted at step {step}; checkpoint saved")
                 break
     finally:
         bar.close()
@@ -182,6 +182,13 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
         "last_eval": last_eval,
         "last_metrics": last_metrics,
     }
+
+
+def _say(message: str) -> None:
+    """A status line on stderr from process 0 (through tqdm, so a live progress bar stays intact)."""
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+        tqdm.write(message, file=sys.stderr)
 
 
 def _progress(start: int, total: int, enabled: bool):
