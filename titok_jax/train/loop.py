@@ -126,6 +126,7 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
     last_eval, grid_path, last_metrics = None, None, {}
     log_every, eval_every = int(cfg.log_every_steps), int(cfg.eval_every_steps)
     t0, steps_since = time.perf_counter(), 0
+    config_dict = cfg.to_dict()
     try:
         step = start
         while step < total:
@@ -155,12 +156,13 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
             if stop_at_step is not None and step >= stop_at_step and step < total:
                 stop["signal"] = "stop_at_step"
             if stop["signal"] is not None:
-                t.checkpointer.save(step, state, data_iter, cfg.to_dict(), force=True)
+                t.checkpointer.save(step, state, data_iter, config_dict, force=True)
                 t.checkpointer.wait()
                 _say(f"[titok_jax] stopped by signal {stop['signal']} at step {step}; "
                           f"checkpoint saved, rerun the same command to resume")
                 break
-            t.checkpointer.save(step, state, data_iter, cfg.to_dict(), force=step == total)
+            if will_save:  # the policy decided above; no per-step host work otherwise
+                t.checkpointer.save(step, state, data_iter, config_dict, force=step == total)
             if t.checkpointer.reached_preemption(step):
                 t.checkpointer.wait()
                 _say(f"[titok_jax] preempted at step {step}; checkpoint saved")
