@@ -32,10 +32,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from titok_jax.convert.common import TORCH_SUFFIXES, read_state_dict  # noqa: F401 (re-exported)
 from titok_jax.losses.perceptual import LPIPS_SCALE, LPIPS_SHIFT, check_lpips_params
 from titok_jax.models.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Keys of a torchvision VGG16 file that LPIPS does not use.
 _IGNORED_VGG = re.compile(r"^classifier\.\d+\.(weight|bias)$")
 _SLICE_KEY = re.compile(r"^net\.slice\d+\.(\d+)\.(weight|bias)$")
@@ -50,38 +50,6 @@ def lpips_name_table() -> list[tuple[str, str, tuple[int, ...]]]:
     for k, c in enumerate(VGG16_TAP_CHANNELS):
         table.append((f"lin{k}.model.1.weight", f"lin{k}/kernel", (1, c, 1, 1)))
     return table
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Flat ``{name: numpy array}`` from a ``.safetensors``, ``.npz`` or torch pickle file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return dict(load_file(path))
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    if path.endswith(TORCH_SUFFIXES):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs PyTorch (pip install 'titok_jax[torch]'), "
-                              "or convert it to .safetensors first") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(v, torch.Tensor):
-                raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-            out[k] = v.detach().to(torch.float32).cpu().numpy()
-        return out
-    raise ValueError(f"{path}: unsupported file type; expected .safetensors, .npz or "
-                     f"{'/'.join(TORCH_SUFFIXES)}")
 
 
 def _normalise_keys(sd: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,149 @@
+"""Shared machinery of the PyTorch -> titok_jax converters.
+
+- :func:`read_state_dict`: a flat ``{name: float32 numpy}`` from ``.safetensors`` / ``.npz`` (no torch
+  needed) or a torch pickle (``.bin`` / ``.pth`` / ``.pt`` / ``.ckpt``, needs the ``torch`` extra).
+- :class:`StateDictReader`: takes tensors by name with a shape check and a layout transform, records
+  what it consumed, and :meth:`StateDictReader.finish` fails on the first tensor left over, so a
+  name table is complete in both directions (every param filled, every tensor consumed).
+- Layout transforms: PyTorch ``Linear [out, in]`` -> Flax ``Dense [in, out]``; ``Conv2d [out, in, kh,
+  kw]`` -> ``Conv [kh, kw, in, out]``; a 1x1 conv used as a per-token linear -> ``[in, out]``.
+- :func:`unflatten`: ``{"a/b/c": x}`` -> ``{"a": {"b": {"c": x}}}`` (Flax param trees).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Flat ``{name: numpy array}`` from a ``.safetensors``, ``.npz`` or torch pickle file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    if path.endswith(TORCH_SUFFIXES):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs PyTorch (pip install 'titok_jax[torch]'), "
+                              "or convert it to .safetensors first") from e
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable torch state dict: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                             ) from None
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            out[k] = v.detach().to(torch.float32).cpu().numpy()
+        return out
+    raise ValueError(f"{path}: unsupported file type; expected .safetensors, .npz or "
+                     f"{'/'.join(TORCH_SUFFIXES)}")
+
+
+# ----------------------------------------------------------------------------- layouts
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+    """``Linear.weight [out, in]`` -> ``Dense kernel [in, out]``."""
+    return np.ascontiguousarray(w.T)
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """``Conv2d.weight [out, in, kh, kw]`` -> ``Conv kernel [kh, kw, in, out]``."""
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def conv1x1_as_linear(w: np.ndarray) -> np.ndarray:
+    """``Conv2d.weight [out, in, 1, 1]`` -> ``Dense kernel [in, out]``."""
+    return np.ascontiguousarray(w[:, :, 0, 0].T)
+
+
+class StateDictReader:
+    """Consume a flat state dict through a name table; the errors name the first problem.
+
+    ``take(torch_key, shape, transform)`` returns ``transform(value)`` as float32 after checking
+    that the key exists, has the PyTorch ``shape`` and is finite. ``finish(ignore)`` raises on the
+    first key neither taken nor matched by one of the ``ignore`` predicates.
+    """
+
+    def __init__(self, state_dict: Mapping[str, np.ndarray], source: str = "state dict"):
+        self.sd, self.source = state_dict, source
+        self.consumed: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.sd
+
+    def take(self, key: str, shape: Iterable[int] | None = None,
+             transform: Callable[[np.ndarray], np.ndarray] = identity, *, what: str = "") -> np.ndarray:
+        label = f" (for {what})" if what else ""
+        if key not in self.sd:
+            want = f" of shape {tuple(shape)}" if shape is not None else ""
+            raise ValueError(f"{self.source}: missing tensor {key!r}{want}{label}")
+        value = np.asarray(self.sd[key])
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{self.source}: tensor {key!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(shape)}{label}")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{self.source}: tensor {key!r} has non-finite values")
+        self.consumed.add(key)
+        return np.asarray(transform(value.astype(np.float32)), np.float32)
+
+    def finish(self, ignore: Iterable[Callable[[str], bool]] = ()) -> None:
+        ignore = tuple(ignore)
+        for key in self.sd:
+            if key not in self.consumed and not any(p(key) for p in ignore):
+                raise ValueError(f"{self.source}: unexpected tensor {key!r} "
+                                 f"({len(self.sd) - len(self.consumed)} tensor(s) not consumed)")
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
+    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(sep)
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf in node:
+            raise ValueError(f"duplicate param {key!r}")
+        node[leaf] = value
+    return tree
+
+
+def check_tree_matches(params: Any, abstract: Any, source: str = "converted params") -> None:
+    """Every leaf of ``abstract`` (a tree of arrays / ShapeDtypeStructs) is present in ``params``
+    with the same shape, and ``params`` has nothing else; the first difference raises ValueError."""
+    import jax
+
+    got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    for k, v in want.items():
+        if k not in got:
+            raise ValueError(f"{source}: param {k} (shape {tuple(v.shape)}) was not filled")
+        if tuple(np.shape(got[k])) != tuple(v.shape):
+            raise ValueError(f"{source}: param {k} has shape {tuple(np.shape(got[k]))}, "
+                             f"the model expects {tuple(v.shape)}")
+    for k in got:
+        if k not in want:
+            raise ValueError(f"{source}: param {k} is not part of the model")
