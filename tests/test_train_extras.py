@@ -58,6 +58,9 @@ def test_gan_branch_trains_the_discriminator_after_its_start_step():
     disc0 = jax.tree.map(np.asarray, state.params["disc"])
     state, m0 = step(state, batch, {})  # step 0 < start: the gate is closed, D gets zero gradient
     assert float(m0["grad_norm/disc"]) == 0.0
+    # Before the start step neither branch of the GAN runs: no generator term, LeCam EMAs untouched.
+    assert float(m0["gan/generator"]) == 0.0 and float(m0["gan/discriminator"]) == 0.0
+    assert float(state.model_state["lecam"].ema_real) == 0.0
     state, m1 = step(state, batch, {})  # step 1: D and the generator term are on
     assert float(m1["grad_norm/disc"]) > 0.0 and np.isfinite(float(m1["gan/discriminator"]))
     assert np.isfinite(float(m1["gan/lecam"])) and "gan/generator" in m1

@@ -3,7 +3,7 @@ trained with
 
     loss = w_rec * recon(x_hat, x) + quantizer terms (commitment/codebook or KL)
            + w_lpips * LPIPS(x_hat, x)                         (config.losses.perceptual_weight > 0)
-           + gate(step >= start) * w_gan * L_G(D(x_hat))      (config.losses.gan_weight > 0)
+           + [step >= start] * w_gan * L_G(D(x_hat))         (config.losses.gan_weight > 0)
 
 and, when the GAN term is on, the discriminator's own loss (hinge + w_lecam * LeCam) in the same
 step: both gradients are returned as one tree ``{'model': ..., 'disc': ...}`` and every group is
@@ -89,9 +89,14 @@ class TokenizerTask:
                 metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images)
                 total = total + self.lpips_weight * metrics["perceptual"]
             if gan_on:
-                logits_fake = self.disc.apply({"params": params["disc"]}, rec)
-                metrics["gan/generator"] = L.generator_loss(logits_fake, self.gan_kind)
-                total = total + L.gated_weight(self.gan_weight, step, self.gan_start) * metrics["gan/generator"]
+                def generator_term(r):
+                    return L.generator_loss(self.disc.apply({"params": params["disc"]}, r), self.gan_kind)
+
+                # Before the start step the discriminator is not run at all (lax.cond), and the
+                # metric reads 0.
+                metrics["gan/generator"] = self._after_start(step, generator_term,
+                                                             lambda r: jnp.zeros((), jnp.float32), rec)
+                total = total + self.gan_weight * metrics["gan/generator"]
             for name, value in qout.metrics.items():
                 metrics[f"quantizer/{name}"] = value
             metrics["loss"] = total
@@ -109,13 +114,25 @@ class TokenizerTask:
                 d = L.discriminator_loss(real_logits, fake_logits, self.gan_kind)
                 lecam, lecam_state = L.lecam_regularizer(real_logits, fake_logits, state["lecam"],
                                                          decay=self.lecam_decay)
-                gate = L.start_gate(step, self.gan_start)
-                return gate * (d + self.lecam_weight * lecam), (d, lecam, lecam_state)
+                return d + self.lecam_weight * lecam, (d, lecam, lecam_state)
 
-            grads["disc"], (d, lecam, lecam_state) = jax.grad(disc_loss, has_aux=True)(params["disc"])
+            def no_disc_update(disc_params):
+                zero = jnp.zeros((), jnp.float32)
+                return jax.tree.map(jnp.zeros_like, disc_params), (zero, zero, state["lecam"])
+
+            # D trains (and its LeCam EMAs move) only from the start step on.
+            grads["disc"], (d, lecam, lecam_state) = self._after_start(
+                step, jax.grad(disc_loss, has_aux=True), no_disc_update, params["disc"])
             metrics.update({"gan/discriminator": d, "gan/lecam": lecam})
             new_state["lecam"] = lecam_state
         return grads, new_state, metrics
+
+    def _after_start(self, step: jax.Array, on: Any, off: Any, operand: Any) -> Any:
+        """``on(operand)`` once ``step >= gan_start_step``, else ``off(operand)``; only the chosen
+        branch runs (``lax.cond``), so the GAN costs nothing before it starts."""
+        if self.gan_start <= 0:
+            return on(operand)
+        return jax.lax.cond(jnp.asarray(step) >= self.gan_start, on, off, operand)
 
     # ------------------------------------------------------------------ evaluation
     def reconstruct(self, model_params: Any, state: dict, images: jax.Array) -> tuple[jax.Array, Any]:
