@@ -104,6 +104,8 @@ class SampleSource:
     ``i % n``), so an "epoch" holds many random crops of each photograph; eval splits default to
     ``repeats=1``: every held-out image once. Training crops default to random squares of
     35-100% of the shorter side (``default_crop_scale``), so the few photographs give varied crops.
+    Each photograph is its own class: the label is its position in the split's name list
+    (``num_classes`` = that list's length), which gives class-conditional generators a toy task.
     """
 
     default_crop_scale = (0.35, 1.0)
@@ -116,6 +118,7 @@ class SampleSource:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.repeats = int(repeats)
+        self.num_classes = len(self.names)
 
     def __len__(self) -> int:
         return len(self.names) * self.repeats
@@ -124,8 +127,9 @@ class SampleSource:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} records")
-        name = self.names[index % len(self.names)]
-        return _record(sample_images.load_sample_image(name), -1, index, f"sample:{name}")
+        label = index % len(self.names)
+        name = self.names[label]
+        return _record(sample_images.load_sample_image(name), label, index, f"sample:{name}")
 
     def __repr__(self) -> str:
         return f"SampleSource(split={self.split!r}, images={len(self.names)}, repeats={self.repeats})"

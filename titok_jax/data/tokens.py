@@ -1,0 +1,239 @@
+"""Tokens as data: pre-tokenized shards written by ``titok-jax tokenize --data SOURCE`` and read by
+the generator trainer through grain.
+
+A token data set is a directory::
+
+    DIR/meta.json              {"format": "titok_jax.tokens/1", "count": n, "num_tokens": T,
+                                "codebook_size": K, "num_classes": C, "shards": [...], ...}
+    DIR/tokens_00000.npy       int32 [n_0, T] token ids (VQ) in [0, K)
+    DIR/labels_00000.npy       int32 [n_0] class ids in [0, C), or -1 when the source has none
+    ...
+
+Shards are plain ``.npy`` files opened memory-mapped, so a data set larger than RAM reads only the
+rows a batch needs. ``meta.json`` is written last: a directory without it is an interrupted write
+and is refused by the reader. Each augmented pass over the source (``epochs``) is one more set of
+rows (a different random crop / flip of every image), as in TiTok's pre-tokenization.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+import grain
+import numpy as np
+
+FORMAT = "titok_jax.tokens/1"
+META = "meta.json"
+
+
+def _shard_names(i: int) -> tuple[str, str]:
+    return f"tokens_{i:05d}.npy", f"labels_{i:05d}.npy"
+
+
+class TokenShardWriter:
+    """Accumulate ``(tokens [b, T], labels [b])`` batches; write a shard every ``shard_size`` rows.
+
+    ``close(meta)`` flushes the last shard and writes ``meta.json`` (with ``count``, ``num_tokens``
+    and the shard list added to ``meta``). The directory must not hold a token data set already.
+    """
+
+    def __init__(self, out_dir: str, shard_size: int = 65536):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if os.path.isfile(out_dir):
+            raise ValueError(f"{out_dir} is a file; token shards need an output directory")
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise ValueError(f"{out_dir} is not empty; choose a new directory for the token shards")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.shard_size = out_dir, int(shard_size)
+        self._tokens: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._pending = 0
+        self.shards: list[dict[str, Any]] = []
+        self.count = 0
+        self.num_tokens: int | None = None
+        self.max_label = -1
+
+    def add(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        labels = np.asarray(labels, np.int32).reshape(-1)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"token shards hold integer ids [B, T]; got {tokens.dtype} {tokens.shape} "
+                             "(continuous VAE tokens cannot be written as token shards)")
+        if labels.shape[0] != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} token rows but {labels.shape[0]} labels")
+        if self.num_tokens is None:
+            self.num_tokens = int(tokens.shape[1])
+        elif tokens.shape[1] != self.num_tokens:
+            raise ValueError(f"rows of {tokens.shape[1]} tokens after rows of {self.num_tokens}")
+        if labels.size:
+            self.max_label = max(self.max_label, int(labels.max()))
+        self._tokens.append(tokens.astype(np.int32))
+        self._labels.append(labels)
+        self._pending += tokens.shape[0]
+        while self._pending >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        tokens = np.concatenate(self._tokens)
+        labels = np.concatenate(self._labels)
+        tname, lname = _shard_names(len(self.shards))
+        np.save(os.path.join(self.out_dir, tname), tokens[:n])
+        np.save(os.path.join(self.out_dir, lname), labels[:n])
+        self.shards.append({"tokens": tname, "labels": lname, "count": int(n)})
+        self.count += int(n)
+        self._tokens, self._labels = [tokens[n:]], [labels[n:]]
+        self._pending = int(tokens.shape[0] - n)
+
+    def close(self, meta: dict[str, Any]) -> dict[str, Any]:
+        if self._pending:
+            self._flush(self._pending)
+        if self.count == 0:
+            raise ValueError("no token rows were written")
+        if not meta.get("num_classes") and self.max_label >= 0:
+            meta = {**meta, "num_classes": self.max_label + 1}
+        meta = {**meta, "format": FORMAT, "count": self.count, "num_tokens": self.num_tokens,
+                "shards": self.shards}
+        tmp = os.path.join(self.out_dir, META + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(self.out_dir, META))
+        return meta
+
+
+def read_token_meta(path: str) -> dict[str, Any]:
+    """``meta.json`` of a token data set, with a one-line error for anything else."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"token data set {path} does not exist (write one with "
+                                "`titok-jax tokenize --data SOURCE --output DIR`)")
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{path} is not a token data set (no {META}; an interrupted tokenize run?)")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+class TokenSource:
+    """Random access over a token data set: record ``i`` is ``{"tokens": int32 [T], "label": int32,
+    "index": int64}``. Shards are memory-mapped; the object pickles by path (grain workers)."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self.meta = read_token_meta(self.path)
+        self.num_tokens = int(self.meta["num_tokens"])
+        self.codebook_size = self.meta.get("codebook_size")
+        self.num_classes = int(self.meta.get("num_classes", 0) or 0)
+        counts = [int(s["count"]) for s in self.meta["shards"]]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if int(self._starts[-1]) != int(self.meta["count"]):
+            raise ValueError(f"{self.path}: shard counts sum to {int(self._starts[-1])}, "
+                             f"meta.json says {self.meta['count']}")
+        self._open()
+
+    def _open(self) -> None:
+        self._tokens, self._labels = [], []
+        for s in self.meta["shards"]:
+            t = np.load(os.path.join(self.path, s["tokens"]), mmap_mode="r")
+            lab = np.load(os.path.join(self.path, s["labels"]), mmap_mode="r")
+            if t.shape != (int(s["count"]), self.num_tokens) or lab.shape != (int(s["count"]),):
+                raise ValueError(f"{self.path}/{s['tokens']}: shape {t.shape} does not match meta.json "
+                                 f"({s['count']} rows of {self.num_tokens} tokens)")
+            self._tokens.append(t)
+            self._labels.append(lab)
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} token rows")
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        row = index - int(self._starts[shard])
+        return {"tokens": np.asarray(self._tokens[shard][row], np.int32),
+                "label": np.int32(self._labels[shard][row]), "index": np.int64(index)}
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self.path!r}, rows={len(self)}, num_tokens={self.num_tokens})"
+
+
+def make_token_train_dataset(path: str, global_batch_size: int, seed: int, *, shuffle: bool = True,
+                             process_index: int | None = None, process_count: int | None = None,
+                             num_epochs: int | None = None) -> grain.IterDataset:
+    """Per-process batches ``{"tokens": int32 [b, T], "label": int32 [b], "index": int64 [b]}``,
+    shuffled with ``seed`` and repeated (``num_epochs=None``: forever); checkpointable like the
+    image pipeline."""
+    from titok_jax.data.pipeline import _process_info, local_batch_size
+
+    p, n = _process_info(process_index, process_count)
+    local = local_batch_size(global_batch_size, n)
+    src = TokenSource(path)
+    ds = grain.MapDataset.source(src)
+    if shuffle:
+        ds = ds.shuffle(seed=int(seed))
+    ds = ds.repeat(num_epochs)
+    if num_epochs is not None:
+        whole = (len(ds) // global_batch_size) * global_batch_size
+        if whole == 0:
+            raise ValueError(f"{len(ds)} token rows is less than one global batch of {global_batch_size}")
+        ds = ds[:whole]
+    ds = ds[p::n].batch(local, drop_remainder=True)
+    return ds.to_iter_dataset()
+
+
+def write_token_dataset(out_dir: str, encode: Any, batches: Iterable[dict[str, np.ndarray]],
+                        meta: dict[str, Any], shard_size: int = 65536,
+                        progress: Any = None) -> dict[str, Any]:
+    """Encode image batches (``{"image": [B,S,S,3] in [0,1], "label": [B], "mask"?: [B]}``) with
+    ``encode(images) -> int [B, T]`` and write them as shards; returns the final meta."""
+    writer = TokenShardWriter(out_dir, shard_size)
+    for batch in batches:
+        images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+        keep = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones(len(images), bool)
+        tokens = np.asarray(encode(images))
+        writer.add(tokens[keep], labels[keep])
+        if progress is not None:
+            progress(int(keep.sum()))
+    return writer.close(meta)
+
+
+def image_batches_for_tokenizing(source: Any, image_size: int, batch_size: int, *, split: str = "train",
+                                 epochs: int = 1, augment: bool = True, seed: int = 0,
+                                 data_dir: str | None = None, crop_scale: tuple[float, float] | None = None
+                                 ) -> tuple[Iterator[dict[str, np.ndarray]], int, Any]:
+    """Every record of ``source``/``split``, ``epochs`` times, as image batches (the last one
+    short): ``augment`` = the training transform (random crop of the source's default scale range,
+    random flip; record ``e * len + i`` is seeded by its position, so every pass differs), else
+    resize + centre crop (``epochs`` must then be 1). Returns ``(batches, rows, source_object)``."""
+    from titok_jax.data.sources import make_source
+    from titok_jax.data.transforms import EvalTransform, TrainTransform
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not augment and epochs != 1:
+        raise ValueError("without augmentation every pass gives the same tokens; use epochs=1")
+    src = make_source(source, split, data_dir=data_dir)
+    if len(src) == 0:
+        raise ValueError(f"data source {source!r} split {split!r} is empty")
+    ds = grain.MapDataset.source(src).repeat(epochs)
+    if augment:
+        scale = crop_scale or getattr(src, "default_crop_scale", (1.0, 1.0))
+        ds = ds.map_with_index(TrainTransform(image_size, seed, crop_scale=scale, flip=True))
+    else:
+        transform = EvalTransform(image_size)
+        ds = ds.map_with_index(transform)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    return iter(ds), len(src) * epochs, src
