@@ -1,4 +1,5 @@
-"""TiTok, single-stage (pixels in, pixels out): `tiny` for a CPU, and the published sizes.
+"""TiTok, single-stage (pixels in, pixels out): `tiny` for a CPU, and the published sizes; and the
+two-stage recipes `<tiny|l32|b64|s128>_stage<1|2>` (see `_two_stage` below).
 
 COMMAND (CPU, minutes):
   titok-jax train --config configs/titok.py:tiny --workdir workdirs/tiny
@@ -18,12 +19,18 @@ from titok_jax.models.titok import TITOK_VARIANTS
 
 PUBLISHED = ("bl64_vq", "bl128_vq", "sl256_vq", "ll32_vae", "bl64_vae", "bl128_vae")
 VARIANTS = ("tiny",) + PUBLISHED
+# Two-stage recipes (reference/titok.md 3.1, 3.2): <size>_stage1 / <size>_stage2 (see _two_stage).
+# Listed apart: their tasks need files (the teacher's weights; stage 2 a stage-1 workdir).
+STAGES = tuple(f"{s}_stage{k}" for k in (1, 2) for s in ("tiny", "l32", "b64", "s128"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "tiny"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown titok variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + STAGES:
+        raise ValueError(f"unknown titok variant {variant!r}; choose one of "
+                         f"{', '.join(VARIANTS + STAGES)}")
+    if variant in STAGES:
+        return _two_stage(variant)
     tiny = variant == "tiny"
     c = ml_collections.ConfigDict()
     c.family = "titok"
@@ -65,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.losses = ml_collections.ConfigDict({
         "reconstruction": "l2", "reconstruction_weight": 1.0,
         "perceptual_weight": 0.0 if tiny else 1.0, "perceptual_weights": "",
+        # ConvNeXt-S logit MSE (python -m titok_jax.convert.convnext); TA-TiTok's recipe uses 0.1
+        "convnext_weight": 0.0, "convnext_weights": "",
         "gan_weight": 0.0 if tiny else 0.1, "gan_start_step": 200_000, "gan_loss": "hinge",
         "lecam_weight": 0.001, "lecam_decay": 0.999,
         "discriminator": {"ndf": 64, "n_layers": 3, "norm": "group"},
@@ -78,4 +87,93 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50 if tiny else 100
     c.eval_every_steps = 500 if tiny else 50_000
     c.samples = ml_collections.ConfigDict({"num_images": 8})
+    c.eval = _eval_section()
     return c
+
+
+def _two_stage(variant: str) -> ml_collections.ConfigDict:
+    """Two-stage TiTok (legacy L-32 / B-64 / S-128 recipe; ``tiny_*`` run on a CPU in seconds).
+
+    COMMAND (stage 1 then stage 2; the teacher is the official MaskGIT-VQGAN, imported first):
+      titok-jax import-torch --input DIR_WITH_maskgit-vqgan-imagenet-f16-256.bin --output maskgit
+      titok-jax train --config configs/titok.py:l32_stage1 --workdir runs/l32_s1 \
+          --config.teacher.weights=maskgit --config.data.source=tfds:imagenet2012
+      titok-jax train --config configs/titok.py:l32_stage2 --workdir runs/l32_s2 \
+          --config.init_from=runs/l32_s1 --config.data.source=tfds:imagenet2012
+
+    Stage 1 (3.1): CE on the teacher's proxy codes + quantizer loss (weight 1, beta 0.25); AdamW
+    1e-4, betas (0.9, 0.99), wd 1e-4, eps 1e-8, 10k warmup, cosine to 1e-5, 1M steps, batch 256
+    (32/GPU x 8), clip 1.0, EMA 0.999. Stage 2 (3.2): encoder / quantizer / latent tokens frozen;
+    L2 (1.0) + ConvNeXt-S logits MSE (0.1, losses.convnext_weight) + hinge GAN (0.01 from step 20k,
+    MaskBit discriminator, own AdamW 1e-4) + LeCam (0.001); AdamW 1e-4, betas (0.9, 0.999), wd 1e-4,
+    5k warmup, cosine to 1e-5, 500k steps, batch 256, clip 1.0, EMA 0.999.
+    """
+    from titok_jax.models.titok import titok_variant
+    from titok_jax.models.vqgan import MASKGIT_F16_256
+
+    size, stage = variant.rsplit("_stage", 1)
+    stage = int(stage)
+    tiny = size == "tiny"
+    c = ml_collections.ConfigDict()
+    c.family = "titok"
+    c.variant = variant
+    c.task = ml_collections.ConfigDict({"name": f"titok_stage{stage}"})
+    c.seed = 0 if tiny else 42
+    model = titok_variant("tiny_two_stage" if tiny else size, finetune_decoder=stage == 2)
+    model["pixel_channel_mult"] = list(model.get("pixel_channel_mult", MASKGIT_F16_256["channel_mult"]))
+    c.model = ml_collections.ConfigDict({"name": "titok_two_stage", **model})
+    c.compute_dtype = "float32" if tiny else "bfloat16"
+    teacher = (dict(name="maskgit_vqgan", image_size=32, hidden_channels=32, channel_mult=[1, 1, 2, 2],
+                    num_res_blocks=1, z_channels=32, codebook_size=64) if tiny else
+               dict(MASKGIT_F16_256, name="maskgit_vqgan",
+                    channel_mult=list(MASKGIT_F16_256["channel_mult"])))
+    # weights: a workdir written by `titok-jax import-torch` from maskgit-vqgan-imagenet-f16-256.bin
+    # (or that file). Stage 2 falls back to its stage-1 run's teacher when empty.
+    c.teacher = ml_collections.ConfigDict({"weights": "", "allow_random": tiny, "seed": 0,
+                                           "model": teacher})
+    c.init_from = ""   # stage 2: the stage-1 workdir
+    c.data = ml_collections.ConfigDict({
+        "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,
+        "eval_batch_size": 8 if tiny else 64, "eval_num_images": 8 if tiny else 0,
+    })
+    c.total_steps = 4 if tiny else (1_000_000 if stage == 1 else 500_000)
+    c.batch_size = 8 if tiny else 256
+    c.optimizer = ml_collections.ConfigDict({
+        "lr": 1e-3 if tiny else 1e-4, "end_lr": 1e-4 if tiny else 1e-5,
+        "warmup_steps": 1 if tiny else (10_000 if stage == 1 else 5_000),
+        "b1": 0.9, "b2": 0.99 if stage == 1 else 0.999, "eps": 1e-8, "weight_decay": 1e-4,
+        "grad_clip": 1.0, "accumulation_steps": 1, "ema_decay": 0.999, "no_decay": "",
+        # Stage 2 trains only the ViT decoder, pixel_quantize and pixel_decoder.
+        "frozen": "" if stage == 1 else r"^model/(encoder|quantize|latent_tokens)(/|$)",
+    })
+    c.optimizers = ml_collections.ConfigDict({"disc": {"lr": 1e-3 if tiny else 1e-4,
+                                                       "weight_decay": 1e-4}})
+    if stage == 1:
+        c.losses = ml_collections.ConfigDict({"quantizer_weight": 1.0})
+    else:
+        c.losses = ml_collections.ConfigDict({
+            "reconstruction": "l2", "reconstruction_weight": 1.0,
+            "perceptual_weight": 0.0, "perceptual_weights": "",
+            "convnext_weight": 0.0 if tiny else 0.1, "convnext_weights": "",
+            "gan_weight": 0.01, "gan_start_step": 2 if tiny else 20_000, "gan_loss": "hinge",
+            "lecam_weight": 0.001, "lecam_decay": 0.999,
+            "discriminator": {"name": "maskbit", "hidden_channels": 32 if tiny else 128,
+                              "num_stages": 1 if tiny else 3},
+        })
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.logical_axis_rules = ()
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 4 if tiny else 50_000, "keep": 3,
+                                              "keep_every_steps": 0, "async_save": not tiny})
+    c.log_every_steps = 1 if tiny else 50
+    c.eval_every_steps = 4 if tiny else 50_000
+    c.samples = ml_collections.ConfigDict({"num_images": 8})
+    c.eval = _eval_section()
+    return c
+
+
+def _eval_section() -> ml_collections.ConfigDict:
+    """rFID / IS in evaluation: ``inception_weights`` from ``python -m titok_jax.convert.inception``
+    ("" = off); ``fid_reference`` an .npz of mu/sigma ("" = the eval split's own originals);
+    ``fid_method`` sqrtm (pytorch-fid) or eigh."""
+    return ml_collections.ConfigDict({"inception_weights": "", "fid_reference": "",
+                                      "fid_method": "sqrtm"})

@@ -214,3 +214,26 @@ def test_command_errors_are_one_line(trained, image_dir, tmp_path, capsys):
     assert cli.main(["detokenize", "--workdir", trained, "--input", str(not_npz), "--output", str(tmp_path / "d")]) == 1
     assert "x.npz" in one_line_error(capsys)
     assert not os.path.exists(tmp_path / "d")
+
+
+def test_tokenize_a_data_source_into_shards(trained, tok, tmp_path, capsys):
+    from titok_jax.data import TRAIN_IMAGES, SampleSource
+    from titok_jax.data.tokens import TokenSource, image_batches_for_tokenizing
+    out = str(tmp_path / "shards")
+    assert cli.main(["tokenize", "--workdir", trained, "--data", "sample", "--epochs", "2",
+                     "--shard_size", "5", "--batch_size", "4", "--output", out]) == 0
+    assert "tokenized" in capsys.readouterr().out
+    src = TokenSource(out)
+    n = 2 * len(SampleSource("train"))
+    assert len(src) == n and src.num_tokens == tok.num_tokens and src.codebook_size == tok.codebook_size
+    assert src.num_classes == len(TRAIN_IMAGES)
+    # The rows are the tokenizer's ids of exactly the augmented images, in order.
+    batches, _, _ = image_batches_for_tokenizing("sample", tok.image_size, 4, epochs=2, seed=0)
+    images = np.concatenate([b["image"] for b in batches])
+    np.testing.assert_array_equal(np.stack([src[i]["tokens"] for i in range(n)]), tok.encode(images))
+    # The output is never overwritten; --input and --data together are refused.
+    assert cli.main(["tokenize", "--workdir", trained, "--data", "sample", "--output", out]) == 1
+    assert "not empty" in one_line_error(capsys)
+    assert cli.main(["tokenize", "--workdir", trained, "--data", "sample", "--input", out,
+                     "--output", str(tmp_path / "x")]) == 2
+    assert "not both" in one_line_error(capsys)

@@ -11,4 +11,10 @@ def load_tokenizer(*args, **kwargs):
     return load(*args, **kwargs)
 
 
-__all__ = ["load_tokenizer", "__version__"]
+def load_generator(*args, **kwargs):
+    """The token generator of a workdir; see ``titok_jax.generation.load_generator``."""
+    from titok_jax.generation import load_generator as load
+    return load(*args, **kwargs)
+
+
+__all__ = ["load_tokenizer", "load_generator", "__version__"]

@@ -26,6 +26,8 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_BATCH_SIZE = 32
+# Run tasks whose workdirs hold a tokenizer this API can load.
+TOKENIZER_TASKS = ("tokenizer", "titok_stage2", "flowmo", "flextok")
 
 
 class Tokenizer:
@@ -63,6 +65,18 @@ class Tokenizer:
 
         self._encode = jax.jit(encode)
         self._decode = jax.jit(decode)
+        # Flow-decoder tokenizers (FlexTok, FlowMo): the model has ``flow_decoder = True`` and
+        # ``decode_tokens(tokens, key=, steps=, guidance_scale=)``; FlexTok (``variable_length``)
+        # decodes any prefix of its ordered tokens.
+        self.flow_decoder = bool(getattr(model, "flow_decoder", False))
+        self.variable_length = bool(getattr(model, "variable_length", False))
+
+        def decode_flow(params, state, tokens, key, guidance, steps):
+            rec = model.apply({"params": params, **state}, tokens, key=key, steps=steps,
+                              guidance_scale=guidance, method="decode_tokens")
+            return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0)
+
+        self._decode_flow = jax.jit(decode_flow, static_argnames=("steps",))
 
     def __repr__(self) -> str:
         return (f"Tokenizer(quantizer={self.quantizer!r}, image_size={self.image_size}, "
@@ -76,11 +90,29 @@ class Tokenizer:
         x = self._check_images(images)
         return self._batched(self._encode, x)
 
-    def decode(self, tokens: Any) -> np.ndarray:
+    def decode(self, tokens: Any, steps: int | None = None, guidance: float | None = None,
+               seed: int = 0) -> np.ndarray:
         """``tokens``: int ``[B, num_tokens]`` ids in ``[0, codebook_size)`` (VQ) or float
-        ``[B, num_tokens, token_dim]`` (VAE) -> float32 ``[B, S, S, 3]`` in [0, 1]."""
+        ``[B, num_tokens, token_dim]`` (VAE) -> float32 ``[B, S, S, 3]`` in [0, 1].
+
+        Flow-decoder tokenizers also take ``steps`` and ``guidance`` (default: the model's published
+        sampler) and ``seed`` (chunk ``i`` of ``batch_size`` rows uses ``fold_in(key(seed), i)``, so
+        the same call gives the same pixels); FlexTok accepts any prefix ``[B, k]``, ``1 <= k <= N``."""
+        if not self.flow_decoder:
+            if steps is not None or guidance is not None:
+                raise ValueError("steps/guidance apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
+            return self._batched(self._decode, self._check_tokens(tokens))
+        import jax
         t = self._check_tokens(tokens)
-        return self._batched(self._decode, t)
+        steps = int(steps if steps is not None else getattr(self.model, "default_steps", 25))
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        guidance = float(guidance if guidance is not None else getattr(self.model, "default_guidance", 1.0))
+        base = jax.random.key(int(seed))
+        counter = iter(range(1 << 30))
+        fn = lambda p, st, chunk: self._decode_flow(p, st, chunk, jax.random.fold_in(base, next(counter)),  # noqa: E731
+                                                    guidance, steps=steps)
+        return self._batched(fn, t)
 
     def reconstruct(self, images: Any) -> np.ndarray:
         """``decode(encode(images))``."""
@@ -129,8 +161,11 @@ class Tokenizer:
             if not np.issubdtype(t.dtype, np.floating):
                 raise ValueError(f"decode expects float tokens for this VAE tokenizer, got dtype {t.dtype}")
             return np.ascontiguousarray(t, dtype=np.float32)
-        if t.ndim != 2 or t.shape[1] != n:
-            raise ValueError(f"decode expects token ids [B, {n}] for this tokenizer, got shape {t.shape}")
+        if self.variable_length and t.ndim == 2 and 1 <= t.shape[1] <= n:
+            pass  # an ordered-token prefix
+        elif t.ndim != 2 or t.shape[1] != n:
+            what = f"[B, k] with 1 <= k <= {n}" if self.variable_length else f"[B, {n}]"
+            raise ValueError(f"decode expects token ids {what} for this tokenizer, got shape {t.shape}")
         if not np.issubdtype(t.dtype, np.integer):
             if t.size and np.issubdtype(t.dtype, np.floating) and np.all(np.isfinite(t)) \
                     and np.all(t == np.round(t)):
@@ -179,7 +214,10 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None,
     workdir = os.fspath(workdir)
     config = _read_config(workdir)
     task = config.get("task", {}).get("name", "tokenizer") if hasattr(config.get("task", {}), "get") else "tokenizer"
-    if task != "tokenizer":
+    if task == "titok_stage1":
+        raise ValueError(f"{workdir} is a TiTok stage-1 run: it predicts MaskGIT proxy codes and does "
+                         "not decode pixels on its own; train stage 2 from it (configs/titok.py:*_stage2)")
+    if task not in TOKENIZER_TASKS:
         raise ValueError(f"{workdir} holds a {task!r} run, not a tokenizer")
     if "model" not in config:
         raise ValueError(f"{workdir}/config.json has no model section")

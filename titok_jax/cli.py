@@ -12,9 +12,11 @@ COMMANDS = {
     "train": "train a tokenizer or generator: --config configs/<family>.py:<variant> --workdir DIR",
     "eval": "evaluate the latest checkpoint of a workdir: --workdir DIR [--split NAME]",
     "reconstruct": "encode + decode images: --workdir DIR --input IMG_OR_DIR --output PATH",
-    "tokenize": "images to token ids: --workdir DIR --input IMG_OR_DIR --output tokens.npz",
+    "tokenize": "images to token ids: --workdir DIR --input IMG_OR_DIR --output tokens.npz "
+                "(or --data SOURCE --output DIR: token shards for generator training)",
     "detokenize": "token ids to images: --workdir DIR --input tokens.npz --output OUT_DIR",
-    "generate": "sample images: --workdir GEN_DIR --tokenizer TOK_DIR --output OUT_DIR",
+    "generate": "sample images: --workdir GEN_DIR --tokenizer TOK_DIR --output OUT_DIR "
+                "[--class-id K] [--num N] [--seed S]",
     "import-torch": "official PyTorch release to a workdir: --input HF_DIR --output DIR",
 }
 
@@ -30,7 +32,8 @@ def _handler(name: str):
 # Commands with an implementation: name -> callable(argv) -> exit status.
 HANDLERS: dict = {"train": _handler("train"), "eval": _handler("evaluate"),
                   "reconstruct": _handler("reconstruct"), "tokenize": _handler("tokenize"),
-                  "detokenize": _handler("detokenize")}
+                  "detokenize": _handler("detokenize"), "import-torch": _handler("import_torch"),
+                  "generate": _handler("generate")}
 
 
 def usage() -> str:

@@ -130,7 +130,8 @@ def train(argv: Sequence[str]) -> int:
     print(f"metrics:    {summary['metrics']}")
     if summary.get("last_eval"):
         e = summary["last_eval"]
-        print(f"eval:       {summary['eval']} (psnr {e['psnr']:.2f} dB, ssim {e['ssim']:.4f})")
+        from titok_jax.train.loop import eval_summary
+        print(f"eval:       {summary['eval']} ({eval_summary(e)})")
     if summary.get("grid"):
         print(f"grid:       {summary['grid']}")
     return 0
@@ -220,9 +221,30 @@ def reconstruct(argv: Sequence[str]) -> int:
     return 0
 
 
+def _tokenize_flags(fv) -> None:
+    from absl import flags
+    _tokenizer_flags(fv, "IMG_OR_DIR: an image file or a directory of images",
+                     "tokens.npz (with --input) or DIR (with --data): what to write")
+    flags.DEFINE_string("data", None, "a data source (sample, folder:PATH, tfds:NAME) to tokenize "
+                        "into token shards for generator training, instead of --input", flag_values=fv)
+    flags.DEFINE_string("split", "train", "split of --data", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir of --data", flag_values=fv)
+    flags.DEFINE_integer("epochs", 1, "augmented passes over --data (each a new random crop and "
+                         "flip of every image)", flag_values=fv)
+    flags.DEFINE_bool("augment", True, "random crops and flips for --data (false: centre crops, "
+                      "one pass)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the --data augmentations", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 65536, "token rows per shard file", flag_values=fv)
+
+
 def tokenize(argv: Sequence[str]) -> int:
     """images -> ``tokens.npz`` with ``tokens`` (int32 [N, T]; float32 [N, T, C] for a VAE) and
-    ``files`` (the input names: the basename, or paths relative to the input directory)."""
+    ``files`` (the input names: the basename, or paths relative to the input directory).
+    With ``--data SOURCE`` instead of ``--input``: every image of the source (``--epochs``
+    augmented passes) -> token shards in the directory ``--output`` (``titok_jax.data.tokens``),
+    the input of generator training (``config.data.source=tokens:DIR``)."""
+    if any(a == "--data" or a.startswith("--data=") for a in argv):
+        return _tokenize_data(argv)
     fv = _tokenizer_args("tokenize", argv, "IMG_OR_DIR: an image file or a directory of images",
                          "tokens.npz: the file to write")
     import numpy as np
@@ -236,6 +258,47 @@ def tokenize(argv: Sequence[str]) -> int:
     os.makedirs(parent, exist_ok=True)
     np.savez(out, tokens=tokens, files=np.asarray(names, dtype=str))
     print(f"tokenized {len(paths)} image(s) -> {out} (tokens {tokens.dtype} {list(tokens.shape)})")
+    return 0
+
+
+def _tokenize_data(argv: Sequence[str]) -> int:
+    fv = _parse("titok-jax tokenize", argv, _tokenize_flags)
+    missing = [f"--{k}" for k in ("workdir", "output") if not getattr(fv, k)]
+    if missing:
+        raise UsageError(f"tokenize --data needs {' '.join(missing)} (usage: titok-jax tokenize "
+                         "--workdir DIR --data SOURCE --output TOKENS_DIR)")
+    if fv.input:
+        raise UsageError("give either --input (image files -> tokens.npz) or --data (a data source "
+                         "-> token shards), not both")
+    if fv.batch_size < 1 or fv.shard_size < 1:
+        raise UsageError("--batch_size and --shard_size must be >= 1")
+    if not os.path.isfile(os.path.join(fv.workdir, "config.json")):
+        raise UsageError(f"{fv.workdir} is not a titok_jax workdir (no config.json); train one first")
+    import numpy as np
+    from tqdm import tqdm
+    from titok_jax.api import load_tokenizer
+    from titok_jax.data.tokens import image_batches_for_tokenizing, write_token_dataset
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    if tok.codebook_size is None:
+        raise ValueError(f"{fv.workdir} is a continuous (VAE) tokenizer; token shards hold discrete ids")
+    batches, rows, src = image_batches_for_tokenizing(
+        fv.data, tok.image_size, fv.batch_size, split=fv.split, epochs=fv.epochs, augment=fv.augment,
+        seed=fv.seed, data_dir=fv.data_dir)
+    num_classes = getattr(src, "num_classes", None)
+    if num_classes is None and getattr(src, "class_names", None) is not None:
+        num_classes = len(src.class_names)
+    meta = {"tokenizer": os.path.abspath(fv.workdir), "tokenizer_step": tok.step,
+            "codebook_size": tok.codebook_size, "image_size": tok.image_size, "source": fv.data,
+            "split": fv.split, "epochs": fv.epochs, "augment": fv.augment, "seed": fv.seed,
+            "num_classes": int(num_classes or 0)}
+    bar = tqdm(total=rows, unit="img", desc="tokenize", file=sys.stderr, disable=not sys.stderr.isatty())
+    try:
+        meta = write_token_dataset(fv.output, lambda x: tok.encode(np.asarray(x, np.float32)), batches,
+                                   meta, shard_size=fv.shard_size, progress=bar.update)
+    finally:
+        bar.close()
+    print(f"tokenized {meta['count']} image(s) ({fv.epochs} pass(es) over {fv.data}:{fv.split}) -> "
+          f"{fv.output} ({len(meta['shards'])} shard(s) of {meta['num_tokens']} tokens)")
     return 0
 
 
@@ -276,6 +339,87 @@ def detokenize(argv: Sequence[str]) -> int:
         for i, image in enumerate(tok.decode(tokens[start:start + fv.batch_size])):
             save_png(os.path.join(fv.output, names[start + i]), image)
     print(f"decoded {n} token row(s) -> {fv.output}")
+    return 0
+
+
+def import_torch(argv: Sequence[str]) -> int:
+    """An official PyTorch release (HF_DIR: config.json + model.safetensors / pytorch_model.bin, or
+    a bare MaskGIT-VQGAN state dict) -> a workdir at --output (never overwritten)."""
+    from absl import flags
+
+    def define(fv):
+        flags.DEFINE_string("input", None, "HF_DIR: config.json + model.safetensors "
+                            "(or pytorch_model.bin), or a MaskGIT-VQGAN state dict", flag_values=fv)
+        flags.DEFINE_string("output", None, "DIR: the workdir to create (must not exist or be empty)",
+                            flag_values=fv)
+        flags.DEFINE_integer("image_size", None, "image side of a MaskGIT-VQGAN imported without "
+                             "config.json (default 256)", flag_values=fv)
+
+    fv = _parse("titok-jax import-torch", argv, define)
+    if not fv.input or not fv.output:
+        raise UsageError("import-torch needs --input HF_DIR and --output DIR")
+    from titok_jax.convert.workdir import import_torch as run
+    try:
+        summary = run(fv.input, fv.output, image_size=fv.image_size)
+    except ImportError as e:  # a .bin without torch installed: one line, not an internal error
+        raise ValueError(_message(e)) from None
+    print(f"imported {summary['model']} ({summary['num_params']:,} params) from {summary['weights']}")
+    print(f"workdir:    {os.path.abspath(fv.output)}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+def generate(argv: Sequence[str]) -> int:
+    """Sample token ids with a generator workdir and decode them with a tokenizer workdir: a PNG per
+    image (``{index:06d}_class{K}.png``), a grid ``grid.png`` and ``tokens.npz`` under --output."""
+    from absl import flags
+
+    def define(fv):
+        flags.DEFINE_string("workdir", None, "GEN_DIR: a generator workdir (train configs/maskgit.py)", flag_values=fv)
+        flags.DEFINE_string("tokenizer", None, "TOK_DIR: the tokenizer workdir whose tokens it learned", flag_values=fv)
+        flags.DEFINE_string("output", None, "OUT_DIR: where the PNGs go", flag_values=fv)
+        flags.DEFINE_integer("class_id", None, "class to sample (default: cycle through the classes; "
+                             "num_classes = unconditional)", flag_values=fv)
+        flags.DEFINE_integer("num", 8, "number of images", flag_values=fv)
+        flags.DEFINE_integer("seed", 0, "sampling seed (same seed, same images)", flag_values=fv)
+        flags.DEFINE_integer("batch_size", 32, "images per sampling call", flag_values=fv)
+        flags.DEFINE_integer("steps", None, "decoding steps (default: the config's sampler)", flag_values=fv)
+        flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale", flag_values=fv)
+        flags.DEFINE_float("temperature", None, "randomize_temperature of the sampler", flag_values=fv)
+
+    argv = [a.replace("--class-id", "--class_id", 1) if a.startswith("--class-id") else a for a in argv]
+    fv = _parse("titok-jax generate", argv, define)
+    missing = [f"--{k}" for k in ("workdir", "tokenizer", "output") if not getattr(fv, k)]
+    if missing:
+        raise UsageError(f"generate needs {' '.join(missing)} (usage: titok-jax generate --workdir GEN_DIR "
+                         "--tokenizer TOK_DIR --output OUT_DIR [--class-id K] [--num N])")
+    if fv.num < 1 or fv.batch_size < 1:
+        raise UsageError("--num and --batch_size must be >= 1")
+    if os.path.isfile(fv.output):
+        raise UsageError(f"--output {fv.output} is a file; expected an output directory")
+    import numpy as np
+    from titok_jax.api import load_tokenizer
+    from titok_jax.evaluation.images import save_png, tile_grid
+    from titok_jax.generation import load_generator
+    gen = load_generator(fv.workdir)
+    tok = load_tokenizer(fv.tokenizer, batch_size=fv.batch_size)
+    if tok.codebook_size != gen.codebook_size or tok.num_tokens != gen.num_tokens:
+        raise ValueError(f"the generator makes {gen.num_tokens} ids from {gen.codebook_size} codes but the "
+                         f"tokenizer {fv.tokenizer} takes {tok.num_tokens} from {tok.codebook_size}")
+    if fv.class_id is None:
+        labels = np.arange(fv.num) % gen.num_classes if gen.num_classes else np.zeros(fv.num, np.int64)
+    else:
+        labels = np.full(fv.num, fv.class_id)
+    overrides = {k: v for k, v in (("steps", fv.steps), ("guidance_scale", fv.guidance_scale),
+                                   ("randomize_temperature", fv.temperature)) if v is not None}
+    ids = gen.sample(labels, seed=fv.seed, batch_size=fv.batch_size, **overrides)
+    images = tok.decode(ids)
+    os.makedirs(fv.output, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        save_png(os.path.join(fv.output, f"{i:06d}_class{int(label)}.png"), image)
+    save_png(os.path.join(fv.output, "grid.png"), tile_grid(images, ncol=min(8, len(images))))
+    np.savez(os.path.join(fv.output, "tokens.npz"), tokens=ids, labels=labels.astype(np.int32))
+    print(f"generated {len(images)} image(s) -> {fv.output} (grid: {os.path.join(fv.output, 'grid.png')})")
     return 0
 
 

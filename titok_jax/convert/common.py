@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from titok_jax.models.frozen import unflatten  # noqa: F401  (re-exported for the converters)
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -115,20 +117,6 @@ class StateDictReader:
             if key not in self.consumed and not any(p(key) for p in ignore):
                 raise ValueError(f"{self.source}: unexpected tensor {key!r} "
                                  f"({len(self.sd) - len(self.consumed)} tensor(s) not consumed)")
-
-
-def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
-    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(sep)
-        for p in parents:
-            node = node.setdefault(p, {})
-        if leaf in node:
-            raise ValueError(f"duplicate param {key!r}")
-        node[leaf] = value
-    return tree
 
 
 def check_tree_matches(params: Any, abstract: Any, source: str = "converted params") -> None:

@@ -257,6 +257,10 @@ def train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
     ``batch_size`` (global), ``seed``; optional ``data.{data_dir, worker_count, crop_scale, flip,
     value_range, train_split}``. Keyword ``overrides`` win."""
     data = config.data
+    if str(data.source).startswith("tokens:"):  # pre-tokenized shards for generators
+        from titok_jax.data.tokens import make_token_train_dataset
+        return iter(make_token_train_dataset(str(data.source)[len("tokens:"):], config.batch_size,
+                                             config.seed, **overrides))
     kwargs = dict(
         split=_cfg_get(data, "train_split", "train"),
         data_dir=_cfg_get(data, "data_dir", None),

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["to_uint8", "make_grid", "save_png", "load_png", "log_image", "log_reconstructions",
+__all__ = ["to_uint8", "make_grid", "tile_grid", "save_png", "load_png", "log_image", "log_reconstructions",
            "save_reconstruction_grid"]
 
 
@@ -61,6 +61,21 @@ def make_grid(originals: Any, reconstructions: Any, ncol: int = 8, padding: int 
         grid[top:top + h, left:left + w] = a[i]
         top += h + p
         grid[top:top + h, left:left + w] = b[i]
+    return grid
+
+
+def tile_grid(images: Any, ncol: int = 8, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """uint8 grid of ``[N, H, W, C]`` images (float in [0, 1] or uint8), row-major, ``ncol`` wide."""
+    a = to_uint8(images)
+    if a.ndim != 4 or a.shape[0] == 0:
+        raise ValueError(f"expected non-empty images [N, H, W, C], got shape {a.shape}")
+    n, h, w, c = a.shape
+    ncol, p = max(1, min(ncol, n)), padding
+    rows = math.ceil(n / ncol)
+    grid = np.full((p + rows * (h + p), p + ncol * (w + p), c), pad_value, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[p + r * (h + p):p + r * (h + p) + h, p + col * (w + p):p + col * (w + p) + w] = a[i]
     return grid
 
 

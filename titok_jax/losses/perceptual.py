@@ -1,4 +1,5 @@
-"""LPIPS (Zhang et al. 2018, "vgg" variant, v0.1 linear layers) as a frozen perceptual distance.
+"""Frozen perceptual distances: LPIPS (Zhang et al. 2018, "vgg" variant, v0.1 linear layers) and the
+ConvNeXt-S logit MSE of TiTok's stage-2 / single-stage recipes (see :func:`convnext_loss` below).
 
 For images ``x``, ``y`` (NHWC, 3 channels) the distance is::
 
@@ -38,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from titok_jax.models.convnext import ConvNeXt, load_convnext_params  # noqa: F401 (re-exported)
 from titok_jax.models.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS, VGG16Features
+from titok_jax.nn.resize import resize_bilinear
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -196,3 +199,58 @@ def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *,
 def lpips_loss(params: Mapping[str, Any], x: jax.Array, y: jax.Array, **kwargs: Any) -> jax.Array:
     """Batch mean of :func:`lpips_distance` (a scalar)."""
     return jnp.mean(lpips_distance(params, x, y, **kwargs))
+
+
+# ----------------------------------------------------------------------------- ConvNeXt-S term
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONVNEXT_INPUT_SIZE = 224
+
+
+def _convnext_arch(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``depths``, ``dims``, ``num_classes`` read off a ConvNeXt params tree."""
+    depths, dims = [], []
+    while f"stage{len(depths)}_block0" in params:
+        s = len(depths)
+        depths.append(sum(1 for k in params if k.startswith(f"stage{s}_block")))
+        dims.append(int(np.shape(params[f"stage{s}_block0"]["gamma"])[0]))
+    if not depths or "head_fc" not in params:
+        raise ValueError("not a ConvNeXt params tree (load it with load_convnext_params)")
+    return {"depths": tuple(depths), "dims": tuple(dims),
+            "num_classes": int(np.shape(params["head_fc"]["bias"])[0])}
+
+
+def convnext_logits(params: Mapping[str, Any], x: jax.Array, *,
+                    input_range: tuple[float, float] = (0.0, 1.0), dtype: Any = None,
+                    precision: Any = None) -> jax.Array:
+    """Frozen ConvNeXt logits ``[B, num_classes]`` of images ``x`` ``[B, H, W, 3]``::
+
+        u = (x - lo) / (hi - lo)                                 # -> [0, 1]
+        u = bilinear resize to 224 x 224, antialias, align_corners=False   (torch F.interpolate)
+        logits = ConvNeXt((u - IMAGENET_MEAN) / IMAGENET_STD)
+
+    The architecture (depths, dims, classes) is read from ``params``; ``stop_gradient`` is applied
+    to them, so only the images receive gradient.
+    """
+    if "params" in params and len(params) == 1:
+        params = params["params"]
+    arch = _convnext_arch(params)
+    params = jax.tree.map(jax.lax.stop_gradient, params)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"convnext_logits expects [B, H, W, 3] images, got {x.shape}")
+    lo, hi = (float(v) for v in input_range)
+    u = (x.astype(jnp.float32) - lo) / (hi - lo)
+    u = resize_bilinear(u, (CONVNEXT_INPUT_SIZE, CONVNEXT_INPUT_SIZE), antialias=True)
+    u = (u - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+    model = ConvNeXt(**arch, dtype=dtype, precision=precision)
+    return model.apply({"params": params}, u).astype(jnp.float32)
+
+
+def convnext_loss(params: Mapping[str, Any], x: jax.Array, y: jax.Array, **kwargs: Any) -> jax.Array:
+    """TiTok's ConvNeXt-S perceptual term: ``mean((logits(x) - logits(y))**2)`` over the batch and
+    the 1000 classes (torch ``mse_loss`` with ``reduction="mean"``); one trunk pass for both."""
+    if x.shape != y.shape:
+        raise ValueError(f"convnext_loss inputs differ in shape: {x.shape} vs {y.shape}")
+    logits = convnext_logits(params, jnp.concatenate([x, y], axis=0), **kwargs)
+    b = x.shape[0]
+    return jnp.mean(jnp.square(logits[:b] - logits[b:]))

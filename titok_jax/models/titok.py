@@ -1,8 +1,8 @@
 """TiTok: a ViT encoder reads an image into ``N`` 1D latent tokens, a VQ (or a diagonal Gaussian)
 bottleneck, and a ViT decoder paints the image back from mask tokens (arXiv 2406.07550).
 
-This is the single-stage (pixel-head) model of the 10/2024 TiTok-BL/SL/LL weights; the two-stage
-logits head (MaskGIT-VQGAN proxy codes) is not built here. With ``g = image_size / patch_size``,
+This is the single-stage (pixel-head) model of the 10/2024 TiTok-BL/SL/LL weights; the decoder's
+two-stage logits head (``head="legacy"``) is used by ``titok_jax.models.titok_two_stage``. With ``g = image_size / patch_size``,
 ``W`` a width and ``C = token_size``:
 
 Encoder (width ``We``)::
@@ -25,6 +25,7 @@ Decoder (width ``Wd``)::
     t   = Linear_{C -> Wd}(z) + latent_pos[:N]
     h   = ln_post(blocks(ln_pre([m, t]))[:, 1:1 + g*g])       the mask-token slots
     img = conv3x3(unpatchify(Linear_{Wd -> p*p*3}(h), "hwc")) unbounded; the caller clamps to [0, 1]
+    legacy head: logits = ffn_2(tanh(ffn_0(h)))  [B, g, g, 1024]  (Wd -> 2Wd -> 1024 per cell)
 
 Blocks are open_clip ``ResidualAttentionBlock``s (pre-LN, eps 1e-5, exact GELU, MLP 4x, biases).
 Images are NHWC float in **[0, 1]**, fed as they are: the official single-stage models apply no
@@ -49,6 +50,7 @@ from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
 
 Dtype = Any
 QUANTIZERS = ("vq", "vae")
+HEADS = ("pixels", "legacy")   # decoder heads: RGB patches, or the two-stage proxy-code logits
 SAMPLE_RNG = "sample"          # rng stream of the VAE posterior sample (train only)
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -159,11 +161,17 @@ class TiTokDecoder(nn.Module):
     num_latent_tokens: int
     remat: bool = False
     init_scheme: str = "titok"
+    head: str = "pixels"
+    proxy_codebook_size: int = 1024
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
+        """``head="pixels"``: pixels ``[B, H, W, 3]``; ``head="legacy"``: proxy-code logits
+        ``[B, g, g, proxy_codebook_size]`` (both float32)."""
+        if self.head not in HEADS:
+            raise ValueError(f"decoder head must be one of {HEADS}, got {self.head!r}")
         p, w = self.patch_size, self.width
         g = self.image_size // p
         b, n = z.shape[:2]
@@ -188,6 +196,13 @@ class TiTokDecoder(nn.Module):
         x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype,
                     self.init_scheme)
         x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g])
+        if self.head == "legacy":
+            # Two-stage head: Conv1x1(W -> 2W), tanh, Conv1x1(2W -> K) per grid cell (row-major).
+            x = _dense(2 * w, ("embed", "mlp"), self.dtype, self.param_dtype, "ffn_0",
+                       self.init_scheme)(x)
+            x = _dense(self.proxy_codebook_size, ("mlp", None), self.dtype, self.param_dtype,
+                       "ffn_2", self.init_scheme)(jnp.tanh(x))
+            return x.reshape(b, g, g, self.proxy_codebook_size).astype(jnp.float32)
         # Conv1x1(W -> p*p*3) then Rearrange('b (p1 p2 c) h w -> b c (h p1) (w p2)'): "hwc".
         x = _dense(p * p * 3, ("embed", None), self.dtype, self.param_dtype, "ffn",
                    self.init_scheme)(x)
@@ -369,6 +384,15 @@ _TINY = dict(image_size=32, patch_size=8, encoder_width=64, encoder_depth=2, enc
              decoder_width=64, decoder_depth=2, decoder_heads=4, num_latent_tokens=32,
              is_legacy=False)
 
+def _two_stage(size: str, num_tokens: int) -> dict[str, Any]:
+    """Legacy two-stage TiTok (``models.titok_two_stage.TiTokTwoStage``) of the 06/2024 weights."""
+    w, d, h = SIZES[size]
+    return dict(image_size=256, patch_size=16, encoder_width=w, encoder_depth=d, encoder_heads=h,
+                decoder_width=w, decoder_depth=d, decoder_heads=h, num_latent_tokens=num_tokens,
+                token_size=12, codebook_size=4096, use_l2_norm=True, commitment_cost=0.25,
+                is_legacy=True, proxy_codebook_size=1024, finetune_decoder=True)
+
+
 # name -> TiTok kwargs. Published single-stage sizes (HF yucornetto/tokenizer_titok_*), plus tiny
 # CPU test models. Reference parameter counts: bl64_vq 390.02M, bl128_vq 390.18M, sl256_vq 330.26M,
 # ll32_vae 606.88M, bl64_vae 389.42M, bl128_vae 389.58M.
@@ -385,11 +409,39 @@ TITOK_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Two-stage variants: kwargs of TiTokTwoStage (model name "titok_two_stage"), not of TiTok.
+# Reference parameter counts (stage 2, incl. the 30.74M MaskGIT pixel decoder): l32 641.05M,
+# b64 204.81M, s128 83.67M. tiny_two_stage: 32x32 images, a 4x4 proxy grid of a 64-code teacher.
+TWO_STAGE_VARIANTS: dict[str, dict[str, Any]] = {
+    "l32": _two_stage("L", 32),
+    "b64": _two_stage("B", 64),
+    "s128": _two_stage("S", 128),
+    "tiny_two_stage": dict(_TINY, encoder_depth=1, decoder_depth=1, num_latent_tokens=8,
+                           token_size=8, codebook_size=64, use_l2_norm=True, is_legacy=True,
+                           proxy_codebook_size=64,
+                           finetune_decoder=True, pixel_hidden_channels=32,
+                           pixel_channel_mult=(1, 1, 2, 2), pixel_num_res_blocks=1,
+                           pixel_z_channels=32),
+}
+
+
+def titok_model_name(variant: str) -> str:
+    """The registry name of a variant's model: ``"titok_two_stage"`` or ``"titok"``."""
+    return "titok_two_stage" if variant in TWO_STAGE_VARIANTS else "titok"
+
+
 def titok_variant(name: str, **overrides: Any) -> dict[str, Any]:
-    """A copy of ``TITOK_VARIANTS[name]`` updated with ``overrides`` (``dtype=jnp.bfloat16``...)."""
-    if name not in TITOK_VARIANTS:
-        raise KeyError(f"unknown TiTok variant {name!r}; known: {sorted(TITOK_VARIANTS)}")
-    unknown = set(overrides) - set(TiTok.__dataclass_fields__)
+    """A copy of ``TITOK_VARIANTS[name]`` (or ``TWO_STAGE_VARIANTS[name]``) updated with
+    ``overrides`` (``dtype=jnp.bfloat16``...)."""
+    if name not in TITOK_VARIANTS and name not in TWO_STAGE_VARIANTS:
+        raise KeyError(f"unknown TiTok variant {name!r}; known: "
+                       f"{sorted(TITOK_VARIANTS) + sorted(TWO_STAGE_VARIANTS)}")
+    if name in TWO_STAGE_VARIANTS:
+        from titok_jax.models.titok_two_stage import TiTokTwoStage  # imports this module
+        fields = TiTokTwoStage.__dataclass_fields__
+    else:
+        fields = TiTok.__dataclass_fields__
+    unknown = set(overrides) - set(fields)
     if unknown:
         raise TypeError(f"unknown TiTok fields {sorted(unknown)}")
-    return {**TITOK_VARIANTS[name], **overrides}
+    return {**(TWO_STAGE_VARIANTS.get(name) or TITOK_VARIANTS[name]), **overrides}

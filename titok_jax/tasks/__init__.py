@@ -4,3 +4,5 @@ weights) and ``reconstruct`` (eval outputs). Registered by name; the trainer and
 up through ``get_task``."""
 from titok_jax.tasks.base import TASKS, get_task, register_task  # noqa: F401
 from titok_jax.tasks import tokenizer  # noqa: F401  (registers "tokenizer")
+from titok_jax.tasks import titok_stages  # noqa: F401,E402  (registers "titok_stage1", "titok_stage2")
+from titok_jax.tasks import generator  # noqa: F401,E402  (registers "maskgit")

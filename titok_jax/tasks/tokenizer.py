@@ -3,6 +3,7 @@ trained with
 
     loss = w_rec * recon(x_hat, x) + quantizer terms (commitment/codebook or KL)
            + w_lpips * LPIPS(x_hat, x)                         (config.losses.perceptual_weight > 0)
+           + w_cnx * MSE(ConvNeXtS(x_hat), ConvNeXtS(x))      (config.losses.convnext_weight > 0)
            + [step >= start] * w_gan * L_G(D(x_hat))         (config.losses.gan_weight > 0)
 
 and, when the GAN term is on, the discriminator's own loss (hinge + w_lecam * LeCam) in the same
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from titok_jax import losses as L
-from titok_jax.models.discriminator import NLayerDiscriminator
+from titok_jax.models.discriminator import build_discriminator
 from titok_jax.models.registry import build_model
 from titok_jax.tasks.base import register_task
 
@@ -36,12 +37,15 @@ class TokenizerTask:
         self.recon_weight = float(lc.get("reconstruction_weight", 1.0))
         self.lpips_weight = float(lc.get("perceptual_weight", 0.0))
         self.lpips_path = lc.get("perceptual_weights", "")
+        self.convnext_weight = float(lc.get("convnext_weight", 0.0))
+        self.convnext_path = lc.get("convnext_weights", "")
         self.gan_weight = float(lc.get("gan_weight", 0.0))
         self.gan_start = int(lc.get("gan_start_step", 0))
         self.gan_kind = lc.get("gan_loss", "hinge")
         self.lecam_weight = float(lc.get("lecam_weight", 0.0))
         self.lecam_decay = float(lc.get("lecam_decay", 0.999))
-        self.disc = NLayerDiscriminator(**dict(lc.get("discriminator", {}))) if self.gan_weight > 0 else None
+        # losses.discriminator.name: "patchgan" (default, NLayerDiscriminator) or "maskbit".
+        self.disc = build_discriminator(lc.get("discriminator", {})) if self.gan_weight > 0 else None
 
     # ------------------------------------------------------------------ setup
     def _dummy(self) -> jax.Array:
@@ -59,13 +63,20 @@ class TokenizerTask:
         return params, state
 
     def constants(self) -> dict:
+        out = {}
         if self.lpips_weight > 0:
             if not self.lpips_path:
                 raise ValueError("losses.perceptual_weight > 0 needs --config.losses.perceptual_weights="
                                  "FILE, made by `python -m titok_jax.convert.lpips` from VGG16 + LPIPS "
                                  "weights you have (nothing is downloaded); or set perceptual_weight=0")
-            return {"lpips": L.load_lpips_params(self.lpips_path)}
-        return {}
+            out["lpips"] = L.load_lpips_params(self.lpips_path)
+        if self.convnext_weight > 0:
+            if not self.convnext_path:
+                raise ValueError("losses.convnext_weight > 0 needs --config.losses.convnext_weights=FILE, "
+                                 "made by `python -m titok_jax.convert.convnext` from torchvision's "
+                                 "convnext_small weights (nothing is downloaded); or set convnext_weight=0")
+            out["convnext"] = L.load_convnext_params(self.convnext_path)
+        return out
 
     # ------------------------------------------------------------------ training
     def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
@@ -88,6 +99,9 @@ class TokenizerTask:
             if self.lpips_weight > 0:
                 metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images)
                 total = total + self.lpips_weight * metrics["perceptual"]
+            if self.convnext_weight > 0:
+                metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], rec, images)
+                total = total + self.convnext_weight * metrics["perceptual_convnext"]
             if gan_on:
                 def generator_term(r):
                     return L.generator_loss(self.disc.apply({"params": params["disc"]}, r), self.gan_kind)

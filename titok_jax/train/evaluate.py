@@ -1,5 +1,16 @@
 """Reconstruction evaluation on held-out data: PSNR, SSIM (scikit-image's default window), codebook
-usage / entropy / perplexity over the whole split, and an originals-vs-reconstructions grid."""
+usage / entropy / perplexity over the whole split, and an originals-vs-reconstructions grid.
+
+rFID and Inception Score (optional, ``config.eval``; configs without an ``eval`` section skip them):
+
+- ``eval.inception_weights``: file from ``python -m titok_jax.convert.inception`` ("" = no rFID / IS);
+- ``eval.fid_reference``: ``.npz`` with ``mu`` / ``sigma`` (``python -m titok_jax.evaluation.fid_reference``);
+  "" = the statistics of the same split's originals, computed in the same pass;
+- ``eval.fid_method``: ``sqrtm`` (pytorch-fid, default) or ``eigh`` (same value, faster on CPUs).
+
+Images (originals and clipped reconstructions) are rounded to the uint8 grid before the pytorch-fid
+InceptionV3; ``rfid`` is the Fréchet distance of the 2048-d pool features, ``inception_score`` the
+one-split IS of the reconstructions' unbiased 1008-way logits (as the TiTok evaluator)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +22,7 @@ import numpy as np
 
 from titok_jax import data as data_lib
 from titok_jax import evaluation as ev
+from titok_jax.models.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
 
 
 def make_eval_fn(task: Any) -> Callable:
@@ -35,6 +47,7 @@ def evaluate(task: Any, eval_fn: Callable, model_params: Any, model_state: Any, 
             config.data.eval_batch_size = -(-batch // shards) * shards
     it = data_lib.eval_iterator_from_config(config)
     psnr_sum = ssim_sum = count = 0.0
+    fid = InceptionEval.from_config(config, mesh)
     counter = ev.CodebookCounter(codebook_size) if codebook_size else None
     first = (None, None)
     for batch in it:
@@ -47,6 +60,8 @@ def evaluate(task: Any, eval_fn: Callable, model_params: Any, model_state: Any, 
         count += float(mask.sum())
         if counter is not None and indices is not None:
             counter.update(_gather(indices), mask=mask)
+        if fid is not None:
+            fid.update(images, rec, mask)
         if first[0] is None:
             keep = np.nonzero(mask)[0]
             first = (_gather(np.asarray(batch["image"]))[keep], _gather(rec)[keep])
@@ -58,7 +73,63 @@ def evaluate(task: Any, eval_fn: Callable, model_params: Any, model_state: Any, 
     if counter is not None and counter.num_updates:
         result = counter.result(prefix="codebook_")
         metrics.update({k: float(v) for k, v in result.items()})
+    if fid is not None:
+        metrics.update(fid.result())
     return metrics, first[0], first[1]
+
+
+_INCEPTION_CACHE: dict = {}
+
+
+class InceptionEval:
+    """Accumulates Inception features of originals and reconstructions over an evaluation.
+
+    ``rfid = frechet_distance(reference, reconstructions)`` where the reference is the ``.npz`` of
+    ``fid_reference`` or the originals' own statistics; ``inception_score`` over the reconstructions.
+    """
+
+    def __init__(self, params: Any, reference: tuple[np.ndarray, np.ndarray] | None,
+                 method: str = "sqrtm"):
+        self.params, self.reference, self.method = params, reference, method
+        self.features = inception_feature_fn()
+        self.fake = ev.FeatureStats(POOL_FEATURES)
+        self.real = ev.FeatureStats(POOL_FEATURES) if reference is None else None
+        self.logits: list[np.ndarray] = []
+
+    @classmethod
+    def from_config(cls, config: Any, mesh: Any) -> "InceptionEval | None":
+        """``None`` unless ``config.eval.inception_weights`` is set. The weights are read once per
+        (file, mesh) and replicated over the mesh."""
+        ecfg = config.get("eval", None) or {}
+        weights = str(ecfg.get("inception_weights", "") or "")
+        if not weights:
+            return None
+        method = str(ecfg.get("fid_method", "sqrtm") or "sqrtm")
+        if method not in ("sqrtm", "eigh"):
+            raise ValueError(f"eval.fid_method must be 'sqrtm' or 'eigh', got {method!r}")
+        ref_path = str(ecfg.get("fid_reference", "") or "")
+        reference = ev.load_reference_stats(ref_path, POOL_FEATURES) if ref_path else None
+        key = (os.path.abspath(weights), os.path.getmtime(weights) if os.path.exists(weights) else 0,
+               id(mesh))
+        if key not in _INCEPTION_CACHE:
+            from jax.sharding import NamedSharding, PartitionSpec
+            params = load_inception_params(weights)
+            _INCEPTION_CACHE.clear()
+            _INCEPTION_CACHE[key] = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        return cls(_INCEPTION_CACHE[key], reference, method)
+
+    def update(self, images: Any, reconstructions: Any, mask: np.ndarray) -> None:
+        out = self.features(self.params, reconstructions)
+        self.fake.update(_gather(out["pool"]), mask)
+        self.logits.append(_gather(out["logits_unbiased"])[mask])
+        if self.real is not None:
+            self.real.update(_gather(self.features(self.params, images)["pool"]), mask)
+
+    def result(self) -> dict[str, float]:
+        real = self.reference if self.real is None else self.real
+        rfid = ev.frechet_distance_stats(real, self.fake, method=self.method)
+        score, _ = ev.inception_score(np.concatenate(self.logits), splits=1)
+        return {"rfid": rfid, "inception_score": score}
 
 
 def _gather(x: Any) -> np.ndarray:

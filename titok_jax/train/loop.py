@@ -46,6 +46,7 @@ class Trainer:
                                          ck.get("keep_every_steps", 0), ck.get("async_save", True))
         self.writer = MetricWriter(self.workdir)
         self.eval_fn = make_eval_fn(self.task)
+        self._decode, self._constants = None, None  # generator eval: tokenizer decode, task constants
 
     # ------------------------------------------------------------------ state
     def abstract_with_shardings(self) -> Any:
@@ -71,6 +72,8 @@ class Trainer:
 
     def run_eval(self, state: Any, step: int) -> tuple[dict, str | None]:
         cfg = self.config
+        if hasattr(self.task, "sample"):  # a generator: token metrics and sampled images
+            return self._run_generator_eval(state, step)
         metrics, originals, recs = evaluate(self.task, self.eval_fn, self.eval_params(state),
                                             state.model_state, cfg, self.mesh, self.codebook_size(),
                                             int(cfg.data.get("eval_num_images", 0)))
@@ -82,6 +85,34 @@ class Trainer:
         self.writer.write("eval.jsonl", step, metrics, prefix="eval/")
         self.writer.flush()
         return metrics, grid_path
+
+
+    def _run_generator_eval(self, state: Any, step: int) -> tuple[dict, str | None]:
+        from titok_jax.train.evaluate_generator import evaluate_generator, tokenizer_workdir
+        if self._decode is None:
+            workdir = tokenizer_workdir(self.config)
+            if workdir:
+                from titok_jax.api import load_tokenizer
+                self._decode = load_tokenizer(workdir).decode
+            else:
+                self._decode = False
+        if self._constants is None:
+            self._constants = self.task.constants()
+        metrics, grid_path, grid = evaluate_generator(
+            self.task, self.eval_params(state), self.config, self._constants, self.workdir, step,
+            decode=self._decode or None)
+        if grid is not None:
+            self.writer.image("generated", grid, step)
+        self.writer.write("eval.jsonl", step, metrics, prefix="eval/")
+        self.writer.flush()
+        return metrics, grid_path
+
+
+def eval_summary(metrics: dict) -> str:
+    """The one status line of an evaluation (PSNR/SSIM for tokenizers, token accuracy for generators)."""
+    if "psnr" in metrics:
+        return f"psnr {metrics['psnr']:.2f} dB, ssim {metrics['ssim']:.4f}"
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def _check_finite(metrics: dict, step: int) -> None:
@@ -100,6 +131,8 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
     without changing the config; tests use it to interrupt and resume a run."""
     t = Trainer(config, workdir)
     cfg = config
+    host_constants = t.task.constants()  # frozen inputs (LPIPS, a teacher...): their errors come first
+    t._constants = host_constants
     data_iter = data_lib.train_iterator_from_config(cfg)
     state, how = t.initial_state(data_iter)  # raises before anything is written if it cannot resume
     if jax.process_index() == 0:
@@ -115,7 +148,8 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
         accumulation_steps=int(cfg.optimizer.get("accumulation_steps", 1)),
         lr_fn=lambda st: learning_rates(cfg, st, t.abstract.params))
     repl = sharding_lib.replicated(t.mesh)
-    constants = jax.device_put(t.task.constants(), repl)
+    constants = jax.device_put(host_constants, repl)
+    batch_keys = tuple(getattr(t.task, "batch_keys", ("image",)))
     jitted = jax.jit(step_fn, in_shardings=(t.shardings, sharding_lib.batch_sharding(t.mesh), repl),
                      out_shardings=(t.shardings, None), donate_argnums=(0,))
 
@@ -131,8 +165,8 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
         step = start
         while step < total:
             batch = next(data_iter)
-            images = data_lib.to_global_array({"image": batch["image"]}, t.mesh)
-            state, metrics = jitted(state, images, constants)
+            inputs = data_lib.to_global_array({k: batch[k] for k in batch_keys}, t.mesh)
+            state, metrics = jitted(state, inputs, constants)
             step += 1
             steps_since += 1
             at_log = step % log_every == 0 or step == total
@@ -151,8 +185,7 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
             bar.update(1)
             if eval_every and (step % eval_every == 0 or step == total):
                 last_eval, grid_path = t.run_eval(state, step)
-                _say(f"[titok_jax] step {step}: eval psnr {last_eval['psnr']:.2f} dB, "
-                          f"ssim {last_eval['ssim']:.4f}")
+                _say(f"[titok_jax] step {step}: eval {eval_summary(last_eval)}")
             if stop_at_step is not None and step >= stop_at_step and step < total:
                 stop["signal"] = "stop_at_step"
             if stop["signal"] is not None:

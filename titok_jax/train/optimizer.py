@@ -6,7 +6,8 @@ Config (``config.optimizer``; a group ``G`` other than ``model`` reads ``config.
 back to the model's values):
   lr, end_lr, warmup_steps, b1, b2, eps, weight_decay, grad_clip (0 = off),
   no_decay (regex on the '/'-joined parameter path; plus every parameter with ndim < 2),
-  frozen (regex; matching parameters get no update at all), ema_decay (0 = no EMA).
+  frozen (regex; matching parameters get no update at all; with frozen_from_step = N > 0 they train
+  for the first N updates and are frozen from then on), ema_decay (0 = no EMA).
 """
 from __future__ import annotations
 
@@ -69,6 +70,14 @@ def _group_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.Gradient
                              mask=lambda p: decay_mask(p, no_decay)))
     tx = optax.chain(*parts)
     frozen = cfg.get("frozen", "")
+    frozen_from = int(cfg.get("frozen_from_step", 0) or 0)
+    if frozen and frozen_from > 0:
+        # Trained like the rest for the first `frozen_from_step` updates, then no update at all.
+        pattern = re.compile(frozen)
+        mask = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, _: bool(pattern.search(path_str(path))), p)
+        off = optax.scale_by_schedule(lambda n: (n < frozen_from).astype(jnp.float32))
+        return optax.chain(tx, optax.masked(off, mask))
     if frozen:
         pattern = re.compile(frozen)
         labels = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731

@@ -1,0 +1,118 @@
+"""The MaskGIT generator end to end on CPU: a micro TiTok, its tokens of the sample photographs
+(pre-tokenized shards and on the fly), generator training with evaluation, and `titok-jax generate`."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import titok_jax
+from titok_jax import cli
+
+from train_helpers import ROOT
+
+TOK_MICRO = ["--config.data.image_size=32", "--config.model.image_size=32", "--config.model.encoder_width=32",
+             "--config.model.decoder_width=32", "--config.model.encoder_depth=1", "--config.model.decoder_depth=1",
+             "--config.model.num_latent_tokens=8", "--config.model.codebook_size=32", "--config.batch_size=8",
+             "--config.total_steps=2", "--config.log_every_steps=2", "--config.eval_every_steps=0",
+             "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=false",
+             "--config.data.eval_batch_size=4", "--progress=false"]
+GEN = os.path.join(ROOT, "configs", "maskgit.py") + ":tiny"
+GEN_MICRO = ["--config.model.codebook_size=32", "--config.model.num_tokens=8", "--config.model.width=32",
+             "--config.model.depth=2", "--config.model.num_heads=2", "--config.batch_size=8",
+             "--config.total_steps=4", "--config.log_every_steps=2", "--config.eval_every_steps=4",
+             "--config.checkpoint.every_steps=4", "--config.checkpoint.async_save=false",
+             "--config.data.eval_batch_size=8", "--config.samples.num_images=4",
+             "--config.generator.sampler.steps=4", "--progress=false"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tok"))
+    assert cli.main(["train", "--config", os.path.join(ROOT, "configs", "titok.py") + ":tiny",
+                     "--workdir", workdir, *TOK_MICRO]) == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def token_dir(tokenizer_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tokens") / "shards")
+    assert cli.main(["tokenize", "--workdir", tokenizer_dir, "--data", "sample", "--output", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def generator_dir(token_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("gen"))
+    assert cli.main(["train", "--config", GEN, "--workdir", workdir, *GEN_MICRO,
+                     f"--config.data.source=tokens:{token_dir}"]) == 0
+    return workdir
+
+
+def test_training_on_token_shards_logs_and_evaluates(generator_dir):
+    rows = [json.loads(l) for l in open(os.path.join(generator_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    assert all(0 < r["mask_ratio"] <= 1 for r in rows)
+    (ev,) = [json.loads(l) for l in open(os.path.join(generator_dir, "eval.jsonl"))]
+    assert ev["step"] == 4 and 0 <= ev["masked_accuracy"] <= 1 and np.isfinite(ev["loss"])
+    # The grid of sampled images is decoded by the tokenizer named in the shards' meta.json.
+    assert os.path.isfile(os.path.join(generator_dir, "samples", "generated_000000004.png"))
+
+
+def test_on_the_fly_tokens_equal_the_tokenizer_ids(tokenizer_dir, tmp_path):
+    from train_helpers import load_config_module
+    from titok_jax.tasks import get_task
+    cfg = load_config_module("maskgit").get_config("tiny")
+    cfg.data.source = "sample"
+    cfg.data.image_size = 32
+    cfg.tokenizer.workdir = tokenizer_dir
+    cfg.model.update(codebook_size=32, num_tokens=8, width=32, depth=1, num_heads=2)
+    task = get_task(cfg)
+    assert task.batch_keys == ("image", "label")
+    images = np.random.default_rng(0).uniform(size=(3, 32, 32, 3)).astype(np.float32)
+    ids = task._tokens({"image": jnp.asarray(images)}, task.constants())
+    np.testing.assert_array_equal(np.asarray(ids), titok_jax.load_tokenizer(tokenizer_dir).encode(images))
+    # And a short run trains on them.
+    workdir = str(tmp_path / "fly")
+    assert cli.main(["train", "--config", GEN, "--workdir", workdir, *GEN_MICRO, "--config.data.source=sample",
+                     "--config.data.image_size=32", f"--config.tokenizer.workdir={tokenizer_dir}",
+                     "--config.eval_every_steps=0", "--config.total_steps=2"]) == 0
+
+
+def test_on_the_fly_needs_a_tokenizer(tmp_path, capsys):
+    assert cli.main(["train", "--config", GEN, "--workdir", str(tmp_path / "x"), *GEN_MICRO,
+                     "--config.data.source=sample"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer.workdir" in err
+
+
+def test_generate_is_seeded_and_checks_its_inputs(generator_dir, tokenizer_dir, tmp_path, capsys):
+    def run(out, *extra):
+        return cli.main(["generate", "--workdir", generator_dir, "--tokenizer", tokenizer_dir,
+                         "--output", str(out), "--num", "3", *extra])
+    assert run(tmp_path / "a", "--seed", "1") == 0 and run(tmp_path / "b", "--seed", "1") == 0
+    assert run(tmp_path / "c", "--seed", "2", "--class-id", "4") == 0
+    a, b, c = (np.load(tmp_path / d / "tokens.npz") for d in "abc")
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    assert not np.array_equal(a["tokens"], c["tokens"]) and c["labels"].tolist() == [4, 4, 4]
+    assert a["tokens"].shape == (3, 8) and a["tokens"].min() >= 0 and a["tokens"].max() < 32
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == ["000000_class0.png", "000001_class1.png", "000002_class2.png", "grid.png", "tokens.npz"]
+    capsys.readouterr()
+    assert run(tmp_path / "d", "--class-id", "99") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "class id 99" in err
+    assert cli.main(["generate", "--workdir", tokenizer_dir, "--tokenizer", tokenizer_dir,
+                     "--output", str(tmp_path / "e")]) == 1
+    assert "not a generator" in capsys.readouterr().err
+
+
+def test_generator_api_matches_the_command(generator_dir, tmp_path):
+    gen = titok_jax.load_generator(generator_dir)
+    assert gen.num_tokens == 8 and gen.codebook_size == 32 and gen.step == 4
+    ids = gen.sample([0, 1, 2], seed=1, batch_size=32)
+    assert cli.main(["generate", "--workdir", generator_dir, "--tokenizer", generator_dir.replace("gen", "gen"),
+                     "--output", str(tmp_path / "x")]) in (1, 2)  # a generator dir is not a tokenizer
+    np.testing.assert_array_equal(ids, gen.sample([0, 1, 2], seed=1, batch_size=32))

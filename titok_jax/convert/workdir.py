@@ -1,0 +1,171 @@
+"""``titok-jax import-torch --input HF_DIR --output DIR``: an official PyTorch release -> a workdir.
+
+``HF_DIR`` holds either
+
+- an official TiTok release: ``config.json`` (the OmegaConf config ``TiTok._save_pretrained``
+  writes) and ``model.safetensors`` (read without torch) or ``pytorch_model.bin`` (needs the
+  ``torch`` extra); converted by ``convert.titok``; or
+- a MaskGIT-VQGAN state dict (``maskgit-vqgan-imagenet-f16-256.bin`` or a ``.safetensors`` of it)
+  and no ``config.json``: recognised by its keys (``encoder.conv_in.weight``,
+  ``decoder.conv_in.weight``, ``quantize.embedding.weight``), shapes read from the tensors,
+  ``image_size`` 256 unless given; converted by ``convert.vqgan``.
+
+``DIR`` becomes a workdir like one written by ``train`` (``config.json`` with task ``tokenizer``, a
+``model`` section and an inference-only optimizer: ``frozen: ".*"``, no EMA; an Orbax checkpoint
+at step 0 holding the full train state), so ``load_tokenizer`` and ``eval`` / ``reconstruct`` /
+``tokenize`` / ``detokenize`` read it. ``DIR`` must not exist or be empty: nothing is ever
+overwritten. Layering note: writing the train state uses ``titok_jax.train`` (imported lazily).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+
+from titok_jax.convert.common import read_state_dict
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+VQGAN_KEYS = ("encoder.conv_in.weight", "decoder.conv_in.weight", "quantize.embedding.weight")
+
+
+def _weights_file(input_dir: str, has_config: bool) -> str:
+    for name in WEIGHT_FILES:
+        path = os.path.join(input_dir, name)
+        if os.path.isfile(path):
+            return path
+    if not has_config:  # a bare state dict (MaskGIT-VQGAN): the only weights file in the folder
+        found = sorted(n for n in os.listdir(input_dir)
+                       if n.endswith((".safetensors", ".bin", ".pth", ".pt")))
+        if len(found) == 1:
+            return os.path.join(input_dir, found[0])
+        if len(found) > 1:
+            raise ValueError(f"{input_dir} holds several weight files ({', '.join(found)}) and no "
+                             "config.json; keep only the one to import")
+    raise FileNotFoundError(f"{input_dir} has no {' or '.join(WEIGHT_FILES)}"
+                            + ("" if has_config else " (nor any .safetensors/.bin/.pth state dict)"))
+
+
+def model_from_input(input_dir: str, image_size: int | None = None
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """``(model section, params, weights path)`` converted from ``input_dir``."""
+    from titok_jax.convert import titok as titok_conv
+    from titok_jax.convert import vqgan as vqgan_conv
+
+    if not os.path.isdir(input_dir):
+        raise FileNotFoundError(f"input {input_dir} does not exist or is not a directory")
+    cfg_path = os.path.join(input_dir, "config.json")
+    has_config = os.path.isfile(cfg_path)
+    weights = _weights_file(input_dir, has_config)
+    sd = read_state_dict(weights)
+    if has_config:
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                hf_config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        if image_size is not None:
+            raise ValueError("--image_size is only for a MaskGIT-VQGAN state dict without "
+                             "config.json; the TiTok config.json sets crop_size")
+        model = titok_conv.titok_model_from_hf_config(hf_config, sd, source=cfg_path)
+        params = titok_conv.titok_params_from_state_dict(sd, model, source=weights)
+        return model, params, weights
+    if not all(k in sd for k in VQGAN_KEYS):
+        hint = " (it looks like TiTok weights: config.json is missing)" if "latent_tokens" in sd else ""
+        raise ValueError(f"{input_dir} has no config.json and {os.path.basename(weights)} is not a "
+                         f"MaskGIT-VQGAN state dict (no {VQGAN_KEYS[0]!r}){hint}")
+    kw = vqgan_conv.infer_vqgan_kwargs(sd, source=weights)
+    kw["image_size"] = int(image_size or 256)
+    params = vqgan_conv.vqgan_params_from_state_dict(sd, kw, source=weights)
+    model = {"name": "maskgit_vqgan", **kw, "channel_mult": list(kw["channel_mult"])}
+    return model, params, weights
+
+
+def workdir_config(model: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The run config of an imported workdir (inference-only: everything frozen, no EMA)."""
+    size = int(model["image_size"])
+    return {
+        "family": "imported", "variant": model["name"], "source": source,
+        "task": {"name": "tokenizer"}, "seed": 0, "model": dict(model), "compute_dtype": "float32",
+        "data": {"source": "sample", "image_size": size, "data_dir": "", "worker_count": 0,
+                 "eval_batch_size": 8, "eval_num_images": 0},
+        "total_steps": 0, "batch_size": 8,
+        "optimizer": {"lr": 0.0, "end_lr": 0.0, "warmup_steps": 0, "b1": 0.9, "b2": 0.999,
+                      "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 0.0, "accumulation_steps": 1,
+                      "ema_decay": 0.0, "no_decay": "", "frozen": ".*"},
+        "optimizers": {},
+        "losses": {"reconstruction": "l2", "reconstruction_weight": 1.0, "perceptual_weight": 0.0,
+                   "perceptual_weights": "", "gan_weight": 0.0, "gan_start_step": 0,
+                   "gan_loss": "hinge", "lecam_weight": 0.0, "lecam_decay": 0.999,
+                   "discriminator": {}},
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1}, "logical_axis_rules": [],
+        "checkpoint": {"every_steps": 1, "keep": 1, "keep_every_steps": 0, "async_save": False},
+        "log_every_steps": 1, "eval_every_steps": 0, "samples": {"num_images": 8},
+    }
+
+
+def write_workdir(output_dir: str, config: Mapping[str, Any], params: Any,
+                  model_state: Any = None) -> str:
+    """Write ``config.json`` and a step-0 checkpoint of the full train state (``params`` as
+    ``params["model"]``) into ``output_dir``, which must not exist or be empty. Returns the
+    checkpoint path."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from titok_jax.checkpoint import Checkpointer, write_json
+    from titok_jax.train.optimizer import make_optimizer
+    from titok_jax.train.state import TrainState
+
+    output_dir = os.path.abspath(output_dir)
+    _check_output(output_dir)
+    cfg = ml_collections.ConfigDict(dict(config))
+    groups = {"model": jax.tree.map(jnp.asarray, params)}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=groups,
+                       opt_state=make_optimizer(cfg, groups).init(groups), ema_params=None,
+                       model_state={"model": model_state or {}},
+                       rng=jax.random.key_data(jax.random.key(int(cfg.seed))))
+    created = not os.path.exists(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    try:
+        ck = Checkpointer(output_dir, every_steps=1, keep=1, async_save=False)
+        ck.save(0, state, config=cfg.to_dict(), force=True)
+        ck.close()
+        write_json(os.path.join(output_dir, "config.json"), cfg.to_dict())
+    except BaseException:
+        # Only what this call wrote is removed: the directory was new or empty.
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        else:
+            for name in os.listdir(output_dir):
+                p = os.path.join(output_dir, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+        raise
+    return os.path.join(output_dir, "checkpoints", f"{0:09d}")
+
+
+def _check_output(output_dir: str) -> None:
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"output {output_dir} already exists and is not an empty directory; "
+                              "import-torch never overwrites: choose a new --output")
+
+
+def _zero_state(model: Mapping[str, Any]) -> Any:
+    import jax
+    from titok_jax.convert.titok import abstract_params
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(model)[1])
+
+
+def import_torch(input_dir: str, output_dir: str, image_size: int | None = None) -> dict[str, Any]:
+    """Convert ``input_dir`` and write the workdir ``output_dir``; returns a summary
+    ``{"model", "num_params", "weights", "checkpoint"}``."""
+    input_dir, output_dir = os.fspath(input_dir), os.path.abspath(os.fspath(output_dir))
+    _check_output(output_dir)          # before any slow work
+    model, params, weights = model_from_input(input_dir, image_size)
+    config = workdir_config(model, source=os.path.abspath(input_dir))
+    path = write_workdir(output_dir, config, params, _zero_state(model))
+    import jax
+    n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+    return {"model": model["name"], "num_params": n, "weights": weights, "checkpoint": path}

@@ -1,0 +1,367 @@
+"""MaskGIT-VQGAN (Chang et al. 2022; the CNN tokenizer TiTok distils from and decodes with), NHWC.
+
+A VQGAN without attention: images ``[B, H, W, 3]`` in **[0, 1]** (no mean/std normalisation) ->
+``[B, H/f, W/f, z]`` latents (``f = 2**(len(channel_mult) - 1)``, 16 for the published model) ->
+nearest-neighbour VQ (squared L2 on the raw ``z``-dim codes, no l2-normalisation) -> decoder ->
+unclamped float32 pixels. With ``c_i = hidden_channels * channel_mult[i]`` and ``L`` levels::
+
+    Encoder:  conv_in 3x3 (no bias) 3 -> c_0
+              down_i (i = 0..L-1): block_j = ResnetBlock(-> c_i), j < num_res_blocks;
+                                    then avg-pool 2x2 / 2 unless i == L-1
+              mid_j: ResnetBlock(c_{L-1}); norm_out -> SiLU -> conv_out 1x1 (bias) -> z
+    Decoder:  conv_in 3x3 (bias) z -> c_{L-1}; mid_j: ResnetBlock(c_{L-1})
+              up_i for i = L-1 .. 0 (reversed): block_j = ResnetBlock(-> c_i);
+                                    then nearest x2 + upsample_conv 3x3 (bias) unless i == 0
+              norm_out -> SiLU -> conv_out 3x3 (bias) -> 3
+    ResnetBlock(x -> c):  h = conv1(SiLU(norm1(x)));  h = conv2(SiLU(norm2(h)))   (3x3, no bias)
+                          return h + (nin_shortcut(h) if C_in != c else x)      (1x1, no bias)
+
+The shortcut quirk is deliberate: the released weights (converted from the JAX MaskGIT code) apply
+``nin_shortcut`` to the *processed* features ``h``, not to the block input. Every GroupNorm has 32
+groups and eps 1e-6 (so every ``c_i`` must be a multiple of 32). Every convolution uses TF-style
+SAME padding (:func:`same_padding`: ``total = max((ceil(i/s) - 1) s + (k - 1) d + 1 - i, 0)``, the
+smaller half before), as PyTorch's ``Conv2dSame`` of the official port does.
+
+Quantizer: ``titok_jax.quantizers.VectorQuantizer`` named ``quantize`` (param ``codebook [K, z]``,
+``U(+-1/K)`` init as the official one), tokens flattened row-major (``n = y * w + x``). Losses:
+``commitment = beta * mean((sg(q) - z)^2)`` and ``codebook = codebook_weight * mean((q - sg(z))^2)``
+(the JAX MaskGIT convention; the PyTorch port of the official repo swaps the two weights, which
+``commitment_cost=1, codebook_weight=beta`` reproduces). Only inference weights exist officially.
+
+Param names follow the PyTorch ``state_dict`` (``encoder.down.2.block.0.nin_shortcut.weight`` ->
+``encoder/down_2/block_0/nin_shortcut/kernel``; see ``titok_jax.convert.vqgan``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from titok_jax.models.titok import uniform_codebook_init
+from titok_jax.nn import boxed
+from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# PyTorch's default Conv2d weight init, U(+-1/sqrt(fan_in)); biases start at zero.
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+GROUPS = 32
+
+
+# ----------------------------------------------------------------------------- SAME conv
+def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
+    """TF/``Conv2dSame`` padding of one spatial axis: ``(lo, hi)`` with
+    ``total = max((ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)``,
+    ``lo = total // 2`` and ``hi = total - lo`` (the extra pixel goes after)."""
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d_same(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+                stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1,
+                feature_group_count: int = 1, precision: Any = None) -> jax.Array:
+    """``x [B, H, W, C_in]`` * ``kernel [kh, kw, C_in / groups, C_out]`` (+ ``bias [C_out]``) with
+    TF-style SAME padding (:func:`same_padding` per axis, asymmetric for even kernels / strides).
+    Output ``[B, ceil(H / s), ceil(W / s), C_out]``; cross-correlation as in PyTorch / lax."""
+    s = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    pads = [same_padding(x.shape[1 + a], kernel.shape[a], s[a], d[a]) for a in range(2)]
+    y = lax.conv_general_dilated(x, kernel.astype(x.dtype), window_strides=s, padding=pads,
+                                 rhs_dilation=d, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 feature_group_count=feature_group_count, precision=precision)
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+class Conv2dSame(nn.Module):
+    """``Conv2dSame`` of the official code: a conv with TF-style SAME padding (see
+    :func:`conv2d_same`). Params ``kernel [k, k, C_in, C_out]`` (logical ``(None, None, conv_in,
+    conv_out)``) and ``bias [C_out]``."""
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    use_bias: bool = True
+    kernel_init: Initializer = torch_conv_init
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", boxed(self.kernel_init, (None, None, "conv_in", "conv_out")),
+                            (k, k, x.shape[-1], self.features), self.param_dtype)
+        bias = (self.param("bias", boxed(zeros, ("conv_out",)), (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        dtype = self.dtype or x.dtype
+        return conv2d_same(x.astype(dtype), kernel.astype(dtype),
+                           None if bias is None else bias.astype(dtype), self.stride,
+                           precision=self.precision)
+
+
+def group_norm(name: str, dtype: Dtype, param_dtype: Dtype, epsilon: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm(32 groups) with ``("norm",)`` params; exact (two-pass) variance as PyTorch."""
+    return nn.GroupNorm(num_groups=GROUPS, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                        use_fast_variance=False, scale_init=boxed(ones, ("norm",)),
+                        bias_init=boxed(zeros, ("norm",)), name=name)
+
+
+def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
+    """Nearest-neighbour upsampling of ``[B, H, W, C]`` by ``factor`` (``F.interpolate``)."""
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """``F.avg_pool2d(kernel 2, stride 2)`` (odd trailing rows / columns are dropped)."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+# ----------------------------------------------------------------------------- blocks
+class ResnetBlock(nn.Module):
+    """MaskGIT's ResnetBlock ``[B, H, W, C_in] -> [B, H, W, out_channels]`` (module docstring)."""
+
+    out_channels: int
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    def _conv(self, k: int, name: str) -> Conv2dSame:
+        return Conv2dSame(self.out_channels, k, use_bias=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        norm = lambda n: group_norm(n, self.dtype, self.param_dtype)  # noqa: E731
+        h = self._conv(3, "conv1")(nn.silu(norm("norm1")(x)))
+        h = self._conv(3, "conv2")(nn.silu(norm("norm2")(h)))
+        residual = x
+        if x.shape[-1] != self.out_channels:
+            residual = self._conv(1, "nin_shortcut")(h)   # the quirk: on h, not on x
+        return h + residual
+
+
+class DownBlock(nn.Module):
+    """``num_res_blocks`` ResnetBlocks ``block_{j}`` to ``out_channels``, then avg-pool 2x2."""
+
+    out_channels: int
+    num_res_blocks: int
+    downsample: bool
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_res_blocks):
+            x = ResnetBlock(self.out_channels, self.dtype, self.param_dtype, name=f"block_{j}")(x)
+        return avg_pool_2x2(x) if self.downsample else x
+
+
+class UpBlock(nn.Module):
+    """``num_res_blocks`` ResnetBlocks ``block_{j}``, then nearest x2 + ``upsample_conv``."""
+
+    out_channels: int
+    num_res_blocks: int
+    upsample: bool
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_res_blocks):
+            x = ResnetBlock(self.out_channels, self.dtype, self.param_dtype, name=f"block_{j}")(x)
+        if self.upsample:
+            x = Conv2dSame(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="upsample_conv")(upsample_nearest(x))
+        return x
+
+
+def check_channels(hidden_channels: int, channel_mult: Sequence[int], what: str = "MaskGIT-VQGAN"
+                   ) -> None:
+    """Every level width ``hidden_channels * m`` must be a positive multiple of 32 (GroupNorm)."""
+    if not channel_mult:
+        raise ValueError(f"{what}: channel_mult must not be empty")
+    for m in channel_mult:
+        c = hidden_channels * int(m)
+        if c <= 0 or c % GROUPS:
+            raise ValueError(f"{what}: hidden_channels * channel_mult = {hidden_channels} * {m} = {c} "
+                             f"is not a positive multiple of {GROUPS} (GroupNorm({GROUPS}))")
+
+
+class MaskGITEncoder(nn.Module):
+    """Images ``[B, H, W, 3]`` in [0, 1] -> latents ``[B, H/f, W/f, z_channels]`` float32."""
+
+    hidden_channels: int = 128
+    channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        mult = tuple(int(m) for m in self.channel_mult)
+        check_channels(self.hidden_channels, mult)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Conv2dSame(self.hidden_channels, 3, use_bias=False, name="conv_in", **kw)(
+            images.astype(self.dtype))
+        for i, m in enumerate(mult):
+            x = DownBlock(self.hidden_channels * m, self.num_res_blocks, i != len(mult) - 1,
+                          name=f"down_{i}", **kw)(x)
+        for j in range(self.num_res_blocks):
+            x = ResnetBlock(self.hidden_channels * mult[-1], name=f"mid_{j}", **kw)(x)
+        x = nn.silu(group_norm("norm_out", self.dtype, self.param_dtype)(x))
+        x = Conv2dSame(self.z_channels, 1, name="conv_out", **kw)(x)
+        return x.astype(jnp.float32)
+
+
+class MaskGITDecoder(nn.Module):
+    """Latents ``[B, h, w, z_channels]`` -> pixels ``[B, h f, w f, 3]`` float32, unclamped."""
+
+    hidden_channels: int = 128
+    channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        mult = tuple(int(m) for m in self.channel_mult)
+        check_channels(self.hidden_channels, mult)
+        if z.ndim != 4 or z.shape[-1] != self.z_channels:
+            raise ValueError(f"MaskGITDecoder expects latents [B, h, w, {self.z_channels}], "
+                             f"got shape {z.shape}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_in = self.hidden_channels * mult[-1]
+        x = Conv2dSame(block_in, 3, name="conv_in", **kw)(z.astype(self.dtype))
+        for j in range(self.num_res_blocks):
+            x = ResnetBlock(block_in, name=f"mid_{j}", **kw)(x)
+        for i in reversed(range(len(mult))):
+            x = UpBlock(self.hidden_channels * mult[i], self.num_res_blocks, i != 0,
+                        name=f"up_{i}", **kw)(x)
+        x = nn.silu(group_norm("norm_out", self.dtype, self.param_dtype)(x))
+        x = Conv2dSame(3, 3, name="conv_out", **kw)(x)
+        return x.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+class MaskGITVQGAN(nn.Module):
+    """MaskGIT-VQGAN tokenizer with TiTok's interface (``quantizer == "vq"``).
+
+    ``encode(images, train)`` -> ``(codes [B, N, z] f32, QuantizerOutput)`` with ``N = (S/f)**2``
+    tokens row-major and ``out.indices`` int32 ``[B, N]``; ``decode(codes [B, N, z])`` and
+    ``decode_tokens(indices [B, N] | [B, 1, N] | [B, h, w])`` -> pixels ``[B, S, S, 3]`` f32
+    (unclamped); ``__call__(images, train)`` -> ``(reconstruction, QuantizerOutput)``. Training
+    with the EMA codebook: ``mutable=["quantizer_stats"]`` (and ``rngs={"quantizer": key}`` for
+    dead-code restarts).
+
+    Attributes (defaults = the published f16 model, ``maskgit-vqgan-imagenet-f16-256.bin``):
+      image_size: square input side S (a multiple of f).
+      hidden_channels, channel_mult, num_res_blocks, z_channels: the CNNs (module docstring).
+      codebook_size: K; commitment_cost: beta; codebook_weight: weight of the codebook loss.
+      ema_codebook, ema_decay, kmeans_init, dead_code_threshold: EMA codebook training
+        (``quantizers.vq``; all off = gradient-learned codebook as the official model).
+      dtype: compute dtype of the CNNs (the quantizer stays float32); param_dtype: float32.
+    """
+
+    image_size: int = 256
+    hidden_channels: int = 128
+    channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    codebook_size: int = 1024
+    commitment_cost: float = 0.25
+    codebook_weight: float = 1.0
+    ema_codebook: bool = False
+    ema_decay: float = 0.99
+    kmeans_init: bool = False
+    dead_code_threshold: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    quantizer = "vq"   # class constant (not a field): the API's tokenizer kind
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    @property
+    def num_latent_tokens(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def token_size(self) -> int:
+        return self.z_channels
+
+    def setup(self) -> None:
+        check_channels(self.hidden_channels, self.channel_mult)
+        if self.image_size % self.downsample_factor:
+            raise ValueError(f"MaskGIT-VQGAN: image_size {self.image_size} is not a multiple of the "
+                             f"downsampling factor {self.downsample_factor}")
+        cnn = dict(hidden_channels=self.hidden_channels, channel_mult=tuple(self.channel_mult),
+                   num_res_blocks=self.num_res_blocks, z_channels=self.z_channels,
+                   dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = MaskGITEncoder(**cnn)
+        self.quantize = VectorQuantizer(
+            self.codebook_size, self.z_channels, commitment_weight=self.commitment_cost,
+            codebook_weight=self.codebook_weight, codebook_init=uniform_codebook_init,
+            use_ema=self.ema_codebook, ema_decay=self.ema_decay, kmeans_init=self.kmeans_init,
+            dead_code_threshold=self.dead_code_threshold, dtype=jnp.float32,
+            param_dtype=self.param_dtype)
+        self.decoder = MaskGITDecoder(**cnn)
+
+    def _check_images(self, images: jax.Array) -> None:
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(f"MaskGIT-VQGAN expects images [B, {s}, {s}, 3] in [0, 1], "
+                             f"got {images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"MaskGIT-VQGAN expects float images in [0, 1], got {images.dtype}")
+
+    def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
+        """``images [B, S, S, 3]`` in [0, 1] -> ``(codes [B, N, z] f32, QuantizerOutput)``."""
+        self._check_images(images)
+        z = self.encoder(images)
+        b, h, w, c = z.shape
+        return self.quantize(z.reshape(b, h * w, c), train=train)
+
+    def decode(self, codes: jax.Array) -> jax.Array:
+        """Codes ``[B, N, z]`` (``N`` a square, row-major) -> pixels ``[B, S, S, 3]`` f32."""
+        if codes.ndim != 3 or codes.shape[-1] != self.z_channels:
+            raise ValueError(f"decode expects codes [B, N, {self.z_channels}], got {codes.shape}")
+        g = math.isqrt(codes.shape[1])
+        if g * g != codes.shape[1]:
+            raise ValueError(f"decode expects a square number of tokens, got {codes.shape[1]}")
+        return self.decoder(codes.reshape(codes.shape[0], g, g, self.z_channels))
+
+    def decode_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Int indices ``[B, N]`` (or ``[B, 1, N]`` / ``[B, h, w]``) -> codebook -> ``decode``."""
+        if tokens.ndim == 3:
+            tokens = tokens.reshape(tokens.shape[0], -1)
+        if tokens.ndim != 2:
+            raise ValueError(f"decode_tokens expects indices [B, N], got shape {tokens.shape}")
+        return self.decode(self.quantize.indices_to_codes(tokens, dtype=jnp.float32))
+
+    def __call__(self, images: jax.Array, train: bool = False
+                 ) -> tuple[jax.Array, QuantizerOutput]:
+        """``images`` -> ``(reconstruction [B, S, S, 3] f32, QuantizerOutput)``."""
+        codes, out = self.encode(images, train=train)
+        return self.decode(codes), out
+
+
+# Published shape (HF ``fun-research/TiTok: maskgit-vqgan-imagenet-f16-256.bin``).
+MASKGIT_F16_256: dict[str, Any] = dict(image_size=256, hidden_channels=128,
+                                       channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                                       z_channels=256, codebook_size=1024, commitment_cost=0.25)

@@ -1,0 +1,311 @@
+"""Two-stage TiTok training (reference/titok.md 3.1, 3.2): tasks ``titok_stage1`` / ``titok_stage2``.
+
+Stage 1 (``titok_stage1``; model ``titok_two_stage`` with ``finetune_decoder=False``): a frozen
+MaskGIT-VQGAN teacher turns each image into ``g x g`` proxy codes ``c`` (its own tokens); TiTok's
+decoder predicts logits ``l [B, g, g, K]`` over them::
+
+    loss = mean_{b, cell} CE(l, c) + quantizer_weight * (commitment + codebook)
+
+Evaluation reconstructs through ``argmax`` proxy codes and the teacher's decoder.
+
+Stage 2 (``titok_stage2``; ``finetune_decoder=True``): initialised from a stage-1 workdir
+(``config.init_from``: its EMA params when it kept them) plus the teacher's codebook and decoder as
+``pixel_quantize`` / ``pixel_decoder``; the encoder, quantizer and latent tokens are frozen (the
+model stops their gradients; ``optimizer.frozen`` keeps weight decay off them too). The loss on
+pixels through the soft code mixture is the tokenizer task's (L2, perceptual, GAN + LeCam), reused
+by subclassing it.
+
+The teacher (``config.teacher``): ``weights`` is a workdir written by ``titok-jax import-torch``
+from ``maskgit-vqgan-imagenet-f16-256.bin``, or that official state dict itself (``.bin`` needs
+torch, ``.safetensors`` not); ``model`` its ``maskgit_vqgan`` kwargs (a workdir's own model section
+wins). ``weights=""`` is an error unless ``allow_random`` (the CPU ``tiny`` recipes): then the
+teacher is randomly initialised from ``teacher.seed``, said loudly on stderr. Stage 2 uses the
+stage-1 run's teacher section unless its own ``teacher.weights`` is set.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from titok_jax.convert.common import check_tree_matches
+from titok_jax.models.registry import build_model
+from titok_jax.tasks.base import register_task
+from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS, QUANTIZER_RNG, SAMPLE_RNG, TokenizerTask
+
+
+# ----------------------------------------------------------------------------- teacher
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr)
+
+
+def random_params(model: Any, image_size: int, seed: int) -> dict:
+    """Seeded random params for ``model`` drawn on the host from its abstract tree (no compile):
+    kernels ``N(0, 1/fan_in)``, norm scales 1, biases 0, codebooks ``N(0, 1)``."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.ones(a.shape, np.float32)
+        if name == "bias":
+            return np.zeros(a.shape, np.float32)
+        std = 1.0 if name == "codebook" else 1.0 / np.sqrt(max(1, int(np.prod(a.shape[:-1]))))
+        return (std * rng.standard_normal(a.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def load_teacher(teacher_config: Mapping[str, Any], image_size: int) -> tuple[Any, dict]:
+    """``(MaskGITVQGAN module, params)`` of ``teacher_config`` (see the module docstring)."""
+    tc = dict(teacher_config)
+    weights = str(tc.get("weights", "") or "")
+    model_cfg = dict(tc.get("model", {}) or {"name": "maskgit_vqgan"})
+    if not weights:
+        if not tc.get("allow_random", False):
+            raise ValueError("teacher.weights is empty: set --config.teacher.weights to a workdir made "
+                             "by `titok-jax import-torch` from maskgit-vqgan-imagenet-f16-256.bin (or "
+                             "to that file)")
+        model = build_model({**model_cfg, "image_size": image_size})
+        seed = int(tc.get("seed", 0))
+        _say(f"[titok_jax] WARNING: teacher.weights is empty: the MaskGIT-VQGAN teacher is RANDOMLY "
+             f"INITIALISED (seed {seed}); its proxy codes are meaningless outside tests")
+        return model, random_params(model, image_size, seed)
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"teacher.weights {weights} does not exist (make it with `titok-jax "
+                                "import-torch --input DIR_WITH_THE_MASKGIT_BIN --output DIR`)")
+    if os.path.isdir(weights):
+        params, _, cfg = restore_workdir(weights)
+        section = dict(cfg.get("model", {}))
+        if section.get("name") != "maskgit_vqgan":
+            raise ValueError(f"teacher.weights {weights} holds a {section.get('name')!r} model, not "
+                             "maskgit_vqgan")
+        return build_model({**section, "image_size": image_size}), params
+    from titok_jax.convert.common import read_state_dict
+    from titok_jax.convert.vqgan import infer_vqgan_kwargs, vqgan_params_from_state_dict
+    sd = read_state_dict(weights)
+    kw = {**infer_vqgan_kwargs(sd, source=weights), "image_size": image_size}
+    params = vqgan_params_from_state_dict(sd, kw, source=weights)
+    return build_model({"name": "maskgit_vqgan", **kw}), params
+
+
+def _check_teacher(teacher: Any, model: Any) -> None:
+    g = model.image_size // model.patch_size
+    if teacher.codebook_size != model.proxy_codebook_size:
+        raise ValueError(f"the teacher has {teacher.codebook_size} codes but the TiTok head predicts "
+                         f"{model.proxy_codebook_size} (model.proxy_codebook_size)")
+    if teacher.grid_size != g:
+        raise ValueError(f"the teacher's code grid is {teacher.grid_size}x{teacher.grid_size} but "
+                         f"TiTok's decoder grid is {g}x{g} (image_size / patch_size)")
+
+
+# ----------------------------------------------------------------------------- stage 1
+@register_task("titok_stage1")
+class TiTokStage1Task:
+    """Proxy-code training of a ``titok_two_stage`` model (``finetune_decoder=False``)."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.model = build_model(config.model, dtype=config.get("compute_dtype", "float32"))
+        if getattr(self.model, "finetune_decoder", True):
+            raise ValueError("titok_stage1 trains model titok_two_stage with finetune_decoder=False")
+        self.image_size = int(config.data.image_size)
+        self.quantizer_weight = float(config.losses.get("quantizer_weight", 1.0))
+        self._teacher: tuple[Any, Any] | None = None
+        # The weights are read (and checked) on first use: ``constants()``, before the first step.
+        # A random teacher is built from teacher.model, which can be checked now.
+        if not config.teacher.get("weights"):
+            _check_teacher(build_model({**dict(config.teacher.model),
+                                        "image_size": self.image_size}), self.model)
+
+    def teacher(self) -> tuple[Any, Any]:
+        """The frozen teacher ``(module, params)``, loaded once."""
+        if self._teacher is None:
+            model, params = load_teacher(self.config.teacher, self.image_size)
+            _check_teacher(model, self.model)
+            self._teacher = (model, params)
+        return self._teacher
+
+    def init(self, key: jax.Array) -> tuple[dict, dict]:
+        x = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        variables = self.model.init({"params": key, SAMPLE_RNG: key, QUANTIZER_RNG: key}, x, train=False)
+        return ({"model": variables["params"]},
+                {"model": {k: v for k, v in variables.items() if k != "params"}})
+
+    def constants(self) -> dict:
+        return {"teacher": self.teacher()[1]}
+
+    def proxy_codes(self, teacher_params: Any, images: jax.Array) -> jax.Array:
+        """The teacher's codes ``[B, g*g]`` of ``images`` (no gradient)."""
+        teacher = self.teacher()[0]
+        _, out = teacher.apply({"params": teacher_params}, images, train=False, method="encode")
+        return jax.lax.stop_gradient(out.indices)
+
+    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+              constants: dict) -> tuple[dict, dict, dict]:
+        images = batch["image"].astype(jnp.float32)
+        codes = self.proxy_codes(constants["teacher"], images)
+        k_sample, k_quant = jax.random.split(key)
+
+        def loss_fn(model_params):
+            variables = {"params": model_params, **state["model"]}
+            (logits, qout), new_vars = self.model.apply(
+                variables, images, train=True, rngs={SAMPLE_RNG: k_sample, QUANTIZER_RNG: k_quant},
+                mutable=list(MODEL_COLLECTIONS))
+            logits = logits.reshape(logits.shape[0], -1, logits.shape[-1]).astype(jnp.float32)
+            ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, codes))
+            metrics = {"proxy_ce": ce,
+                       "proxy_accuracy": jnp.mean((jnp.argmax(logits, -1) == codes).astype(jnp.float32))}
+            total = ce
+            for name, value in qout.losses.items():
+                metrics[f"quantizer/{name}"] = value
+                total = total + self.quantizer_weight * value
+            for name, value in qout.metrics.items():
+                metrics[f"quantizer/{name}"] = value
+            metrics["loss"] = total
+            return total, (dict(new_vars), metrics)
+
+        g, (new_vars, metrics) = jax.grad(loss_fn, has_aux=True)(params["model"])
+        return {"model": g}, dict(state, model={**state["model"], **new_vars}), metrics
+
+    def reconstruct(self, model_params: Any, state: dict, images: jax.Array) -> tuple[jax.Array, Any]:
+        """argmax proxy codes -> the teacher's decoder (its params are closed over)."""
+        teacher, teacher_params = self.teacher()
+        variables = {"params": model_params, **state["model"]}
+        logits, out = self.model.apply(variables, images.astype(jnp.float32), train=False)
+        codes = jnp.argmax(logits.reshape(logits.shape[0], -1, logits.shape[-1]), -1)
+        rec = teacher.apply({"params": teacher_params}, codes, method="decode_tokens")
+        return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0), out.indices
+
+
+# ----------------------------------------------------------------------------- stage 2
+SHARED_KEYS = ("image_size", "patch_size", "encoder_width", "encoder_depth", "encoder_heads",
+               "decoder_width", "decoder_depth", "decoder_heads", "num_latent_tokens", "token_size",
+               "codebook_size", "use_l2_norm", "is_legacy", "proxy_codebook_size")
+
+
+def _host_overwrite(boxed: Any, fetch: Any) -> Any:
+    """Replace every leaf of a (logically boxed) tree by ``fetch(path)`` (host numpy, already in
+    memory), read through ``jax.pure_callback`` when the traced init runs, so the values are never
+    embedded as program constants (a published model has GBs of them)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def leaf(path, b):
+        like = b.unbox() if is_box(b) else b
+        key = tuple(str(getattr(k, "key", k)) for k in path)
+        shape = jax.ShapeDtypeStruct(like.shape, like.dtype)
+        value = jax.pure_callback(lambda: np.asarray(fetch(key), like.dtype), shape)
+        return b.replace_boxed(value) if is_box(b) else value
+
+    return jax.tree_util.tree_map_with_path(leaf, boxed, is_leaf=is_box)
+
+
+def restore_workdir(workdir: str, task: str | None = None, ema: bool | None = None
+                    ) -> tuple[dict, dict, dict]:
+    """``(params, model_state, config dict)`` of a workdir's latest checkpoint as host numpy: the
+    EMA params when the run kept them (``ema=None``; ``ema=False``: the raw params);
+    ``task`` checks the run's task name."""
+    import ml_collections
+
+    from titok_jax.checkpoint import CheckpointError, restore_params
+    from titok_jax.convert.titok import abstract_params
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a titok_jax workdir (no config.json)")
+    with open(path, encoding="utf-8") as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    name = cfg.get("task", {}).get("name")
+    if task is not None and name != task:
+        raise ValueError(f"{workdir} is a {name!r} run, not {task}")
+    p_abs, s_abs = abstract_params(dict(cfg.model))
+    use_ema = float(cfg.optimizer.get("ema_decay", 0.0) or 0.0) > 0 and ema is not False
+    abstract: dict = {"model_state": {"model": s_abs}}
+    abstract.update({"ema_params": p_abs} if use_ema else {"params": {"model": p_abs}})
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract)
+    try:
+        restored, _ = restore_params(workdir, abstract)
+    except CheckpointError as e:
+        raise ValueError(f"{workdir}: {e}") from None
+    params = restored["ema_params"] if use_ema else restored["params"]["model"]
+    to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+    return to_np(params), to_np(restored["model_state"]["model"]), cfg.to_dict()
+
+
+@register_task("titok_stage2")
+class TiTokStage2Task(TokenizerTask):
+    """Decoder fine-tuning of a ``titok_two_stage`` model (``finetune_decoder=True``)."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        if not getattr(self.model, "finetune_decoder", False) or not hasattr(self.model, "pixel_z_channels"):
+            raise ValueError("titok_stage2 trains model titok_two_stage with finetune_decoder=True")
+        self.init_from = str(config.get("init_from", "") or "")
+        if not self.init_from:
+            raise ValueError("titok_stage2 needs --config.init_from=STAGE1_WORKDIR (a titok_stage1 run)")
+        path = os.path.join(self.init_from, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"init_from {self.init_from} is not a titok_jax workdir (no "
+                                    "config.json); the stage-1 workdir must stay available")
+        with open(path, encoding="utf-8") as f:
+            self.stage1_config = json.load(f)
+        if self.stage1_config.get("task", {}).get("name") != "titok_stage1":
+            raise ValueError(f"init_from {self.init_from} is a "
+                             f"{self.stage1_config.get('task', {}).get('name')!r} run, not titok_stage1")
+        m1, m2 = self.stage1_config.get("model", {}), dict(config.model)
+        for key in SHARED_KEYS:
+            if key in m1 and key in m2 and m1[key] != m2[key]:
+                raise ValueError(f"init_from {self.init_from}: stage 1 has model.{key}={m1[key]!r}, "
+                                 f"this config {m2[key]!r}")
+        self._loaded: tuple[dict, dict] | None = None
+        # Read now, outside any trace: the init reads these host arrays through callbacks.
+        params, state = self.loaded()
+        fresh_params, fresh_state = nn.unbox(jax.eval_shape(super().init, jax.random.key(0)))
+        source = f"init_from {self.init_from} + teacher"
+        check_tree_matches(params, fresh_params["model"], source=source)
+        check_tree_matches(state, fresh_state["model"], source=f"{source} (model state)")
+
+    def loaded(self) -> tuple[dict, dict]:
+        """``(model params, model state)`` to start from: stage 1 + the teacher's decoder (host
+        numpy, read once)."""
+        if self._loaded is None:
+            params, state, _ = restore_workdir(self.init_from, task="titok_stage1")
+            teacher_cfg = self.config.get("teacher", {})
+            if not (teacher_cfg and teacher_cfg.get("weights")):
+                teacher_cfg = self.stage1_config.get("teacher", {})
+            teacher, tparams = load_teacher(teacher_cfg, self.image_size)
+            _check_teacher(teacher, self.model)
+            if (teacher.z_channels, tuple(teacher.channel_mult)) != (
+                    self.model.pixel_z_channels, tuple(self.model.pixel_channel_mult)):
+                raise ValueError("the teacher's decoder does not match model.pixel_* "
+                                 f"(z {teacher.z_channels}, channel_mult {tuple(teacher.channel_mult)})")
+            params = {**params, "pixel_quantize": {"codebook": tparams["quantize"]["codebook"]},
+                      "pixel_decoder": tparams["decoder"]}
+            self._loaded = (params, state)
+        return self._loaded
+
+    def _fetch(self, which: int):
+        def get(path: tuple[str, ...]) -> np.ndarray:
+            node = self.loaded()[which]
+            for k in path:
+                node = node[k]
+            return node
+        return get
+
+    def init(self, key: jax.Array) -> tuple[dict, dict]:
+        """A fresh init whose model params (and model state) come from stage 1 + the teacher."""
+        params, state = super().init(key)
+        params["model"] = _host_overwrite(params["model"], self._fetch(0))
+        state["model"] = _host_overwrite(state["model"], self._fetch(1))
+        return params, state
