@@ -104,6 +104,27 @@ def test_workdir_layout_and_eval_command(imported, capsys):
     assert metrics["step"] == 0 and np.isfinite(metrics["psnr"])
 
 
+def test_eval_of_an_imported_tokenizer_on_folder_data(imported, tmp_path, capsys):
+    from PIL import Image
+    from titok_jax.api import load_image
+    from titok_jax.evaluation import psnr
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(40, 48), (32, 32), (64, 40)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", imported["vq"], "--data", f"folder:{folder}"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["num_images"] == 3
+    # The PSNR is that of the tokenizer's reconstructions of exactly these three images.
+    tok = titok_jax.load_tokenizer(imported["vq"])
+    images = np.stack([load_image(str(folder / f"{i}.png"), tok.image_size) for i in range(3)])
+    x = images.astype(np.float32) / 255.0
+    want = float(np.mean(np.asarray(psnr(tok.reconstruct(images), x, max_db=100.0))))
+    assert abs(metrics["psnr"] - want) < 1e-3, (metrics["psnr"], want)
+
+
 # ----------------------------------------------------------------------------- errors
 def copy_case(tmp_path, case="vq", edit=None, config_edit=None):
     """A copy of a release folder, its state dict edited by ``edit(dict) -> dict``."""

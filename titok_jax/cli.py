@@ -10,7 +10,8 @@ import sys
 # name -> one-line description; the order is the order of the usage text.
 COMMANDS = {
     "train": "train a tokenizer or generator: --config configs/<family>.py:<variant> --workdir DIR",
-    "eval": "evaluate the latest checkpoint of a workdir: --workdir DIR [--split NAME]",
+    "eval": "evaluate the latest checkpoint of a workdir: --workdir DIR [--split NAME] "
+            "[--data SOURCE] [--inception_weights FILE]",
     "reconstruct": "encode + decode images: --workdir DIR --input IMG_OR_DIR --output PATH",
     "tokenize": "images to token ids: --workdir DIR --input IMG_OR_DIR --output tokens.npz "
                 "(or --data SOURCE --output DIR: token shards for generator training)",

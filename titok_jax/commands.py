@@ -143,6 +143,15 @@ def evaluate(argv: Sequence[str]) -> int:
     def define(fv):
         flags.DEFINE_string("workdir", None, "a workdir written by train", flag_values=fv)
         flags.DEFINE_string("split", None, "held-out split name (default: the config's)", flag_values=fv)
+        flags.DEFINE_string("data", None, "evaluate on this data source instead of the run's "
+                            "(sample, folder:PATH, tfds:NAME)", flag_values=fv)
+        flags.DEFINE_string("data_dir", None, "TFDS data dir for --data", flag_values=fv)
+        flags.DEFINE_integer("num_images", None, "evaluate at most this many images (default: all)",
+                             flag_values=fv)
+        flags.DEFINE_string("inception_weights", None, "InceptionV3 params file (python -m "
+                            "titok_jax.convert.inception): adds rfid and inception_score", flag_values=fv)
+        flags.DEFINE_string("fid_reference", None, "reference statistics .npz for rfid (default: the "
+                            "evaluated images themselves)", flag_values=fv)
 
     fv = _parse("titok-jax eval", argv, define)
     if not fv.workdir:
@@ -150,6 +159,22 @@ def evaluate(argv: Sequence[str]) -> int:
     config = _load_run_config(fv.workdir)
     if fv.split:
         config.data.eval_split = fv.split
+    if fv.data:
+        config.data.source = fv.data
+    if fv.data_dir:
+        config.data.data_dir = fv.data_dir
+    if fv.num_images is not None:
+        if fv.num_images < 1:
+            raise UsageError(f"--num_images must be >= 1, got {fv.num_images}")
+        config.data.eval_num_images = fv.num_images
+    if fv.inception_weights or fv.fid_reference:
+        import ml_collections
+        if "eval" not in config:
+            config.eval = ml_collections.ConfigDict()
+        if fv.inception_weights:
+            config.eval.inception_weights = fv.inception_weights
+        if fv.fid_reference:
+            config.eval.fid_reference = fv.fid_reference
     _maybe_init_distributed()
     from titok_jax.train.loop import Trainer
     t = Trainer(config, fv.workdir)

@@ -1,0 +1,213 @@
+"""The ``flextok`` task: FlexTok's encoder + rectified-flow decoder on the latents of a frozen KL-VAE.
+
+Per batch (``FlexTok.flow_loss``; nested dropout and CFG register dropout are model settings)::
+
+    loss = mean (v(x_t, t | registers) - (eps - z))^2                  t ~ config.flow.time_sampler
+           + repa.weight * (-mean cos(projector(h_layer), teacher(img)))      (repa.weight > 0)
+
+The VAE (``params["model"]["vae"]``) is frozen: its latents are ``stop_gradient``-ed and
+``optimizer.frozen`` must match ``model/vae/`` (checked here), so it gets no update and no weight
+decay. ``config.vae.weights`` is either a workdir of a ``tokenizer`` run of model ``kl_vae``
+(``configs/flextok.py:vae_*``; its EMA params when it kept them) or a ``.safetensors`` / ``.npz``
+file of the VAE's params keyed by the ``/``-joined param path (``encoder/conv_in/kernel``); empty is
+an error unless ``vae.allow_random`` (tiny CPU runs; said loudly on stderr).
+
+REPA teacher (``config.repa.teacher``): ``model`` = kwargs of ``models.flextok_blocks.ViTFeatures``
+(DINOv2-L/14 at 224 px by default) and ``weights`` = a ``.safetensors`` / ``.npz`` of its params;
+empty is an error unless ``allow_random`` (tests and tiny runs). Its patch features are resized to
+the decoder's patch grid (``losses.repa.match_grid``).
+
+``reconstruct`` encodes, then decodes all ``R`` tokens with the sampler of ``config.sampler``
+(``steps``, ``guidance``, ``seed``): a fixed key, so evaluation is deterministic.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from titok_jax.losses.repa import match_grid, repa_loss
+from titok_jax.models.flextok_blocks import ViTFeatures
+from titok_jax.models.frozen import check_flat_params, load_frozen_params, unflatten
+from titok_jax.models.registry import build_model
+from titok_jax.tasks.base import register_task
+from titok_jax.tasks.titok_stages import random_params, restore_workdir
+from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS
+
+VAE_HINT = "titok-jax train --config configs/flextok.py:vae_c16 (or a converted diffusers VAE)"
+TEACHER_HINT = "a converter of your DINOv2 checkpoint to the ViTFeatures param names"
+VAE_PROBE = "model/vae/encoder/conv_in/kernel"   # a path optimizer.frozen must match
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr)
+
+
+def overwrite_from_host(boxed: Any, host: dict) -> Any:
+    """Every leaf of a (logically boxed) traced tree replaced by the host numpy array at the same
+    path in ``host``, read through ``jax.pure_callback`` (never embedded as a program constant)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def leaf(path, b):
+        like = b.unbox() if is_box(b) else b
+        node = host
+        for k in path:
+            node = node[str(getattr(k, "key", k))]
+        value = jax.pure_callback(lambda node=node: np.asarray(node, like.dtype),
+                                  jax.ShapeDtypeStruct(like.shape, like.dtype))
+        return b.replace_boxed(value) if is_box(b) else value
+
+    return jax.tree_util.tree_map_with_path(leaf, boxed, is_leaf=is_box)
+
+
+def load_vae_params(vae_config: Any, abstract: Any) -> dict | None:
+    """Host numpy params of the frozen VAE (checked against ``abstract``), or None for a random one."""
+    weights = str(vae_config.get("weights", "") or "")
+    if not weights:
+        if not vae_config.get("allow_random", False):
+            raise ValueError("vae.weights is empty: set --config.vae.weights to a kl_vae workdir "
+                             f"(train one: {VAE_HINT}) or to a .safetensors/.npz of its params")
+        _say("[titok_jax] WARNING: vae.weights is empty: FlexTok's frozen VAE is RANDOMLY "
+             "INITIALISED; its latents (and the tokens learnt on them) are meaningless outside tests")
+        return None
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"vae.weights {weights} does not exist")
+    if os.path.isdir(weights):
+        params, _, cfg = restore_workdir(weights)
+        name = dict(cfg.get("model", {})).get("name")
+        if name != "kl_vae":
+            raise ValueError(f"vae.weights {weights} holds a {name!r} model, not kl_vae")
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+                for path, v in jax.tree_util.tree_leaves_with_path(params)}
+        check_flat_params(flat, abstract, source=f"vae.weights {weights}")
+        return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    params = load_frozen_params(weights, abstract, "KL-VAE", VAE_HINT)
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+
+
+def load_repa_teacher(teacher_config: Any) -> tuple[ViTFeatures, Any]:
+    """``(ViTFeatures module, params)`` of ``config.repa.teacher`` (random only when allowed)."""
+    tc = dict(teacher_config)
+    kwargs = dict(tc.get("model", {}) or {})
+    for key in ("mean", "std"):
+        if key in kwargs:
+            kwargs[key] = tuple(float(v) for v in kwargs[key])
+    try:
+        teacher = ViTFeatures(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"repa.teacher.model: {e}") from None
+    weights = str(tc.get("weights", "") or "")
+    if not weights:
+        if not tc.get("allow_random", False):
+            raise ValueError("repa.teacher.weights is empty: set it to a .safetensors/.npz of the "
+                             "teacher ViT's params, or set repa.weight=0")
+        seed = int(tc.get("seed", 0))
+        _say(f"[titok_jax] WARNING: repa.teacher.weights is empty: the REPA teacher is RANDOMLY "
+             f"INITIALISED (seed {seed}); the alignment target is meaningless outside tests")
+        return teacher, random_params(teacher, teacher.image_size, seed)
+    x = jax.ShapeDtypeStruct((1, teacher.image_size, teacher.image_size, 3), jnp.float32)
+    abstract = nn.unbox(jax.eval_shape(teacher.init, jax.random.key(0), x)["params"])
+    return teacher, load_frozen_params(weights, abstract, "REPA teacher", TEACHER_HINT)
+
+
+@register_task("flextok")
+class FlexTokTask:
+    def __init__(self, config: Any):
+        self.config = config
+        self.model = build_model(config.model, dtype=config.get("compute_dtype", "float32"))
+        if not getattr(self.model, "variable_length", False) or not hasattr(self.model, "flow_loss"):
+            raise ValueError("the flextok task trains model 'flextok'")
+        self.image_size = int(config.data.image_size)
+        if self.image_size != self.model.image_size:
+            raise ValueError(f"data.image_size {self.image_size} != model.image_size "
+                             f"{self.model.image_size}")
+        frozen = str(config.optimizer.get("frozen", "") or "")
+        if not (frozen and re.search(frozen, VAE_PROBE)):
+            raise ValueError(f"optimizer.frozen ({frozen!r}) must match the VAE's params "
+                             f"('{VAE_PROBE}'), e.g. '^model/vae/': FlexTok's VAE is frozen")
+        flow = dict(config.get("flow", {}) or {})
+        self.time_sampler = flow.get("time_sampler", "logit_normal")
+        self.time_params = dict(flow.get("time_params", {}) or {})
+        repa = dict(config.get("repa", {}) or {})
+        self.repa_weight = float(repa.get("weight", 0.0))
+        sampler = dict(config.get("sampler", {}) or {})
+        self.steps = int(sampler.get("steps", self.model.default_steps))
+        self.guidance = float(sampler.get("guidance", self.model.default_guidance))
+        self.eval_seed = int(sampler.get("seed", 0))
+        # Errors about missing files come now, before any training work.
+        vae_abstract = self._abstract()[0]["vae"]
+        self._vae = load_vae_params(config.get("vae", {}), vae_abstract)
+        self._teacher = None
+        if self.repa_weight > 0:
+            if not self.model.repa_dim:
+                raise ValueError("repa.weight > 0 needs model.repa_dim > 0 (the teacher's width)")
+            self._teacher = load_repa_teacher(repa.get("teacher", {}))
+            if self._teacher[0].width != self.model.repa_dim:
+                raise ValueError(f"the REPA teacher's width {self._teacher[0].width} != "
+                                 f"model.repa_dim {self.model.repa_dim}")
+
+    def _dummy(self) -> jax.Array:
+        return jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+
+    def _init_variables(self, key: jax.Array) -> Any:
+        return self.model.init({"params": key}, self._dummy(), train=False)
+
+    def _abstract(self) -> tuple[Any, Any]:
+        v = nn.unbox(jax.eval_shape(self._init_variables, jax.random.key(0)))
+        return v["params"], {k: x for k, x in v.items() if k != "params"}
+
+    # ------------------------------------------------------------------ setup
+    def init(self, key: jax.Array) -> tuple[dict, dict]:
+        variables = self._init_variables(key)
+        params = dict(variables["params"])
+        if self._vae is not None:
+            params["vae"] = overwrite_from_host(params["vae"], self._vae)
+        return ({"model": params}, {"model": {k: v for k, v in variables.items() if k != "params"}})
+
+    def constants(self) -> dict:
+        return {"teacher": self._teacher[1]} if self._teacher is not None else {}
+
+    # ------------------------------------------------------------------ training
+    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+              constants: dict) -> tuple[dict, dict, dict]:
+        images = batch["image"].astype(jnp.float32)
+        target = None
+        if self._teacher is not None:
+            target = jax.lax.stop_gradient(self._teacher[0].apply({"params": constants["teacher"]},
+                                                                  images))
+
+        def loss_fn(model_params):
+            (flow, aux), new_vars = self.model.apply(
+                {"params": model_params, **state["model"]}, images, key, method="flow_loss",
+                time_sampler=self.time_sampler, time_params=self.time_params,
+                mutable=list(MODEL_COLLECTIONS))
+            metrics = {"flow": flow, "keep_k_mean": jnp.mean(aux["keep_k"].astype(jnp.float32)),
+                       "cfg_null_fraction": 1.0 - jnp.mean(aux["cond"].astype(jnp.float32))}
+            total = flow
+            if target is not None:
+                feats = aux["repa"]
+                metrics["repa"] = repa_loss(feats, match_grid(target, feats.shape[1]))
+                total = total + self.repa_weight * metrics["repa"]
+            for name, value in aux["quantizer"].metrics.items():
+                metrics[f"quantizer/{name}"] = value
+            metrics["loss"] = total
+            return total, (dict(new_vars), metrics)
+
+        g, (new_vars, metrics) = jax.grad(loss_fn, has_aux=True)(params["model"])
+        return {"model": g}, dict(state, model={**state["model"], **new_vars}), metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def reconstruct(self, model_params: Any, state: dict, images: jax.Array) -> tuple[jax.Array, Any]:
+        variables = {"params": model_params, **state["model"]}
+        _, out = self.model.apply(variables, images.astype(jnp.float32), method="encode")
+        rec = self.model.apply(variables, out.indices, key=jax.random.key(self.eval_seed),
+                               steps=self.steps, guidance_scale=self.guidance,
+                               method="decode_tokens")
+        return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0), out.indices
