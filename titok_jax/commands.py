@@ -400,7 +400,8 @@ def generate(argv: Sequence[str]) -> int:
     from absl import flags
 
     def define(fv):
-        flags.DEFINE_string("workdir", None, "GEN_DIR: a generator workdir (train configs/maskgit.py)", flag_values=fv)
+        flags.DEFINE_string("workdir", None, "GEN_DIR: a generator workdir (configs/maskgit.py or "
+                            "configs/ar.py)", flag_values=fv)
         flags.DEFINE_string("tokenizer", None, "TOK_DIR: the tokenizer workdir whose tokens it learned", flag_values=fv)
         flags.DEFINE_string("output", None, "OUT_DIR: where the PNGs go", flag_values=fv)
         flags.DEFINE_integer("class_id", None, "class to sample (default: cycle through the classes; "
@@ -410,7 +411,10 @@ def generate(argv: Sequence[str]) -> int:
         flags.DEFINE_integer("batch_size", 32, "images per sampling call", flag_values=fv)
         flags.DEFINE_integer("steps", None, "decoding steps (default: the config's sampler)", flag_values=fv)
         flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale", flag_values=fv)
-        flags.DEFINE_float("temperature", None, "randomize_temperature of the sampler", flag_values=fv)
+        flags.DEFINE_float("temperature", None, "sampling temperature (MaskGIT: randomize_temperature; "
+                          "AR: softmax temperature, 0 = greedy)", flag_values=fv)
+        flags.DEFINE_integer("max_len", None, "AR only: generate this many leading tokens (a prefix, "
+                             "for ordered tokenizers such as FlexTok)", flag_values=fv)
 
     argv = [a.replace("--class-id", "--class_id", 1) if a.startswith("--class-id") else a for a in argv]
     fv = _parse("titok-jax generate", argv, define)
@@ -436,7 +440,8 @@ def generate(argv: Sequence[str]) -> int:
     else:
         labels = np.full(fv.num, fv.class_id)
     overrides = {k: v for k, v in (("steps", fv.steps), ("guidance_scale", fv.guidance_scale),
-                                   ("randomize_temperature", fv.temperature)) if v is not None}
+                                   ("randomize_temperature", fv.temperature), ("max_len", fv.max_len))
+                 if v is not None}
     ids = gen.sample(labels, seed=fv.seed, batch_size=fv.batch_size, **overrides)
     images = tok.decode(ids)
     os.makedirs(fv.output, exist_ok=True)

@@ -37,9 +37,9 @@ class Generator:
 
     def sample(self, labels: Sequence[int] | None = None, num: int | None = None, seed: int = 0,
                batch_size: int = 64, **sampler: Any) -> np.ndarray:
-        """Token ids ``[B, num_tokens]``: one row per label (``num`` null labels when ``labels`` is
-        None). Drawn in chunks of ``batch_size`` with seeds ``seed + chunk``, so a run is
-        reproducible for a given ``(seed, batch_size)``."""
+        """Token ids ``[B, num_tokens]`` (``[B, max_len]`` for an AR prefix): one row per label
+        (``num`` null labels when ``labels`` is None). Drawn in chunks of ``batch_size`` with seeds
+        ``seed + chunk``, so a run is reproducible for a given ``(seed, batch_size)``."""
         if labels is None:
             labels = [self.num_classes] * int(num or 1)
         labels = np.asarray(list(labels), np.int64)

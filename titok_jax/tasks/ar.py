@@ -1,0 +1,146 @@
+"""The autoregressive (GPT-style) generator task: next-token prediction on tokenizer ids.
+
+Per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
+
+    labels = null class with prob. p_drop          (and wherever the label is unknown, -1)
+    logits = model(tokens, labels)                 teacher forcing: logits[:, p] ~ t_p | t_<p, label
+    loss   = mean_{b, p} CE(logits[b, p], t_p)     (optional label smoothing, default 0)
+
+The data paths and the evaluation hooks are the MaskGIT task's (``tasks/generator.py``, subclassed):
+pre-tokenized shards (``data.source = "tokens:DIR"``) or ids computed on the fly by the frozen
+tokenizer of ``config.tokenizer.workdir``. Evaluation reports the next-token loss and accuracy on the
+first eval batch (deterministic: no dropout, no mask) and samples a grid with the KV-cached sampler.
+Because the model is causal, the same training serves any prefix length: FlexTok's ordered tokens
+are sampled at ``max_len = k`` by stopping after ``k`` positions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from titok_jax.generators import masking
+from titok_jax.generators.ar import ARTransformer, generate_tokens
+from titok_jax.models.registry import DTYPES
+from titok_jax.tasks.base import register_task
+from titok_jax.tasks.generator import DROPOUT_RNG, MaskGITTask, uses_token_shards
+
+# generator.sampler keys (``Generator.sample`` / ``titok-jax generate`` overrides);
+# ``randomize_temperature`` is accepted as a name of ``temperature`` (the CLI's --temperature).
+SAMPLER_KEYS = ("temperature", "top_k", "top_p", "guidance_scale", "max_len",
+                "randomize_temperature")
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array, label_smoothing: float = 0.0
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean (label-smoothed) cross-entropy of ``logits [B, n, K]`` against ``tokens [B, n]`` and
+    the argmax accuracy ``next_token_accuracy``."""
+    if logits.ndim != 3 or logits.shape[:2] != tokens.shape:
+        raise ValueError(f"next_token_loss needs logits [B, n, K] and tokens [B, n]; got "
+                         f"{logits.shape}, {tokens.shape}")
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    per_token = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+    loss = jnp.mean(per_token)
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32))
+    return loss, {"loss": loss, "nll": jnp.mean(nll), "next_token_accuracy": accuracy}
+
+
+@register_task("ar")
+class ARTask(MaskGITTask):
+    """Task ``"ar"`` (module docstring). ``sample(model_params, labels, seed, **sampler)`` drives
+    ``titok_jax.generation``."""
+
+    batch_keys = ("tokens", "label")
+    sampler_keys = SAMPLER_KEYS
+
+    def __init__(self, config: Any):  # noqa: D107  (MaskGITTask.__init__ builds a MaskGIT model)
+        self.config = config
+        kwargs = dict(config.model)
+        kwargs.pop("name", None)
+        dtype = config.get("compute_dtype", "float32")
+        if dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        try:
+            self.model = ARTransformer(**kwargs, dtype=DTYPES[dtype])
+        except TypeError as e:
+            raise ValueError(f"model: {e}") from None
+        g = config.generator
+        self.label_smoothing = float(g.get("label_smoothing", 0.0))
+        self.class_dropout = float(g.get("class_dropout", 0.1))
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"generator.label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        self.sampler = self._sampler_kwargs(dict(g.get("sampler", {})))
+        self.on_the_fly = not uses_token_shards(config)
+        self.batch_keys = ("image", "label") if self.on_the_fly else ("tokens", "label")
+        self._tokenizer = None
+        self.tokenizer_workdir = str(config.get("tokenizer", {}).get("workdir", "") or "")
+        if self.on_the_fly and not self.tokenizer_workdir:
+            raise ValueError(f"data.source={config.data.source!r} is images, so the generator needs "
+                             "--config.tokenizer.workdir=DIR (a tokenizer workdir), or pre-tokenized data: "
+                             "--config.data.source=tokens:DIR from `titok-jax tokenize --data`")
+
+    def _sampler_kwargs(self, settings: dict) -> dict:
+        """Validated sampler settings (``randomize_temperature`` renamed ``temperature``)."""
+        unknown = set(settings) - set(SAMPLER_KEYS)
+        if unknown:
+            raise ValueError(f"unknown AR sampler settings {sorted(unknown)}; known: {sorted(SAMPLER_KEYS)}")
+        out = dict(settings)
+        if "randomize_temperature" in out:
+            out["temperature"] = out.pop("randomize_temperature")
+        if float(out.get("temperature", 1.0)) < 0:
+            raise ValueError(f"temperature must be >= 0, got {out['temperature']}")
+        top_k = out.get("top_k", 0)
+        if int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+        out["top_k"] = int(top_k)
+        max_len = int(out.get("max_len", 0) or 0)
+        if not 0 <= max_len <= self.model.num_tokens:
+            raise ValueError(f"max_len must be in [1, {self.model.num_tokens}] (0 = all), got {max_len}")
+        out["max_len"] = max_len or None
+        if "guidance_scale" in out:
+            out["guidance_scale"] = float(out["guidance_scale"])
+        return out
+
+    # ------------------------------------------------------------------ setup
+    def init(self, key: jax.Array) -> tuple[dict, dict]:
+        n = self.model.num_tokens
+        variables = self.model.init({"params": key}, jnp.zeros((1, n), jnp.int32),
+                                    jnp.zeros((1,), jnp.int32), train=False)
+        return {"model": variables["params"]}, {"model": {}}
+
+    # ------------------------------------------------------------------ training
+    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+              constants: dict) -> tuple[dict, dict, dict]:
+        tokens = self._tokens(batch, constants)
+        k_drop, k_dropout = jax.random.split(key)
+        labels = masking.drop_classes(k_drop, batch["label"], self.class_dropout, self.model.num_classes)
+
+        def loss_fn(model_params):
+            logits = self.model.apply({"params": model_params}, tokens, labels, train=True,
+                                      rngs={DROPOUT_RNG: k_dropout})
+            loss, metrics = next_token_loss(logits, tokens, self.label_smoothing)
+            return loss, metrics
+
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params["model"])
+        return {"model": grads}, state, metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def masked_metrics(self, model_params: Any, tokens: jax.Array, labels: jax.Array,
+                       seed: int = 0) -> dict:
+        """Next-token loss and accuracy of the eval batch (the hook ``evaluate_generator`` calls;
+        nothing is masked for an AR model, ``seed`` is unused)."""
+        del seed
+        labels = jnp.where(jnp.asarray(labels) < 0, self.model.num_classes, labels)
+        logits = self.model.apply({"params": model_params}, jnp.asarray(tokens, jnp.int32),
+                                  jnp.asarray(labels, jnp.int32), train=False)
+        _, metrics = next_token_loss(logits, jnp.asarray(tokens, jnp.int32), self.label_smoothing)
+        return metrics
+
+    def sample(self, model_params: Any, labels: np.ndarray, seed: int, **overrides: Any) -> np.ndarray:
+        """Token ids ``[B, max_len or N]`` for class ``labels`` (``num_classes`` = unconditional)."""
+        kw = self._sampler_kwargs({**self.sampler, **overrides})
+        return np.asarray(generate_tokens(self.model, {"params": model_params},
+                                          jnp.asarray(labels, jnp.int32), jax.random.key(seed), **kw))
