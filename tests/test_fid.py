@@ -267,3 +267,26 @@ def test_rfid_in_evaluation_and_reference_stats_cli(weights_file, tmp_path):
         del config["eval"]
     plain, _, _ = evaluate(task, eval_fn, params["model"], state, config, mesh, 32)
     assert "rfid" not in plain and plain["psnr"] == pytest.approx(metrics["psnr"])
+
+
+def test_generation_scorer_equals_direct_features(weights_file, tmp_path):
+    """gFID / IS of `titok-jax generate --inception_weights`: the scorer streamed over two chunks
+    equals the Frechet distance and Inception Score of the features computed in one go."""
+    from titok_jax.generation import GenerationScorer
+    from titok_jax.models.inception import inception_feature_fn, load_inception_params
+    rng = np.random.default_rng(5)
+    images = rng.uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    ref_mu, ref_a = rng.normal(size=2048), rng.normal(size=(2048, 6))
+    ref_sigma = ref_a @ ref_a.T / 6 + 1e-3 * np.eye(2048)
+    ref = str(tmp_path / "ref.npz")
+    fid.save_reference_stats(ref, ref_mu, ref_sigma)
+    scorer = GenerationScorer(weights_file, ref)
+    scorer.update(images[:3])
+    scorer.update(images[3:])
+    got = scorer.result(splits=2)
+    out = inception_feature_fn()(load_inception_params(weights_file), images)
+    feats = np.asarray(out["pool"], np.float64)
+    want_fid = _fid_eig(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma)
+    want_is, _ = fid.inception_score(np.asarray(out["logits_unbiased"]), splits=2)
+    assert abs(got["gfid"] - want_fid) <= 1e-4 * max(1.0, abs(want_fid)), (got["gfid"], want_fid)
+    assert abs(got["inception_score"] - want_is) < 1e-6

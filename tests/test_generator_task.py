@@ -109,10 +109,29 @@ def test_generate_is_seeded_and_checks_its_inputs(generator_dir, tokenizer_dir, 
     assert "not a generator" in capsys.readouterr().err
 
 
-def test_generator_api_matches_the_command(generator_dir, tmp_path):
+def test_generator_api_is_seeded(generator_dir, tmp_path):
     gen = titok_jax.load_generator(generator_dir)
     assert gen.num_tokens == 8 and gen.codebook_size == 32 and gen.step == 4
     ids = gen.sample([0, 1, 2], seed=1, batch_size=32)
-    assert cli.main(["generate", "--workdir", generator_dir, "--tokenizer", generator_dir.replace("gen", "gen"),
-                     "--output", str(tmp_path / "x")]) in (1, 2)  # a generator dir is not a tokenizer
     np.testing.assert_array_equal(ids, gen.sample([0, 1, 2], seed=1, batch_size=32))
+    assert not np.array_equal(ids, gen.sample([0, 1, 2], seed=2, batch_size=32))
+    # A generator workdir is not a tokenizer: one line, exit 1.
+    assert cli.main(["generate", "--workdir", generator_dir, "--tokenizer", generator_dir,
+                     "--output", str(tmp_path / "x")]) == 1
+
+
+def test_generate_streams_chunks_and_checks_fid_flags(generator_dir, tokenizer_dir, tmp_path, capsys):
+    # 5 images in chunks of 2: chunk i uses seed + i, so the ids equal the API's per-chunk samples.
+    assert cli.main(["generate", "--workdir", generator_dir, "--tokenizer", tokenizer_dir, "--output",
+                     str(tmp_path / "s"), "--num", "5", "--batch_size", "2", "--seed", "3",
+                     "--save_images=false"]) == 0
+    got = np.load(tmp_path / "s" / "tokens.npz")["tokens"]
+    gen = titok_jax.load_generator(generator_dir)
+    labels = np.arange(5) % gen.num_classes
+    want = np.concatenate([gen.sample(labels[i:i + 2], seed=3 + i // 2, batch_size=2) for i in range(0, 5, 2)])
+    np.testing.assert_array_equal(got, want)
+    assert sorted(os.listdir(tmp_path / "s")) == ["grid.png", "tokens.npz"]
+    capsys.readouterr()
+    assert cli.main(["generate", "--workdir", generator_dir, "--tokenizer", tokenizer_dir, "--output",
+                     str(tmp_path / "t"), "--fid_reference", "ref.npz"]) == 2
+    assert "needs --inception_weights" in capsys.readouterr().err

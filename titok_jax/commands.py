@@ -395,8 +395,10 @@ def import_torch(argv: Sequence[str]) -> int:
 
 
 def generate(argv: Sequence[str]) -> int:
-    """Sample token ids with a generator workdir and decode them with a tokenizer workdir: a PNG per
-    image (``{index:06d}_class{K}.png``), a grid ``grid.png`` and ``tokens.npz`` under --output."""
+    """Sample token ids with a generator workdir and decode them with a tokenizer workdir, chunk by
+    chunk: a PNG per image (``{index:06d}_class{K}.png``), ``grid.png`` (the first 64) and
+    ``tokens.npz`` under --output; with --inception_weights also gFID against --fid_reference and
+    the Inception Score, printed as one JSON line and written to ``metrics.json``."""
     from absl import flags
 
     def define(fv):
@@ -415,6 +417,13 @@ def generate(argv: Sequence[str]) -> int:
                           "AR: softmax temperature, 0 = greedy)", flag_values=fv)
         flags.DEFINE_integer("max_len", None, "AR only: generate this many leading tokens (a prefix, "
                              "for ordered tokenizers such as FlexTok)", flag_values=fv)
+        flags.DEFINE_string("inception_weights", None, "InceptionV3 params (python -m "
+                            "titok_jax.convert.inception): compute gFID and Inception Score", flag_values=fv)
+        flags.DEFINE_string("fid_reference", None, "reference statistics .npz (mu, sigma) for gFID, e.g. "
+                            "from python -m titok_jax.evaluation.fid_reference", flag_values=fv)
+        flags.DEFINE_integer("is_splits", 1, "splits of the Inception Score (ADM uses 10 over 50k)",
+                             flag_values=fv)
+        flags.DEFINE_bool("save_images", True, "write one PNG per image", flag_values=fv)
 
     argv = [a.replace("--class-id", "--class_id", 1) if a.startswith("--class-id") else a for a in argv]
     fv = _parse("titok-jax generate", argv, define)
@@ -422,10 +431,12 @@ def generate(argv: Sequence[str]) -> int:
     if missing:
         raise UsageError(f"generate needs {' '.join(missing)} (usage: titok-jax generate --workdir GEN_DIR "
                          "--tokenizer TOK_DIR --output OUT_DIR [--class-id K] [--num N])")
-    if fv.num < 1 or fv.batch_size < 1:
-        raise UsageError("--num and --batch_size must be >= 1")
+    if fv.num < 1 or fv.batch_size < 1 or fv.is_splits < 1:
+        raise UsageError("--num, --batch_size and --is_splits must be >= 1")
     if os.path.isfile(fv.output):
         raise UsageError(f"--output {fv.output} is a file; expected an output directory")
+    if fv.fid_reference and not fv.inception_weights:
+        raise UsageError("--fid_reference needs --inception_weights")
     import numpy as np
     from titok_jax.api import load_tokenizer
     from titok_jax.evaluation.images import save_png, tile_grid
@@ -442,14 +453,33 @@ def generate(argv: Sequence[str]) -> int:
     overrides = {k: v for k, v in (("steps", fv.steps), ("guidance_scale", fv.guidance_scale),
                                    ("randomize_temperature", fv.temperature), ("max_len", fv.max_len))
                  if v is not None}
-    ids = gen.sample(labels, seed=fv.seed, batch_size=fv.batch_size, **overrides)
-    images = tok.decode(ids)
+    scorer = None
+    if fv.inception_weights:
+        from titok_jax.generation import GenerationScorer
+        scorer = GenerationScorer(fv.inception_weights, fv.fid_reference)
     os.makedirs(fv.output, exist_ok=True)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        save_png(os.path.join(fv.output, f"{i:06d}_class{int(label)}.png"), image)
-    save_png(os.path.join(fv.output, "grid.png"), tile_grid(images, ncol=min(8, len(images))))
-    np.savez(os.path.join(fv.output, "tokens.npz"), tokens=ids, labels=labels.astype(np.int32))
-    print(f"generated {len(images)} image(s) -> {fv.output} (grid: {os.path.join(fv.output, 'grid.png')})")
+    all_ids, grid_images = [], []
+    for chunk, start in enumerate(range(0, fv.num, fv.batch_size)):
+        part = labels[start:start + fv.batch_size]
+        ids = gen.sample(part, seed=fv.seed + chunk, batch_size=fv.batch_size, **overrides)
+        images = tok.decode(ids)
+        all_ids.append(ids)
+        if len(grid_images) < 64:
+            grid_images.extend(images[:64 - len(grid_images)])
+        if fv.save_images:
+            for i, (image, label) in enumerate(zip(images, part)):
+                save_png(os.path.join(fv.output, f"{start + i:06d}_class{int(label)}.png"), image)
+        if scorer is not None:
+            scorer.update(images)
+    grid_path = os.path.join(fv.output, "grid.png")
+    save_png(grid_path, tile_grid(np.stack(grid_images), ncol=min(8, len(grid_images))))
+    np.savez(os.path.join(fv.output, "tokens.npz"), tokens=np.concatenate(all_ids), labels=labels.astype(np.int32))
+    print(f"generated {fv.num} image(s) -> {fv.output} (grid: {grid_path})")
+    if scorer is not None:
+        metrics = {"num_images": fv.num, **scorer.result(splits=fv.is_splits)}
+        with open(os.path.join(fv.output, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f)
+        print(json.dumps(metrics))
     return 0
 
 

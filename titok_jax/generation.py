@@ -96,3 +96,33 @@ def load_generator(workdir: str | os.PathLike, step: int | None = None) -> Gener
         raise ValueError(str(e)) from None
     params = restored["ema_params"] if use_ema else restored["params"]["model"]
     return Generator(task, params, config, step)
+
+
+class GenerationScorer:
+    """gFID and Inception Score of generated images: pytorch-fid InceptionV3 pool features against
+    reference statistics (``fid_reference`` .npz with ``mu``/``sigma``; without one only the IS), and
+    the Inception Score of the unbiased logits. ``update`` takes float images in [0, 1] (rounded to
+    the uint8 grid first, as saved PNGs would be)."""
+
+    def __init__(self, inception_weights: str, fid_reference: str | None = None):
+        from titok_jax import evaluation as ev
+        from titok_jax.models.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
+
+        self.params = load_inception_params(inception_weights)
+        self.reference = ev.load_reference_stats(fid_reference, POOL_FEATURES) if fid_reference else None
+        self.features = inception_feature_fn()
+        self.stats = ev.FeatureStats(POOL_FEATURES)
+        self.logits: list[np.ndarray] = []
+
+    def update(self, images: np.ndarray) -> None:
+        out = self.features(self.params, np.asarray(images, np.float32))
+        self.stats.update(np.asarray(out["pool"]))
+        self.logits.append(np.asarray(out["logits_unbiased"]))
+
+    def result(self, splits: int = 1) -> dict:
+        from titok_jax import evaluation as ev
+        score, spread = ev.inception_score(np.concatenate(self.logits), splits=splits)
+        out = {"inception_score": float(score), "inception_score_std": float(spread)}
+        if self.reference is not None:
+            out["gfid"] = float(ev.frechet_distance_stats(self.reference, self.stats))
+        return out
