@@ -123,6 +123,9 @@ def test_eval_of_an_imported_tokenizer_on_folder_data(imported, tmp_path, capsys
     x = images.astype(np.float32) / 255.0
     want = float(np.mean(np.asarray(psnr(tok.reconstruct(images), x, max_db=100.0))))
     assert abs(metrics["psnr"] - want) < 1e-3, (metrics["psnr"], want)
+    # --num_images counts exactly, even inside one eval batch.
+    assert cli.main(["eval", "--workdir", imported["vq"], "--data", f"folder:{folder}", "--num_images", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_images"] == 2
 
 
 # ----------------------------------------------------------------------------- errors

@@ -52,6 +52,8 @@ def evaluate(task: Any, eval_fn: Callable, model_params: Any, model_state: Any, 
     first = (None, None)
     for batch in it:
         mask = _gather(np.asarray(batch["mask"], bool))
+        if max_images:  # count exactly max_images: drop the surplus rows of the last batch
+            mask &= np.cumsum(mask) <= max_images - count
         images = data_lib.to_global_array({"image": batch["image"]}, mesh)["image"]
         rec, indices, psnr, ssim = eval_fn(model_params, model_state, images)
         psnr, ssim = _gather(psnr), _gather(ssim)
