@@ -32,7 +32,8 @@ Published recipe (B3): Adam (muP at width multiplier 1 = plain Adam) lr 1e-4 con
 steps), 25k steps, 8-step random-time Euler chain back-propagated with remat, reward weight 0.01
 (FlowMo: ResNet-50 logit MSE; here the ConvNeXt-S logit MSE, `post_reward`), encoder frozen.
 Sampler: 25 Euler steps on t_i = (i/n)^4, CFG 1.5 on t in [0.145, 0.505].
-Not reproduced: FlowMo's per-step rescaling of block weights to their initial norms.
+Weight normalisation as FlowMo's `fix_initial_norms`: `optimizer.fix_norms` (block linear weights
+keep their initial Frobenius norm).
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "accumulation_steps": 1 if tiny else 2, "ema_decay": 0.999 if tiny else 0.9999, "no_decay": "",
         # The encoder freeze (tasks/flowmo.py): no updates from `frozen_from_step` on (post: always).
         "frozen": r"^model/encoder/", "frozen_from_step": 0,
+        # FlowMo's fix_initial_norms (l2): every linear weight of the double-stream blocks is
+        # rescaled to its initial Frobenius norm after each update.
+        "fix_norms": r"^model/(encoder|decoder)/block_\d+/.+/kernel$",
     })
     if not post:
         c.optimizer.frozen_from_step = c.flowmo.get_ref("freeze_encoder_after")

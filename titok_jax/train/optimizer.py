@@ -6,6 +6,8 @@ Config (``config.optimizer``; a group ``G`` other than ``model`` reads ``config.
 back to the model's values):
   lr, end_lr, warmup_steps, b1, b2, eps, weight_decay, grad_clip (0 = off),
   no_decay (regex on the '/'-joined parameter path; plus every parameter with ndim < 2),
+  fix_norms (regex; matching weights (ndim >= 2) are rescaled to their initial Frobenius norm
+  after every update, FlowMo's weight normalisation),
   frozen (regex; matching parameters get no update at all; with frozen_from_step = N > 0 they train
   for the first N updates and are frozen from then on), ema_decay (0 = no EMA).
 """
@@ -57,6 +59,37 @@ def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps, end_lr)
 
 
+def fix_initial_norms(pattern: str) -> optax.GradientTransformation:
+    """After each update, rescale every parameter matching ``pattern`` (path regex, ndim >= 2) to
+    its Frobenius norm at initialisation: ``p_new <- p_new * |p_0| / |p_new|`` (FlowMo's
+    ``fix_initial_norms`` with ``fix_norm_mode: l2``, EDM2-style). Chain it last: it turns the
+    update into ``rescaled(p + u) - p``. State: the initial norms (one float32 scalar per leaf)."""
+    rx = re.compile(pattern)
+
+    def matched(path, x) -> bool:
+        return getattr(x, "ndim", 0) >= 2 and bool(rx.search(path_str(path)))
+
+    def init(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.linalg.norm(x.astype(jnp.float32)) if matched(path, x)
+            else jnp.zeros((), jnp.float32), params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("fix_initial_norms needs the params")
+
+        def fix(path, u, p, n):
+            if not matched(path, p):
+                return u
+            new = p.astype(jnp.float32) + u.astype(jnp.float32)
+            scale = n / jnp.maximum(jnp.linalg.norm(new), 1e-12)
+            return (new * scale - p.astype(jnp.float32)).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(fix, updates, params, state), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def _group_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
     """One group's optimizer. Masks and labels are functions of the params they are given, since
     ``multi_transform`` hands each group the whole tree with the other groups masked out."""
@@ -68,6 +101,8 @@ def _group_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.Gradient
                              b2=float(cfg.get("b2", 0.999)), eps=float(cfg.get("eps", 1e-8)),
                              weight_decay=float(cfg.get("weight_decay", 0.0)),
                              mask=lambda p: decay_mask(p, no_decay)))
+    if cfg.get("fix_norms", ""):
+        parts.append(fix_initial_norms(str(cfg["fix_norms"])))
     tx = optax.chain(*parts)
     frozen = cfg.get("frozen", "")
     frozen_from = int(cfg.get("frozen_from_step", 0) or 0)
