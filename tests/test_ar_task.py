@@ -15,12 +15,6 @@ from titok_jax import cli
 
 from train_helpers import ROOT, load_config_module
 
-TOK_MICRO = ["--config.data.image_size=32", "--config.model.image_size=32", "--config.model.encoder_width=32",
-             "--config.model.decoder_width=32", "--config.model.encoder_depth=1", "--config.model.decoder_depth=1",
-             "--config.model.num_latent_tokens=8", "--config.model.codebook_size=32", "--config.batch_size=8",
-             "--config.total_steps=2", "--config.log_every_steps=2", "--config.eval_every_steps=0",
-             "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=false",
-             "--config.data.eval_batch_size=4", "--progress=false"]
 AR = os.path.join(ROOT, "configs", "ar.py") + ":tiny"
 AR_MICRO = ["--config.model.codebook_size=32", "--config.model.num_tokens=8", "--config.model.width=32",
             "--config.model.depth=2", "--config.model.num_heads=2", "--config.batch_size=8",
@@ -31,18 +25,13 @@ AR_MICRO = ["--config.model.codebook_size=32", "--config.model.num_tokens=8", "-
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("tok"))
-    assert cli.main(["train", "--config", os.path.join(ROOT, "configs", "titok.py") + ":tiny",
-                     "--workdir", workdir, *TOK_MICRO]) == 0
-    return workdir
+def tokenizer_dir(micro_tokenizer_dir):
+    return micro_tokenizer_dir
 
 
 @pytest.fixture(scope="module")
-def token_dir(tokenizer_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tokens") / "shards")
-    assert cli.main(["tokenize", "--workdir", tokenizer_dir, "--data", "sample", "--output", out]) == 0
-    return out
+def token_dir(micro_token_dir):
+    return micro_token_dir
 
 
 @pytest.fixture(scope="module")
