@@ -208,7 +208,7 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None,
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
 
-    from titok_jax.checkpoint import CheckpointError, checkpoint_dir, restore_params
+    from titok_jax.checkpoint import checkpoint_dir
     from titok_jax.models.registry import build_model
 
     workdir = os.fspath(workdir)
@@ -246,15 +246,22 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None,
     ckdir = checkpoint_dir(workdir)
     if not os.path.isdir(ckdir) or not any(n.isdigit() for n in os.listdir(ckdir)):
         raise FileNotFoundError(f"no checkpoint in {ckdir}")
+    restored, step = restore_for_inference(workdir, abstract, step)
+    params = restored["ema_params"] if use_ema else restored["params"]["model"]
+    model_state = restored["model_state"]["model"]
+    return Tokenizer(model, params, model_state, config=config, step=step, batch_size=batch_size)
+
+
+def restore_for_inference(workdir: str, abstract: dict, step: int | None = None) -> tuple[dict, int]:
+    """``checkpoint.restore_params`` with the API's errors: FileNotFoundError when there is no
+    checkpoint, ValueError when it cannot be read into ``abstract`` (both one line)."""
+    from titok_jax.checkpoint import CheckpointError, restore_params
     try:
-        restored, step = restore_params(workdir, abstract, step)
+        return restore_params(workdir, abstract, step)
     except CheckpointError as e:
         if str(e).startswith("no checkpoint"):
             raise FileNotFoundError(str(e)) from None
         raise ValueError(str(e)) from None
-    params = restored["ema_params"] if use_ema else restored["params"]["model"]
-    model_state = restored["model_state"]["model"]
-    return Tokenizer(model, params, model_state, config=config, step=step, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------- image files

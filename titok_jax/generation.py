@@ -72,8 +72,7 @@ def load_generator(workdir: str | os.PathLike, step: int | None = None) -> Gener
     import flax.linen as nn
     import jax
 
-    from titok_jax.api import _read_config
-    from titok_jax.checkpoint import CheckpointError, restore_params
+    from titok_jax.api import _read_config, restore_for_inference
     from titok_jax.tasks import TASKS
 
     workdir = os.fspath(workdir)
@@ -88,12 +87,7 @@ def load_generator(workdir: str | os.PathLike, step: int | None = None) -> Gener
     to_abs = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)  # noqa: E731
     use_ema = float(config.get("optimizer", {}).get("ema_decay", 0.0) or 0.0) > 0
     abstract = {"ema_params": to_abs(params_abs["model"])} if use_ema else {"params": to_abs(params_abs)}
-    try:
-        restored, step = restore_params(workdir, abstract, step)
-    except CheckpointError as e:
-        if str(e).startswith("no checkpoint"):
-            raise FileNotFoundError(str(e)) from None
-        raise ValueError(str(e)) from None
+    restored, step = restore_for_inference(workdir, abstract, step)
     params = restored["ema_params"] if use_ema else restored["params"]["model"]
     return Generator(task, params, config, step)
 

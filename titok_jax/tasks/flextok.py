@@ -37,6 +37,7 @@ from titok_jax.models.flextok_blocks import ViTFeatures
 from titok_jax.models.frozen import check_flat_params, load_frozen_params, unflatten
 from titok_jax.models.registry import build_model
 from titok_jax.tasks.base import register_task
+from titok_jax.tasks.host_params import overwrite_from_host
 from titok_jax.tasks.titok_stages import random_params, restore_workdir
 from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS
 
@@ -48,23 +49,6 @@ VAE_PROBE = "model/vae/encoder/conv_in/kernel"   # a path optimizer.frozen must 
 def _say(message: str) -> None:
     if jax.process_index() == 0:
         print(message, file=sys.stderr)
-
-
-def overwrite_from_host(boxed: Any, host: dict) -> Any:
-    """Every leaf of a (logically boxed) traced tree replaced by the host numpy array at the same
-    path in ``host``, read through ``jax.pure_callback`` (never embedded as a program constant)."""
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
-
-    def leaf(path, b):
-        like = b.unbox() if is_box(b) else b
-        node = host
-        for k in path:
-            node = node[str(getattr(k, "key", k))]
-        value = jax.pure_callback(lambda node=node: np.asarray(node, like.dtype),
-                                  jax.ShapeDtypeStruct(like.shape, like.dtype))
-        return b.replace_boxed(value) if is_box(b) else value
-
-    return jax.tree_util.tree_map_with_path(leaf, boxed, is_leaf=is_box)
 
 
 def load_vae_params(vae_config: Any, abstract: Any) -> dict | None:

@@ -41,13 +41,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from titok_jax import losses as L
 from titok_jax.flow import rectified_flow_loss, time_sampler_preset
 from titok_jax.models.registry import build_model
 from titok_jax.tasks.base import register_task
+from titok_jax.tasks.host_params import overwrite_from_host
 
 MODEL_COLLECTIONS = ("quantizer_stats",)
 STAGES = ("main", "post")
@@ -74,23 +74,6 @@ def euler_chain(velocity_fn: Any, noise: jax.Array, times: jax.Array, remat: boo
 
     z, _ = lax.scan(step, noise, (times[:, :-1].T, times[:, 1:].T))
     return z
-
-
-def _from_host(boxed: Any, host: Any) -> Any:
-    """Every leaf of a (logically boxed) tree replaced by the same path's array of the host tree
-    ``host``, read through ``jax.pure_callback`` (never embedded in the program as a constant)."""
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
-
-    def leaf(path, b):
-        like = b.unbox() if is_box(b) else b
-        node = host
-        for k in path:
-            node = node[str(getattr(k, "key", k))]
-        value = jax.pure_callback(lambda node=node: np.asarray(node, like.dtype),
-                                  jax.ShapeDtypeStruct(like.shape, like.dtype))
-        return b.replace_boxed(value) if is_box(b) else value
-
-    return jax.tree_util.tree_map_with_path(leaf, boxed, is_leaf=is_box)
 
 
 @register_task("flowmo")
@@ -170,8 +153,8 @@ class FlowMoTask:
     def init(self, key: jax.Array) -> tuple[dict, dict]:
         params, state = self._fresh_init(key)
         if self._loaded is not None:
-            params["model"] = _from_host(params["model"], self._loaded[0])
-            state["model"] = _from_host(state["model"], self._loaded[1])
+            params["model"] = overwrite_from_host(params["model"], self._loaded[0])
+            state["model"] = overwrite_from_host(state["model"], self._loaded[1])
         return params, state
 
     def constants(self) -> dict:

@@ -38,6 +38,7 @@ import optax
 from titok_jax.convert.common import check_tree_matches
 from titok_jax.models.registry import build_model
 from titok_jax.tasks.base import register_task
+from titok_jax.tasks.host_params import overwrite_from_host
 from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS, QUANTIZER_RNG, SAMPLE_RNG, TokenizerTask
 
 
@@ -194,22 +195,6 @@ SHARED_KEYS = ("image_size", "patch_size", "encoder_width", "encoder_depth", "en
                "codebook_size", "use_l2_norm", "is_legacy", "proxy_codebook_size")
 
 
-def _host_overwrite(boxed: Any, fetch: Any) -> Any:
-    """Replace every leaf of a (logically boxed) tree by ``fetch(path)`` (host numpy, already in
-    memory), read through ``jax.pure_callback`` when the traced init runs, so the values are never
-    embedded as program constants (a published model has GBs of them)."""
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
-
-    def leaf(path, b):
-        like = b.unbox() if is_box(b) else b
-        key = tuple(str(getattr(k, "key", k)) for k in path)
-        shape = jax.ShapeDtypeStruct(like.shape, like.dtype)
-        value = jax.pure_callback(lambda: np.asarray(fetch(key), like.dtype), shape)
-        return b.replace_boxed(value) if is_box(b) else value
-
-    return jax.tree_util.tree_map_with_path(leaf, boxed, is_leaf=is_box)
-
-
 def restore_workdir(workdir: str, task: str | None = None, ema: bool | None = None
                     ) -> tuple[dict, dict, dict]:
     """``(params, model_state, config dict)`` of a workdir's latest checkpoint as host numpy: the
@@ -306,6 +291,6 @@ class TiTokStage2Task(TokenizerTask):
     def init(self, key: jax.Array) -> tuple[dict, dict]:
         """A fresh init whose model params (and model state) come from stage 1 + the teacher."""
         params, state = super().init(key)
-        params["model"] = _host_overwrite(params["model"], self._fetch(0))
-        state["model"] = _host_overwrite(state["model"], self._fetch(1))
+        params["model"] = overwrite_from_host(params["model"], self._fetch(0))
+        state["model"] = overwrite_from_host(state["model"], self._fetch(1))
         return params, state
