@@ -154,3 +154,16 @@ def test_grid_positions():
     g = np.asarray(grid_positions(2, 3))
     np.testing.assert_array_equal(g, [[0, 0, 0], [0, 0, 1], [0, 0, 2],
                                       [0, 1, 0], [0, 1, 1], [0, 1, 2]])
+
+
+def test_check_images_names_the_model_shape_and_dtype():
+    import jax.numpy as jnp
+    import pytest
+    from titok_jax.nn import check_images
+    check_images(jnp.zeros((2, 8, 8, 3)), 8, "M")  # a float batch of the right size passes
+    with pytest.raises(ValueError, match=r"^M expects images \[B, 8, 8, 3\] in \[0, 1\], got \(8, 8, 3\)"):
+        check_images(jnp.zeros((8, 8, 3)), 8, "M")
+    with pytest.raises(ValueError, match=r"got \(1, 16, 16, 3\)"):
+        check_images(jnp.zeros((1, 16, 16, 3)), 8, "M")
+    with pytest.raises(ValueError, match="float images in \\[0, 1\\], got dtype uint8"):
+        check_images(jnp.zeros((1, 8, 8, 3), jnp.uint8), 8, "M")

@@ -41,7 +41,7 @@ import numpy as np
 from titok_jax.flow import GuidanceConfig, match_batch, sample, time_grid
 from titok_jax.flow.interpolation import edm_sigma_to_t
 from titok_jax.models.mmdit import MMDiT, flowmo_position_ids
-from titok_jax.nn import patchify, unpatchify
+from titok_jax.nn import check_images, patchify, unpatchify
 from titok_jax.quantizers.base import QuantizerOutput
 from titok_jax.quantizers.lfq import LFQ
 
@@ -264,7 +264,5 @@ class FlowMo(nn.Module):
         return v, {"codes": codes, "quantizer": qout, "x": x, "x_t": x_t, "t": t}
 
     def _check_images(self, images: jax.Array) -> None:
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(f"FlowMo expects images [B, {s}, {s}, 3], got shape {images.shape}")
+        check_images(images, self.image_size, "FlowMo")
 

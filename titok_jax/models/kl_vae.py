@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from titok_jax.models.titok import gaussian_posterior
 from titok_jax.models.vqgan import check_channels, group_norm, torch_conv_init, upsample_nearest
-from titok_jax.nn import boxed
+from titok_jax.nn import check_images, boxed
 from titok_jax.quantizers import QuantizerOutput
 
 Dtype = Any
@@ -218,9 +218,7 @@ class KLVAE(nn.Module):
         self.decoder = VAEDecoder(**trunk)
 
     def _check_images(self, images: jax.Array) -> None:
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(f"KL-VAE expects images [B, {s}, {s}, 3] in [0, 1], got {images.shape}")
+        check_images(images, self.image_size, "KL-VAE")
 
     def moments(self, images: jax.Array) -> jax.Array:
         """``images`` in [0, 1] -> ``[B, h, w, 2C]`` (mean, logvar), float32."""

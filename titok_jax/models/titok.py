@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.nn import (LearnedPositionEmbedding, PatchEmbed, TransformerBlock, boxed,
+from titok_jax.nn import (check_images, LearnedPositionEmbedding, PatchEmbed, TransformerBlock, boxed,
                           make_norm, unpatchify, width_scaled_normal)
 from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
 
@@ -314,11 +314,7 @@ class TiTok(nn.Module):
                                     num_heads=self.decoder_heads, **common)
 
     def _check_images(self, images: jax.Array) -> None:
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(f"TiTok expects images [B, {s}, {s}, 3] in [0, 1], got {images.shape}")
-        if not jnp.issubdtype(images.dtype, jnp.floating):
-            raise ValueError(f"TiTok expects float images in [0, 1], got dtype {images.dtype}")
+        check_images(images, self.image_size, "TiTok")
 
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
         """``images [B,H,W,3]`` in [0,1] -> ``(codes [B,N,C] f32, QuantizerOutput)``.

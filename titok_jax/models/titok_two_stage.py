@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from titok_jax.models.titok import TiTokDecoder, TiTokEncoder, uniform_codebook_init
 from titok_jax.models.vqgan import MaskGITDecoder
-from titok_jax.nn import boxed, width_scaled_normal
+from titok_jax.nn import check_images, boxed, width_scaled_normal
 from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
 
 Dtype = Any
@@ -143,11 +143,7 @@ class TiTokTwoStage(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _check_images(self, images: jax.Array) -> None:
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(f"TiTok expects images [B, {s}, {s}, 3] in [0, 1], got {images.shape}")
-        if not jnp.issubdtype(images.dtype, jnp.floating):
-            raise ValueError(f"TiTok expects float images in [0, 1], got dtype {images.dtype}")
+        check_images(images, self.image_size, "TiTok")
 
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
         """``images [B,H,W,3]`` in [0,1] -> ``(codes [B,N,C] f32, QuantizerOutput)``; frozen

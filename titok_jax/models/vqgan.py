@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from titok_jax.models.titok import uniform_codebook_init
-from titok_jax.nn import boxed
+from titok_jax.nn import check_images, boxed
 from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
 
 Dtype = Any
@@ -323,12 +323,7 @@ class MaskGITVQGAN(nn.Module):
         self.decoder = MaskGITDecoder(**cnn)
 
     def _check_images(self, images: jax.Array) -> None:
-        s = self.image_size
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(f"MaskGIT-VQGAN expects images [B, {s}, {s}, 3] in [0, 1], "
-                             f"got {images.shape}")
-        if not jnp.issubdtype(images.dtype, jnp.floating):
-            raise ValueError(f"MaskGIT-VQGAN expects float images in [0, 1], got {images.dtype}")
+        check_images(images, self.image_size, "MaskGIT-VQGAN")
 
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
         """``images [B, S, S, 3]`` in [0, 1] -> ``(codes [B, N, z] f32, QuantizerOutput)``."""

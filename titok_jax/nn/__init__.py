@@ -12,7 +12,7 @@ from titok_jax.nn.initializers import (LOGICAL_AXES, boxed, flat_kernel_init,
                                        width_scaled_normal)
 from titok_jax.nn.mlp import MLP
 from titok_jax.nn.norm import make_norm
-from titok_jax.nn.patch import PatchEmbed, patchify, unpatchify
+from titok_jax.nn.patch import PatchEmbed, check_images, patchify, unpatchify
 from titok_jax.nn.posemb import (LearnedPositionEmbedding, TimestepEmbedder, apply_rope,
                                  grid_positions, rope_angles, sincos_1d, sincos_2d,
                                  timestep_embedding)

@@ -29,6 +29,16 @@ def _check_order(channel_order: str) -> None:
         raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
 
 
+def check_images(images: jax.Array, image_size: int, model: str) -> None:
+    """One-line ValueError unless ``images`` is a float batch ``[B, S, S, 3]`` (``S = image_size``)
+    in [0, 1], the input every tokenizer model takes."""
+    s = image_size
+    if images.ndim != 4 or images.shape[1:] != (s, s, 3):
+        raise ValueError(f"{model} expects images [B, {s}, {s}, 3] in [0, 1], got {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"{model} expects float images in [0, 1], got dtype {images.dtype}")
+
+
 def patchify(images: jax.Array, p: int, channel_order: str = "hwc") -> jax.Array:
     """``[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]`` (H and W must be multiples of ``p``)."""
     _check_order(channel_order)
