@@ -59,9 +59,9 @@ def main(argv):
     from titok_jax import data as data_lib
     from titok_jax.tasks import get_task
     from titok_jax.train import sharding as sharding_lib
-    from titok_jax.train.optimizer import learning_rates, make_optimizer
+    from titok_jax.train.optimizer import make_optimizer
     from titok_jax.train.state import abstract_and_shardings, create_state
-    from titok_jax.train.step import make_train_step
+    from titok_jax.train.step import build_step, step_options
 
     cfg = flags.FLAGS.config
     batch, steps = int(flags.FLAGS.batch), int(flags.FLAGS.steps)
@@ -75,14 +75,8 @@ def main(argv):
     abstract, shardings, optimizer = abstract_and_shardings(
         task.init, lambda p: make_optimizer(cfg, p), use_ema, mesh, rules)
     state = create_state(task.init, optimizer, use_ema, shardings, int(cfg.seed))
-    step_fn = make_train_step(
-        task.grads, optimizer, ema_decay=float(cfg.optimizer.get("ema_decay", 0.0)),
-        accumulation_steps=int(cfg.optimizer.get("accumulation_steps", 1)),
-        lr_fn=lambda st: learning_rates(cfg, st, abstract.params))
-    repl = sharding_lib.replicated(mesh)
-    constants = jax.device_put(task.constants(), repl)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, sharding_lib.batch_sharding(mesh), repl),
-                     out_shardings=(shardings, None), donate_argnums=(0,))
+    jitted = build_step(task, optimizer, shardings, mesh, **step_options(cfg, abstract.params))
+    constants = jax.device_put(task.constants(), sharding_lib.replicated(mesh))
 
     size = int(cfg.data.image_size)
     rng = np.random.default_rng(0)

@@ -22,9 +22,15 @@ and APG w = 7.5. The VAE recipe follows SD's (L1 + LPIPS + a hinge GAN, KL 1e-6)
 """
 from __future__ import annotations
 
+import os
+import runpy
+
 import ml_collections
 
 from titok_jax.models.flextok import FLEXTOK_VARIANTS
+
+# Shared sections and their defaults (configs/common.py).
+_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
 
 PUBLISHED = ("d12_d12", "d18_d18", "d18_d28")
 VAES = ("vae_tiny", "vae_c4", "vae_c8", "vae_c16")
@@ -47,6 +53,7 @@ def _common(c: ml_collections.ConfigDict, tiny: bool, image_size: int) -> None:
     c.log_every_steps = 20 if tiny else 100
     c.eval_every_steps = 200 if tiny else 50_000
     c.samples = ml_collections.ConfigDict({"num_images": 8})
+    c.eval = _COMMON["eval_section"]()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -117,11 +124,8 @@ def _vae(variant: str) -> ml_collections.ConfigDict:
         "ema_decay": 0.999, "no_decay": "", "frozen": "",
     })
     c.optimizers = ml_collections.ConfigDict({"disc": {"lr": 1e-4, "weight_decay": 0.0}})
-    c.losses = ml_collections.ConfigDict({
-        "reconstruction": "l1", "reconstruction_weight": 1.0,
-        "perceptual_weight": 0.0 if tiny else 1.0, "perceptual_weights": "",
-        "gan_weight": 0.0 if tiny else 0.5, "gan_start_step": 50_000, "gan_loss": "hinge",
-        "lecam_weight": 0.0, "lecam_decay": 0.999,
-        "discriminator": {"ndf": 64, "n_layers": 3, "norm": "group"},
-    })
+    c.losses = _COMMON["tokenizer_losses"](
+        reconstruction="l1", perceptual_weight=0.0 if tiny else 1.0,
+        gan_weight=0.0 if tiny else 0.5, gan_start_step=50_000, lecam_weight=0.0,
+        discriminator={"ndf": 64, "n_layers": 3, "norm": "group"})
     return c

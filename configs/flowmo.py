@@ -37,7 +37,13 @@ keep their initial Frobenius norm).
 """
 from __future__ import annotations
 
+import os
+import runpy
+
 import ml_collections
+
+# Shared sections and their defaults (configs/common.py).
+_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
 
 PUBLISHED = ("lo", "hi")
 VARIANTS = ("tiny", "lo", "hi", "tiny_post", "lo_post", "hi_post")
@@ -122,4 +128,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 25 if tiny else 100
     c.eval_every_steps = 200 if tiny else (5_000 if post else 50_000)
     c.samples = ml_collections.ConfigDict({"num_images": 8})
+    c.eval = _COMMON["eval_section"]()
     return c

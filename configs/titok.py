@@ -13,9 +13,15 @@ AdamW 1e-4, betas (0.9, 0.999), wd 1e-4, 10k warmup, cosine, batch 256, EMA 0.99
 """
 from __future__ import annotations
 
+import os
+import runpy
+
 import ml_collections
 
-from titok_jax.models.titok import TITOK_VARIANTS
+from titok_jax.models.titok_variants import TITOK_VARIANTS
+
+# Shared sections and their defaults (configs/common.py).
+_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
 
 PUBLISHED = ("bl64_vq", "bl128_vq", "sl256_vq", "ll32_vae", "bl64_vae", "bl128_vae")
 VARIANTS = ("tiny",) + PUBLISHED
@@ -69,15 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     c.optimizers = ml_collections.ConfigDict({"disc": {"lr": 1e-4, "weight_decay": 1e-4}})
 
-    c.losses = ml_collections.ConfigDict({
-        "reconstruction": "l2", "reconstruction_weight": 1.0,
-        "perceptual_weight": 0.0 if tiny else 1.0, "perceptual_weights": "",
-        # ConvNeXt-S logit MSE (python -m titok_jax.convert.convnext); TA-TiTok's recipe uses 0.1
-        "convnext_weight": 0.0, "convnext_weights": "",
-        "gan_weight": 0.0 if tiny else 0.1, "gan_start_step": 200_000, "gan_loss": "hinge",
-        "lecam_weight": 0.001, "lecam_decay": 0.999,
-        "discriminator": {"ndf": 64, "n_layers": 3, "norm": "group"},
-    })
+    # ConvNeXt-S logit MSE (convnext_weight) is off; TA-TiTok's recipe uses 0.1.
+    c.losses = _COMMON["tokenizer_losses"](
+        reconstruction="l2", perceptual_weight=0.0 if tiny else 1.0,
+        gan_weight=0.0 if tiny else 0.1, gan_start_step=200_000, lecam_weight=0.001,
+        discriminator={"ndf": 64, "n_layers": 3, "norm": "group"})
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
@@ -87,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50 if tiny else 100
     c.eval_every_steps = 500 if tiny else 50_000
     c.samples = ml_collections.ConfigDict({"num_images": 8})
-    c.eval = _eval_section()
+    c.eval = _COMMON["eval_section"]()
     return c
 
 
@@ -108,7 +110,7 @@ def _two_stage(variant: str) -> ml_collections.ConfigDict:
     MaskBit discriminator, own AdamW 1e-4) + LeCam (0.001); AdamW 1e-4, betas (0.9, 0.999), wd 1e-4,
     5k warmup, cosine to 1e-5, 500k steps, batch 256, clip 1.0, EMA 0.999.
     """
-    from titok_jax.models.titok import titok_variant
+    from titok_jax.models.titok_variants import titok_variant
     from titok_jax.models.vqgan import MASKGIT_F16_256
 
     size, stage = variant.rsplit("_stage", 1)
@@ -151,15 +153,11 @@ def _two_stage(variant: str) -> ml_collections.ConfigDict:
     if stage == 1:
         c.losses = ml_collections.ConfigDict({"quantizer_weight": 1.0})
     else:
-        c.losses = ml_collections.ConfigDict({
-            "reconstruction": "l2", "reconstruction_weight": 1.0,
-            "perceptual_weight": 0.0, "perceptual_weights": "",
-            "convnext_weight": 0.0 if tiny else 0.1, "convnext_weights": "",
-            "gan_weight": 0.01, "gan_start_step": 2 if tiny else 20_000, "gan_loss": "hinge",
-            "lecam_weight": 0.001, "lecam_decay": 0.999,
-            "discriminator": {"name": "maskbit", "hidden_channels": 32 if tiny else 128,
-                              "num_stages": 1 if tiny else 3},
-        })
+        c.losses = _COMMON["tokenizer_losses"](
+            perceptual_weight=0.0, convnext_weight=0.0 if tiny else 0.1,
+            gan_weight=0.01, gan_start_step=2 if tiny else 20_000, lecam_weight=0.001,
+            discriminator={"name": "maskbit", "hidden_channels": 32 if tiny else 128,
+                           "num_stages": 1 if tiny else 3})
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 4 if tiny else 50_000, "keep": 3,
@@ -167,13 +165,6 @@ def _two_stage(variant: str) -> ml_collections.ConfigDict:
     c.log_every_steps = 1 if tiny else 50
     c.eval_every_steps = 4 if tiny else 50_000
     c.samples = ml_collections.ConfigDict({"num_images": 8})
-    c.eval = _eval_section()
+    c.eval = _COMMON["eval_section"]()
     return c
 
-
-def _eval_section() -> ml_collections.ConfigDict:
-    """rFID / IS in evaluation: ``inception_weights`` from ``python -m titok_jax.convert.inception``
-    ("" = off); ``fid_reference`` an .npz of mu/sigma ("" = the eval split's own originals);
-    ``fid_method`` sqrtm (pytorch-fid) or eigh."""
-    return ml_collections.ConfigDict({"inception_weights": "", "fid_reference": "",
-                                      "fid_method": "sqrtm"})

@@ -15,9 +15,15 @@ hinge GAN (0.1 from step 200k, LeCam 0.001) with the MaskBit discriminator; VQ b
 """
 from __future__ import annotations
 
+import os
+import runpy
+
 import ml_collections
 
 from titok_jax.models.vqgan import MASKGIT_F16_256
+
+# Shared sections and their defaults (configs/common.py).
+_COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
 
 PUBLISHED = ("maskgit_f16_256",)
 VARIANTS = ("tiny",) + PUBLISHED
@@ -59,15 +65,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     })
     c.optimizers = ml_collections.ConfigDict({"disc": {"lr": 1e-4, "weight_decay": 1e-4}})
 
-    c.losses = ml_collections.ConfigDict({
-        "reconstruction": "l2", "reconstruction_weight": 1.0,
-        "perceptual_weight": 0.0 if tiny else 1.0, "perceptual_weights": "",
-        "gan_weight": 0.0 if tiny else 0.1, "gan_start_step": 200_000, "gan_loss": "hinge",
-        "lecam_weight": 0.001, "lecam_decay": 0.999,
+    c.losses = _COMMON["tokenizer_losses"](
+        reconstruction="l2", perceptual_weight=0.0 if tiny else 1.0,
+        gan_weight=0.0 if tiny else 0.1, gan_start_step=200_000, lecam_weight=0.001,
         # "maskbit" (TiTok / MaskBit) or "patchgan" (taming's NLayerDiscriminator).
-        "discriminator": {"name": "maskbit", "hidden_channels": 32 if tiny else 128,
-                          "num_stages": 3},
-    })
+        discriminator={"name": "maskbit", "hidden_channels": 32 if tiny else 128, "num_stages": 3})
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
@@ -77,4 +79,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50 if tiny else 100
     c.eval_every_steps = 500 if tiny else 50_000
     c.samples = ml_collections.ConfigDict({"num_images": 8})
+    c.eval = _COMMON["eval_section"]()
     return c

@@ -69,11 +69,11 @@ def test_decode_encode_matches_model_apply_with_ema_params(trained, tok):
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
-    from titok_jax.commands import _load_run_config
+    from titok_jax.commands.common import load_run_config
     from titok_jax.models.registry import build_model
 
     # The saved train state read back raw (no abstract tree), the model applied directly.
-    config = _load_run_config(trained)
+    config = load_run_config(trained)
     with ocp.StandardCheckpointer() as ckpt:
         state = ckpt.restore(os.path.join(trained, "checkpoints", "000000002", "state"))
     assert state["ema_params"] is not None
@@ -214,6 +214,26 @@ def test_command_errors_are_one_line(trained, image_dir, tmp_path, capsys):
     assert cli.main(["detokenize", "--workdir", trained, "--input", str(not_npz), "--output", str(tmp_path / "d")]) == 1
     assert "x.npz" in one_line_error(capsys)
     assert not os.path.exists(tmp_path / "d")
+
+
+def test_token_file_names_stay_inside_the_output_directory(trained, tok, tmp_path, capsys):
+    from titok_jax.api import read_token_file
+    tokens = np.zeros((2, 8), np.int32)
+    path = str(tmp_path / "t.npz")
+    np.savez(path, tokens=tokens, files=np.asarray(["a.jpg", os.path.join("sub", "b.png")]))
+    got, names = read_token_file(path, tok)
+    assert names == ["a.png", os.path.join("sub", "b.png")] and got.dtype == np.int32
+    for files, match in ((["/tmp/evil.png", "b.png"], "outside the output directory"),
+                         ([os.path.join("..", "evil.png"), "b.png"], "outside the output directory"),
+                         (["a/../../evil.png", "b.png"], "outside the output directory"),
+                         (["a.png", "a.png"], "both give the output name")):
+        np.savez(path, tokens=tokens, files=np.asarray(files))
+        with pytest.raises(ValueError, match=match):
+            read_token_file(path, tok)
+        out = tmp_path / "never"
+        assert cli.main(["detokenize", "--workdir", trained, "--input", path, "--output", str(out)]) == 1
+        assert match in one_line_error(capsys)
+        assert not out.exists() and not (tmp_path / "evil.png").exists()
 
 
 def test_tokenize_a_data_source_into_shards(trained, tok, tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_generator_api_prefix_lengths_and_settings(gen):
 def test_eval_metrics_are_next_token_ce_against_numpy(gen):
     rng = np.random.default_rng(0)
     tokens, labels = rng.integers(0, 32, (4, 8)).astype(np.int32), np.array([0, -1, 3, 5], np.int32)
-    metrics = gen.task.masked_metrics(gen.params, tokens, labels)
+    metrics = gen.task.token_metrics(gen.params, tokens, labels)
     logits = np.asarray(jax.jit(gen.task.model.apply)({"params": gen.params}, jnp.asarray(tokens),
                                                       jnp.asarray([0, 6, 3, 5])), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from titok_jax import cli
 from titok_jax.convert import convnext as conv
-from titok_jax.convert.common import unflatten
 from titok_jax.losses import convnext_logits, convnext_loss, load_convnext_params
-from titok_jax.models.convnext import CONVNEXT_SMALL, convnext_abstract_params
+from titok_jax.nets.convnext import CONVNEXT_SMALL, convnext_abstract_params
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "convnext")
 
@@ -40,15 +40,28 @@ def weights_file(torch_sd, tmp_path_factory):
     d = tmp_path_factory.mktemp("convnext")
     src, out = str(d / "small_torch.safetensors"), str(d / "convnext_small_test.safetensors")
     save_file(dict(torch_sd), src)
-    assert conv.main(["--input", src, "--output", out]) == 0    # the size is read from the file
+    assert cli.main(["convert-convnext", "--input", src, "--output", out]) == 0    # size read from the file
     return out
+
+
+def test_convert_command_errors_are_one_line(torch_sd, tmp_path, capsys):
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({k: v for k, v in torch_sd.items() if k != "features.0.0.weight"}, bad)
+    out = tmp_path / "out.safetensors"
+    assert cli.main(["convert-convnext", "--input", bad, "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "features.0.0.weight" in err and not out.exists()
+    assert cli.main(["convert-convnext", "--input", bad, "--output", str(tmp_path / "x.pt")]) == 1
+    assert ".safetensors or .npz" in capsys.readouterr().err
+    assert cli.main(["convert-convnext", "--output", str(out)]) == 2
+    assert "--input" in capsys.readouterr().err
 
 
 def test_converter_reads_a_torch_pickle(torch_sd, weights_file, tmp_path):
     torch = pytest.importorskip("torch")
     src, out = str(tmp_path / "small.pth"), str(tmp_path / "small.npz")
     torch.save({k: torch.from_numpy(v) for k, v in torch_sd.items()}, src)
-    assert conv.main(["--input", src, "--output", out]) == 0
+    assert cli.main(["convert-convnext", "--input", src, "--output", out]) == 0
     a, b = load_convnext_params(out), load_convnext_params(weights_file)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -136,8 +149,8 @@ def test_tokenizer_task_adds_the_weighted_convnext_term(weights_file):
     key = jax.random.key(1)
 
     def run(params, state, constants):
-        _, _, metrics = task.grads(params, state, {"image": images}, key, jnp.asarray(0), constants)
-        # the same forward pass as inside grads (same rngs), then the term computed independently
+        _, (_, metrics) = task.loss(params, state, {"image": images}, key, jnp.asarray(0), constants)
+        # the same forward pass as inside the loss (same rngs), then the term computed independently
         k_sample, k_quant = jax.random.split(key)
         rec, _ = task.model.apply({"params": params["model"], **state["model"]}, images, train=True,
                                   rngs={SAMPLE_RNG: k_sample, QUANTIZER_RNG: k_quant},

@@ -136,7 +136,8 @@ def test_tokenizer_task_trains_the_maskbit_discriminator():
     assert "block_in" in params["disc"] and "blocks_1_norm" in params["disc"]
     batch = {"image": jnp.asarray(np.random.default_rng(1).uniform(size=(4, 32, 32, 3)),
                                   jnp.float32)}
-    grads, _, m = jax.jit(task.grads)(params, state, batch, jax.random.key(1), jnp.int32(0), {})
+    from titok_jax.train.step import loss_grads
+    grads, _, m = jax.jit(loss_grads(task.loss))(params, state, batch, jax.random.key(1), jnp.int32(0), {})
     disc_norm = float(_global_norm(grads["disc"]))
     assert disc_norm > 0.0 and np.isfinite(float(m["gan/discriminator"]))
     assert np.isfinite(float(m["gan/generator"]))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from titok_jax import cli
 from titok_jax.convert import inception as conv
-from titok_jax.convert.common import unflatten
 from titok_jax.evaluation import fid
-from titok_jax.models.inception import (InceptionV3FID, inception_feature_fn,
-                                        load_inception_params)
+from titok_jax.nets.inception import (InceptionV3FID, inception_feature_fn,
+                                      load_inception_params)
 from titok_jax.nn.resize import resize_bilinear
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "fid")
@@ -40,8 +40,8 @@ def torch_sd():
 def weights_file(torch_sd, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("inception") / "inception_fid.safetensors")
     save_file(dict(torch_sd), path.replace(".safetensors", "_torch.safetensors"))
-    assert conv.main(["--input", path.replace(".safetensors", "_torch.safetensors"),
-                      "--output", path]) == 0
+    assert cli.main(["convert-inception", "--input", path.replace(".safetensors", "_torch.safetensors"),
+                     "--output", path]) == 0
     return path
 
 
@@ -96,6 +96,32 @@ def test_converter_consumes_everything_and_names_problems(torch_sd, weights_file
         conv.convert_inception_state_dict(bad)
     with pytest.raises(FileNotFoundError, match="convert.inception"):
         load_inception_params(weights_file + ".missing.safetensors")
+
+
+def test_convert_inception_and_fid_reference_commands_refuse_bad_input(torch_sd, weights_file,
+                                                                       tmp_path, capsys):
+    def one_line(code, argv):
+        assert cli.main(argv) == code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    bad = str(tmp_path / "bad.safetensors")
+    save_file({k: v for k, v in torch_sd.items() if k != "fc.bias"}, bad)
+    out = tmp_path / "out.safetensors"
+    assert "fc.bias" in one_line(1, ["convert-inception", "--input", bad, "--output", str(out)])
+    assert not out.exists()
+    assert "--output" in one_line(2, ["convert-inception", "--input", bad])
+    # fid-reference: dashed flags are accepted too; a missing weights file is one line naming it
+    missing = str(tmp_path / "nope.safetensors")
+    assert "nope.safetensors" in one_line(1, ["fid-reference", "--data", "sample", "--image-size", "32",
+                                              "--inception-weights", missing, "--output",
+                                              str(tmp_path / "ref.npz")])
+    assert "--inception_weights" in one_line(2, ["fid-reference", "--data", "sample",
+                                                 "--output", str(tmp_path / "ref.npz")])
+    assert "--batch_size" in one_line(2, ["fid-reference", "--data", "sample", "--batch_size", "0",
+                                          "--inception_weights", weights_file, "--output", "r.npz"])
+    assert not (tmp_path / "ref.npz").exists()
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -156,7 +182,9 @@ def test_low_rank_route_equals_full_computation():
     a.update(real[3:])
     b.update(fake)
     exact = _projected_fid(real, fake)
-    assert fid.frechet_distance_stats(a, b) == pytest.approx(exact, rel=1e-9)            # both factors
+    # both factors: the trace of sqrt(M) of a rank-4 M sums square roots of its eigenvalues, and the
+    # ones that are zero in exact arithmetic come out at ~1e-16 here, so ~1e-8 absolute noise each
+    assert fid.frechet_distance_stats(a, b) == pytest.approx(exact, rel=1e-7)
     assert fid.frechet_distance_stats(a.result(), b) == pytest.approx(exact, rel=1e-7)   # one factor
     # the full D x D routes agree up to the noise sqrt() amplifies at the zero eigenvalues
     for method in ("eigh", "sqrtm"):
@@ -230,14 +258,12 @@ def test_rfid_in_evaluation_and_reference_stats_cli(weights_file, tmp_path):
 
     from titok_jax.tasks import get_task
     from titok_jax.train import sharding as sharding_lib
-    from titok_jax.train.evaluate import evaluate, make_eval_fn
+    from titok_jax.tasks.eval_reconstruction import eval_fn, reconstruction_metrics
 
     ref_path = str(tmp_path / "ref.npz")
     # reference statistics of the eval split's originals, written by the command line
-    from titok_jax.evaluation import fid_reference
-
-    assert fid_reference.main(["--data", "sample", "--image-size", "32", "--batch-size", "3",
-                     "--inception-weights", weights_file, "--output", ref_path]) == 0
+    assert cli.main(["fid-reference", "--data", "sample", "--image_size", "32", "--batch_size", "3",
+                     "--inception_weights", weights_file, "--output", ref_path]) == 0
     config = micro_config()
     with config.unlocked():
         # one data shard, so the eval batch is the 3 sample images without padding (less CPU time)
@@ -247,8 +273,8 @@ def test_rfid_in_evaluation_and_reference_stats_cli(weights_file, tmp_path):
     mesh = sharding_lib.make_mesh(dict(config.mesh))
     task = get_task(config)
     params, state = task.init(jax.random.key(0))
-    eval_fn = make_eval_fn(task)
-    metrics, originals, recs = evaluate(task, eval_fn, params["model"], state, config, mesh, 32)
+    metrics, originals, recs = reconstruction_metrics(eval_fn(task), params["model"], state["model"],
+                                                      config, mesh, 32)
     assert np.isfinite(metrics["rfid"]) and metrics["rfid"] >= 0
     assert metrics["inception_score"] >= 1.0 - 1e-9
 
@@ -265,7 +291,7 @@ def test_rfid_in_evaluation_and_reference_stats_cli(weights_file, tmp_path):
     # without an `eval` section: no rFID, nothing loaded
     with config.unlocked():
         del config["eval"]
-    plain, _, _ = evaluate(task, eval_fn, params["model"], state, config, mesh, 32)
+    plain, _, _ = reconstruction_metrics(eval_fn(task), params["model"], state["model"], config, mesh, 32)
     assert "rfid" not in plain and plain["psnr"] == pytest.approx(metrics["psnr"])
 
 
@@ -273,7 +299,7 @@ def test_generation_scorer_equals_direct_features(weights_file, tmp_path):
     """gFID / IS of `titok-jax generate --inception_weights`: the scorer streamed over two chunks
     equals the Frechet distance and Inception Score of the features computed in one go."""
     from titok_jax.generation import GenerationScorer
-    from titok_jax.models.inception import inception_feature_fn, load_inception_params
+    from titok_jax.nets.inception import inception_feature_fn, load_inception_params
     rng = np.random.default_rng(5)
     images = rng.uniform(size=(4, 32, 32, 3)).astype(np.float32)
     ref_mu, ref_a = rng.normal(size=2048), rng.normal(size=(2048, 6))

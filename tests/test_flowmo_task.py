@@ -10,7 +10,7 @@ from titok_jax.tasks import get_task
 from titok_jax.tasks.flowmo import euler_chain, posttrain_times
 from titok_jax.train.optimizer import make_optimizer
 from titok_jax.train.state import TrainState
-from titok_jax.train.step import make_train_step
+from titok_jax.train.step import build_step
 from train_helpers import load_config_module
 
 MICRO = dict(image_size=16, patch_size=4, code_length=4, token_bits=8, id_bits=8, entropy_group_bits=4,
@@ -43,7 +43,7 @@ def _run_steps(config, n):
                           ema_params=None, model_state=mstate, rng=jax.random.key_data(k))
 
     state = jax.jit(make)(jax.random.key(0))
-    step = jax.jit(make_train_step(task.grads, opt))
+    step = build_step(task, opt, donate=False)
     images = jax.random.uniform(jax.random.key(3), (4, 16, 16, 3))
     history, metrics = [state.params["model"]], []
     for _ in range(n):
@@ -130,7 +130,7 @@ def test_configs_and_validation():
 
 def test_load_tokenizer_after_two_steps_and_post_init_from(tmp_path):
     import titok_jax
-    from titok_jax.tasks.titok_stages import restore_workdir
+    from titok_jax.tasks.runs import restore_run
     from titok_jax.train.loop import train
 
     wd = str(tmp_path / "main")
@@ -149,7 +149,7 @@ def test_load_tokenizer_after_two_steps_and_post_init_from(tmp_path):
     post = micro_config("tiny_post")
     post.init_from = wd
     params, _ = jax.jit(get_task(post).init)(jax.random.key(9))
-    raw, _, _ = restore_workdir(wd, task="flowmo", ema=False)
+    raw = restore_run(wd, expect_task="flowmo", ema=False, host=True).params
     for x, y in zip(jax.tree.leaves(nn.unbox(params)["model"]), jax.tree.leaves(raw)):
         np.testing.assert_array_equal(x, y)
 

@@ -242,7 +242,7 @@ def test_published_name_table_fills_the_model(variant, torch_keys):
     import jax
     from titok_jax.convert import titok as conv
     from titok_jax.convert.vqgan import decoder_name_table
-    from titok_jax.models.titok import titok_model_name, titok_variant
+    from titok_jax.models.titok_variants import titok_model_name, titok_variant
 
     model = {"name": titok_model_name(variant), **titok_variant(variant)}
     two_stage = model["name"] == "titok_two_stage"

@@ -238,38 +238,6 @@ def test_sharded_jit_and_shard_map_equal_single_device(grouping):
         np.testing.assert_allclose(float(got_sm[name]), float(ref[name]), rtol=2e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("grouping", [dict(), dict(batch_entropy_group_size=3, entropy_grouping="subtokens")])
-def test_explicit_mesh_entropy_and_gradient(grouping):
-    """jax.make_mesh's default Explicit axes: the batch-entropy contraction over the sharded batch
-    names its output sharding; values and gradients equal the single-device ones."""
-    b = 6
-    z = jax.random.normal(jax.random.key(5), (16, 3, b)) * 0.05
-    q = LFQ(b, temperature=0.1, **grouping)
-
-    def loss(z):
-        hs, hb = q.apply({}, z.astype(jnp.float32), method=lambda m, x: m.entropy_terms(x))
-        return hs - hb
-
-    mesh = jax.make_mesh((8,), ("data",))
-    assert AxisType.Explicit in tuple(mesh.axis_types)
-    ref_v, ref_g = jax.jit(jax.value_and_grad(loss))(z)
-    with jax.set_mesh(mesh):
-        zs = jax.device_put(z, NamedSharding(mesh, P("data")))
-        v, g = jax.jit(jax.value_and_grad(loss))(zs)
-    np.testing.assert_allclose(float(v), float(ref_v), rtol=2e-6)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(ref_g), rtol=1e-5, atol=1e-7)
-
-
-def test_full_forward_on_explicit_mesh():
-    z = jax.random.normal(jax.random.key(5), (16, 3, 6))
-    q = LFQ(6, track_usage=False)
-    ref = jax.jit(lambda z: q.apply({}, z))(z)[1]
-    mesh = jax.make_mesh((8,), ("data",))
-    with jax.set_mesh(mesh):
-        out = jax.jit(lambda z: q.apply({}, z))(jax.device_put(z, NamedSharding(mesh, P("data"))))[1]
-    np.testing.assert_allclose(float(out.metrics["perplexity"]), float(ref.metrics["perplexity"]), rtol=1e-6)
-
-
 # ---- BSQ geometry -----------------------------------------------------------------------------
 def test_bsq_geometry():
     b = 9

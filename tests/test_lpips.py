@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from titok_jax import cli
 from titok_jax.convert import lpips as conv
 from titok_jax.losses import perceptual
 from titok_jax.losses.perceptual import LPIPS, load_lpips_params, lpips_distance, lpips_param_shapes
+from titok_jax.trees import flatten
 
 # torchvision vgg16 `features` indices holding a conv, with (C_in, C_out) - written out by hand
 # so the test does not reuse the model's table.
@@ -84,8 +86,8 @@ def setup(tmp_path_factory):
     save_file(vgg, str(d / "vgg16.safetensors"))
     save_file(lin, str(d / "vgg_lin.safetensors"))
     out = str(d / "lpips_vgg.safetensors")
-    assert conv.main(["--vgg", str(d / "vgg16.safetensors"),
-                      "--lin", str(d / "vgg_lin.safetensors"), "--output", out]) == 0
+    assert cli.main(["convert-lpips", "--vgg", str(d / "vgg16.safetensors"),
+                     "--lin", str(d / "vgg_lin.safetensors"), "--output", out]) == 0
     rng = np.random.default_rng(1)
     x = rng.random((2, 24, 24, 3)).astype(np.float32)   # 24 -> 12 -> 6 -> 3 -> 1: odd pool floors
     y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0, 1).astype(np.float32)
@@ -146,7 +148,7 @@ def test_unit_normalize_zero_vector_has_finite_gradient():
 def test_module_param_tree_matches_file_format():
     shapes = jax.eval_shape(LPIPS().init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
                             jnp.zeros((1, 16, 16, 3)))["params"]
-    flat = {k: tuple(v.shape) for k, v in perceptual.flatten_params(shapes).items()}
+    flat = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
     assert flat == lpips_param_shapes()
     assert len(flat) == 13 * 2 + 5
     assert sum(int(np.prod(s)) for s in flat.values()) == 14_714_688 + 1472
@@ -157,8 +159,8 @@ def test_npz_roundtrip_and_full_lpips_state_dict(setup, tmp_path):
     np.savez(tmp_path / "vgg.npz", **setup["vgg"])
     np.savez(tmp_path / "lin.npz", **setup["lin"])
     conv.convert_lpips_files(tmp_path / "vgg.npz", tmp_path / "lin.npz", tmp_path / "out.npz")
-    a = perceptual.flatten_params(load_lpips_params(tmp_path / "out.npz"))
-    b = perceptual.flatten_params(setup["params"])
+    a = flatten(load_lpips_params(tmp_path / "out.npz"))
+    b = flatten(setup["params"])
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # one `lpips.LPIPS` state dict: net.slice{n}.{i}.* + lin* + scaling buffers
     slices = {0: 1, 2: 1, 5: 2, 7: 2, 10: 3, 12: 3, 14: 3, 17: 4, 19: 4, 21: 4, 24: 5, 26: 5, 28: 5}
@@ -196,14 +198,20 @@ def test_converter_errors_name_the_key(setup, capsys):
     bad = dict(lin)
     del bad["lin0.model.1.weight"]
     save_file(bad, str(d / "bad_lin.safetensors"))
-    rc = conv.main(["--vgg", str(d / "vgg16.safetensors"), "--lin", str(d / "bad_lin.safetensors"),
-                    "--output", str(d / "never.safetensors")])
-    err = capsys.readouterr().err
+    capsys.readouterr()
+    rc = cli.main(["convert-lpips", "--vgg", str(d / "vgg16.safetensors"), "--lin",
+                   str(d / "bad_lin.safetensors"), "--output", str(d / "never.safetensors")])
+    err = capsys.readouterr().err.strip()
     assert rc == 1 and "lin0.model.1.weight" in err and not os.path.exists(d / "never.safetensors")
+    assert len(err.splitlines()) == 1 and err.startswith("titok-jax: error:")
+    # a missing flag is a usage error (exit 2) naming it
+    assert cli.main(["convert-lpips", "--vgg", str(d / "vgg16.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--lin --output" in err
 
 
 def test_loader_errors_name_the_key(setup, tmp_path):
-    flat = {k: np.asarray(v) for k, v in perceptual.flatten_params(setup["params"]).items()}
+    flat = {k: np.asarray(v) for k, v in flatten(setup["params"]).items()}
     bad = dict(flat)
     del bad["lin2/kernel"]
     save_file(bad, str(tmp_path / "a.safetensors"))
@@ -223,7 +231,7 @@ def test_torch_pth_input_matches_safetensors(setup, tmp_path):
     torch.save({k: torch.from_numpy(v) for k, v in setup["lin"].items()}, tmp_path / "vgg.pth")
     out = conv.convert_lpips_files(tmp_path / "vgg16.pth", tmp_path / "vgg.pth",
                                    tmp_path / "lpips.safetensors")
-    ref = perceptual.flatten_params(setup["params"])
+    ref = flatten(setup["params"])
     assert all(np.array_equal(out[k], np.asarray(ref[k])) for k in ref)
     # PyTorch's own conv / max-pool (NCHW, float64) as a second reference for the layouts
     F = torch.nn.functional

@@ -11,7 +11,8 @@ import optax
 import pytest
 from scipy.special import erf
 
-from titok_jax.models import TITOK_VARIANTS, TiTok, gaussian_posterior, titok_variant
+from titok_jax.models import TITOK_VARIANTS, TiTok, titok_variant
+from titok_jax.quantizers import gaussian_posterior
 from titok_jax.nn import LOGICAL_AXES
 
 # titok.md 2.7 (millions of parameters, rounded to 10k).
@@ -49,8 +50,7 @@ def test_published_parameter_counts(name):
     params = shapes["params"]
     n = _count(params) / 1e6
     ref = REFERENCE_MILLIONS[name]
-    assert abs(n - ref) / ref < 5e-3, (n, ref)
-    assert round(n, 2) == ref, (n, ref)             # in fact exact to the reference's rounding
+    assert round(n, 2) == ref, (n, ref)             # exact to the reference's rounding
     # State-dict shapes of titok.md 2.8 (non-legacy pixel head).
     ew, dw, nt = kw["encoder_width"], kw["decoder_width"], kw["num_latent_tokens"]
     enc, dec = params["encoder"], params["decoder"]
@@ -188,7 +188,7 @@ def test_forward_matches_float64_reference():
     recon, out = model.apply({"params": params}, x)
     ref, idx = _reference(params, x, kw)
     np.testing.assert_array_equal(np.asarray(out.indices), idx)
-    np.testing.assert_allclose(np.asarray(recon), ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(recon), ref, rtol=0, atol=5e-6)   # float32: 6e-7 measured
 
 
 # --------------------------------------------------------------------------- shapes and round trips
@@ -219,7 +219,7 @@ def test_decode_tokens_equals_forward(name):
     recon, out = model.apply(variables, _images(2))
     codes, _ = model.apply(variables, _images(2), method="encode")
     if name == "tiny_l2":                    # l2-normalised codes reach the decoder
-        np.testing.assert_allclose(np.linalg.norm(codes, axis=-1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(codes, axis=-1), 1.0, rtol=1e-6)
     from_tokens = model.apply(variables, out.indices, method="decode_tokens")
     np.testing.assert_allclose(from_tokens, recon, rtol=0, atol=1e-6)
     from_b1n = model.apply(variables, out.indices[:, None], method="decode_tokens")
@@ -267,8 +267,8 @@ def test_gaussian_posterior_kl_matches_numpy():
     m = moments.astype(np.float64)
     mean, logvar = m[..., :4], np.clip(m[..., 4:], -30, 20)
     kl = 0.5 * np.sum(mean ** 2 + np.exp(logvar) - 1 - logvar, axis=(1, 2))   # per image
-    np.testing.assert_allclose(out.metrics["kl"], kl.mean(), rtol=1e-5)
-    np.testing.assert_allclose(out.losses["kl"], 1e-6 * kl.sum() / 3, rtol=1e-5)
+    np.testing.assert_allclose(out.metrics["kl"], kl.mean(), rtol=1e-6)          # measured 7e-10
+    np.testing.assert_allclose(out.losses["kl"], 1e-6 * kl.sum() / 3, rtol=1e-6)  # measured 3e-8
     np.testing.assert_array_equal(z, moments[..., :4])
     np.testing.assert_allclose(out.aux["logvar"], logvar, rtol=1e-6)
 
@@ -288,7 +288,7 @@ def test_encoder_reads_the_latent_slots():
     lat = p["latent_tokens"] + enc["latent_token_positional_embedding"]["embedding"]
     ref = _ln(_ln(lat, enc["ln_pre"]), enc["ln_post"]) @ enc["conv_out"]["kernel"] \
         + enc["conv_out"]["bias"]
-    np.testing.assert_allclose(z_a[0], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z_a[0], ref, rtol=0, atol=1e-6)         # float32: 6e-8 measured
 
     model, variables = _init("tiny")
     variables = {**variables, "params": _perturbed(variables["params"])}
@@ -339,10 +339,10 @@ def test_legacy_reshape_quirk():
     bsz, n, w = h.shape
     scrambled = h.reshape(bsz, w, n)                              # PyTorch reshape, no transpose
     np.testing.assert_allclose(z, np.einsum("bwn,wc->bnc", scrambled, kernel) + bias,
-                               rtol=1e-4, atol=1e-5)
+                               rtol=0, atol=5e-7)                    # float32: 4e-8 measured
     h2, z2 = _encoder_io(plain, variables, x)
     np.testing.assert_allclose(h2, h, rtol=1e-6, atol=1e-6)       # same params, same features
-    np.testing.assert_allclose(z2, h @ kernel + bias, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z2, h @ kernel + bias, rtol=0, atol=5e-7)
     assert not np.allclose(z, z2, atol=1e-3)
 
 
@@ -362,9 +362,12 @@ def test_bfloat16_compute_with_float32_params():
     assert inter["decoder"]["transformer_1"]["__call__"][0].dtype == jnp.bfloat16
     assert inter["encoder"]["__call__"][0].dtype == jnp.float32  # quantizer input in f32
     assert recon.dtype == jnp.float32 and np.isfinite(np.asarray(recon)).all()
-    ref, _ = TiTok(**titok_variant("tiny")).apply(variables, _images())
+    ref, ref_out = TiTok(**titok_variant("tiny")).apply(variables, _images())
+    np.testing.assert_array_equal(out.indices, ref_out.indices)
+    # bf16 keeps 8 bits: measured max error 4e-4 = 0.006 of the output's range (~1.5 bf16 ulps of
+    # it); allow 10x that.
     err = np.abs(np.asarray(recon) - np.asarray(ref)).max()
-    assert 0 < err < 0.1 * np.abs(np.asarray(ref)).max()
+    assert 0 < err < 0.06 * np.abs(np.asarray(ref)).max()
 
 
 def test_remat_wraps_the_blocks():

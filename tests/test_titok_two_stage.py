@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax.models.titok import titok_variant
+from titok_jax.models.titok_variants import titok_variant
 from titok_jax.models.titok_two_stage import TiTokTwoStage
 
 from train_helpers import load_config_module
@@ -129,8 +129,8 @@ def test_stage1_loss_is_cross_entropy_plus_quantizer():
     params, state = nn.unbox(jax.jit(task.init)(jax.random.key(0)))
     images = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3))
     teacher = task.constants()["teacher"]
-    _, _, metrics = jax.jit(task.grads)(params, state, {"image": images}, jax.random.key(1),
-                                        jnp.int32(0), {"teacher": teacher})
+    _, (_, metrics) = jax.jit(task.loss)(params, state, {"image": images}, jax.random.key(1),
+                                         jnp.int32(0), {"teacher": teacher})
     codes = np.asarray(jax.jit(task.proxy_codes)(teacher, images))
     (logits, out), _ = jax.jit(lambda v, x: task.model.apply(
         v, x, train=True, mutable=["quantizer_stats"]))(
@@ -204,7 +204,7 @@ def runs(tmp_path_factory):
 
 
 def test_tiny_two_stage_end_to_end(runs):
-    from titok_jax.tasks.titok_stages import restore_workdir
+    from titok_jax.tasks.runs import restore_run
     s1_dir, s2_dir, s1, s2 = runs
     assert s1["step"] == 2 and np.isfinite(s1["last_metrics"]["proxy_ce"])
     assert np.isfinite(s1["last_eval"]["psnr"])
@@ -212,8 +212,9 @@ def test_tiny_two_stage_end_to_end(runs):
     assert "gan/discriminator" in s2["last_metrics"]
     with pytest.raises(ValueError, match="stage-1"):
         titok_jax.load_tokenizer(s1_dir)
-    p1, _, _ = restore_workdir(s1_dir)                  # stage-1 EMA params (stage 2's init)
-    p2, _, cfg2 = restore_workdir(s2_dir, ema=False)    # stage-2 trained params
+    p1 = restore_run(s1_dir, host=True).params                 # stage-1 EMA params (stage 2's init)
+    run2 = restore_run(s2_dir, ema=False, host=True)           # stage-2 trained params
+    p2, cfg2 = run2.params, run2.config.to_dict()
     for name in ("encoder", "quantize", "latent_tokens"):  # frozen: carried over exactly
         for a, b in zip(jax.tree.leaves(p1[name]), jax.tree.leaves(p2[name])):
             np.testing.assert_array_equal(a, b)

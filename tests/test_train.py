@@ -11,10 +11,10 @@ from titok_jax.tasks import get_task
 from titok_jax.train import sharding as sharding_lib
 from titok_jax.train.loop import train
 from titok_jax.train.optimizer import decay_mask, make_optimizer, path_str
-from titok_jax.train.state import abstract_and_shardings, create_state
-from titok_jax.train.step import make_train_step
+from titok_jax.train.state import abstract_and_shardings
+from titok_jax.train.step import build_step
 
-from train_helpers import load_config_module, micro_config
+from train_helpers import fresh_state, load_config_module, micro_config
 
 
 def _losses(workdir):
@@ -23,14 +23,8 @@ def _losses(workdir):
 
 
 def _run_steps(config, mesh_spec, devices, batches):
-    mesh = sharding_lib.make_mesh(mesh_spec, devices)
-    task = get_task(config)
-    _, shardings, optimizer = abstract_and_shardings(task.init, lambda p: make_optimizer(config, p),
-                                                     True, mesh, sharding_lib.DEFAULT_RULES)
-    state = create_state(task.init, optimizer, True, shardings, 0)
-    step = jax.jit(make_train_step(task.grads, optimizer, ema_decay=0.999),
-                   in_shardings=(shardings, sharding_lib.batch_sharding(mesh), None),
-                   out_shardings=(shardings, None))
+    task, state, optimizer, shardings, mesh = fresh_state(config, mesh_spec, devices, ema=True)
+    step = build_step(task, optimizer, shardings, mesh, ema_decay=0.999)
     losses = []
     for b in batches:
         state, metrics = step(state, jax.device_put(b, sharding_lib.batch_sharding(mesh)), {})
@@ -59,10 +53,17 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
     full = tmp_path / "full"
     train(config, str(full), progress=False)
     parts = tmp_path / "parts"
-    first = train(config, str(parts), progress=False, stop_at_step=3)
-    assert first["step"] == 3
+    # Stop at 4, not a periodic save step (every_steps=3): only the stop itself can save step 4.
+    assert config.checkpoint.every_steps == 3
+    first = train(config, str(parts), progress=False, stop_at_step=4)
+    assert first["step"] == 4
+    assert max(int(s) for s in os.listdir(parts / "checkpoints")) == 4
     second = train(config, str(parts), progress=False)
     assert second["step"] == 6
+    # The second run resumed from the stop-save (step 4), not from the periodic save at 3:
+    # every step is logged exactly once.
+    with open(parts / "metrics.jsonl") as f:
+        assert [json.loads(row)["step"] for row in f] == list(range(1, 7))
     want, got = _losses(full), _losses(parts)
     assert sorted(want) == list(range(1, 7)) and sorted(got) == list(range(1, 7))
     for step in range(1, 7):

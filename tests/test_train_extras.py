@@ -9,24 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.tasks import get_task
-from titok_jax.train import sharding as sharding_lib
-from titok_jax.train.optimizer import make_optimizer
-from titok_jax.train.state import abstract_and_shardings, create_state
-from titok_jax.train.step import make_train_step
+from titok_jax.train.step import build_step
 
-from train_helpers import ROOT, micro_config
+from train_helpers import ROOT, fresh_state, micro_config
 
 PLAIN_VQ = {"model.ema_codebook": False, "model.kmeans_init": False, "model.dead_code_threshold": 0.0}
 
 
 def _one_step(config, batch, accumulation):
-    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
-    task = get_task(config)
-    _, shardings, optimizer = abstract_and_shardings(task.init, lambda p: make_optimizer(config, p),
-                                                     False, mesh, sharding_lib.DEFAULT_RULES)
-    state = create_state(task.init, optimizer, False, shardings, 0)
-    step = jax.jit(make_train_step(task.grads, optimizer, accumulation_steps=accumulation))
+    task, state, optimizer, _, _ = fresh_state(config)
+    step = build_step(task, optimizer, accumulation_steps=accumulation)
     return step(state, batch, {})
 
 
@@ -45,15 +37,13 @@ def test_gradient_accumulation_equals_the_full_batch_step():
 def test_gan_branch_trains_the_discriminator_after_its_start_step():
     config = micro_config(**PLAIN_VQ, **{"losses.gan_weight": 0.1, "losses.gan_start_step": 1,
                                          "losses.lecam_weight": 0.001,
+                                         # no warmup: D's first update (step 1) has a non-zero rate
+                                         "optimizers.disc": {"warmup_steps": 0},
                                          "losses.discriminator": {"ndf": 8, "n_layers": 2, "norm": "group",
                                                                   "num_groups": 4}})
-    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
-    task = get_task(config)
-    _, shardings, optimizer = abstract_and_shardings(task.init, lambda p: make_optimizer(config, p),
-                                                     False, mesh, sharding_lib.DEFAULT_RULES)
-    state = create_state(task.init, optimizer, False, shardings, 0)
+    task, state, optimizer, _, _ = fresh_state(config)
     assert set(state.params) == {"model", "disc"}
-    step = jax.jit(make_train_step(task.grads, optimizer))
+    step = build_step(task, optimizer, donate=False)
     batch = {"image": jnp.asarray(np.random.default_rng(1).uniform(size=(8, 32, 32, 3)), jnp.float32)}
     disc0 = jax.tree.map(np.asarray, state.params["disc"])
     state, m0 = step(state, batch, {})  # step 0 < start: the gate is closed, D gets zero gradient

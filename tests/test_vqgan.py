@@ -17,8 +17,8 @@ from titok_jax.convert.vqgan import (VQGAN_TORCH_DEFAULTS, codebook_from_state_d
                                      vqgan_params_from_state_dict)
 from titok_jax.models.registry import build_model
 from titok_jax.nn import LOGICAL_AXES
-from titok_jax.models.vqgan import (MASKGIT_F16_256, MaskGITDecoder, MaskGITVQGAN, conv2d_same,
-                                    same_padding)
+from titok_jax.models.vqgan import MASKGIT_F16_256, MaskGITDecoder, MaskGITVQGAN
+from titok_jax.nn.conv import conv2d_same, same_padding
 
 from train_helpers import load_config_module
 

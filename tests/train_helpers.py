@@ -34,3 +34,21 @@ def micro_config(**overrides):
             target = target[p]
         target[leaf] = value
     return c
+
+
+def fresh_state(config, mesh_spec=None, devices=None, ema=False, seed=0):
+    """``(task, state, optimizer, shardings, mesh)`` of a config: the trainer's sharded init on a
+    mesh (default: one device)."""
+    import jax
+
+    from titok_jax.tasks import get_task
+    from titok_jax.train import sharding as sharding_lib
+    from titok_jax.train.optimizer import make_optimizer
+    from titok_jax.train.state import abstract_and_shardings, create_state
+
+    mesh = sharding_lib.make_mesh(mesh_spec or {"data": 1}, devices or jax.devices()[:1])
+    task = get_task(config)
+    _, shardings, optimizer = abstract_and_shardings(task.init, lambda p: make_optimizer(config, p),
+                                                     ema, mesh, sharding_lib.DEFAULT_RULES)
+    state = create_state(task.init, optimizer, ema, shardings, seed)
+    return task, state, optimizer, shardings, mesh

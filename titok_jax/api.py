@@ -18,7 +18,6 @@ Also here, for the command line: ``list_images`` (an image file or a directory o
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -26,8 +25,6 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_BATCH_SIZE = 32
-# Run tasks whose workdirs hold a tokenizer this API can load.
-TOKENIZER_TASKS = ("tokenizer", "titok_stage2", "flowmo", "flextok")
 
 
 class Tokenizer:
@@ -35,48 +32,35 @@ class Tokenizer:
 
     Attributes: ``num_tokens`` (tokens per image), ``codebook_size`` (None for continuous VAE
     tokenizers), ``image_size`` (square side the model takes), ``token_dim`` (the VAE's channel
-    count; for VQ the codebook's code dimension), ``quantizer`` ("vq" or "vae"), ``step`` (the
-    checkpoint's step), ``config`` (the run config) and ``batch_size`` (chunk size of
-    ``encode``/``decode``)."""
+    count; for VQ the codebook's code dimension), ``quantizer`` ("vq", "vae", "fsq", "lfq"),
+    ``spec`` (the task's ``TokenSpec``), ``task`` (the run's task), ``step`` (the checkpoint's
+    step), ``config`` (the run config) and ``batch_size`` (chunk size of ``encode``/``decode``)."""
 
-    def __init__(self, model: Any, params: Any, model_state: dict, config: Any = None, step: int | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(self, task: Any, params: Any, model_state: Any, config: Any = None,
+                 step: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE):
         import jax
-        import jax.numpy as jnp
 
-        self.model, self.config, self.step = model, config, step
-        self.params, self.model_state = params, dict(model_state)
-        self.quantizer = getattr(model, "quantizer", "vq")
-        self.num_tokens = int(model.num_latent_tokens)
-        self.image_size = int(model.image_size)
-        self.token_dim = int(getattr(model, "token_size", 0)) or None
-        self.codebook_size = None if self.quantizer == "vae" else int(model.codebook_size)
+        self.task, self.config, self.step = task, config, step
+        self.params, self.model_state = params, model_state
+        self.spec = spec = task.token_spec
+        self.quantizer = spec.quantizer
+        self.num_tokens = spec.num_tokens
+        self.image_size = spec.image_size
+        self.token_dim = spec.token_dim
+        self.codebook_size = spec.codebook_size
+        self.flow_decoder = spec.flow_decoder
+        self.variable_length = spec.variable_length
         self.batch_size = max(1, int(batch_size))
+        self._encode = jax.jit(task.encode)
+        self._features = jax.jit(task.features)
+        self._decode = jax.jit(task.decode)
+        self._decode_flow = jax.jit(lambda p, s, t, key, guidance, steps: task.decode(
+            p, s, t, key=key, steps=steps, guidance=guidance), static_argnames=("steps",))
 
-        def encode(params, state, images):
-            codes, out = model.apply({"params": params, **state}, images, train=False, method="encode")
-            if self.quantizer == "vae":
-                return codes.astype(jnp.float32)
-            return out.indices.astype(jnp.int32)
-
-        def decode(params, state, tokens):
-            rec = model.apply({"params": params, **state}, tokens, method="decode_tokens")
-            return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0)
-
-        self._encode = jax.jit(encode)
-        self._decode = jax.jit(decode)
-        # Flow-decoder tokenizers (FlexTok, FlowMo): the model has ``flow_decoder = True`` and
-        # ``decode_tokens(tokens, key=, steps=, guidance_scale=)``; FlexTok (``variable_length``)
-        # decodes any prefix of its ordered tokens.
-        self.flow_decoder = bool(getattr(model, "flow_decoder", False))
-        self.variable_length = bool(getattr(model, "variable_length", False))
-
-        def decode_flow(params, state, tokens, key, guidance, steps):
-            rec = model.apply({"params": params, **state}, tokens, key=key, steps=steps,
-                              guidance_scale=guidance, method="decode_tokens")
-            return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0)
-
-        self._decode_flow = jax.jit(decode_flow, static_argnames=("steps",))
+    @property
+    def model(self) -> Any:
+        """The Flax module (``apply`` it with ``{"params": tok.params, **tok.model_state}``)."""
+        return self.task.model
 
     def __repr__(self) -> str:
         return (f"Tokenizer(quantizer={self.quantizer!r}, image_size={self.image_size}, "
@@ -89,6 +73,18 @@ class Tokenizer:
         ``[B, num_tokens, token_dim]`` posterior means (VAE)."""
         x = self._check_images(images)
         return self._batched(self._encode, x)
+
+    def features(self, images: Any, num_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens [B, k, D], pooled [B, D])``: the continuous codes the decoder reads (quantized
+        code vectors, or a VAE's posterior means) of ``images`` (as for ``encode``) and their mean
+        over the ``k`` tokens. ``num_tokens=k`` keeps the first ``k`` (ordered, variable-length
+        tokenizers such as FlexTok; others take only ``k = num_tokens``)."""
+        k = self.num_tokens if num_tokens is None else int(num_tokens)
+        if not 1 <= k <= self.num_tokens or (k != self.num_tokens and not self.variable_length):
+            allowed = f"1..{self.num_tokens}" if self.variable_length else f"{self.num_tokens} (its tokens are not ordered)"
+            raise ValueError(f"num_tokens must be {allowed} for this tokenizer, got {num_tokens}")
+        tokens = self._batched(self._features, self._check_images(images))[:, :k]
+        return tokens, tokens.mean(axis=1)
 
     def decode(self, tokens: Any, steps: int | None = None, guidance: float | None = None,
                seed: int = 0) -> np.ndarray:
@@ -104,10 +100,10 @@ class Tokenizer:
             return self._batched(self._decode, self._check_tokens(tokens))
         import jax
         t = self._check_tokens(tokens)
-        steps = int(steps if steps is not None else getattr(self.model, "default_steps", 25))
+        steps = int(steps if steps is not None else self.spec.default_steps)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        guidance = float(guidance if guidance is not None else getattr(self.model, "default_guidance", 1.0))
+        guidance = float(guidance if guidance is not None else self.spec.default_guidance)
         base = jax.random.key(int(seed))
         counter = iter(range(1 << 30))
         fn = lambda p, st, chunk: self._decode_flow(p, st, chunk, jax.random.fold_in(base, next(counter)),  # noqa: E731
@@ -182,86 +178,19 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- loading
-def _read_config(workdir: str):
-    import ml_collections
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} does not exist")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} is not a titok_jax workdir (no config.json); train one first")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid config: {e}") from None
-
-
 def load_tokenizer(workdir: str | os.PathLike, step: int | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: Any = None) -> Tokenizer:
     """The tokenizer of a workdir (written by ``train`` or ``import-torch``) at its latest
     checkpoint (or ``step``): EMA params when the run kept them, else ``params["model"]``, on one
-    device (``device``, default the first). Errors (one line): FileNotFoundError for a missing
-    workdir / config / checkpoint, ValueError for a config that is not a tokenizer or a checkpoint
-    that cannot be read."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
+    device (``device``, default the first). The run's own task (``config.task.name``) says how to
+    build, encode and decode it. Errors (one line): FileNotFoundError for a missing workdir /
+    config / checkpoint, ValueError for a run that is not a tokenizer or a checkpoint that cannot
+    be read."""
+    from titok_jax.tasks.runs import restore_run
 
-    from titok_jax.checkpoint import checkpoint_dir
-    from titok_jax.models.registry import build_model
-
-    workdir = os.fspath(workdir)
-    config = _read_config(workdir)
-    task = config.get("task", {}).get("name", "tokenizer") if hasattr(config.get("task", {}), "get") else "tokenizer"
-    if task == "titok_stage1":
-        raise ValueError(f"{workdir} is a TiTok stage-1 run: it predicts MaskGIT proxy codes and does "
-                         "not decode pixels on its own; train stage 2 from it (configs/titok.py:*_stage2)")
-    if task not in TOKENIZER_TASKS:
-        raise ValueError(f"{workdir} holds a {task!r} run, not a tokenizer")
-    if "model" not in config:
-        raise ValueError(f"{workdir}/config.json has no model section")
-    model = build_model(config.model, dtype=config.get("compute_dtype", "float32"))
-    size = int(model.image_size)
-
-    def init(key):
-        variables = model.init({"params": key, "sample": key, "quantizer": key},
-                               jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
-
-    try:
-        params_abs, state_abs = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-    except Exception as e:
-        raise ValueError(f"{workdir}/config.json does not describe a buildable model: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    device = device or jax.devices()[0]
-    sh = SingleDeviceSharding(device)
-    to_abs = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree)
-    use_ema = float(config.get("optimizer", {}).get("ema_decay", 0.0) or 0.0) > 0
-    abstract = {"model_state": {"model": to_abs(state_abs)}}
-    if use_ema:
-        abstract["ema_params"] = to_abs(params_abs)
-    else:
-        abstract["params"] = {"model": to_abs(params_abs)}
-    ckdir = checkpoint_dir(workdir)
-    if not os.path.isdir(ckdir) or not any(n.isdigit() for n in os.listdir(ckdir)):
-        raise FileNotFoundError(f"no checkpoint in {ckdir}")
-    restored, step = restore_for_inference(workdir, abstract, step)
-    params = restored["ema_params"] if use_ema else restored["params"]["model"]
-    model_state = restored["model_state"]["model"]
-    return Tokenizer(model, params, model_state, config=config, step=step, batch_size=batch_size)
-
-
-def restore_for_inference(workdir: str, abstract: dict, step: int | None = None) -> tuple[dict, int]:
-    """``checkpoint.restore_params`` with the API's errors: FileNotFoundError when there is no
-    checkpoint, ValueError when it cannot be read into ``abstract`` (both one line)."""
-    from titok_jax.checkpoint import CheckpointError, restore_params
-    try:
-        return restore_params(workdir, abstract, step)
-    except CheckpointError as e:
-        if str(e).startswith("no checkpoint"):
-            raise FileNotFoundError(str(e)) from None
-        raise ValueError(str(e)) from None
+    run = restore_run(workdir, kind="tokenizer", step=step, device=device)
+    return Tokenizer(run.task, run.params, run.model_state, config=run.config, step=run.step,
+                     batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------- image files
@@ -312,3 +241,49 @@ def png_names(names: Sequence[str]) -> list[str]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return [n + ".png" if counts[s] > 1 and not n.endswith(".png") else s for n, s in zip(names, stems)]
+
+
+def read_token_file(path: str | os.PathLike, tokenizer: Tokenizer) -> tuple[np.ndarray, list[str]]:
+    """A ``tokens.npz`` (as ``titok-jax tokenize`` writes it: ``tokens`` and optional ``files``)
+    checked against ``tokenizer`` -> ``(tokens, png_names)``, before anything is decoded or written.
+
+    The PNG names come from ``files`` (:func:`png_names`) or the row index (``000000.png`` ...).
+    They are relative paths that stay inside the output directory: an absolute name, a name with a
+    ``..`` component, an empty name or two rows with the same output name are a ValueError."""
+    import zipfile
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("not an npz archive")
+            if "tokens" not in data.files:
+                raise ValueError(f"{path} has no 'tokens' array (it has {sorted(data.files)})")
+            tokens = data["tokens"]
+            files = data["files"] if "files" in data.files else None
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        text = lines[0] if lines else type(e).__name__
+        raise ValueError(text if text.startswith(path) else f"cannot read {path}: {text}") from None
+    n = tokens.shape[0] if tokens.ndim else 0
+    if files is not None and (files.ndim != 1 or len(files) != n):
+        raise ValueError(f"{path}: 'files' has shape {files.shape}, expected [{n}] to match 'tokens'")
+    try:
+        tokens = tokenizer._check_tokens(tokens)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if files is None:
+        width = max(6, len(str(max(n - 1, 0))))
+        return tokens, [f"{i:0{width}d}.png" for i in range(n)]
+    names = png_names([str(f) for f in files])
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        parts = name.replace("\\", "/").split("/")
+        if os.path.isabs(name) or ".." in parts or not str(files[i]).strip():
+            raise ValueError(f"{path}: files[{i}] = {str(files[i])!r} would be written outside the "
+                             "output directory (names must be relative, without '..')")
+        key = os.path.normpath(name)
+        if key in seen:
+            raise ValueError(f"{path}: files[{seen[key]}] and files[{i}] both give the output name "
+                             f"{name!r}")
+        seen[key] = i
+    return tokens, names

@@ -11,14 +11,19 @@ line saying what and where; nothing is written or deleted in that case.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import sys
-from typing import Any
+from typing import Any, Iterator, Mapping
 
-import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from titok_jax.trees import check_tree_matches, flatten, path_str
 
 STATE, DATA, CONFIG = "state", "data_iter", "config"
 
@@ -84,6 +89,8 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        if _saved_keys(self.step_path(step)) == set(INFERENCE_KEYS):
+            return _restore_import(os.path.dirname(self.directory), abstract_state, step), int(step)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items[DATA] = _grain_restore(data_iter)
@@ -126,15 +133,60 @@ def _grain_restore(it: Any) -> Any:
 
 
 def _check_tree(abstract: Any, restored: Any, step: int, directory: str) -> None:
-    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    got = jax.tree_util.tree_flatten_with_path(restored)[0]
-    if len(want) != len(got):
-        raise CheckpointError(f"checkpoint {step} in {directory} has {len(got)} arrays, the config "
-                              f"needs {len(want)}")
-    for (path, w), (_, g) in zip(want, got):
-        if tuple(w.shape) != tuple(g.shape):
-            raise CheckpointError(f"checkpoint {step} in {directory}: {jax.tree_util.keystr(path)} has "
-                                  f"shape {tuple(g.shape)}, the config needs {tuple(w.shape)}")
+    try:
+        check_tree_matches(restored, abstract, source=f"checkpoint {step} in {directory}", what="array")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _saved_keys(step_path: str) -> set[str] | None:
+    """Top-level keys of the state saved in ``step_path`` (None when they cannot be read)."""
+    try:
+        with _quiet_absl():  # orbax warns about the metadata files it does not find
+            meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_path, STATE))
+        tree = getattr(meta, "item_metadata", meta)
+        return set(getattr(tree, "tree", tree).keys())
+    except Exception:  # not an orbax pytree: the full restore reports it
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Orbax's absl warnings off (ERROR and above only) for the duration."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _restore_import(workdir: str, abstract_state: Any, step: int) -> Any:
+    """A train state from an imported checkpoint (:func:`inference_state`: step, params, model
+    state). Every other leaf the config needs must be an integer (optimizer step counts, the rng key
+    data) and starts at zero, as in a fresh state; float state (moments, an EMA) is not invented."""
+    import jax
+
+    def part(key: str) -> Any:
+        return getattr(abstract_state, key) if hasattr(abstract_state, key) else abstract_state[key]
+
+    restored, _ = restore_params(workdir, {k: part(k) for k in INFERENCE_KEYS}, step)
+    have = flatten(restored)
+
+    def fill(path: tuple, leaf: Any) -> Any:
+        name = path_str(path)
+        if name in have:
+            return have[name]
+        if not np.issubdtype(leaf.dtype, np.integer):
+            raise CheckpointError(f"checkpoint {step} in {checkpoint_dir(workdir)} holds an imported "
+                                  f"model (params and model state only); this config also needs "
+                                  f"{name!r} {tuple(leaf.shape)}: start a new workdir from it with init_from")
+        zeros = np.zeros(leaf.shape, leaf.dtype)
+        sharding = getattr(leaf, "sharding", None)
+        return jax.device_put(zeros, sharding) if sharding is not None else zeros
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_state)
 
 
 def _drop_failed_reads() -> None:
@@ -142,7 +194,6 @@ def _drop_failed_reads() -> None:
     are destroyed (at the latest when the process exits) each would print a long tensorstore
     traceback (or asyncio logs "Task exception was never retrieved"). The error has been reported
     as one line already, so silence those reports."""
-    import logging
     sys.unraisablehook = lambda unraisable: None
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
@@ -172,14 +223,8 @@ def restore_params(workdir: str, abstract: dict, step: int | None = None) -> tup
         raise CheckpointError(f"no checkpoint in {directory}")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, step_format_fixed_length=9,
                                            save_interval_steps=0)
-    import logging
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # orbax warns that a read-only manager is read-only
-    try:
+    with _quiet_absl():  # orbax warns that a read-only manager is read-only
         manager = ocp.CheckpointManager(directory, options=options)
-    finally:
-        absl_logger.setLevel(level)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -200,3 +245,78 @@ def restore_params(workdir: str, abstract: dict, step: int | None = None) -> tup
         return restored[STATE], int(step)
     finally:
         manager.close()
+
+
+def restore_model(workdir: str, params: Any, model_state: Any, *, use_ema: bool,
+                  step: int | None = None) -> tuple[Any, Any, int]:
+    """The inference view of a saved train state: ``(model params, model state, step)``.
+
+    ``params`` / ``model_state`` are the abstract trees (``jax.ShapeDtypeStruct`` with ``sharding``)
+    of ``state.params["model"]`` and ``state.model_state["model"]``; ``use_ema`` reads
+    ``state.ema_params`` instead of the raw params. This function is the one place outside the
+    trainer that knows the train state's layout. Raises ``CheckpointError`` (one line)."""
+    abstract: dict = {"model_state": {"model": model_state}}
+    if use_ema:
+        abstract["ema_params"] = params
+    else:
+        abstract["params"] = {"model": params}
+    restored, step = restore_params(workdir, abstract, step)
+    chosen = restored["ema_params"] if use_ema else restored["params"]["model"]
+    return chosen, restored["model_state"]["model"], step
+
+
+# ----------------------------------------------------------------------------- writing a workdir
+CONFIG_FILE = "config.json"
+
+
+def write_config(workdir: str, config: Mapping[str, Any]) -> str:
+    """Write the run config as ``workdir/config.json`` (atomic; the directory is created).
+    Returns the file's path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    write_json(path, dict(config))
+    return path
+
+
+def check_new_workdir(workdir: str, hint: str = "nothing is ever overwritten") -> None:
+    """One-line ``FileExistsError`` unless ``workdir`` does not exist or is an empty directory."""
+    if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+        raise FileExistsError(f"output {workdir} already exists and is not an empty directory; {hint}")
+
+
+INFERENCE_KEYS = ("step", "params", "model_state")
+
+
+def inference_state(params: Any, model_state: Any = None, step: int = 0) -> dict[str, Any]:
+    """The parts of a train state that inference reads (:func:`restore_model`, without EMA):
+    ``{"step", "params": {"model": params}, "model_state": {"model": model_state}}``. Written by
+    :func:`write_workdir` for a model that was imported rather than trained; ``Checkpointer.restore``
+    turns it back into a full train state (integer optimizer counters and the rng start at zero)."""
+    return {"step": np.asarray(step, np.int32), "params": {"model": params},
+            "model_state": {"model": model_state or {}}}
+
+
+def write_workdir(workdir: str, config: Mapping[str, Any], state: Any, step: int = 0) -> str:
+    """A complete workdir in one call: a synchronous checkpoint of ``state`` at ``step`` (with the
+    config saved beside it, as the trainer does) and ``config.json``. ``workdir`` must not exist or
+    be empty (:func:`check_new_workdir`); on failure only what this call wrote is removed. Returns
+    the checkpoint's path. ``state`` is a train state, or :func:`inference_state` for an import."""
+    workdir = os.path.abspath(workdir)
+    check_new_workdir(workdir)
+    config = dict(config)
+    created = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        ck = Checkpointer(workdir, every_steps=1, keep=1, async_save=False)
+        ck.save(int(step), state, config=config, force=True)
+        ck.close()
+        write_config(workdir, config)
+    except BaseException:
+        if created:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:  # it was empty: everything in it is ours
+            for name in os.listdir(workdir):
+                p = os.path.join(workdir, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+        raise
+    return os.path.join(checkpoint_dir(workdir), f"{int(step):09d}")

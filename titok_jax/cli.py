@@ -19,22 +19,32 @@ COMMANDS = {
     "generate": "sample images: --workdir GEN_DIR --tokenizer TOK_DIR --output OUT_DIR "
                 "[--class-id K] [--num N] [--seed S]",
     "import-torch": "official PyTorch release to a workdir: --input HF_DIR --output DIR",
+    "convert-lpips": "LPIPS-VGG weights for the perceptual loss: --vgg VGG16.pth --lin vgg.pth "
+                     "--output OUT.safetensors",
+    "convert-convnext": "torchvision ConvNeXt-S weights for the perceptual loss: --input PTH --output OUT",
+    "convert-inception": "pytorch-fid InceptionV3 weights for FID / IS: --input PTH --output OUT",
+    "fid-reference": "FID reference statistics of a data split: --data SOURCE --inception_weights FILE "
+                     "--output ref.npz",
+}
+
+# Commands with an implementation: name -> (module of titok_jax.commands, function).
+HANDLERS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train"), "eval": ("train", "evaluate"),
+    "reconstruct": ("tokenizer", "reconstruct"), "tokenize": ("tokenizer", "tokenize"),
+    "detokenize": ("tokenizer", "detokenize"), "generate": ("generate", "generate"),
+    "import-torch": ("import_torch", "import_torch"),
+    "convert-lpips": ("convert", "convert_lpips"), "convert-convnext": ("convert", "convert_convnext"),
+    "convert-inception": ("convert", "convert_inception"), "fid-reference": ("convert", "fid_reference"),
 }
 
 
+def run(command: str, argv: list[str]) -> int:
+    """Run the implemented ``command`` with ``argv``: its exit status (errors are one line on stderr)."""
+    import importlib
 
-def _handler(name: str):
-    def run(argv):
-        from titok_jax import commands
-        return commands.run_command(getattr(commands, name), argv)
-    return run
-
-
-# Commands with an implementation: name -> callable(argv) -> exit status.
-HANDLERS: dict = {"train": _handler("train"), "eval": _handler("evaluate"),
-                  "reconstruct": _handler("reconstruct"), "tokenize": _handler("tokenize"),
-                  "detokenize": _handler("detokenize"), "import-torch": _handler("import_torch"),
-                  "generate": _handler("generate")}
+    from titok_jax.commands.common import run_command
+    module, function = HANDLERS[command]
+    return run_command(getattr(importlib.import_module(f"titok_jax.commands.{module}"), function), argv)
 
 
 def usage() -> str:
@@ -53,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"titok-jax: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    handler = HANDLERS.get(command)
-    if handler is None:
+    if command not in HANDLERS:
         print(f"titok-jax: command {command!r} is not available in this version yet", file=sys.stderr)
         return 2
-    return int(handler(rest) or 0)
+    return run(command, rest)

@@ -15,6 +15,7 @@ A label equal to ``num_classes`` (or ``None`` for all) samples unconditionally.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,14 +23,17 @@ import numpy as np
 
 class Generator:
     """A trained token generator (build it with ``load_generator``). Attributes: ``num_tokens``,
-    ``codebook_size``, ``num_classes``, ``step``, ``config``, ``sampler`` (default settings)."""
+    ``codebook_size``, ``num_classes``, ``step``, ``config``, ``sampler`` (default settings),
+    ``spec`` (the task's ``GeneratorSpec``) and ``task``."""
 
     def __init__(self, task: Any, params: Any, config: Any, step: int):
         self.task, self.params, self.config, self.step = task, params, config, step
-        self.num_tokens = int(task.model.num_tokens)
-        self.codebook_size = int(task.model.codebook_size)
-        self.num_classes = int(task.model.num_classes)
-        self.sampler = dict(task.sampler)
+        self.spec = spec = task.generator_spec
+        self.num_tokens = spec.num_tokens
+        self.codebook_size = spec.codebook_size
+        self.num_classes = spec.num_classes
+        self.sampler = dict(spec.sampler)
+        self.mask_token_id = spec.mask_token_id
 
     def __repr__(self) -> str:
         return (f"Generator(num_tokens={self.num_tokens}, codebook_size={self.codebook_size}, "
@@ -49,47 +53,31 @@ class Generator:
         if bad.size:
             raise ValueError(f"class id {int(bad[0])} is out of range: valid ids are 0..{self.num_classes - 1} "
                              f"({self.num_classes} = unconditional)")
-        keys = getattr(self.task, "sampler_keys", SAMPLER_KEYS)
-        unknown = set(sampler) - set(keys)
+        unknown = set(sampler) - set(self.spec.sampler_keys)
         if unknown:
-            raise ValueError(f"unknown sampler settings {sorted(unknown)}; known: {sorted(keys)}")
+            raise ValueError(f"unknown sampler settings {sorted(unknown)}; known: {sorted(self.spec.sampler_keys)}")
         out = []
         for i, start in enumerate(range(0, len(labels), batch_size)):
             out.append(self.task.sample(self.params, labels[start:start + batch_size], seed=seed + i, **sampler))
         return np.concatenate(out).astype(np.int32)
 
-
-GENERATOR_TASKS = ("maskgit", "ar")
-# MaskGIT's settings; the AR task lists its own (temperature, top_k, top_p, guidance_scale, max_len)
-# as ``task.sampler_keys``.
-SAMPLER_KEYS = ("steps", "guidance_scale", "guidance_schedule", "guidance_power", "randomize_temperature",
-                "softmax_temperature_annealing", "mask_schedule", "confidence")
+    def logits(self, tokens: Any, labels: Any = None) -> np.ndarray:
+        """float32 logits ``[B, N, K]`` for ``tokens [B, N]`` (MaskGIT: may hold ``mask_token_id``)
+        and ``labels [B]`` (None or -1 = unconditional); no dropout."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"logits expects integer tokens [B, {self.num_tokens}], got {tokens.dtype} {tokens.shape}")
+        labels = np.full(tokens.shape[0], -1) if labels is None else np.asarray(labels)
+        return np.asarray(self.task.logits(self.params, tokens, labels), np.float32)
 
 
 def load_generator(workdir: str | os.PathLike, step: int | None = None) -> Generator:
     """The generator of a workdir written by ``train`` with a generator config (EMA params when the
     run kept them). Errors are one line: FileNotFoundError / ValueError."""
-    import flax.linen as nn
-    import jax
+    from titok_jax.tasks.runs import restore_run
 
-    from titok_jax.api import _read_config, restore_for_inference
-    from titok_jax.tasks import TASKS
-
-    workdir = os.fspath(workdir)
-    config = _read_config(workdir)
-    name = config.get("task", {}).get("name")
-    if name not in GENERATOR_TASKS:
-        raise ValueError(f"{workdir} holds a {name!r} run, not a generator (train configs/maskgit.py "
-                         "or configs/ar.py)")
-    task = TASKS[name](config)
-    params_abs, _ = nn.unbox(jax.eval_shape(task.init, jax.random.key(0)))
-    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    to_abs = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)  # noqa: E731
-    use_ema = float(config.get("optimizer", {}).get("ema_decay", 0.0) or 0.0) > 0
-    abstract = {"ema_params": to_abs(params_abs["model"])} if use_ema else {"params": to_abs(params_abs)}
-    restored, step = restore_for_inference(workdir, abstract, step)
-    params = restored["ema_params"] if use_ema else restored["params"]["model"]
-    return Generator(task, params, config, step)
+    run = restore_run(workdir, kind="generator", step=step)
+    return Generator(run.task, run.params, run.config, run.step)
 
 
 class GenerationScorer:
@@ -100,7 +88,7 @@ class GenerationScorer:
 
     def __init__(self, inception_weights: str, fid_reference: str | None = None):
         from titok_jax import evaluation as ev
-        from titok_jax.models.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
+        from titok_jax.nets.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
 
         self.params = load_inception_params(inception_weights)
         self.reference = ev.load_reference_stats(fid_reference, POOL_FEATURES) if fid_reference else None
@@ -120,3 +108,75 @@ class GenerationScorer:
         if self.reference is not None:
             out["gfid"] = float(ev.frechet_distance_stats(self.reference, self.stats))
         return out
+
+
+def class_labels(num: int, num_classes: int, class_id: int | None = None) -> np.ndarray:
+    """``num`` class ids: ``class_id`` every time, else ``0, 1, ...`` cycling through the classes
+    (zeros for a generator without classes). ``class_id == num_classes`` samples unconditionally."""
+    if class_id is not None:
+        return np.full(num, class_id)
+    return np.arange(num) % num_classes if num_classes else np.zeros(num, np.int64)
+
+
+def check_tokenizer(generator: Generator, tokenizer: Any, tokenizer_name: str = "") -> None:
+    """A ValueError unless ``tokenizer`` decodes the ids ``generator`` makes (same number of tokens,
+    same codebook); ``tokenizer_name`` (e.g. its workdir) names it in the message."""
+    if tokenizer.codebook_size != generator.codebook_size or tokenizer.num_tokens != generator.num_tokens:
+        name = f"the tokenizer {tokenizer_name}" if tokenizer_name else "the tokenizer"
+        raise ValueError(f"the generator makes {generator.num_tokens} ids from {generator.codebook_size} "
+                         f"codes but {name} takes {tokenizer.num_tokens} from {tokenizer.codebook_size}")
+
+
+def generate_chunks(generator: Generator, tokenizer: Any, labels: Sequence[int], *, batch_size: int = 32,
+                    seed: int = 0, tokenizer_name: str = "", **sampler: Any
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Sample one chunk of ``batch_size`` labels at a time (chunk ``i`` with seed ``seed + i``) and
+    decode it with ``tokenizer``: yields ``(start, ids int32 [b, T], images float32 [b, H, W, 3])``.
+    A tokenizer whose ids the generator does not make is a ValueError before any sampling."""
+    check_tokenizer(generator, tokenizer, tokenizer_name)
+    labels = np.asarray(labels)
+    for chunk, start in enumerate(range(0, len(labels), batch_size)):
+        ids = generator.sample(labels[start:start + batch_size], seed=seed + chunk, batch_size=batch_size,
+                               **sampler)
+        yield start, ids, tokenizer.decode(ids)
+
+
+def generate_images(generator: Generator, tokenizer: Any, output: str, labels: Sequence[int], *,
+                    batch_size: int = 32, seed: int = 0, sampler: dict[str, Any] | None = None,
+                    inception_weights: str | None = None, fid_reference: str | None = None,
+                    is_splits: int = 1, save_images: bool = True, tokenizer_name: str = "") -> dict:
+    """Generate ``len(labels)`` images chunk by chunk (:func:`generate_chunks`) into ``output``: a
+    PNG per image (``{index:06d}_class{K}.png``, unless ``save_images`` is False), ``grid.png`` (the
+    first 64) and ``tokens.npz`` (``tokens``, ``labels``). With ``inception_weights`` also gFID
+    against ``fid_reference`` and the Inception Score (:class:`GenerationScorer`), written to
+    ``metrics.json``. Returns ``{"grid", "tokens", "metrics"}`` (``metrics`` None without scoring)."""
+    import json
+
+    from titok_jax.evaluation.images import save_png, tile_grid
+
+    if fid_reference and not inception_weights:
+        raise ValueError("fid_reference needs inception_weights")
+    check_tokenizer(generator, tokenizer, tokenizer_name)
+    labels = np.asarray(labels)
+    scorer = GenerationScorer(inception_weights, fid_reference) if inception_weights else None
+    os.makedirs(output, exist_ok=True)
+    all_ids, grid_images = [], []
+    for start, ids, images in generate_chunks(generator, tokenizer, labels, batch_size=batch_size, seed=seed,
+                                              tokenizer_name=tokenizer_name, **(sampler or {})):
+        all_ids.append(ids)
+        grid_images.extend(images[:64 - len(grid_images)])
+        if save_images:
+            for i, image in enumerate(images):
+                save_png(os.path.join(output, f"{start + i:06d}_class{int(labels[start + i])}.png"), image)
+        if scorer is not None:
+            scorer.update(images)
+    grid = os.path.join(output, "grid.png")
+    save_png(grid, tile_grid(np.stack(grid_images), ncol=min(8, len(grid_images))))
+    tokens = os.path.join(output, "tokens.npz")
+    np.savez(tokens, tokens=np.concatenate(all_ids), labels=labels.astype(np.int32))
+    metrics = None
+    if scorer is not None:
+        metrics = {"num_images": int(len(labels)), **scorer.result(splits=is_splits)}
+        with open(os.path.join(output, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f)
+    return {"grid": grid, "tokens": tokens, "metrics": metrics}

@@ -1,8 +1,8 @@
 """PyTorch state dicts -> titok_jax params.
 
 ``titok_jax.convert.lpips``: torchvision VGG16 + LPIPS lin weights -> the LPIPS-VGG param file
-(``python -m titok_jax.convert.lpips --vgg vgg16.pth --lin vgg.pth --output lpips_vgg.safetensors``).
+(``titok-jax convert-lpips --vgg vgg16.pth --lin vgg.pth --output lpips_vgg.safetensors``; likewise
+``convert-convnext`` and ``convert-inception``, implemented in ``titok_jax.commands.convert``).
 
-Submodules are not imported here, so ``python -m titok_jax.convert.<name>`` runs without a
-double-import warning; import them directly.
+Submodules are not imported here (each pulls in its own networks); import them directly.
 """

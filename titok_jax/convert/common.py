@@ -7,16 +7,14 @@
   name table is complete in both directions (every param filled, every tensor consumed).
 - Layout transforms: PyTorch ``Linear [out, in]`` -> Flax ``Dense [in, out]``; ``Conv2d [out, in, kh,
   kw]`` -> ``Conv [kh, kw, in, out]``; a 1x1 conv used as a per-token linear -> ``[in, out]``.
-- :func:`unflatten`: ``{"a/b/c": x}`` -> ``{"a": {"b": {"c": x}}}`` (Flax param trees).
+Flat <-> nested param trees and the "tree of shapes matches" check are in :mod:`titok_jax.trees`.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
-
-from titok_jax.models.frozen import unflatten  # noqa: F401  (re-exported for the converters)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -117,21 +115,3 @@ class StateDictReader:
             if key not in self.consumed and not any(p(key) for p in ignore):
                 raise ValueError(f"{self.source}: unexpected tensor {key!r} "
                                  f"({len(self.sd) - len(self.consumed)} tensor(s) not consumed)")
-
-
-def check_tree_matches(params: Any, abstract: Any, source: str = "converted params") -> None:
-    """Every leaf of ``abstract`` (a tree of arrays / ShapeDtypeStructs) is present in ``params``
-    with the same shape, and ``params`` has nothing else; the first difference raises ValueError."""
-    import jax
-
-    got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
-    for k, v in want.items():
-        if k not in got:
-            raise ValueError(f"{source}: param {k} (shape {tuple(v.shape)}) was not filled")
-        if tuple(np.shape(got[k])) != tuple(v.shape):
-            raise ValueError(f"{source}: param {k} has shape {tuple(np.shape(got[k]))}, "
-                             f"the model expects {tuple(v.shape)}")
-    for k in got:
-        if k not in want:
-            raise ValueError(f"{source}: param {k} is not part of the model")

@@ -1,31 +1,29 @@
-"""torchvision ConvNeXt weights -> the file :func:`titok_jax.models.convnext.load_convnext_params`
+"""torchvision ConvNeXt weights -> the file :func:`titok_jax.nets.convnext.load_convnext_params`
 reads (for the ConvNeXt-S perceptual loss).
 
 Input: torchvision's ``convnext_small`` IMAGENET1K_V1 state dict (``convnext_small-0c510722.pth``;
 nothing is downloaded here), or the same tensors as ``.safetensors`` / ``.npz``. Name table in
-:mod:`titok_jax.models.convnext`; layouts: ``Conv2d [out, in, kh, kw] -> [kh, kw, in, out]``
+:mod:`titok_jax.nets.convnext`; layouts: ``Conv2d [out, in, kh, kw] -> [kh, kw, in, out]``
 (the depthwise ``[d, 1, 7, 7] -> [7, 7, 1, d]``), ``Linear [out, in] -> [in, out]``,
 ``layer_scale [d, 1, 1] -> [d]``, LayerNorm ``weight -> scale``. Every tensor must be consumed and
 every param filled; the first mismatch is an error naming it.
 
 Command line::
 
-    python -m titok_jax.convert.convnext --input convnext_small-0c510722.pth \\
+    titok-jax convert-convnext --input convnext_small-0c510722.pth \\
         --output convnext_s.safetensors
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from titok_jax.convert.common import (StateDictReader, check_tree_matches, conv_kernel,
-                                      linear_kernel, read_state_dict, unflatten)
+from titok_jax.convert.common import StateDictReader, conv_kernel, linear_kernel, read_state_dict
 from titok_jax.convert.inception import save_params
-from titok_jax.models.convnext import CONVNEXT_SMALL, convnext_abstract_params
+from titok_jax.nets.convnext import CONVNEXT_SMALL, convnext_abstract_params
+from titok_jax.trees import check_tree_matches, unflatten
 
 
 def _ln(torch_prefix: str, ours: str, d: int) -> list[tuple[str, str, tuple[int, ...], str]]:
@@ -107,26 +105,3 @@ def convert_convnext_file(input_path: str | os.PathLike, output_path: str | os.P
     flat = convert_convnext_state_dict(sd, source=input_path, **torchvision_arch(sd, input_path))
     save_params(flat, output_path, "titok_jax.convnext_small")
     return flat
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m titok_jax.convert.convnext --input PTH --output OUT``; 0 on success."""
-    parser = argparse.ArgumentParser(prog="python -m titok_jax.convert.convnext",
-                                     description="Convert torchvision ConvNeXt-S weights.")
-    parser.add_argument("--input", required=True,
-                        help="convnext_small-0c510722.pth (or .safetensors / .npz)")
-    parser.add_argument("--output", required=True, help="output .safetensors or .npz")
-    args = parser.parse_args(argv)
-    try:
-        flat = convert_convnext_file(args.input, args.output)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    n = sum(int(np.prod(v.shape)) for v in flat.values())
-    note = "" if n == 50_223_688 else " (not ConvNeXt-S, whose 50,223,688 TiTok's loss uses)"
-    print(f"wrote {args.output}: {len(flat)} tensors, {n:,} params{note}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

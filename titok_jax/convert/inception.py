@@ -1,4 +1,4 @@
-"""pytorch-fid's InceptionV3 weights -> the file :func:`titok_jax.models.inception.load_inception_params`
+"""pytorch-fid's InceptionV3 weights -> the file :func:`titok_jax.nets.inception.load_inception_params`
 reads.
 
 Input: ``pt_inception-2015-12-05-6726825d.pth`` (the FID Inception of pytorch-fid, released at
@@ -15,22 +15,19 @@ shape mismatch is an error naming the tensor.
 
 Command line::
 
-    python -m titok_jax.convert.inception --input pt_inception-2015-12-05-6726825d.pth \\
+    titok-jax convert-inception --input pt_inception-2015-12-05-6726825d.pth \\
         --output inception_fid.safetensors
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import (StateDictReader, check_tree_matches, conv_kernel,
-                                      linear_kernel, read_state_dict, unflatten)
-from titok_jax.models.frozen import flat_shapes
-from titok_jax.models.inception import inception_abstract_params
+from titok_jax.convert.common import StateDictReader, conv_kernel, linear_kernel, read_state_dict
+from titok_jax.nets.inception import inception_abstract_params
+from titok_jax.trees import check_tree_matches, flat_shapes, unflatten
 
 _BN = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
@@ -93,25 +90,3 @@ def convert_inception_file(input_path: str | os.PathLike, output_path: str | os.
     flat = convert_inception_state_dict(read_state_dict(input_path), source=input_path)
     save_params(flat, output_path, "titok_jax.inception_fid")
     return flat
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m titok_jax.convert.inception --input PTH --output OUT``; 0 on success."""
-    parser = argparse.ArgumentParser(prog="python -m titok_jax.convert.inception",
-                                     description="Convert pytorch-fid's InceptionV3 weights.")
-    parser.add_argument("--input", required=True,
-                        help="pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz)")
-    parser.add_argument("--output", required=True, help="output .safetensors or .npz")
-    args = parser.parse_args(argv)
-    try:
-        flat = convert_inception_file(args.input, args.output)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    n = sum(int(np.prod(v.shape)) for v in flat.values())
-    print(f"wrote {args.output}: {len(flat)} tensors, {n:,} params")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,21 +20,19 @@ The output (``.safetensors`` or ``.npz``) holds the flat float32 params named in
 
 Command line::
 
-    python -m titok_jax.convert.lpips --vgg vgg16.pth --lin vgg.pth --output lpips_vgg.safetensors
+    titok-jax convert-lpips --vgg vgg16.pth --lin vgg.pth --output lpips_vgg.safetensors
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
 from titok_jax.convert.common import TORCH_SUFFIXES, read_state_dict  # noqa: F401 (re-exported)
 from titok_jax.losses.perceptual import LPIPS_SCALE, LPIPS_SHIFT, check_lpips_params
-from titok_jax.models.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS
+from titok_jax.nets.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS
 
 # Keys of a torchvision VGG16 file that LPIPS does not use.
 _IGNORED_VGG = re.compile(r"^classifier\.\d+\.(weight|bias)$")
@@ -144,27 +142,3 @@ def convert_lpips_files(vgg_path: str | os.PathLike, lin_path: str | os.PathLike
     flat = convert_lpips_state_dicts(vgg_sd, lin_sd, vgg_source=vgg_path, lin_source=lin_path)
     save_lpips_params(flat, output_path)
     return flat
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m titok_jax.convert.lpips --vgg VGG --lin LIN --output OUT``; 0 on success."""
-    parser = argparse.ArgumentParser(prog="python -m titok_jax.convert.lpips",
-                                     description="Convert LPIPS-VGG weights to titok_jax params.")
-    parser.add_argument("--vgg", required=True,
-                        help="torchvision VGG16 state dict (.pth, .safetensors or .npz)")
-    parser.add_argument("--lin", required=True,
-                        help="LPIPS lin weights, e.g. the lpips package's weights/v0.1/vgg.pth")
-    parser.add_argument("--output", required=True, help="output .safetensors or .npz")
-    args = parser.parse_args(argv)
-    try:
-        flat = convert_lpips_files(args.vgg, args.lin, args.output)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    n = sum(int(np.prod(v.shape)) for v in flat.values())
-    print(f"wrote {args.output}: {len(flat)} tensors, {n:,} params")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -49,9 +49,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import (StateDictReader, check_tree_matches, conv1x1_as_linear,
-                                      conv_kernel, linear_kernel, unflatten)
+from titok_jax.convert.common import StateDictReader, conv1x1_as_linear, conv_kernel, linear_kernel
 from titok_jax.convert.vqgan import infer_vqgan_kwargs, maskgit_decoder_params_from_state_dict
+from titok_jax.trees import check_tree_matches, unflatten
 
 SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
 

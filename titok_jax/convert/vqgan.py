@@ -39,9 +39,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import (StateDictReader, check_tree_matches, conv_kernel,
-                                      unflatten)
+from titok_jax.convert.common import StateDictReader, conv_kernel
 from titok_jax.models.vqgan import MASKGIT_F16_256
+from titok_jax.trees import check_tree_matches, unflatten
 
 # The official kwargs (TiTok's hard-coded PretrainedTokenizer / pixel_decoder config).
 VQGAN_TORCH_DEFAULTS: dict[str, Any] = dict(MASKGIT_F16_256)

@@ -12,19 +12,20 @@
 
 ``DIR`` becomes a workdir like one written by ``train`` (``config.json`` with task ``tokenizer``, a
 ``model`` section and an inference-only optimizer: ``frozen: ".*"``, no EMA; an Orbax checkpoint
-at step 0 holding the full train state), so ``load_tokenizer`` and ``eval`` / ``reconstruct`` /
-``tokenize`` / ``detokenize`` read it. ``DIR`` must not exist or be empty: nothing is ever
-overwritten. Layering note: writing the train state uses ``titok_jax.train`` (imported lazily).
+at step 0 holding the inference part of a train state, ``checkpoint.inference_state``), so
+``load_tokenizer`` and ``eval`` / ``reconstruct`` / ``tokenize`` / ``detokenize`` read it. ``DIR``
+must not exist or be empty: nothing is ever overwritten. Writing it is
+``titok_jax.checkpoint.write_workdir``; nothing here needs ``titok_jax.train``.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import numpy as np
 
+from titok_jax.checkpoint import check_new_workdir, inference_state, write_workdir
 from titok_jax.convert.common import read_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -97,59 +98,14 @@ def workdir_config(model: Mapping[str, Any], source: str) -> dict[str, Any]:
                       "ema_decay": 0.0, "no_decay": "", "frozen": ".*"},
         "optimizers": {},
         "losses": {"reconstruction": "l2", "reconstruction_weight": 1.0, "perceptual_weight": 0.0,
-                   "perceptual_weights": "", "gan_weight": 0.0, "gan_start_step": 0,
+                   "perceptual_weights": "", "convnext_weight": 0.0, "convnext_weights": "",
+                   "gan_weight": 0.0, "gan_start_step": 0,
                    "gan_loss": "hinge", "lecam_weight": 0.0, "lecam_decay": 0.999,
                    "discriminator": {}},
         "mesh": {"data": -1, "fsdp": 1, "tensor": 1}, "logical_axis_rules": [],
         "checkpoint": {"every_steps": 1, "keep": 1, "keep_every_steps": 0, "async_save": False},
         "log_every_steps": 1, "eval_every_steps": 0, "samples": {"num_images": 8},
     }
-
-
-def write_workdir(output_dir: str, config: Mapping[str, Any], params: Any,
-                  model_state: Any = None) -> str:
-    """Write ``config.json`` and a step-0 checkpoint of the full train state (``params`` as
-    ``params["model"]``) into ``output_dir``, which must not exist or be empty. Returns the
-    checkpoint path."""
-    import jax
-    import jax.numpy as jnp
-    import ml_collections
-
-    from titok_jax.checkpoint import Checkpointer, write_json
-    from titok_jax.train.optimizer import make_optimizer
-    from titok_jax.train.state import TrainState
-
-    output_dir = os.path.abspath(output_dir)
-    _check_output(output_dir)
-    cfg = ml_collections.ConfigDict(dict(config))
-    groups = {"model": jax.tree.map(jnp.asarray, params)}
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=groups,
-                       opt_state=make_optimizer(cfg, groups).init(groups), ema_params=None,
-                       model_state={"model": model_state or {}},
-                       rng=jax.random.key_data(jax.random.key(int(cfg.seed))))
-    created = not os.path.exists(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    try:
-        ck = Checkpointer(output_dir, every_steps=1, keep=1, async_save=False)
-        ck.save(0, state, config=cfg.to_dict(), force=True)
-        ck.close()
-        write_json(os.path.join(output_dir, "config.json"), cfg.to_dict())
-    except BaseException:
-        # Only what this call wrote is removed: the directory was new or empty.
-        if created:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        else:
-            for name in os.listdir(output_dir):
-                p = os.path.join(output_dir, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
-        raise
-    return os.path.join(output_dir, "checkpoints", f"{0:09d}")
-
-
-def _check_output(output_dir: str) -> None:
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"output {output_dir} already exists and is not an empty directory; "
-                              "import-torch never overwrites: choose a new --output")
 
 
 def _zero_state(model: Mapping[str, Any]) -> Any:
@@ -162,10 +118,10 @@ def import_torch(input_dir: str, output_dir: str, image_size: int | None = None)
     """Convert ``input_dir`` and write the workdir ``output_dir``; returns a summary
     ``{"model", "num_params", "weights", "checkpoint"}``."""
     input_dir, output_dir = os.fspath(input_dir), os.path.abspath(os.fspath(output_dir))
-    _check_output(output_dir)          # before any slow work
+    check_new_workdir(output_dir, "import-torch never overwrites: choose a new --output")  # before slow work
     model, params, weights = model_from_input(input_dir, image_size)
     config = workdir_config(model, source=os.path.abspath(input_dir))
-    path = write_workdir(output_dir, config, params, _zero_state(model))
+    path = write_workdir(output_dir, config, inference_state(params, _zero_state(model)))
     import jax
     n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
     return {"model": model["name"], "num_params": n, "weights": weights, "checkpoint": path}

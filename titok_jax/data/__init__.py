@@ -3,16 +3,13 @@
 ``data.source`` specs: ``sample`` (scikit-image photographs, fixed train/eval split),
 ``folder:PATH`` (recursive jpg/jpeg/png/webp), ``tfds:NAME[:split]`` (``tfds.data_source``).
 """
+from titok_jax.data.hosts import batch_sharding, local_batch_size, make_global_batch, to_global_array
 from titok_jax.data.pipeline import (
-    batch_sharding,
     eval_iterator_from_config,
-    local_batch_size,
     make_eval_dataset,
     make_eval_iterator,
-    make_global_batch,
     make_train_dataset,
     make_train_iterator,
-    to_global_array,
     train_iterator_from_config,
 )
 from titok_jax.data.sample_images import EVAL_IMAGES, TRAIN_IMAGES, load_sample_image

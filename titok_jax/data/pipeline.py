@@ -19,36 +19,14 @@ processes run the same number of steps and metrics count each image once.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
+from titok_jax.data.hosts import local_batch_size, process_info
 from titok_jax.data.sources import make_source
 from titok_jax.data.transforms import EvalTransform, TrainTransform, _check_size
-
-
-def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"bad process_index/process_count: {process_index}/{process_count}")
-    return int(process_index), int(process_count)
-
-
-def local_batch_size(global_batch_size: int, process_count: int) -> int:
-    """``global_batch_size // process_count``; a ValueError unless it divides evenly."""
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, (int, np.integer)) \
-            or global_batch_size <= 0:
-        raise ValueError(f"global batch size must be a positive integer, got {global_batch_size!r}")
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the process count {process_count}"
-        )
-    return int(global_batch_size) // process_count
 
 
 def _check_seed(seed: int) -> int:
@@ -107,7 +85,7 @@ def make_train_dataset(
     """
     image_size = _check_size(image_size)
     seed = _check_seed(seed)
-    p, n = _process_info(process_index, process_count)
+    p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = make_source(source, split, data_dir=data_dir)
     if len(src) == 0:
@@ -177,7 +155,7 @@ def make_eval_dataset(
     (bool ``[B]``) is False for padding. Process ``p`` gets positions ``p, p + n, ...``.
     """
     image_size = _check_size(image_size)
-    p, n = _process_info(process_index, process_count)
+    p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = make_source(source, split, data_dir=data_dir, sample_repeats=1)
     num = len(src)
@@ -205,44 +183,6 @@ def make_eval_iterator(
     """
     ds = make_eval_dataset(source, image_size, global_batch_size, **kwargs)
     return iter(_finish(ds, read_threads, prefetch_buffer_size, 0, 1))
-
-
-def batch_sharding(mesh, data_axes: Sequence[str] = ("data", "fsdp")):
-    """``NamedSharding(mesh, P(axes))``: the batch dimension split over the mesh's ``data_axes``
-    (axes the mesh lacks are ignored), every other dimension replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    axes = tuple(a for a in data_axes if a in mesh.axis_names)
-    return NamedSharding(mesh, P(axes if axes else None))
-
-
-def to_global_array(local_batch: Any, mesh, data_axes: Sequence[str] = ("data", "fsdp")) -> Any:
-    """Each process's NumPy batch (a pytree of ``[B_local, ...]``) -> global ``jax.Array`` s of
-    ``[B_local * process_count, ...]`` sharded over ``data_axes``, via
-    ``jax.make_array_from_process_local_data``."""
-    import jax
-
-    sharding = batch_sharding(mesh, data_axes)
-    shards = math.prod(mesh.shape[a] for a in data_axes if a in mesh.axis_names)
-    count = jax.process_count()
-
-    def one(x):
-        x = np.asarray(x)
-        if x.ndim == 0 or x.dtype.kind not in "biuf":
-            raise ValueError(
-                f"batch leaves must be numeric arrays with a batch dimension, got {x.dtype} {x.shape}"
-            )
-        if (x.shape[0] * count) % shards:
-            raise ValueError(
-                f"global batch {x.shape[0] * count} is not divisible by the {shards} shards of "
-                f"mesh axes {tuple(data_axes)}"
-            )
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree.map(one, local_batch)
-
-
-make_global_batch = to_global_array
 
 
 def _cfg_get(cfg, key, default):

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grain
 import numpy as np
+
+from titok_jax.data.hosts import local_batch_size, process_info
 
 FORMAT = "titok_jax.tokens/1"
 META = "meta.json"
@@ -176,9 +178,7 @@ def make_token_train_dataset(path: str, global_batch_size: int, seed: int, *, sh
     """Per-process batches ``{"tokens": int32 [b, T], "label": int32 [b], "index": int64 [b]}``,
     shuffled with ``seed`` and repeated (``num_epochs=None``: forever); checkpointable like the
     image pipeline."""
-    from titok_jax.data.pipeline import _process_info, local_batch_size
-
-    p, n = _process_info(process_index, process_count)
+    p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = TokenSource(path)
     ds = grain.MapDataset.source(src)
@@ -237,3 +237,34 @@ def image_batches_for_tokenizing(source: Any, image_size: int, batch_size: int, 
         ds = ds.map_with_index(transform)
     ds = ds.batch(batch_size, drop_remainder=False)
     return iter(ds), len(src) * epochs, src
+
+
+def tokenize_source(out_dir: str, encode: Callable[[np.ndarray], Any], source: str, *, image_size: int,
+                    batch_size: int = 32, split: str = "train", epochs: int = 1, augment: bool = True,
+                    seed: int = 0, data_dir: str | None = None, shard_size: int = 65536,
+                    meta: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Every image of ``source``/``split`` (``epochs`` passes, see
+    :func:`image_batches_for_tokenizing`) encoded by ``encode(float32 [B,S,S,3] in [0,1]) -> int
+    [B, T]`` into a token data set at ``out_dir``. ``meta.json`` records the source, split, epochs,
+    augmentation, seed and ``num_classes`` (the source's, else the largest label + 1) plus the
+    entries of ``meta`` (e.g. ``tokenizer``, ``tokenizer_step``, ``codebook_size``); returns it.
+    ``progress``: a bar on stderr when stderr is a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    batches, rows, src = image_batches_for_tokenizing(
+        source, image_size, batch_size, split=split, epochs=epochs, augment=augment, seed=seed,
+        data_dir=data_dir)
+    num_classes = getattr(src, "num_classes", None)
+    if num_classes is None and getattr(src, "class_names", None) is not None:
+        num_classes = len(src.class_names)
+    meta = {**(meta or {}), "image_size": image_size, "source": source, "split": split,
+            "epochs": epochs, "augment": augment, "seed": seed, "num_classes": int(num_classes or 0)}
+    bar = tqdm(total=rows, unit="img", desc="tokenize", file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()))
+    try:
+        return write_token_dataset(out_dir, lambda x: encode(np.asarray(x, np.float32)), batches, meta,
+                                   shard_size=shard_size, progress=bar.update)
+    finally:
+        bar.close()

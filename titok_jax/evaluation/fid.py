@@ -21,10 +21,10 @@ Reference statistics are ``.npz`` files with ``mu`` ``[D]`` and ``sigma`` ``[D, 
 pytorch-fid's ``--save-stats`` and of the ADM evaluator's reference batches). Write them from a data
 split with::
 
-    python -m titok_jax.evaluation.fid_reference --data folder:/data/imagenet/val --image-size 256 \\
-        --inception-weights inception_fid.safetensors --output imagenet_val_256.npz
+    titok-jax fid-reference --data folder:/data/imagenet/val --image_size 256 \\
+        --inception_weights inception_fid.safetensors --output imagenet_val_256.npz
 
-(images are centre-cropped to ``--image-size`` exactly as the evaluation pipeline does, and quantised
+(images are centre-cropped to ``--image_size`` exactly as the evaluation pipeline does, and quantised
 to uint8 like saved PNGs).
 """
 from __future__ import annotations

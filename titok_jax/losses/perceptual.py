@@ -19,13 +19,13 @@ images already in [-1, 1]. Any ``(lo, hi)`` works (e.g. ``(0., 255.)``).
 
 Weights are **frozen**: :func:`lpips_distance` wraps the params in ``stop_gradient``, so the loss
 sends gradient to the images only. They are never downloaded: convert the torchvision VGG16 and the
-LPIPS ``vgg.pth`` linear weights once with ``python -m titok_jax.convert.lpips`` and load the result
+LPIPS ``vgg.pth`` linear weights once with ``titok-jax convert-lpips`` and load the result
 with :func:`load_lpips_params`.
 
 File format read by :func:`load_lpips_params` (``.safetensors`` or ``.npz``): a flat mapping of
 exactly these float32 arrays (``/``-joined Flax param paths, see :func:`lpips_param_shapes`)::
 
-    vgg/conv{b}_{i}/kernel  [3, 3, C_in, C_out]      13 convs, VGG16 trunk (models/vgg.py)
+    vgg/conv{b}_{i}/kernel  [3, 3, C_in, C_out]      13 convs, VGG16 trunk (nets/vgg.py)
     vgg/conv{b}_{i}/bias    [C_out]
     lin{k}/kernel           [C_k, 1]                  k = 0..4, C_k = 64, 128, 256, 512, 512
 """
@@ -39,9 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.models.convnext import ConvNeXt, load_convnext_params  # noqa: F401 (re-exported)
-from titok_jax.models.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS, VGG16Features
+from titok_jax.nets.convnext import ConvNeXt, load_convnext_params  # noqa: F401 (re-exported)
+from titok_jax.nets.files import load_frozen_params
+from titok_jax.nets.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS, VGG16Features
 from titok_jax.nn.resize import resize_bilinear
+from titok_jax.trees import check_tree_matches
 
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -66,7 +68,7 @@ def _unit_normalize(f: jax.Array, eps: float = LPIPS_EPS) -> jax.Array:
 class LPIPS(nn.Module):
     """LPIPS-VGG distance ``[B, H, W, 3] x [B, H, W, 3] -> [B]`` (see the module docstring).
 
-    Params: ``vgg`` (:class:`~titok_jax.models.vgg.VGG16Features`) and ``lin0..lin4`` (``Dense(1)``
+    Params: ``vgg`` (:class:`~titok_jax.nets.vgg.VGG16Features`) and ``lin0..lin4`` (``Dense(1)``
     without bias, kernel ``[C_k, 1]``). ``dtype`` is the compute dtype of the trunk; the
     normalisation, differences and averages are float32.
     """
@@ -118,43 +120,13 @@ def lpips_param_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a/b/c": v}`` -> ``{"a": {"b": {"c": v}}}``."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Inverse of :func:`unflatten_params`."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
 def check_lpips_params(flat: Mapping[str, Any], source: str = "params") -> None:
     """Raise ``ValueError`` naming the first missing, unexpected or mis-shaped LPIPS param."""
-    expected = lpips_param_shapes()
-    for key, shape in expected.items():
-        if key not in flat:
-            raise ValueError(f"{source}: missing LPIPS param {key!r} (shape {shape})")
-        got = tuple(np.shape(flat[key]))
-        if got != shape:
-            raise ValueError(f"{source}: LPIPS param {key!r} has shape {got}, expected {shape}")
-    extra = sorted(set(flat) - set(expected))
-    if extra:
-        raise ValueError(f"{source}: unexpected LPIPS param {extra[0]!r}"
-                         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    check_tree_matches(flat, _lpips_abstract(), source=source, what="LPIPS param")
+
+
+def _lpips_abstract() -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in lpips_param_shapes().items()}
 
 
 def load_lpips_params(path: str | os.PathLike) -> dict[str, Any]:
@@ -162,23 +134,10 @@ def load_lpips_params(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns the nested Flax params tree (``LPIPS().apply({"params": tree}, x, y)``) of float32
     ``jax.Array``s. Raises ``FileNotFoundError`` / ``ValueError`` with the offending key.
-    Never downloads anything; produce the file with ``python -m titok_jax.convert.lpips``.
+    Never downloads anything; produce the file with ``titok-jax convert-lpips``.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS params file not found: {path} "
-                                "(create it with `python -m titok_jax.convert.lpips`)")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        flat = dict(load_file(path))
-    elif path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            flat = {k: data[k] for k in data.files}
-    else:
-        raise ValueError(f"{path}: LPIPS params must be a .safetensors or .npz file "
-                         "(convert .pth files with `python -m titok_jax.convert.lpips`)")
-    check_lpips_params(flat, source=path)
-    return unflatten_params({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+    return load_frozen_params(path, _lpips_abstract(), "LPIPS", "titok-jax convert-lpips",
+                              param="LPIPS param")
 
 
 def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *,

@@ -29,7 +29,7 @@ Init as taming's ``weights_init``: conv kernels N(0, 0.02), norm scales N(1, 0.0
 
 MaskBit discriminator (:class:`MaskBitDiscriminator`; TiTok stage 2 / MaskBit; the official
 ``modeling/modules/discriminator.py::NLayerDiscriminator``), every conv TF-SAME padded
-(``models.vqgan.Conv2dSame``, with bias), LeakyReLU slope 0.1, ``h = hidden_channels``::
+(``nn.conv.Conv2dSame``, with bias), LeakyReLU slope 0.1, ``h = hidden_channels``::
 
     block_in:       conv 5x5 3 -> h                                          -> LeakyReLU
     blocks_{i}, i < num_stages (channels h * (1, 1, 2, 4, ...)[i] -> h * 2**i):
@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.models.vqgan import Conv2dSame, same_padding, torch_conv_init
+from titok_jax.nn.conv import Conv2dSame, same_padding, torch_conv_init
 from titok_jax.nn.initializers import boxed
 
 NORMS = ("batch", "group", "none")

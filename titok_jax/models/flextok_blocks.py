@@ -146,7 +146,7 @@ class ViTFeatures(nn.Module):
     """A small ViT feature extractor for REPA (a DINOv2-like stand-in): images ``[B, S, S, 3]`` in
     [0, 1] -> mean/std normalised -> patch embed + learned posemb (+ cls) -> pre-LN blocks -> final
     LN -> patch features ``[B, (S/p)^2, width]`` (cls dropped). Params load from a file
-    (``titok_jax.models.frozen``); it is frozen in training."""
+    (``titok_jax.nets.files``); it is frozen in training."""
 
     image_size: int = 224
     patch_size: int = 14

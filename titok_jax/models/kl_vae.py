@@ -38,13 +38,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.models.titok import gaussian_posterior
-from titok_jax.models.vqgan import check_channels, group_norm, torch_conv_init, upsample_nearest
 from titok_jax.nn import check_images, boxed
+from titok_jax.nn.conv import check_channels, group_norm, torch_conv_init, upsample_nearest
 from titok_jax.quantizers import QuantizerOutput
+from titok_jax.quantizers.gaussian import SAMPLE_RNG, gaussian_posterior
 
 Dtype = Any
-SAMPLE_RNG = "sample"   # rng stream of the posterior sample (train only)
 zeros = nn.initializers.zeros_init()
 
 

@@ -47,12 +47,12 @@ import jax.numpy as jnp
 from titok_jax.nn import (check_images, LearnedPositionEmbedding, PatchEmbed, TransformerBlock, boxed,
                           make_norm, unpatchify, width_scaled_normal)
 from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
+from titok_jax.quantizers.gaussian import SAMPLE_RNG, gaussian_posterior
+from titok_jax.quantizers.vq import uniform_codebook_init
 
 Dtype = Any
 QUANTIZERS = ("vq", "vae")
 HEADS = ("pixels", "legacy")   # decoder heads: RGB patches, or the two-stage proxy-code logits
-SAMPLE_RNG = "sample"          # rng stream of the VAE posterior sample (train only)
-LOGVAR_RANGE = (-30.0, 20.0)
 
 # TiTok initialisation: Linear/Conv weights N(0, 0.02) (PyTorch ``trunc_normal_(std=.02)`` cuts at
 # +-2 absolute, i.e. 100 std: a plain normal), zero biases; LayerNorm 1/0; tokens and position
@@ -75,13 +75,6 @@ def _kernel_inits(init: str):
         raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
     return INITS[init]
 zeros = nn.initializers.zeros_init()
-
-
-def uniform_codebook_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32
-                          ) -> jax.Array:
-    """TiTok's codebook init ``U(-1/K, 1/K)`` for a ``[K, d]`` table."""
-    bound = 1.0 / shape[0]
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _blocks(x: jax.Array, depth: int, num_heads: int, remat: bool, dtype: Dtype,
@@ -214,26 +207,6 @@ class TiTokDecoder(nn.Module):
         return x.astype(jnp.float32)
 
 
-def gaussian_posterior(moments: jax.Array, *, sample_key: jax.Array | None, kl_weight: float
-                       ) -> tuple[jax.Array, QuantizerOutput]:
-    """Diagonal Gaussian bottleneck on ``moments [B, N, 2C]`` (mean = first ``C`` channels).
-
-    Returns ``z`` (``mean + std * eps`` when ``sample_key`` is given, else ``mean``) and a record
-    with ``indices=None``, ``losses={"kl": kl_weight * mean_b sum_{n,c} KL}``, ``metrics={"kl":
-    unweighted per-image KL, "posterior_std": mean std}`` and ``aux={"mean", "logvar"}``.
-    """
-    moments = moments.astype(jnp.float32)
-    mean, logvar = jnp.split(moments, 2, axis=-1)
-    logvar = jnp.clip(logvar, *LOGVAR_RANGE)
-    std = jnp.exp(0.5 * logvar)
-    z = mean if sample_key is None else mean + std * jax.random.normal(sample_key, mean.shape)
-    kl_tokens = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
-    kl = jnp.mean(jnp.sum(kl_tokens.reshape(kl_tokens.shape[0], -1), axis=-1))
-    return z, QuantizerOutput(indices=None, losses={"kl": kl_weight * kl},
-                              metrics={"kl": kl, "posterior_std": jnp.mean(std)},
-                              aux={"mean": mean, "logvar": logvar})
-
-
 class TiTok(nn.Module):
     """Single-stage TiTok (see the module docstring): ``TiTok(**titok_variant(name))``.
 
@@ -353,91 +326,3 @@ class TiTok(nn.Module):
         """``images [B,H,W,3]`` in [0,1] -> ``(reconstruction [B,H,W,3] f32, QuantizerOutput)``."""
         codes, out = self.encode(images, train=train)
         return self.decode(codes), out
-
-
-# --------------------------------------------------------------------------- variants
-
-SIZES = {  # width, depth, heads (MLP 4x)
-    "S": (512, 8, 8),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-}
-
-
-def _published(enc: str, dec: str, num_tokens: int, quantizer: str) -> dict[str, Any]:
-    (ew, ed, eh), (dw, dd, dh) = SIZES[enc], SIZES[dec]
-    kw = dict(image_size=256, patch_size=16, encoder_width=ew, encoder_depth=ed,
-              encoder_heads=eh, decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
-              num_latent_tokens=num_tokens, quantizer=quantizer, is_legacy=False)
-    if quantizer == "vq":
-        kw.update(token_size=64, codebook_size=8192, use_l2_norm=False, commitment_cost=0.25)
-    else:
-        kw.update(token_size=16, kl_weight=1e-6)
-    return kw
-
-
-_TINY = dict(image_size=32, patch_size=8, encoder_width=64, encoder_depth=2, encoder_heads=4,
-             decoder_width=64, decoder_depth=2, decoder_heads=4, num_latent_tokens=32,
-             is_legacy=False)
-
-def _two_stage(size: str, num_tokens: int) -> dict[str, Any]:
-    """Legacy two-stage TiTok (``models.titok_two_stage.TiTokTwoStage``) of the 06/2024 weights."""
-    w, d, h = SIZES[size]
-    return dict(image_size=256, patch_size=16, encoder_width=w, encoder_depth=d, encoder_heads=h,
-                decoder_width=w, decoder_depth=d, decoder_heads=h, num_latent_tokens=num_tokens,
-                token_size=12, codebook_size=4096, use_l2_norm=True, commitment_cost=0.25,
-                is_legacy=True, proxy_codebook_size=1024, finetune_decoder=True)
-
-
-# name -> TiTok kwargs. Published single-stage sizes (HF yucornetto/tokenizer_titok_*), plus tiny
-# CPU test models. Reference parameter counts: bl64_vq 390.02M, bl128_vq 390.18M, sl256_vq 330.26M,
-# ll32_vae 606.88M, bl64_vae 389.42M, bl128_vae 389.58M.
-TITOK_VARIANTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(_TINY, token_size=8, quantizer="vq", codebook_size=64, use_l2_norm=False),
-    "tiny_l2": dict(_TINY, token_size=8, quantizer="vq", codebook_size=64, use_l2_norm=True),
-    "tiny_vae": dict(_TINY, token_size=8, quantizer="vae"),
-    "bl64_vq": _published("B", "L", 64, "vq"),
-    "bl128_vq": _published("B", "L", 128, "vq"),
-    "sl256_vq": _published("S", "L", 256, "vq"),
-    "ll32_vae": _published("L", "L", 32, "vae"),
-    "bl64_vae": _published("B", "L", 64, "vae"),
-    "bl128_vae": _published("B", "L", 128, "vae"),
-}
-
-
-# Two-stage variants: kwargs of TiTokTwoStage (model name "titok_two_stage"), not of TiTok.
-# Reference parameter counts (stage 2, incl. the 30.74M MaskGIT pixel decoder): l32 641.05M,
-# b64 204.81M, s128 83.67M. tiny_two_stage: 32x32 images, a 4x4 proxy grid of a 64-code teacher.
-TWO_STAGE_VARIANTS: dict[str, dict[str, Any]] = {
-    "l32": _two_stage("L", 32),
-    "b64": _two_stage("B", 64),
-    "s128": _two_stage("S", 128),
-    "tiny_two_stage": dict(_TINY, encoder_depth=1, decoder_depth=1, num_latent_tokens=8,
-                           token_size=8, codebook_size=64, use_l2_norm=True, is_legacy=True,
-                           proxy_codebook_size=64,
-                           finetune_decoder=True, pixel_hidden_channels=32,
-                           pixel_channel_mult=(1, 1, 2, 2), pixel_num_res_blocks=1,
-                           pixel_z_channels=32),
-}
-
-
-def titok_model_name(variant: str) -> str:
-    """The registry name of a variant's model: ``"titok_two_stage"`` or ``"titok"``."""
-    return "titok_two_stage" if variant in TWO_STAGE_VARIANTS else "titok"
-
-
-def titok_variant(name: str, **overrides: Any) -> dict[str, Any]:
-    """A copy of ``TITOK_VARIANTS[name]`` (or ``TWO_STAGE_VARIANTS[name]``) updated with
-    ``overrides`` (``dtype=jnp.bfloat16``...)."""
-    if name not in TITOK_VARIANTS and name not in TWO_STAGE_VARIANTS:
-        raise KeyError(f"unknown TiTok variant {name!r}; known: "
-                       f"{sorted(TITOK_VARIANTS) + sorted(TWO_STAGE_VARIANTS)}")
-    if name in TWO_STAGE_VARIANTS:
-        from titok_jax.models.titok_two_stage import TiTokTwoStage  # imports this module
-        fields = TiTokTwoStage.__dataclass_fields__
-    else:
-        fields = TiTok.__dataclass_fields__
-    unknown = set(overrides) - set(fields)
-    if unknown:
-        raise TypeError(f"unknown TiTok fields {sorted(unknown)}")
-    return {**(TWO_STAGE_VARIANTS.get(name) or TITOK_VARIANTS[name]), **overrides}

@@ -34,10 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.models.titok import TiTokDecoder, TiTokEncoder, uniform_codebook_init
+from titok_jax.models.titok import TiTokDecoder, TiTokEncoder
 from titok_jax.models.vqgan import MaskGITDecoder
 from titok_jax.nn import check_images, boxed, width_scaled_normal
 from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
+from titok_jax.quantizers.vq import uniform_codebook_init
 
 Dtype = Any
 

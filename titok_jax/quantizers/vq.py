@@ -56,6 +56,13 @@ def default_codebook_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype =
     return nn.initializers.variance_scaling(1.0, "fan_in", "uniform")(key, shape, dtype)
 
 
+def uniform_codebook_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32
+                          ) -> jax.Array:
+    """TiTok's codebook init ``U(-1/K, 1/K)`` for a ``[K, d]`` table."""
+    bound = 1.0 / shape[0]
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def ema_update(counts: jax.Array, sums: jax.Array, batch_counts: jax.Array, batch_sums: jax.Array,
                decay: float, eps: float, cosine: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One EMA step -> ``(N', m', E')``: ``N' = g N + (1-g) n``, ``m' = g m + (1-g) s``,

@@ -6,7 +6,8 @@ Per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
     logits = model(tokens, labels)                 teacher forcing: logits[:, p] ~ t_p | t_<p, label
     loss   = mean_{b, p} CE(logits[b, p], t_p)     (optional label smoothing, default 0)
 
-The data paths and the evaluation hooks are the MaskGIT task's (``tasks/generator.py``, subclassed):
+The data paths, the evaluation and the spec are shared with MaskGIT (``tasks/generator.py``,
+``TokenGeneratorTask``):
 pre-tokenized shards (``data.source = "tokens:DIR"``) or ids computed on the fly by the frozen
 tokenizer of ``config.tokenizer.workdir``. Evaluation reports the next-token loss and accuracy on the
 first eval batch (deterministic: no dropout, no mask) and samples a grid with the KV-cached sampler.
@@ -23,9 +24,8 @@ import numpy as np
 
 from titok_jax.generators import masking
 from titok_jax.generators.ar import ARTransformer, generate_tokens
-from titok_jax.models.registry import DTYPES
 from titok_jax.tasks.base import register_task
-from titok_jax.tasks.generator import DROPOUT_RNG, MaskGITTask, uses_token_shards
+from titok_jax.tasks.generator import DROPOUT_RNG, TokenGeneratorTask
 
 # generator.sampler keys (``Generator.sample`` / ``titok-jax generate`` overrides);
 # ``randomize_temperature`` is accepted as a name of ``temperature`` (the CLI's --temperature).
@@ -49,45 +49,22 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, label_smoothing: float
 
 
 @register_task("ar")
-class ARTask(MaskGITTask):
+class ARTask(TokenGeneratorTask):
     """Task ``"ar"`` (module docstring). ``sample(model_params, labels, seed, **sampler)`` drives
     ``titok_jax.generation``."""
 
-    batch_keys = ("tokens", "label")
+    model_class = ARTransformer
     sampler_keys = SAMPLER_KEYS
 
-    def __init__(self, config: Any):  # noqa: D107  (MaskGITTask.__init__ builds a MaskGIT model)
-        self.config = config
-        kwargs = dict(config.model)
-        kwargs.pop("name", None)
-        dtype = config.get("compute_dtype", "float32")
-        if dtype not in DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        try:
-            self.model = ARTransformer(**kwargs, dtype=DTYPES[dtype])
-        except TypeError as e:
-            raise ValueError(f"model: {e}") from None
-        g = config.generator
-        self.label_smoothing = float(g.get("label_smoothing", 0.0))
-        self.class_dropout = float(g.get("class_dropout", 0.1))
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
+        self.label_smoothing = float(config.generator.label_smoothing)
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"generator.label_smoothing must be in [0, 1], got {self.label_smoothing}")
-        self.sampler = self._sampler_kwargs(dict(g.get("sampler", {})))
-        self.on_the_fly = not uses_token_shards(config)
-        self.batch_keys = ("image", "label") if self.on_the_fly else ("tokens", "label")
-        self._tokenizer = None
-        self.tokenizer_workdir = str(config.get("tokenizer", {}).get("workdir", "") or "")
-        if self.on_the_fly and not self.tokenizer_workdir:
-            raise ValueError(f"data.source={config.data.source!r} is images, so the generator needs "
-                             "--config.tokenizer.workdir=DIR (a tokenizer workdir), or pre-tokenized data: "
-                             "--config.data.source=tokens:DIR from `titok-jax tokenize --data`")
 
-    def _sampler_kwargs(self, settings: dict) -> dict:
+    def sampler_settings(self, settings: dict) -> dict:
         """Validated sampler settings (``randomize_temperature`` renamed ``temperature``)."""
-        unknown = set(settings) - set(SAMPLER_KEYS)
-        if unknown:
-            raise ValueError(f"unknown AR sampler settings {sorted(unknown)}; known: {sorted(SAMPLER_KEYS)}")
-        out = dict(settings)
+        out = super().sampler_settings(settings)
         if "randomize_temperature" in out:
             out["temperature"] = out.pop("randomize_temperature")
         if float(out.get("temperature", 1.0)) < 0:
@@ -104,43 +81,26 @@ class ARTask(MaskGITTask):
             out["guidance_scale"] = float(out["guidance_scale"])
         return out
 
-    # ------------------------------------------------------------------ setup
-    def init(self, key: jax.Array) -> tuple[dict, dict]:
-        n = self.model.num_tokens
-        variables = self.model.init({"params": key}, jnp.zeros((1, n), jnp.int32),
-                                    jnp.zeros((1,), jnp.int32), train=False)
-        return {"model": variables["params"]}, {"model": {}}
-
     # ------------------------------------------------------------------ training
-    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-              constants: dict) -> tuple[dict, dict, dict]:
-        tokens = self._tokens(batch, constants)
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
+        tokens = self.batch_tokens(batch, constants)
         k_drop, k_dropout = jax.random.split(key)
         labels = masking.drop_classes(k_drop, batch["label"], self.class_dropout, self.model.num_classes)
-
-        def loss_fn(model_params):
-            logits = self.model.apply({"params": model_params}, tokens, labels, train=True,
-                                      rngs={DROPOUT_RNG: k_dropout})
-            loss, metrics = next_token_loss(logits, tokens, self.label_smoothing)
-            return loss, metrics
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params["model"])
-        return {"model": grads}, state, metrics
+        logits = self.model.apply({"params": params["model"]}, tokens, labels, train=True,
+                                  rngs={DROPOUT_RNG: k_dropout})
+        loss, metrics = next_token_loss(logits, tokens, self.label_smoothing)
+        return loss, (state, metrics)
 
     # ------------------------------------------------------------------ evaluation
-    def masked_metrics(self, model_params: Any, tokens: jax.Array, labels: jax.Array,
-                       seed: int = 0) -> dict:
-        """Next-token loss and accuracy of the eval batch (the hook ``evaluate_generator`` calls;
-        nothing is masked for an AR model, ``seed`` is unused)."""
-        del seed
-        labels = jnp.where(jnp.asarray(labels) < 0, self.model.num_classes, labels)
-        logits = self.model.apply({"params": model_params}, jnp.asarray(tokens, jnp.int32),
-                                  jnp.asarray(labels, jnp.int32), train=False)
-        _, metrics = next_token_loss(logits, jnp.asarray(tokens, jnp.int32), self.label_smoothing)
+    def token_metrics(self, model_params: Any, tokens: Any, labels: Any) -> dict:
+        """Next-token loss and accuracy of the eval batch (deterministic: no dropout, no mask)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        _, metrics = next_token_loss(self.logits(model_params, tokens, labels), tokens, self.label_smoothing)
         return metrics
 
     def sample(self, model_params: Any, labels: np.ndarray, seed: int, **overrides: Any) -> np.ndarray:
         """Token ids ``[B, max_len or N]`` for class ``labels`` (``num_classes`` = unconditional)."""
-        kw = self._sampler_kwargs({**self.sampler, **overrides})
+        kw = self.sampler_settings({**self.sampler, **overrides})
         return np.asarray(generate_tokens(self.model, {"params": model_params},
                                           jnp.asarray(labels, jnp.int32), jax.random.key(seed), **kw))

@@ -34,11 +34,14 @@ import numpy as np
 
 from titok_jax.losses.repa import match_grid, repa_loss
 from titok_jax.models.flextok_blocks import ViTFeatures
-from titok_jax.models.frozen import check_flat_params, load_frozen_params, unflatten
+from titok_jax.nets.files import load_frozen_params
+from titok_jax.trees import check_tree_matches, flatten, unflatten
 from titok_jax.models.registry import build_model
 from titok_jax.tasks.base import register_task
+from titok_jax.tasks.flow_tokenizer import FlowTokenizerTask
 from titok_jax.tasks.host_params import overwrite_from_host
-from titok_jax.tasks.titok_stages import random_params, restore_workdir
+from titok_jax.tasks.runs import restore_run
+from titok_jax.tasks.titok_stages import random_params
 from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS
 
 VAE_HINT = "titok-jax train --config configs/flextok.py:vae_c16 (or a converted diffusers VAE)"
@@ -64,13 +67,13 @@ def load_vae_params(vae_config: Any, abstract: Any) -> dict | None:
     if not os.path.exists(weights):
         raise FileNotFoundError(f"vae.weights {weights} does not exist")
     if os.path.isdir(weights):
-        params, _, cfg = restore_workdir(weights)
-        name = dict(cfg.get("model", {})).get("name")
+        run = restore_run(weights, host=True)
+        params = run.params
+        name = dict(run.config.get("model", {})).get("name")
         if name != "kl_vae":
             raise ValueError(f"vae.weights {weights} holds a {name!r} model, not kl_vae")
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-                for path, v in jax.tree_util.tree_leaves_with_path(params)}
-        check_flat_params(flat, abstract, source=f"vae.weights {weights}")
+        flat = flatten(params)
+        check_tree_matches(flat, abstract, source=f"vae.weights {weights}")
         return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
     params = load_frozen_params(weights, abstract, "KL-VAE", VAE_HINT)
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
@@ -102,37 +105,40 @@ def load_repa_teacher(teacher_config: Any) -> tuple[ViTFeatures, Any]:
 
 
 @register_task("flextok")
-class FlexTokTask:
-    def __init__(self, config: Any):
-        self.config = config
-        self.model = build_model(config.model, dtype=config.get("compute_dtype", "float32"))
+class FlexTokTask(FlowTokenizerTask):
+    variable_length = True
+
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
+        self.model = build_model(config.model, dtype=config.compute_dtype)
         if not getattr(self.model, "variable_length", False) or not hasattr(self.model, "flow_loss"):
             raise ValueError("the flextok task trains model 'flextok'")
         self.image_size = int(config.data.image_size)
         if self.image_size != self.model.image_size:
             raise ValueError(f"data.image_size {self.image_size} != model.image_size "
                              f"{self.model.image_size}")
-        frozen = str(config.optimizer.get("frozen", "") or "")
+        self._vae, self._teacher = None, None
+        if inference:  # the run's own checkpoint holds every weight; the recipe is training-only
+            return
+        frozen = str(config.optimizer.frozen or "")
         if not (frozen and re.search(frozen, VAE_PROBE)):
             raise ValueError(f"optimizer.frozen ({frozen!r}) must match the VAE's params "
                              f"('{VAE_PROBE}'), e.g. '^model/vae/': FlexTok's VAE is frozen")
-        flow = dict(config.get("flow", {}) or {})
-        self.time_sampler = flow.get("time_sampler", "logit_normal")
-        self.time_params = dict(flow.get("time_params", {}) or {})
-        repa = dict(config.get("repa", {}) or {})
-        self.repa_weight = float(repa.get("weight", 0.0))
-        sampler = dict(config.get("sampler", {}) or {})
-        self.steps = int(sampler.get("steps", self.model.default_steps))
-        self.guidance = float(sampler.get("guidance", self.model.default_guidance))
-        self.eval_seed = int(sampler.get("seed", 0))
+        # every key below has its default in configs/flextok.py
+        self.time_sampler = config.flow.time_sampler
+        self.time_params = dict(config.flow.time_params or {})
+        repa = config.repa
+        self.repa_weight = float(repa.weight)
+        self.steps = int(config.sampler.steps)
+        self.guidance = float(config.sampler.guidance)
+        self.eval_seed = int(config.sampler.seed)
         # Errors about missing files come now, before any training work.
         vae_abstract = self._abstract()[0]["vae"]
-        self._vae = load_vae_params(config.get("vae", {}), vae_abstract)
-        self._teacher = None
+        self._vae = load_vae_params(config.vae, vae_abstract)
         if self.repa_weight > 0:
             if not self.model.repa_dim:
                 raise ValueError("repa.weight > 0 needs model.repa_dim > 0 (the teacher's width)")
-            self._teacher = load_repa_teacher(repa.get("teacher", {}))
+            self._teacher = load_repa_teacher(repa.teacher)
             if self._teacher[0].width != self.model.repa_dim:
                 raise ValueError(f"the REPA teacher's width {self._teacher[0].width} != "
                                  f"model.repa_dim {self.model.repa_dim}")
@@ -159,39 +165,30 @@ class FlexTokTask:
         return {"teacher": self._teacher[1]} if self._teacher is not None else {}
 
     # ------------------------------------------------------------------ training
-    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-              constants: dict) -> tuple[dict, dict, dict]:
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
         images = batch["image"].astype(jnp.float32)
-        target = None
+        (flow, aux), new_vars = self.model.apply(
+            {"params": params["model"], **state["model"]}, images, key, method="flow_loss",
+            time_sampler=self.time_sampler, time_params=self.time_params,
+            mutable=list(MODEL_COLLECTIONS))
+        metrics = {"flow": flow, "keep_k_mean": jnp.mean(aux["keep_k"].astype(jnp.float32)),
+                   "cfg_null_fraction": 1.0 - jnp.mean(aux["cond"].astype(jnp.float32))}
+        total = flow
         if self._teacher is not None:
-            target = jax.lax.stop_gradient(self._teacher[0].apply({"params": constants["teacher"]},
-                                                                  images))
-
-        def loss_fn(model_params):
-            (flow, aux), new_vars = self.model.apply(
-                {"params": model_params, **state["model"]}, images, key, method="flow_loss",
-                time_sampler=self.time_sampler, time_params=self.time_params,
-                mutable=list(MODEL_COLLECTIONS))
-            metrics = {"flow": flow, "keep_k_mean": jnp.mean(aux["keep_k"].astype(jnp.float32)),
-                       "cfg_null_fraction": 1.0 - jnp.mean(aux["cond"].astype(jnp.float32))}
-            total = flow
-            if target is not None:
-                feats = aux["repa"]
-                metrics["repa"] = repa_loss(feats, match_grid(target, feats.shape[1]))
-                total = total + self.repa_weight * metrics["repa"]
-            for name, value in aux["quantizer"].metrics.items():
-                metrics[f"quantizer/{name}"] = value
-            metrics["loss"] = total
-            return total, (dict(new_vars), metrics)
-
-        g, (new_vars, metrics) = jax.grad(loss_fn, has_aux=True)(params["model"])
-        return {"model": g}, dict(state, model={**state["model"], **new_vars}), metrics
+            target = jax.lax.stop_gradient(self._teacher[0].apply({"params": constants["teacher"]}, images))
+            feats = aux["repa"]
+            metrics["repa"] = repa_loss(feats, match_grid(target, feats.shape[1]))
+            total = total + self.repa_weight * metrics["repa"]
+        for name, value in aux["quantizer"].metrics.items():
+            metrics[f"quantizer/{name}"] = value
+        metrics["loss"] = total
+        return total, (dict(state, model={**state["model"], **dict(new_vars)}), metrics)
 
     # ------------------------------------------------------------------ evaluation
-    def reconstruct(self, model_params: Any, state: dict, images: jax.Array) -> tuple[jax.Array, Any]:
-        variables = {"params": model_params, **state["model"]}
-        _, out = self.model.apply(variables, images.astype(jnp.float32), method="encode")
-        rec = self.model.apply(variables, out.indices, key=jax.random.key(self.eval_seed),
-                               steps=self.steps, guidance_scale=self.guidance,
-                               method="decode_tokens")
-        return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0), out.indices
+    def reconstruct(self, model_params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+        """Encode, then decode all tokens with ``config.sampler`` from its fixed seed (deterministic)."""
+        ids = self.encode(model_params, model_state, images)
+        rec = self.decode(model_params, model_state, ids, key=jax.random.key(self.eval_seed),
+                          steps=self.steps, guidance=self.guidance)
+        return rec, ids

@@ -47,6 +47,7 @@ from titok_jax import losses as L
 from titok_jax.flow import rectified_flow_loss, time_sampler_preset
 from titok_jax.models.registry import build_model
 from titok_jax.tasks.base import register_task
+from titok_jax.tasks.flow_tokenizer import FlowTokenizerTask
 from titok_jax.tasks.host_params import overwrite_from_host
 
 MODEL_COLLECTIONS = ("quantizer_stats",)
@@ -77,39 +78,39 @@ def euler_chain(velocity_fn: Any, noise: jax.Array, times: jax.Array, remat: boo
 
 
 @register_task("flowmo")
-class FlowMoTask:
-    batch_keys = ("image",)
-
-    def __init__(self, config: Any):
-        self.config = config
-        self.model = build_model(config.model, dtype=config.get("compute_dtype", "float32"))
+class FlowMoTask(FlowTokenizerTask):
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
+        self.model = build_model(config.model, dtype=config.compute_dtype)
         self.image_size = int(config.data.image_size)
         if self.image_size != self.model.image_size:
             raise ValueError(f"data.image_size {self.image_size} != model.image_size {self.model.image_size}")
-        fc = config.get("flowmo", {}) or {}
-        self.stage = str(fc.get("stage", "main"))
+        self._loaded: tuple[Any, Any] | None = None
+        if inference:  # the run's own checkpoint holds every weight; the recipe is training-only
+            return
+        fc = config.flowmo  # every key has its default in configs/flowmo.py
+        self.stage = str(fc.stage)
         if self.stage not in STAGES:
             raise ValueError(f"flowmo.stage must be one of {STAGES}, got {self.stage!r}")
-        self.freeze_after = int(fc.get("freeze_encoder_after", 0) or 0)
-        self.cfg_dropout = float(fc.get("cfg_dropout", 0.1))
-        ts = time_sampler_preset(str(fc.get("time_sampler", "flowmo")))
+        self.freeze_after = int(fc.freeze_encoder_after or 0)
+        self.cfg_dropout = float(fc.cfg_dropout)
+        ts = time_sampler_preset(str(fc.time_sampler))
         self.time_kind = ts.pop("kind")
         self.time_params = ts
-        self.eval_steps = int(fc.get("eval_steps", 25))
-        self.eval_guidance = float(fc.get("eval_guidance", 1.5))
-        self.eval_seed = int(fc.get("eval_seed", 0))
-        self.post_k = int(fc.get("post_steps", 8))
-        self.post_reward = str(fc.get("post_reward", "lpips"))
-        self.post_weight = float(fc.get("post_reward_weight", 0.01))
+        self.eval_steps = int(fc.eval_steps)
+        self.eval_guidance = float(fc.eval_guidance)
+        self.eval_seed = int(fc.eval_seed)
+        self.post_k = int(fc.post_steps)
+        self.post_reward = str(fc.post_reward)
+        self.post_weight = float(fc.post_reward_weight)
         if self.post_reward not in REWARDS:
             raise ValueError(f"flowmo.post_reward must be one of {REWARDS}, got {self.post_reward!r}")
-        lc = config.get("losses", {}) or {}
-        self.lpips_weight = float(lc.get("perceptual_weight", 0.0))
-        self.lpips_path = lc.get("perceptual_weights", "")
-        self.convnext_path = lc.get("convnext_weights", "")
+        lc = config.losses
+        self.lpips_weight = float(lc.perceptual_weight)
+        self.lpips_path = lc.perceptual_weights
+        self.convnext_path = lc.convnext_weights
+        self.init_from = str(config.init_from or "")
         self._check_freeze(config)
-        self.init_from = str(config.get("init_from", "") or "")
-        self._loaded: tuple[Any, Any] | None = None
         if self.stage == "post":
             self._load_init_from()
 
@@ -134,11 +135,12 @@ class FlowMoTask:
             print("[titok_jax] WARNING: flowmo.stage='post' without init_from: post-training starts "
                   "from a RANDOM model (set --config.init_from=MAIN_STAGE_WORKDIR)", file=sys.stderr)
             return
-        from titok_jax.convert.common import check_tree_matches
-        from titok_jax.tasks.titok_stages import restore_workdir
+        from titok_jax.trees import check_tree_matches
+        from titok_jax.tasks.runs import restore_run
         if not os.path.isfile(os.path.join(self.init_from, "config.json")):
             raise FileNotFoundError(f"init_from {self.init_from} is not a titok_jax workdir (no config.json)")
-        params, state, _ = restore_workdir(self.init_from, task="flowmo", ema=False)
+        run = restore_run(self.init_from, expect_task="flowmo", ema=False, host=True)
+        params, state = run.params, run.model_state
         fresh_params, fresh_state = nn.unbox(jax.eval_shape(self._fresh_init, jax.random.key(0)))
         check_tree_matches(params, fresh_params["model"], source=f"init_from {self.init_from}")
         check_tree_matches(state, fresh_state["model"], source=f"init_from {self.init_from} (model state)")
@@ -163,13 +165,13 @@ class FlowMoTask:
         if need_lpips:
             if not self.lpips_path:
                 raise ValueError("the FlowMo perceptual term needs --config.losses.perceptual_weights=FILE "
-                                 "(made by `python -m titok_jax.convert.lpips`); or set "
+                                 "(made by `titok-jax convert-lpips`); or set "
                                  "losses.perceptual_weight=0 and flowmo.post_reward='l2'")
             out["lpips"] = L.load_lpips_params(self.lpips_path)
         if self.stage == "post" and self.post_reward == "convnext":
             if not self.convnext_path:
                 raise ValueError("flowmo.post_reward='convnext' needs --config.losses.convnext_weights=FILE "
-                                 "(made by `python -m titok_jax.convert.convnext`)")
+                                 "(made by `titok-jax convert-convnext`)")
             out["convnext"] = L.load_convnext_params(self.convnext_path)
         return out
 
@@ -181,8 +183,8 @@ class FlowMoTask:
             return L.convnext_loss(constants["convnext"], sample, x, input_range=(-1.0, 1.0))
         return jnp.mean(jnp.square(sample - x))
 
-    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-              constants: dict) -> tuple[dict, dict, dict]:
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
         images = batch["image"].astype(jnp.float32)
         x = 2.0 * images - 1.0
         b = x.shape[0]
@@ -200,7 +202,7 @@ class FlowMoTask:
 
         frozen = jnp.asarray(True) if self.stage == "post" else jnp.asarray(step) >= self.freeze_after
 
-        def loss_fn(mp):
+        def loss_fn(mp):  # the objective of the model params
             if self.stage == "post":
                 codes, qout, new_vars = encode_frozen(mp)
             else:   # only the chosen branch (and its backward) runs
@@ -234,14 +236,14 @@ class FlowMoTask:
             metrics["loss"] = total
             return total, (new_vars, metrics)
 
-        g, (new_vars, metrics) = jax.grad(loss_fn, has_aux=True)(params["model"])
-        return {"model": g}, dict(state, model={**state["model"], **new_vars}), metrics
+        total, (new_vars, metrics) = loss_fn(params["model"])
+        return total, (dict(state, model={**state["model"], **new_vars}), metrics)
 
     # ------------------------------------------------------------------ evaluation
-    def reconstruct(self, model_params: Any, state: dict, images: jax.Array) -> tuple[jax.Array, Any]:
-        """Encode, then decode with the eval sampler from the fixed key ``flowmo.eval_seed``."""
-        variables = {"params": model_params, **state["model"]}
-        codes, out = self.model.apply(variables, images.astype(jnp.float32), method="encode")
-        rec = self.model.apply(variables, codes, key=jax.random.key(self.eval_seed), steps=self.eval_steps,
+    def reconstruct(self, model_params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+        """Encode, then decode the codes with the eval sampler from the fixed key ``flowmo.eval_seed``."""
+        codes, out = self._encode(model_params, model_state, images)
+        rec = self.model.apply({"params": model_params, **model_state}, codes,
+                               key=jax.random.key(self.eval_seed), steps=self.eval_steps,
                                guidance_scale=self.eval_guidance, method="decode_codes")
         return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0), out.indices

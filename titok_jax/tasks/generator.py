@@ -1,6 +1,7 @@
-"""The MaskGIT generator task: a bidirectional transformer learns to fill masked token ids.
+"""Generators on tokenizer ids: what MaskGIT and the AR task share (``TokenGeneratorTask``) and the
+MaskGIT task.
 
-Per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
+MaskGIT, per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
 
     mask   = training_mask(N, schedule)         #masked = round(N * arccos(t) / (pi/2)) >= 1, t ~ U(0,1)
     labels = null class with prob. p_drop      (and wherever the label is unknown, -1)
@@ -10,12 +11,13 @@ Per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
 Tokens come either from pre-tokenized shards (``data.source = "tokens:DIR"``, written by
 ``titok-jax tokenize --data``) or are computed on the fly from images by the frozen tokenizer of
 ``config.tokenizer.workdir`` (any other ``data.source``; its params are a constant of the step).
-Evaluation (``evaluate``) reports the masked-token accuracy and loss on a fixed, seeded mask of the
-first eval batch and samples one image per class (or per null label) for the grid.
+Evaluation reports the task's token metrics (MaskGIT: loss and accuracy on a fixed, seeded mask) on
+the first eval batch and samples one image per class (or per null label) for the grid, decoded by
+the tokenizer of ``config.tokenizer.workdir`` or of the token shards.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,63 +26,95 @@ import numpy as np
 from titok_jax.generators import masking
 from titok_jax.generators.maskgit import MaskGITTransformer, generate_tokens
 from titok_jax.models.registry import DTYPES
-from titok_jax.tasks.base import register_task
+from titok_jax.tasks.base import GeneratorSpec, GeneratorTaskBase, register_task
+from titok_jax.tasks.eval_generation import TOKENS_PREFIX, tokenizer_workdir
 
 DROPOUT_RNG = "dropout"
-TOKENS_PREFIX = "tokens:"
+# MaskGIT's sampler settings (``sample`` / ``titok-jax generate`` overrides).
+SAMPLER_KEYS = ("steps", "guidance_scale", "guidance_schedule", "guidance_power", "randomize_temperature",
+                "softmax_temperature_annealing", "mask_schedule", "confidence")
 
 
 def uses_token_shards(config: Any) -> bool:
     return str(config.data.source).startswith(TOKENS_PREFIX)
 
 
-@register_task("maskgit")
-class MaskGITTask:
-    batch_keys = ("tokens", "label")
+class TokenGeneratorTask(GeneratorTaskBase):
+    """The token data paths (shards or a frozen tokenizer), vocabulary checks, ``init``,
+    ``constants``, ``evaluate``, ``logits`` and the spec; subclasses give ``model_class``, the loss,
+    ``token_metrics`` and ``sample``."""
 
-    def __init__(self, config: Any):
-        self.config = config
+    model_class: Any = None
+    sampler_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
         kwargs = dict(config.model)
         kwargs.pop("name", None)
-        dtype = config.get("compute_dtype", "float32")
+        dtype = config.compute_dtype
+        if dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         try:
-            self.model = MaskGITTransformer(**kwargs, dtype=DTYPES[dtype])
+            self.model = self.model_class(**kwargs, dtype=DTYPES[dtype])
         except TypeError as e:
             raise ValueError(f"model: {e}") from None
-        g = config.generator
-        self.schedule = g.get("mask_schedule", "arccos")
-        self.label_smoothing = float(g.get("label_smoothing", 0.1))
-        self.unmasked_weight = float(g.get("unmasked_weight", 0.1))
-        self.class_dropout = float(g.get("class_dropout", 0.1))
-        self.sampler = dict(g.get("sampler", {}))
+        self.class_dropout = float(config.generator.class_dropout)
+        self.sampler = self.sampler_settings(dict(config.generator.sampler))
         self.on_the_fly = not uses_token_shards(config)
         self.batch_keys = ("image", "label") if self.on_the_fly else ("tokens", "label")
-        self._tokenizer = None
-        self.tokenizer_workdir = str(config.get("tokenizer", {}).get("workdir", "") or "")
-        if self.on_the_fly and not self.tokenizer_workdir:
+        self.tokenizer_workdir = str(config.tokenizer.workdir or "")
+        self._tokenizer: Any = None
+        self._decoder: Any = None
+        if self.on_the_fly and not self.tokenizer_workdir and not inference:
             raise ValueError(f"data.source={config.data.source!r} is images, so the generator needs "
                              "--config.tokenizer.workdir=DIR (a tokenizer workdir), or pre-tokenized data: "
                              "--config.data.source=tokens:DIR from `titok-jax tokenize --data`")
 
-    def tokenizer(self) -> tuple[Any, dict, dict]:
-        """``(model, params, model_state)`` of the frozen tokenizer (``config.tokenizer.workdir``)."""
-        if self._tokenizer is None:
-            from titok_jax.models.registry import build_model
-            from titok_jax.tasks.titok_stages import restore_workdir
+    # ------------------------------------------------------------------ spec
+    @property
+    def generator_spec(self) -> GeneratorSpec:
+        m = self.model
+        return GeneratorSpec(num_tokens=int(m.num_tokens), codebook_size=int(m.codebook_size),
+                             num_classes=int(m.num_classes), sampler=dict(self.sampler),
+                             sampler_keys=tuple(self.sampler_keys),
+                             mask_token_id=int(m.mask_id) if hasattr(m, "mask_id") else None)
 
-            workdir = self.tokenizer_workdir
-            params, state, cfg = restore_workdir(workdir)
-            model = build_model(cfg["model"])
-            self._check_vocab(getattr(model, "codebook_size", None), getattr(model, "num_latent_tokens", None),
-                              f"tokenizer {workdir}")
-            self._tokenizer = (model, params, state)
+    def sampler_settings(self, settings: dict) -> dict:
+        """Validated sampler settings (unknown names are an error)."""
+        unknown = set(settings) - set(self.sampler_keys)
+        if unknown:
+            raise ValueError(f"unknown sampler settings {sorted(unknown)}; known: {sorted(self.sampler_keys)}")
+        return dict(settings)
+
+    # ------------------------------------------------------------------ the frozen tokenizer
+    def tokenizer(self) -> Any:
+        """The restored run (``tasks.runs.Run``) of ``config.tokenizer.workdir``, checked against
+        the generator's vocabulary; loaded once."""
+        if self._tokenizer is None:
+            from titok_jax.tasks.runs import restore_run
+            run = restore_run(self.tokenizer_workdir, kind="tokenizer", host=True)
+            spec = run.task.token_spec
+            self._check_vocab(spec.codebook_size, spec.num_tokens, f"tokenizer {self.tokenizer_workdir}")
+            self._tokenizer = run
         return self._tokenizer
 
-    # ------------------------------------------------------------------ setup
+    def decoder(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """``ids [B, N] -> images [B, H, W, 3]`` by the tokenizer of this run (``config.tokenizer``
+        or the one that wrote the token shards), or None when none is known."""
+        if self._decoder is None:
+            workdir = tokenizer_workdir(self.config)
+            if not workdir:
+                self._decoder = False
+            else:
+                from titok_jax.tasks.runs import restore_run
+                run = restore_run(workdir, kind="tokenizer")
+                fn = jax.jit(lambda p, s, t: run.task.decode(p, s, t, key=jax.random.key(0)))
+                self._decoder = lambda ids: np.asarray(fn(run.params, run.model_state, jnp.asarray(ids)))
+        return self._decoder or None
 
     def _check_vocab(self, codebook_size: Any, num_tokens: Any, what: str) -> None:
         if codebook_size is None:
-            raise ValueError(f"{what} is continuous (VAE); MaskGIT needs discrete token ids")
+            raise ValueError(f"{what} is continuous (VAE); a generator needs discrete token ids")
         if int(codebook_size) != self.model.codebook_size or int(num_tokens) != self.model.num_tokens:
             raise ValueError(f"{what} gives {num_tokens} tokens from {codebook_size} codes, but the generator "
                              f"is built for {self.model.num_tokens} tokens from {self.model.codebook_size} codes "
@@ -94,6 +128,7 @@ class MaskGITTask:
             raise ValueError(f"token data {self.config.data.source} has {classes} classes but the generator has "
                              f"{self.model.num_classes} (set --config.model.num_classes)")
 
+    # ------------------------------------------------------------------ setup
     def init(self, key: jax.Array) -> tuple[dict, dict]:
         n = self.model.num_tokens
         variables = self.model.init({"params": key}, jnp.zeros((1, n), jnp.int32),
@@ -105,51 +140,65 @@ class MaskGITTask:
             from titok_jax.data.tokens import read_token_meta
             self.check_token_data(read_token_meta(str(self.config.data.source)[len(TOKENS_PREFIX):]))
             return {}
-        _, params, state = self.tokenizer()
-        return {"tokenizer": {"params": params, **state}}
+        run = self.tokenizer()
+        return {"tokenizer": {"params": run.params, "state": run.model_state}}
 
-    def _tokens(self, batch: dict, constants: dict) -> jax.Array:
+    def batch_tokens(self, batch: dict, constants: dict) -> jax.Array:
+        """The batch's token ids: the shards' ``tokens`` or the frozen tokenizer's ids of ``image``."""
         if not self.on_the_fly:
             return batch["tokens"].astype(jnp.int32)
-        model = self.tokenizer()[0]
-        _, out = model.apply(constants["tokenizer"], batch["image"].astype(jnp.float32), train=False,
-                             method="encode")
-        return jax.lax.stop_gradient(out.indices).astype(jnp.int32)
+        tok = constants["tokenizer"]
+        ids = self.tokenizer().task.encode(tok["params"], tok["state"], batch["image"].astype(jnp.float32))
+        return jax.lax.stop_gradient(ids).astype(jnp.int32)
+
+    # ------------------------------------------------------------------ evaluation and inference
+    def _labels(self, labels: Any) -> jax.Array:
+        labels = jnp.asarray(labels, jnp.int32)
+        return jnp.where(labels < 0, self.model.num_classes, labels)
+
+    def logits(self, model_params: Any, tokens: jax.Array, labels: jax.Array) -> jax.Array:
+        return self.model.apply({"params": model_params}, jnp.asarray(tokens, jnp.int32),
+                                self._labels(labels), train=False)
+
+
+@register_task("maskgit")
+class MaskGITTask(TokenGeneratorTask):
+    model_class = MaskGITTransformer
+    sampler_keys = SAMPLER_KEYS
+
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
+        g = config.generator
+        self.schedule = g.mask_schedule
+        self.label_smoothing = float(g.label_smoothing)
+        self.unmasked_weight = float(g.unmasked_weight)
 
     # ------------------------------------------------------------------ training
-    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-              constants: dict) -> tuple[dict, dict, dict]:
-        tokens = self._tokens(batch, constants)
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
+        tokens = self.batch_tokens(batch, constants)
         k_mask, k_drop, k_dropout = jax.random.split(key, 3)
         b, n = tokens.shape
         mask = masking.training_mask(k_mask, b, n, self.schedule)
         labels = masking.drop_classes(k_drop, batch["label"], self.class_dropout, self.model.num_classes)
         inputs = masking.apply_mask(tokens, mask, self.model.mask_id)
-
-        def loss_fn(model_params):
-            logits = self.model.apply({"params": model_params}, inputs, labels, train=True,
-                                      rngs={DROPOUT_RNG: k_dropout})
-            loss, metrics = masking.maskgit_loss(logits, tokens, mask, self.label_smoothing,
-                                                 self.unmasked_weight)
-            return loss, dict(metrics, loss=loss, mask_ratio=jnp.mean(mask.astype(jnp.float32)))
-
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params["model"])
-        return {"model": grads}, state, metrics
+        logits = self.model.apply({"params": params["model"]}, inputs, labels, train=True,
+                                  rngs={DROPOUT_RNG: k_dropout})
+        loss, metrics = masking.maskgit_loss(logits, tokens, mask, self.label_smoothing, self.unmasked_weight)
+        return loss, (state, dict(metrics, loss=loss, mask_ratio=jnp.mean(mask.astype(jnp.float32))))
 
     # ------------------------------------------------------------------ evaluation
-    def masked_metrics(self, model_params: Any, tokens: jax.Array, labels: jax.Array,
-                       seed: int = 0) -> dict:
+    def token_metrics(self, model_params: Any, tokens: Any, labels: Any, seed: int = 0) -> dict:
         """Loss and accuracy on a seeded training-style mask (the same every evaluation)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
         b, n = tokens.shape
         mask = masking.training_mask(jax.random.key(seed), b, n, self.schedule)
-        labels = jnp.where(labels < 0, self.model.num_classes, labels)
-        logits = self.model.apply({"params": model_params},
-                                  masking.apply_mask(tokens, mask, self.model.mask_id), labels, train=False)
+        logits = self.logits(model_params, masking.apply_mask(tokens, mask, self.model.mask_id), labels)
         loss, metrics = masking.maskgit_loss(logits, tokens, mask, self.label_smoothing, self.unmasked_weight)
         return {"loss": loss, **metrics}
 
     def sample(self, model_params: Any, labels: np.ndarray, seed: int, **overrides: Any) -> np.ndarray:
         """Token ids ``[B, N]`` for class ``labels`` (``num_classes`` = unconditional)."""
-        kw = {**self.sampler, **overrides}
+        kw = self.sampler_settings({**self.sampler, **overrides})
         return np.asarray(generate_tokens(self.model, {"params": model_params},
                                           jnp.asarray(labels, jnp.int32), jax.random.key(seed), **kw))

@@ -35,11 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from titok_jax.convert.common import check_tree_matches
+from titok_jax.trees import check_tree_matches
 from titok_jax.models.registry import build_model
-from titok_jax.tasks.base import register_task
+from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 from titok_jax.tasks.host_params import overwrite_from_host
-from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS, QUANTIZER_RNG, SAMPLE_RNG, TokenizerTask
+from titok_jax.tasks.runs import restore_run
+from titok_jax.tasks.tokenizer import (MODEL_COLLECTIONS, QUANTIZER_RNG, SAMPLE_RNG, TokenizerTask,
+                                       model_token_spec)
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -86,12 +88,12 @@ def load_teacher(teacher_config: Mapping[str, Any], image_size: int) -> tuple[An
         raise FileNotFoundError(f"teacher.weights {weights} does not exist (make it with `titok-jax "
                                 "import-torch --input DIR_WITH_THE_MASKGIT_BIN --output DIR`)")
     if os.path.isdir(weights):
-        params, _, cfg = restore_workdir(weights)
-        section = dict(cfg.get("model", {}))
+        run = restore_run(weights, host=True)
+        section = dict(run.config.get("model", {}))
         if section.get("name") != "maskgit_vqgan":
             raise ValueError(f"teacher.weights {weights} holds a {section.get('name')!r} model, not "
                              "maskgit_vqgan")
-        return build_model({**section, "image_size": image_size}), params
+        return build_model({**section, "image_size": image_size}), run.params
     from titok_jax.convert.common import read_state_dict
     from titok_jax.convert.vqgan import infer_vqgan_kwargs, vqgan_params_from_state_dict
     sd = read_state_dict(weights)
@@ -112,20 +114,25 @@ def _check_teacher(teacher: Any, model: Any) -> None:
 
 # ----------------------------------------------------------------------------- stage 1
 @register_task("titok_stage1")
-class TiTokStage1Task:
-    """Proxy-code training of a ``titok_two_stage`` model (``finetune_decoder=False``)."""
+class TiTokStage1Task(TokenizerTaskBase):
+    """Proxy-code training of a ``titok_two_stage`` model (``finetune_decoder=False``). Its tokens
+    decode through the teacher's decoder, which is not part of the run: the inference API refuses
+    the run (``inference_refusal``); evaluation and ``decode`` read the teacher of the config."""
 
-    def __init__(self, config: Any):
-        self.config = config
-        self.model = build_model(config.model, dtype=config.get("compute_dtype", "float32"))
+    inference_refusal = ("a TiTok stage-1 run: it predicts MaskGIT proxy codes and does not decode "
+                         "pixels on its own; train stage 2 from it (configs/titok.py:*_stage2)")
+
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
+        self.model = build_model(config.model, dtype=config.compute_dtype)
         if getattr(self.model, "finetune_decoder", True):
             raise ValueError("titok_stage1 trains model titok_two_stage with finetune_decoder=False")
         self.image_size = int(config.data.image_size)
-        self.quantizer_weight = float(config.losses.get("quantizer_weight", 1.0))
+        self.quantizer_weight = float(config.losses.quantizer_weight)
         self._teacher: tuple[Any, Any] | None = None
         # The weights are read (and checked) on first use: ``constants()``, before the first step.
         # A random teacher is built from teacher.model, which can be checked now.
-        if not config.teacher.get("weights"):
+        if not config.teacher.get("weights") and not inference:
             _check_teacher(build_model({**dict(config.teacher.model),
                                         "image_size": self.image_size}), self.model)
 
@@ -152,41 +159,66 @@ class TiTokStage1Task:
         _, out = teacher.apply({"params": teacher_params}, images, train=False, method="encode")
         return jax.lax.stop_gradient(out.indices)
 
-    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-              constants: dict) -> tuple[dict, dict, dict]:
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
         images = batch["image"].astype(jnp.float32)
         codes = self.proxy_codes(constants["teacher"], images)
         k_sample, k_quant = jax.random.split(key)
+        variables = {"params": params["model"], **state["model"]}
+        (logits, qout), new_vars = self.model.apply(
+            variables, images, train=True, rngs={SAMPLE_RNG: k_sample, QUANTIZER_RNG: k_quant},
+            mutable=list(MODEL_COLLECTIONS))
+        logits = logits.reshape(logits.shape[0], -1, logits.shape[-1]).astype(jnp.float32)
+        ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, codes))
+        metrics = {"proxy_ce": ce,
+                   "proxy_accuracy": jnp.mean((jnp.argmax(logits, -1) == codes).astype(jnp.float32))}
+        total = ce
+        for name, value in qout.losses.items():
+            metrics[f"quantizer/{name}"] = value
+            total = total + self.quantizer_weight * value
+        for name, value in qout.metrics.items():
+            metrics[f"quantizer/{name}"] = value
+        metrics["loss"] = total
+        return total, (dict(state, model={**state["model"], **dict(new_vars)}), metrics)
 
-        def loss_fn(model_params):
-            variables = {"params": model_params, **state["model"]}
-            (logits, qout), new_vars = self.model.apply(
-                variables, images, train=True, rngs={SAMPLE_RNG: k_sample, QUANTIZER_RNG: k_quant},
-                mutable=list(MODEL_COLLECTIONS))
-            logits = logits.reshape(logits.shape[0], -1, logits.shape[-1]).astype(jnp.float32)
-            ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, codes))
-            metrics = {"proxy_ce": ce,
-                       "proxy_accuracy": jnp.mean((jnp.argmax(logits, -1) == codes).astype(jnp.float32))}
-            total = ce
-            for name, value in qout.losses.items():
-                metrics[f"quantizer/{name}"] = value
-                total = total + self.quantizer_weight * value
-            for name, value in qout.metrics.items():
-                metrics[f"quantizer/{name}"] = value
-            metrics["loss"] = total
-            return total, (dict(new_vars), metrics)
+    # ------------------------------------------------------------------ evaluation and inference
+    @property
+    def token_spec(self) -> TokenSpec:
+        return model_token_spec(self.model)
 
-        g, (new_vars, metrics) = jax.grad(loss_fn, has_aux=True)(params["model"])
-        return {"model": g}, dict(state, model={**state["model"], **new_vars}), metrics
-
-    def reconstruct(self, model_params: Any, state: dict, images: jax.Array) -> tuple[jax.Array, Any]:
+    def _proxy_decode(self, logits: jax.Array) -> jax.Array:
         """argmax proxy codes -> the teacher's decoder (its params are closed over)."""
         teacher, teacher_params = self.teacher()
-        variables = {"params": model_params, **state["model"]}
-        logits, out = self.model.apply(variables, images.astype(jnp.float32), train=False)
         codes = jnp.argmax(logits.reshape(logits.shape[0], -1, logits.shape[-1]), -1)
         rec = teacher.apply({"params": teacher_params}, codes, method="decode_tokens")
-        return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0), out.indices
+        return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0)
+
+    def reconstruct(self, model_params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+        logits, out = self.model.apply({"params": model_params, **model_state},
+                                       images.astype(jnp.float32), train=False)
+        return self._proxy_decode(logits), out.indices
+
+    def encode(self, model_params: Any, model_state: Any, images: jax.Array) -> jax.Array:
+        _, out = self.model.apply({"params": model_params, **model_state}, images.astype(jnp.float32),
+                                  train=False, method="encode")
+        return out.indices.astype(jnp.int32)
+
+    def features(self, model_params: Any, model_state: Any, images: jax.Array) -> jax.Array:
+        codes, _ = self.model.apply({"params": model_params, **model_state}, images.astype(jnp.float32),
+                                    train=False, method="encode")
+        return codes.astype(jnp.float32)
+
+    def decode(self, model_params: Any, model_state: Any, tokens: jax.Array, *,
+               key: jax.Array | None = None, steps: int | None = None,
+               guidance: float | None = None) -> jax.Array:
+        if steps is not None or guidance is not None:
+            raise ValueError("steps/guidance apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
+        def proxy_logits(model: Any, ids: jax.Array) -> jax.Array:
+            ids = ids[:, 0] if ids.ndim == 3 and ids.shape[1] == 1 else ids
+            return model.decode_logits(model.quantize.indices_to_codes(ids, dtype=jnp.float32))
+
+        logits = self.model.apply({"params": model_params, **model_state}, tokens, method=proxy_logits)
+        return self._proxy_decode(logits)
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -195,48 +227,18 @@ SHARED_KEYS = ("image_size", "patch_size", "encoder_width", "encoder_depth", "en
                "codebook_size", "use_l2_norm", "is_legacy", "proxy_codebook_size")
 
 
-def restore_workdir(workdir: str, task: str | None = None, ema: bool | None = None
-                    ) -> tuple[dict, dict, dict]:
-    """``(params, model_state, config dict)`` of a workdir's latest checkpoint as host numpy: the
-    EMA params when the run kept them (``ema=None``; ``ema=False``: the raw params);
-    ``task`` checks the run's task name."""
-    import ml_collections
-
-    from titok_jax.checkpoint import CheckpointError, restore_params
-    from titok_jax.convert.titok import abstract_params
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} is not a titok_jax workdir (no config.json)")
-    with open(path, encoding="utf-8") as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
-    name = cfg.get("task", {}).get("name")
-    if task is not None and name != task:
-        raise ValueError(f"{workdir} is a {name!r} run, not {task}")
-    p_abs, s_abs = abstract_params(dict(cfg.model))
-    use_ema = float(cfg.optimizer.get("ema_decay", 0.0) or 0.0) > 0 and ema is not False
-    abstract: dict = {"model_state": {"model": s_abs}}
-    abstract.update({"ema_params": p_abs} if use_ema else {"params": {"model": p_abs}})
-    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract)
-    try:
-        restored, _ = restore_params(workdir, abstract)
-    except CheckpointError as e:
-        raise ValueError(f"{workdir}: {e}") from None
-    params = restored["ema_params"] if use_ema else restored["params"]["model"]
-    to_np = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
-    return to_np(params), to_np(restored["model_state"]["model"]), cfg.to_dict()
-
-
 @register_task("titok_stage2")
 class TiTokStage2Task(TokenizerTask):
     """Decoder fine-tuning of a ``titok_two_stage`` model (``finetune_decoder=True``)."""
 
-    def __init__(self, config: Any):
-        super().__init__(config)
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
         if not getattr(self.model, "finetune_decoder", False) or not hasattr(self.model, "pixel_z_channels"):
             raise ValueError("titok_stage2 trains model titok_two_stage with finetune_decoder=True")
-        self.init_from = str(config.get("init_from", "") or "")
+        self.init_from = str(config.init_from or "")
+        self._loaded: tuple[dict, dict] | None = None
+        if inference:  # the run's own checkpoint holds every weight
+            return
         if not self.init_from:
             raise ValueError("titok_stage2 needs --config.init_from=STAGE1_WORKDIR (a titok_stage1 run)")
         path = os.path.join(self.init_from, "config.json")
@@ -253,7 +255,6 @@ class TiTokStage2Task(TokenizerTask):
             if key in m1 and key in m2 and m1[key] != m2[key]:
                 raise ValueError(f"init_from {self.init_from}: stage 1 has model.{key}={m1[key]!r}, "
                                  f"this config {m2[key]!r}")
-        self._loaded: tuple[dict, dict] | None = None
         # Read now, outside any trace: the init reads these host arrays through callbacks.
         params, state = self.loaded()
         fresh_params, fresh_state = nn.unbox(jax.eval_shape(super().init, jax.random.key(0)))
@@ -265,7 +266,8 @@ class TiTokStage2Task(TokenizerTask):
         """``(model params, model state)`` to start from: stage 1 + the teacher's decoder (host
         numpy, read once)."""
         if self._loaded is None:
-            params, state, _ = restore_workdir(self.init_from, task="titok_stage1")
+            run = restore_run(self.init_from, expect_task="titok_stage1", host=True)
+            params, state = run.params, run.model_state
             teacher_cfg = self.config.get("teacher", {})
             if not (teacher_cfg and teacher_cfg.get("weights")):
                 teacher_cfg = self.stage1_config.get("teacher", {})
@@ -289,8 +291,11 @@ class TiTokStage2Task(TokenizerTask):
         return get
 
     def init(self, key: jax.Array) -> tuple[dict, dict]:
-        """A fresh init whose model params (and model state) come from stage 1 + the teacher."""
+        """A fresh init whose model params (and model state) come from stage 1 + the teacher
+        (training only: for inference the run's own checkpoint is read over a fresh init)."""
         params, state = super().init(key)
+        if self.inference:
+            return params, state
         params["model"] = overwrite_from_host(params["model"], self._fetch(0))
         state["model"] = overwrite_from_host(state["model"], self._fetch(1))
         return params, state

@@ -7,8 +7,10 @@ trained with
            + [step >= start] * w_gan * L_G(D(x_hat))         (config.losses.gan_weight > 0)
 
 and, when the GAN term is on, the discriminator's own loss (hinge + w_lecam * LeCam) in the same
-step: both gradients are returned as one tree ``{'model': ..., 'disc': ...}`` and every group is
-updated by its own optimizer. Images are float32 in [0, 1].
+step, added to the objective with the reconstructions stop-gradiented (and the discriminator's
+params stop-gradiented inside L_G), so that the one gradient the trainer takes is
+``{'model': d(model loss), 'disc': d(discriminator loss)}``; every group is updated by its own
+optimizer. The logged ``loss`` is the model's. Images are float32 in [0, 1].
 """
 from __future__ import annotations
 
@@ -20,32 +22,45 @@ import jax.numpy as jnp
 from titok_jax import losses as L
 from titok_jax.models.discriminator import build_discriminator
 from titok_jax.models.registry import build_model
-from titok_jax.tasks.base import register_task
+from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 
 MODEL_COLLECTIONS = ("quantizer_stats",)
 SAMPLE_RNG, QUANTIZER_RNG = "sample", "quantizer"
 
 
+def model_token_spec(model: Any) -> TokenSpec:
+    """The ``TokenSpec`` of a pixel tokenizer model with the models' tokenizer attributes
+    (``image_size``, ``num_latent_tokens``, ``codebook_size``, ``token_size``, ``quantizer``: "vae"
+    for continuous tokens)."""
+    continuous = model.quantizer == "vae"
+    return TokenSpec(image_size=int(model.image_size), num_tokens=int(model.num_latent_tokens),
+                     codebook_size=None if continuous else int(model.codebook_size),
+                     token_dim=int(model.token_size) or None, quantizer=str(model.quantizer))
+
+
 @register_task("tokenizer")
-class TokenizerTask:
-    def __init__(self, config: Any):
-        self.config = config
-        self.model = build_model(config.model, dtype=config.get("compute_dtype", "float32"))
+class TokenizerTask(TokenizerTaskBase):
+    def __init__(self, config: Any, *, inference: bool = False):
+        super().__init__(config, inference=inference)
+        self.model = build_model(config.model, dtype=config.compute_dtype)
         self.image_size = int(config.data.image_size)
-        lc = config.losses
-        self.recon_kind = lc.get("reconstruction", "l2")
-        self.recon_weight = float(lc.get("reconstruction_weight", 1.0))
-        self.lpips_weight = float(lc.get("perceptual_weight", 0.0))
-        self.lpips_path = lc.get("perceptual_weights", "")
-        self.convnext_weight = float(lc.get("convnext_weight", 0.0))
-        self.convnext_path = lc.get("convnext_weights", "")
-        self.gan_weight = float(lc.get("gan_weight", 0.0))
-        self.gan_start = int(lc.get("gan_start_step", 0))
-        self.gan_kind = lc.get("gan_loss", "hinge")
-        self.lecam_weight = float(lc.get("lecam_weight", 0.0))
-        self.lecam_decay = float(lc.get("lecam_decay", 0.999))
+        self.disc = None
+        if inference:  # the losses are training-only (an imported workdir carries none)
+            return
+        lc = config.losses  # every key has its default in configs/common.py (TOKENIZER_LOSSES)
+        self.recon_kind = lc.reconstruction
+        self.recon_weight = float(lc.reconstruction_weight)
+        self.lpips_weight = float(lc.perceptual_weight)
+        self.lpips_path = lc.perceptual_weights
+        self.convnext_weight = float(lc.convnext_weight)
+        self.convnext_path = lc.convnext_weights
+        self.gan_weight = float(lc.gan_weight)
+        self.gan_start = int(lc.gan_start_step)
+        self.gan_kind = lc.gan_loss
+        self.lecam_weight = float(lc.lecam_weight)
+        self.lecam_decay = float(lc.lecam_decay)
         # losses.discriminator.name: "patchgan" (default, NLayerDiscriminator) or "maskbit".
-        self.disc = build_discriminator(lc.get("discriminator", {})) if self.gan_weight > 0 else None
+        self.disc = build_discriminator(lc.discriminator) if self.gan_weight > 0 else None
 
     # ------------------------------------------------------------------ setup
     def _dummy(self) -> jax.Array:
@@ -67,79 +82,78 @@ class TokenizerTask:
         if self.lpips_weight > 0:
             if not self.lpips_path:
                 raise ValueError("losses.perceptual_weight > 0 needs --config.losses.perceptual_weights="
-                                 "FILE, made by `python -m titok_jax.convert.lpips` from VGG16 + LPIPS "
+                                 "FILE, made by `titok-jax convert-lpips` from VGG16 + LPIPS "
                                  "weights you have (nothing is downloaded); or set perceptual_weight=0")
             out["lpips"] = L.load_lpips_params(self.lpips_path)
         if self.convnext_weight > 0:
             if not self.convnext_path:
                 raise ValueError("losses.convnext_weight > 0 needs --config.losses.convnext_weights=FILE, "
-                                 "made by `python -m titok_jax.convert.convnext` from torchvision's "
+                                 "made by `titok-jax convert-convnext` from torchvision's "
                                  "convnext_small weights (nothing is downloaded); or set convnext_weight=0")
             out["convnext"] = L.load_convnext_params(self.convnext_path)
         return out
 
     # ------------------------------------------------------------------ training
-    def grads(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-              constants: dict) -> tuple[dict, dict, dict]:
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
         images = batch["image"].astype(jnp.float32)
         k_sample, k_quant = jax.random.split(key)
         rngs = {SAMPLE_RNG: k_sample, QUANTIZER_RNG: k_quant}
-        gan_on = self.disc is not None
+        variables = {"params": params["model"], **state["model"]}
+        (rec, qout), new_vars = self.model.apply(variables, images, train=True, rngs=rngs,
+                                                 mutable=list(MODEL_COLLECTIONS))
+        rec = rec.astype(jnp.float32)
+        metrics = {"reconstruction": L.reconstruction_loss(rec, images, self.recon_kind)}
+        total = self.recon_weight * metrics["reconstruction"]
+        for name, value in qout.losses.items():
+            metrics[f"quantizer/{name}"] = value
+            total = total + value
+        if self.lpips_weight > 0:
+            metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images)
+            total = total + self.lpips_weight * metrics["perceptual"]
+        if self.convnext_weight > 0:
+            metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], rec, images)
+            total = total + self.convnext_weight * metrics["perceptual_convnext"]
+        new_state = dict(state, model={**state["model"], **dict(new_vars)})
+        objective = total
+        if self.disc is not None:
+            objective = objective + self._gan_terms(params["disc"], state["lecam"], images, rec, step,
+                                                    metrics, new_state)
+            total = total + self.gan_weight * metrics["gan/generator"]
+        for name, value in qout.metrics.items():
+            metrics[f"quantizer/{name}"] = value
+        metrics["loss"] = total
+        return objective, (new_state, metrics)
 
-        def model_loss(model_params):
-            variables = {"params": model_params, **state["model"]}
-            (rec, qout), new_vars = self.model.apply(variables, images, train=True, rngs=rngs,
-                                                     mutable=list(MODEL_COLLECTIONS))
-            rec = rec.astype(jnp.float32)
-            metrics = {"reconstruction": L.reconstruction_loss(rec, images, self.recon_kind)}
-            total = self.recon_weight * metrics["reconstruction"]
-            for name, value in qout.losses.items():
-                metrics[f"quantizer/{name}"] = value
-                total = total + value
-            if self.lpips_weight > 0:
-                metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images)
-                total = total + self.lpips_weight * metrics["perceptual"]
-            if self.convnext_weight > 0:
-                metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], rec, images)
-                total = total + self.convnext_weight * metrics["perceptual_convnext"]
-            if gan_on:
-                def generator_term(r):
-                    return L.generator_loss(self.disc.apply({"params": params["disc"]}, r), self.gan_kind)
+    def _gan_terms(self, disc_params: Any, lecam_state: Any, images: jax.Array, rec: jax.Array,
+                   step: jax.Array, metrics: dict, new_state: dict) -> jax.Array:
+        """``w_gan * L_G(D_sg(rec)) + L_D(D(images), D(sg(rec))) + w_lecam * LeCam``: the first term
+        moves only the model, the rest only the discriminator. Before ``gan_start_step`` neither runs
+        (``lax.cond``): the terms read 0 and so do both gradients; the LeCam EMAs stay."""
+        frozen_disc = jax.lax.stop_gradient(disc_params)
 
-                # Before the start step the discriminator is not run at all (lax.cond), and the
-                # metric reads 0.
-                metrics["gan/generator"] = self._after_start(step, generator_term,
-                                                             lambda r: jnp.zeros((), jnp.float32), rec)
-                total = total + self.gan_weight * metrics["gan/generator"]
-            for name, value in qout.metrics.items():
-                metrics[f"quantizer/{name}"] = value
-            metrics["loss"] = total
-            return total, (dict(new_vars), metrics, rec)
+        def generator_term(r):
+            return L.generator_loss(self.disc.apply({"params": frozen_disc}, r), self.gan_kind)
 
-        grads_model, (new_vars, metrics, rec) = jax.grad(model_loss, has_aux=True)(params["model"])
-        grads = {"model": grads_model}
-        new_state = dict(state, model={**state["model"], **new_vars})
-        if gan_on:
-            fake = jax.lax.stop_gradient(rec)
+        metrics["gan/generator"] = self._after_start(step, generator_term,
+                                                     lambda r: jnp.zeros((), jnp.float32), rec)
+        fake = jax.lax.stop_gradient(rec)
 
-            def disc_loss(disc_params):
-                real_logits = self.disc.apply({"params": disc_params}, images)
-                fake_logits = self.disc.apply({"params": disc_params}, fake)
-                d = L.discriminator_loss(real_logits, fake_logits, self.gan_kind)
-                lecam, lecam_state = L.lecam_regularizer(real_logits, fake_logits, state["lecam"],
-                                                         decay=self.lecam_decay)
-                return d + self.lecam_weight * lecam, (d, lecam, lecam_state)
+        def disc_terms(p):
+            real_logits = self.disc.apply({"params": p}, images)
+            fake_logits = self.disc.apply({"params": p}, fake)
+            d = L.discriminator_loss(real_logits, fake_logits, self.gan_kind)
+            lecam, lecam_next = L.lecam_regularizer(real_logits, fake_logits, lecam_state,
+                                                    decay=self.lecam_decay)
+            return d, lecam, lecam_next
 
-            def no_disc_update(disc_params):
-                zero = jnp.zeros((), jnp.float32)
-                return jax.tree.map(jnp.zeros_like, disc_params), (zero, zero, state["lecam"])
+        def no_disc(p):
+            zero = jnp.zeros((), jnp.float32)
+            return zero, zero, lecam_state
 
-            # D trains (and its LeCam EMAs move) only from the start step on.
-            grads["disc"], (d, lecam, lecam_state) = self._after_start(
-                step, jax.grad(disc_loss, has_aux=True), no_disc_update, params["disc"])
-            metrics.update({"gan/discriminator": d, "gan/lecam": lecam})
-            new_state["lecam"] = lecam_state
-        return grads, new_state, metrics
+        d, lecam, new_state["lecam"] = self._after_start(step, disc_terms, no_disc, disc_params)
+        metrics.update({"gan/discriminator": d, "gan/lecam": lecam})
+        return self.gan_weight * metrics["gan/generator"] + d + self.lecam_weight * lecam
 
     def _after_start(self, step: jax.Array, on: Any, off: Any, operand: Any) -> Any:
         """``on(operand)`` once ``step >= gan_start_step``, else ``off(operand)``; only the chosen
@@ -148,8 +162,36 @@ class TokenizerTask:
             return on(operand)
         return jax.lax.cond(jnp.asarray(step) >= self.gan_start, on, off, operand)
 
-    # ------------------------------------------------------------------ evaluation
-    def reconstruct(self, model_params: Any, state: dict, images: jax.Array) -> tuple[jax.Array, Any]:
-        variables = {"params": model_params, **state["model"]}
-        rec, out = self.model.apply(variables, images.astype(jnp.float32), train=False)
+    # ------------------------------------------------------------------ evaluation and inference
+    @property
+    def token_spec(self) -> TokenSpec:
+        return model_token_spec(self.model)
+
+    def _variables(self, model_params: Any, state: dict) -> dict:
+        return {"params": model_params, **state}
+
+    def reconstruct(self, model_params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+        rec, out = self.model.apply(self._variables(model_params, model_state),
+                                    images.astype(jnp.float32), train=False)
         return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0), out.indices
+
+    def encode(self, model_params: Any, model_state: Any, images: jax.Array) -> jax.Array:
+        codes, out = self.model.apply(self._variables(model_params, model_state),
+                                      images.astype(jnp.float32), train=False, method="encode")
+        if self.token_spec.continuous:
+            return codes.astype(jnp.float32)
+        return out.indices.astype(jnp.int32)
+
+    def features(self, model_params: Any, model_state: Any, images: jax.Array) -> jax.Array:
+        codes, _ = self.model.apply(self._variables(model_params, model_state),
+                                    images.astype(jnp.float32), train=False, method="encode")
+        return codes.astype(jnp.float32)
+
+    def decode(self, model_params: Any, model_state: Any, tokens: jax.Array, *,
+               key: jax.Array | None = None, steps: int | None = None,
+               guidance: float | None = None) -> jax.Array:
+        del key  # a deterministic decoder
+        if steps is not None or guidance is not None:
+            raise ValueError("steps/guidance apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
+        rec = self.model.apply(self._variables(model_params, model_state), tokens, method="decode_tokens")
+        return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0)

@@ -2,7 +2,6 @@
 iterator, the jitted step, logging, periodic evaluation, checkpoints, preemption and SIGTERM."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -11,18 +10,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from titok_jax import data as data_lib
-from titok_jax.checkpoint import Checkpointer, write_json
-from titok_jax.tasks import get_task
+from titok_jax.checkpoint import Checkpointer, write_config
+from titok_jax.evaluation.images import save_png
+from titok_jax.tasks import EvalContext, get_task
 from titok_jax.train import sharding as sharding_lib
-from titok_jax.train.evaluate import evaluate, make_eval_fn, save_grid
 from titok_jax.train.metrics_writer import MetricWriter
-from titok_jax.train.optimizer import learning_rates, make_optimizer
+from titok_jax.train.optimizer import make_optimizer
 from titok_jax.train.state import abstract_and_shardings, create_state
-from titok_jax.train.step import make_train_step
+from titok_jax.train.step import build_step, step_options
 
 
 class TrainingError(RuntimeError):
@@ -45,8 +42,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir, ck.every_steps, ck.get("keep", 3),
                                          ck.get("keep_every_steps", 0), ck.get("async_save", True))
         self.writer = MetricWriter(self.workdir)
-        self.eval_fn = make_eval_fn(self.task)
-        self._decode, self._constants = None, None  # generator eval: tokenizer decode, task constants
+        self._constants = None  # the task's host constants, computed once
 
     # ------------------------------------------------------------------ state
     def abstract_with_shardings(self) -> Any:
@@ -66,46 +62,31 @@ class Trainer:
     def eval_params(self, state: Any) -> Any:
         return state.ema_params if state.ema_params is not None else state.params["model"]
 
-    def codebook_size(self) -> Any:
-        return getattr(self.task.model, "codebook_size", None) if getattr(
-            self.task.model, "quantizer", "vq") != "vae" else None
-
-    def run_eval(self, state: Any, step: int) -> tuple[dict, str | None]:
-        cfg = self.config
-        if hasattr(self.task, "sample"):  # a generator: token metrics and sampled images
-            return self._run_generator_eval(state, step)
-        metrics, originals, recs = evaluate(self.task, self.eval_fn, self.eval_params(state),
-                                            state.model_state, cfg, self.mesh, self.codebook_size(),
-                                            int(cfg.data.get("eval_num_images", 0)))
-        grid_path = None
-        if originals is not None and jax.process_index() == 0:
-            grid_path, grid = save_grid(self.workdir, step, originals, recs,
-                                        int(cfg.samples.get("num_images", 8)))
-            self.writer.image("reconstructions", grid, step)
-        self.writer.write("eval.jsonl", step, metrics, prefix="eval/")
-        self.writer.flush()
-        return metrics, grid_path
-
-
-    def _run_generator_eval(self, state: Any, step: int) -> tuple[dict, str | None]:
-        from titok_jax.train.evaluate_generator import evaluate_generator, tokenizer_workdir
-        if self._decode is None:
-            workdir = tokenizer_workdir(self.config)
-            if workdir:
-                from titok_jax.api import load_tokenizer
-                self._decode = load_tokenizer(workdir).decode
-            else:
-                self._decode = False
+    def constants(self) -> Any:
+        """The task's frozen host constants (LPIPS, a teacher...), read once."""
         if self._constants is None:
             self._constants = self.task.constants()
-        metrics, grid_path, grid = evaluate_generator(
-            self.task, self.eval_params(state), self.config, self._constants, self.workdir, step,
-            decode=self._decode or None)
-        if grid is not None:
-            self.writer.image("generated", grid, step)
-        self.writer.write("eval.jsonl", step, metrics, prefix="eval/")
+        return self._constants
+
+    def run_eval(self, state: Any, step: int) -> tuple[dict, str | None]:
+        """``task.evaluate`` on the held-out data; writes ``eval.jsonl`` and every image the task
+        returns as ``samples/{name}_{step:09d}.png`` (and to TensorBoard). Returns ``(metrics, path
+        of the first image or None)``."""
+        cfg = self.config
+        ctx = EvalContext(config=cfg, mesh=self.mesh, step=int(step),
+                          max_images=int(cfg.data.get("eval_num_images", 0) or 0),
+                          constants=self._constants)  # None: the task reads what it needs
+        result = self.task.evaluate(self.eval_params(state), state.model_state["model"], ctx)
+        first_path = None
+        if jax.process_index() == 0:
+            for name, image in result.images.items():
+                path = os.path.join(self.workdir, "samples", f"{name}_{int(step):09d}.png")
+                save_png(path, image)
+                self.writer.image(name, image, step)
+                first_path = first_path or path
+        self.writer.write("eval.jsonl", step, result.metrics, prefix="eval/")
         self.writer.flush()
-        return metrics, grid_path
+        return result.metrics, first_path
 
 
 def eval_summary(metrics: dict) -> str:
@@ -131,27 +112,19 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
     without changing the config; tests use it to interrupt and resume a run."""
     t = Trainer(config, workdir)
     cfg = config
-    host_constants = t.task.constants()  # frozen inputs (LPIPS, a teacher...): their errors come first
-    t._constants = host_constants
+    host_constants = t.constants()  # frozen inputs (LPIPS, a teacher...): their errors come first
     data_iter = data_lib.train_iterator_from_config(cfg)
     state, how = t.initial_state(data_iter)  # raises before anything is written if it cannot resume
     if jax.process_index() == 0:
-        write_json(os.path.join(t.workdir, "config.json"), cfg.to_dict())
+        write_config(t.workdir, cfg.to_dict())
     start = int(jax.device_get(state.step))
     total = int(cfg.total_steps)
     print(f"[titok_jax] {cfg.family}:{cfg.variant} on {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s), mesh {dict(t.mesh.shape)}: {how}; training steps {start} -> {total}", file=sys.stderr)
 
-    step_fn = make_train_step(
-        t.task.grads, t.optimizer,
-        ema_decay=float(cfg.optimizer.get("ema_decay", 0.0)),
-        accumulation_steps=int(cfg.optimizer.get("accumulation_steps", 1)),
-        lr_fn=lambda st: learning_rates(cfg, st, t.abstract.params))
-    repl = sharding_lib.replicated(t.mesh)
-    constants = jax.device_put(host_constants, repl)
-    batch_keys = tuple(getattr(t.task, "batch_keys", ("image",)))
-    jitted = jax.jit(step_fn, in_shardings=(t.shardings, sharding_lib.batch_sharding(t.mesh), repl),
-                     out_shardings=(t.shardings, None), donate_argnums=(0,))
+    jitted = build_step(t.task, t.optimizer, t.shardings, t.mesh, **step_options(cfg, t.abstract.params))
+    constants = jax.device_put(host_constants, sharding_lib.replicated(t.mesh))
+    batch_keys = tuple(t.task.batch_keys)
 
     stop = {"signal": None}
     previous = signal.getsignal(signal.SIGTERM)

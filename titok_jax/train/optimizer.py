@@ -10,11 +10,17 @@ back to the model's values):
   after every update, FlowMo's weight normalisation),
   frozen (regex; matching parameters get no update at all; with frozen_from_step = N > 0 they train
   for the first N updates and are frozen from then on), ema_decay (0 = no EMA).
+
+The ``disc`` group starts at ``config.losses.gan_start_step`` (the step from which the task gives
+the discriminator a gradient): before it the group gets no update and its optimizer state does not
+move (Adam's moments and count stay at their initial values), and its schedule counts from it (warmup
+from ``gan_start_step``, cosine decay to ``end_lr`` at ``total_steps``), so its first update is a fresh
+optimizer's first update.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +96,42 @@ def fix_initial_norms(pattern: str) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+class StartAtState(NamedTuple):
+    seen: jax.Array  # updates seen, saturating at the start step (int32)
+    inner: Any
+
+
+def start_at(inner: optax.GradientTransformation, start_step: int) -> optax.GradientTransformation:
+    """``inner`` from update number ``start_step`` on (0-based, one update per train step); before it
+    the update is zero and ``inner``'s state is left as it is, so ``inner`` runs as if it were created
+    at ``start_step`` (its step count, and a schedule driven by it, count from there). Only the chosen
+    branch runs (``lax.cond``)."""
+    start = int(start_step)
+    if start <= 0:
+        return inner
+
+    def init(params):
+        return StartAtState(jnp.zeros((), jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        def hold(_):
+            return jax.tree.map(jnp.zeros_like, updates), state.inner
+
+        def run(_):
+            new, inner_state = inner.update(updates, state.inner, params)
+            return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), inner_state
+
+        new, inner_state = jax.lax.cond(state.seen >= start, run, hold, None)
+        return new, StartAtState(jnp.minimum(state.seen + 1, start), inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def group_start(config: Any, group: str) -> int:
+    """The step from which a group trains: ``losses.gan_start_step`` for ``disc``, else 0."""
+    return max(int(config.losses.gan_start_step), 0) if group == "disc" else 0
+
+
 def _group_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
     """One group's optimizer. Masks and labels are functions of the params they are given, since
     ``multi_transform`` hands each group the whole tree with the other groups masked out."""
@@ -133,14 +175,23 @@ def group_config(config: Any, group: str) -> dict:
 def make_optimizer(config: Any, params: Mapping[str, Any]) -> optax.GradientTransformation:
     """One optimizer per top-level group of ``params`` (``{'model': ..., 'disc': ...}``)."""
     total = int(config.total_steps)
-    transforms = {g: _group_optimizer(group_config(config, g), total) for g in params}
+    transforms = {}
+    for g in params:
+        start = group_start(config, g)
+        transforms[g] = start_at(_group_optimizer(group_config(config, g), total - start), start)
     labels = {g: jax.tree.map(lambda _, g=g: g, p) for g, p in params.items()}
     return optax.multi_transform(transforms, labels)
 
 
 def learning_rates(config: Any, step: jax.Array, groups: Any) -> dict[str, jax.Array]:
-    """The scheduled learning rate of each group at ``step`` (for logging)."""
-    return {f"lr/{g}": schedule(group_config(config, g), int(config.total_steps))(step) for g in groups}
+    """The scheduled learning rate of each group at ``step`` (for logging): 0 before the group's
+    start step, then its schedule counted from the start (see ``start_at``)."""
+    out = {}
+    for g in groups:
+        start = group_start(config, g)
+        lr = schedule(group_config(config, g), int(config.total_steps) - start)(step - start)
+        out[f"lr/{g}"] = jnp.where(jnp.asarray(step) >= start, lr, 0.0) if start > 0 else lr
+    return out
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:

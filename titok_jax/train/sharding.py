@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from titok_jax.data.hosts import BATCH_AXES, batch_sharding  # noqa: F401  (the one batch sharding)
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # (logical name, mesh axis or axes or None), first match wins (flax semantics).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -104,11 +105,6 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
         size = math.prod(mesh.shape[a] for a in names)
         out.append(axes if size > 1 and dim % size == 0 else None)
     return P(*out)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over ``('data', 'fsdp')``, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,6 +1,9 @@
-"""The training step: task gradients (optionally accumulated over micro-batches), one optimizer
-update of every parameter group, the EMA, and the logged scalars; jitted once with the state's
-shardings and the state donated."""
+"""The training step: the gradient of the task's loss (optionally accumulated over micro-batches),
+one optimizer update of every parameter group, the EMA, and the logged scalars.
+
+``build_step`` is the one place the step is assembled and jitted (the trainer, the benchmarks and
+the tests call it): ``jax.jit`` with the state's shardings in and out, the batch split over the
+mesh's batch axes, constants replicated, and the state donated."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -9,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from titok_jax.train.optimizer import ema_update
+from titok_jax.train import sharding as sharding_lib
+from titok_jax.train.optimizer import ema_update, learning_rates
 from titok_jax.train.state import TrainState
 
-# grads_fn(params, model_state, batch, key, step, constants) -> (grads, new_model_state, metrics)
-GradsFn = Callable[[Any, Any, Any, jax.Array, jax.Array, Any], tuple[Any, Any, dict]]
+# loss_fn(params, model_state, batch, key, step, constants) -> (scalar, (new_model_state, metrics))
+LossFn = Callable[[Any, Any, Any, jax.Array, jax.Array, Any], tuple[jax.Array, tuple[Any, dict]]]
 
 
 def _split_micro(batch: Any, accumulation: int) -> Any:
@@ -24,11 +28,25 @@ def _split_micro(batch: Any, accumulation: int) -> Any:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(grads_fn: GradsFn, optimizer: optax.GradientTransformation, *,
+def loss_grads(loss_fn: LossFn) -> Callable:
+    """``(params, model_state, batch, key, step, constants) -> (grads, new model_state, metrics)``:
+    the gradient of a task's loss with respect to every parameter group."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def grads_fn(params, model_state, batch, key, step, constants):
+        grads, (model_state, metrics) = grad_fn(params, model_state, batch, key, step, constants)
+        return grads, model_state, metrics
+
+    return grads_fn
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     ema_decay: float = 0.0, accumulation_steps: int = 1,
                     lr_fn: Callable[[jax.Array], dict] | None = None) -> Callable:
-    """``step(state, batch, constants) -> (state, metrics)``; metrics are float32 scalars (``loss``
-    among them); ``constants`` are frozen inputs of the task (e.g. LPIPS weights)."""
+    """``step(state, batch, constants) -> (state, metrics)`` (not jitted: ``build_step`` does);
+    metrics are float32 scalars (``loss`` among them); ``constants`` are frozen inputs of the task
+    (e.g. LPIPS weights). The gradient is ``jax.grad(loss_fn)`` with respect to every group."""
+    grads_fn = loss_grads(loss_fn)
 
     def step(state: TrainState, batch: Any, constants: Any = None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
@@ -64,3 +82,31 @@ def make_train_step(grads_fn: GradsFn, optimizer: optax.GradientTransformation, 
         return new_state, metrics
 
     return step
+
+
+def step_options(config: Any, abstract_params: Any) -> dict:
+    """``build_step``'s keyword options from a run config: EMA decay, accumulation steps and the
+    learning rates to log (``abstract_params``: the params tree, for the per-group schedules)."""
+    opt = config.optimizer
+    return {"ema_decay": float(opt.get("ema_decay", 0.0) or 0.0),
+            "accumulation_steps": int(opt.get("accumulation_steps", 1) or 1),
+            "lr_fn": lambda st: learning_rates(config, st, abstract_params)}
+
+
+def build_step(task: Any, optimizer: optax.GradientTransformation, shardings: Any = None,
+               mesh: Any = None, *, donate: bool = True, **options: Any) -> Callable:
+    """The jitted training step ``(state, batch, constants) -> (state, metrics)`` of ``task``.
+
+    With a ``mesh`` the state keeps ``shardings`` (a ``TrainState`` of shardings), the batch is
+    split over the mesh's batch axes and the constants are replicated; without one, plain
+    ``jax.jit``. ``options``: ``ema_decay``, ``accumulation_steps``, ``lr_fn`` (``step_options``
+    gives them from a config)."""
+    step_fn = make_train_step(task.loss, optimizer, **options)
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=donate_argnums)
+    if shardings is None:
+        raise ValueError("build_step with a mesh needs the state's shardings")
+    repl = sharding_lib.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(shardings, sharding_lib.batch_sharding(mesh), repl),
+                   out_shardings=(shardings, None), donate_argnums=donate_argnums)

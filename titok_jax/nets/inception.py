@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.models.frozen import load_frozen_params
+from titok_jax.nets.files import load_frozen_params
 from titok_jax.nn.resize import resize_bilinear
 
 INCEPTION_SIZE = 299
@@ -246,9 +246,9 @@ def inception_abstract_params() -> Any:
 
 def load_inception_params(path: str) -> dict:
     """The params tree of :class:`InceptionV3FID` from a file written by
-    ``python -m titok_jax.convert.inception`` (format: :mod:`titok_jax.models.frozen`)."""
+    ``titok-jax convert-inception`` (format: :mod:`titok_jax.nets.files`)."""
     return load_frozen_params(path, inception_abstract_params(), "InceptionV3 (FID)",
-                              "python -m titok_jax.convert.inception --input pt_inception.pth "
+                              "titok-jax convert-inception --input pt_inception.pth "
                               "--output inception_fid.safetensors")
 
 

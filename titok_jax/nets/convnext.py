@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.models.frozen import load_frozen_params, read_flat_params
+from titok_jax.nets.files import load_frozen_params, read_flat_params
 
 CONVNEXT_SMALL = {"depths": (3, 3, 27, 3), "dims": (96, 192, 384, 768), "num_classes": 1000}
 LN_EPS = 1e-6
@@ -130,10 +130,10 @@ def convnext_arch_from_flat(flat: Any) -> dict[str, Any]:
 
 def load_convnext_params(path: str, depths: Sequence[int] | None = None,
                          dims: Sequence[int] | None = None, num_classes: int | None = None) -> dict:
-    """:class:`ConvNeXt` params from a file of ``python -m titok_jax.convert.convnext`` (format:
-    :mod:`titok_jax.models.frozen`), checked against the architecture: the one given, or else the
+    """:class:`ConvNeXt` params from a file of ``titok-jax convert-convnext`` (format:
+    :mod:`titok_jax.nets.files`), checked against the architecture: the one given, or else the
     one the file's keys describe (ConvNeXt-S for the converted torchvision weights)."""
-    hint = ("python -m titok_jax.convert.convnext --input convnext_small-0c510722.pth "
+    hint = ("titok-jax convert-convnext --input convnext_small-0c510722.pth "
             "--output convnext_s.safetensors")
     if depths is None or dims is None or num_classes is None:
         arch = convnext_arch_from_flat(read_flat_params(path, "ConvNeXt", hint))

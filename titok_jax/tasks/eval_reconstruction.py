@@ -1,10 +1,10 @@
-"""Reconstruction evaluation on held-out data: PSNR, SSIM (scikit-image's default window), codebook
+"""Reconstruction evaluation of a tokenizer task on held-out data: PSNR, SSIM (scikit-image's default window), codebook
 usage / entropy / perplexity over the whole split, and an originals-vs-reconstructions grid.
 
 rFID and Inception Score (optional, ``config.eval``; configs without an ``eval`` section skip them):
 
-- ``eval.inception_weights``: file from ``python -m titok_jax.convert.inception`` ("" = no rFID / IS);
-- ``eval.fid_reference``: ``.npz`` with ``mu`` / ``sigma`` (``python -m titok_jax.evaluation.fid_reference``);
+- ``eval.inception_weights``: file from ``titok-jax convert-inception`` ("" = no rFID / IS);
+- ``eval.fid_reference``: ``.npz`` with ``mu`` / ``sigma`` (``titok-jax fid-reference``);
   "" = the statistics of the same split's originals, computed in the same pass;
 - ``eval.fid_method``: ``sqrtm`` (pytorch-fid, default) or ``eigh`` (same value, faster on CPUs).
 
@@ -17,26 +17,48 @@ import os
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from titok_jax import data as data_lib
 from titok_jax import evaluation as ev
-from titok_jax.models.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
+from titok_jax.nets.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
+from titok_jax.tasks.types import EvalContext, EvalResult
 
 
-def make_eval_fn(task: Any) -> Callable:
-    """Jitted ``(model_params, model_state, images) -> (recon, indices, psnr [B], ssim [B])``."""
-
-    def fn(model_params, model_state, images):
-        rec, indices = task.reconstruct(model_params, model_state, images)
-        return rec, indices, ev.psnr(rec, images, max_db=100.0), ev.ssim(rec, images)
-
-    return jax.jit(fn)
+_EVAL_FNS: dict = {}
 
 
-def evaluate(task: Any, eval_fn: Callable, model_params: Any, model_state: Any, config: Any,
-             mesh: Any, codebook_size: Any, max_images: int = 0) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
+def eval_fn(task: Any) -> Callable:
+    """Jitted ``(model_params, model_state, images) -> (recon, indices, psnr [B], ssim [B])`` of a
+    tokenizer task (built once per task object)."""
+    fn = _EVAL_FNS.get(id(task))
+    if fn is None or fn[0] is not task:
+        def scores(model_params, model_state, images):
+            rec, indices = task.reconstruct(model_params, model_state, images)
+            return rec, indices, ev.psnr(rec, images, max_db=100.0), ev.ssim(rec, images)
+
+        fn = (task, jax.jit(scores))
+        _EVAL_FNS.clear()
+        _EVAL_FNS[id(task)] = fn
+    return fn[1]
+
+
+def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx: EvalContext) -> EvalResult:
+    """``TokenizerTaskBase.evaluate``: metrics over the held-out split and the grid of the first
+    batch's originals over their reconstructions (``images["reconstructions"]``)."""
+    metrics, originals, recs = reconstruction_metrics(
+        eval_fn(task), model_params, model_state, ctx.config, ctx.mesh,
+        task.token_spec.codebook_size, ctx.max_images)
+    images = {}
+    if originals is not None:
+        num = int(ctx.config.get("samples", {}).get("num_images", 8))
+        images["reconstructions"] = ev.make_grid(originals[:num], recs[:num])
+    return EvalResult(metrics=metrics, images=images)
+
+
+def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: Any, config: Any,
+                           mesh: Any, codebook_size: Any, max_images: int = 0
+                           ) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
     """Metrics over the held-out split, plus the first batch's originals and reconstructions.
     The eval batch is rounded up to a multiple of the data shards (padding is masked out)."""
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
@@ -141,10 +163,3 @@ def _gather(x: Any) -> np.ndarray:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def save_grid(workdir: str, step: int, originals: np.ndarray, reconstructions: np.ndarray,
-              num_images: int = 8) -> tuple[str, np.ndarray]:
-    path = os.path.join(workdir, "samples", f"reconstructions_{int(step):09d}.png")
-    grid = ev.save_reconstruction_grid(path, originals[:num_images], reconstructions[:num_images])
-    return path, grid

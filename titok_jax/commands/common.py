@@ -1,0 +1,151 @@
+"""What every command shares: absl flag parsing into a private ``FlagValues``, one readable line
+for a bad flag or config key, and ``run_command`` (user errors -> one line on stderr + exit status)."""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is shown as one line (exit status 2)."""
+
+
+def parse(prog: str, argv: Sequence[str], define: Callable[[Any], None]) -> Any:
+    """Parse ``argv`` with the flags ``define(flag_values)`` declares; ``--some-flag`` is accepted
+    for a flag ``some_flag``. A bad flag raises :class:`UsageError` with one line."""
+    from absl import flags
+    fv = flags.FlagValues()
+    define(fv)
+    argv = [_underscored(arg, fv) for arg in argv]
+    try:
+        fv([prog, *argv])
+    except Exception as e:  # absl flags.Error, config-file errors, unknown --config.KEY
+        raise UsageError(flag_error(e, argv)) from e
+    return fv
+
+
+def _underscored(arg: str, fv: Any) -> str:
+    """``--class-id=3`` -> ``--class_id=3`` when ``class_id`` (or, for ``--no-x``, ``x``) is a flag."""
+    if not arg.startswith("--") or "-" not in arg[2:].split("=", 1)[0]:
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    fixed = name.replace("-", "_")
+    if fixed.startswith("no_") and fixed not in fv and fixed[3:] in fv:
+        fixed = "no" + fixed[3:]  # --no-save-images -> --nosave_images
+    known = fixed in fv or (fixed.startswith("no") and fixed[2:] in fv)
+    return f"--{fixed}{sep}{value}" if known else arg
+
+
+def require(fv: Any, names: Sequence[str], what: str, usage: str) -> None:
+    """:class:`UsageError` "``what`` needs --a --b (usage: titok-jax ``usage``)" naming every flag
+    of ``names`` left unset."""
+    missing = [f"--{k}" for k in names if not getattr(fv, k)]
+    if missing:
+        raise UsageError(f"{what} needs {' '.join(missing)} (usage: titok-jax {usage})")
+
+
+def flag_error(e: BaseException, argv: Sequence[str]) -> str:
+    """One readable line for a flag-parsing failure."""
+    spec = config_spec(argv)
+    if spec:
+        path = spec.split(":", 1)[0]
+        if not os.path.isfile(path):
+            return missing_config_file(path)
+        try:
+            from ml_collections import config_flags  # load without the overrides to name a bad key
+            base = config_flags.config_flags._LoadConfigModule("check_config", path).get_config(
+                *([spec.split(":", 1)[1]] if ":" in spec else []))
+        except Exception as inner:  # the config itself fails (e.g. unknown variant)
+            return message(inner)
+        for arg in argv:
+            if arg.startswith("--config."):
+                key = arg[len("--config."):].split("=", 1)[0]
+                missing = missing_key(base, key)
+                if missing:
+                    return missing
+    return message(e)
+
+
+def missing_config_file(path: str) -> str:
+    return f"config file {path!r} not found (expected configs/<family>.py:<variant>)"
+
+
+def config_spec(argv: Sequence[str]) -> str | None:
+    """The value of ``--config`` in ``argv``, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def missing_key(config: Any, dotted: str) -> str | None:
+    """A line naming the first part of ``dotted`` that ``config`` lacks (with a close match), or None."""
+    node, done = config, []
+    for part in dotted.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = f" (did you mean {'.'.join(done + close)!r}?)" if close else ""
+            return f"unknown config key {dotted!r}: {'.'.join(done) or 'the config'} has no field {part!r}{hint}"
+        node, done = node[part], done + [part]
+    return None
+
+
+def message(e: BaseException) -> str:
+    """The first non-empty line of an exception's text, without a ``ValueError: `` style prefix."""
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    text = lines[0] if lines else type(e).__name__
+    for prefix in ("ValueError: ", "KeyError: ", "OSError: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text
+
+
+def check_workdir(workdir: str) -> None:
+    """:class:`UsageError` unless ``workdir`` holds a ``config.json``."""
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise UsageError(f"{workdir} is not a titok_jax workdir (no config.json); train one first")
+
+
+def check_output_dir(path: str, why: str = "expected an output directory") -> None:
+    if os.path.isfile(path):
+        raise UsageError(f"--output {path} is a file; {why}")
+
+
+def load_run_config(workdir: str) -> Any:
+    """``workdir/config.json`` as a ConfigDict."""
+    import ml_collections
+    check_workdir(workdir)
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def run_command(handler: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> int:
+    """Run a command; known failures print one line on stderr and exit non-zero."""
+    from titok_jax.checkpoint import CheckpointError
+    if os.environ.get("TITOK_DEBUG") == "1":  # full tracebacks for developers
+        return int(handler(argv) or 0)
+    try:
+        return int(handler(argv) or 0)
+    except UsageError as e:
+        print(f"titok-jax: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, OSError, KeyError) as e:
+        print(f"titok-jax: error: {message(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("titok-jax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from titok_jax.train.loop import TrainingError
+        if isinstance(e, TrainingError):
+            print(f"titok-jax: error: {e}", file=sys.stderr)
+        else:
+            print(f"titok-jax: internal error: {type(e).__name__}: {message(e)} "
+                  f"(rerun with TITOK_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

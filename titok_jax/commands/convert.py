@@ -1,0 +1,95 @@
+"""The frozen networks' weight files: ``titok-jax convert-lpips``, ``convert-convnext`` and
+``convert-inception`` (PyTorch weights -> the files the perceptual losses and FID read, by
+``titok_jax.convert``), and ``titok-jax fid-reference`` (FID reference statistics of a data split)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from titok_jax.commands.common import UsageError, parse, require
+
+OUTPUT_HELP = "the file to write: .safetensors or .npz"
+
+
+def _convert(name: str, argv: Sequence[str], inputs: dict[str, str],
+             run: Callable[[Any], Mapping[str, np.ndarray]], note: Callable[[int], str] = lambda n: "") -> int:
+    """Parse ``--<input> ...  --output OUT`` (``inputs``: flag -> help), call ``run(flags)`` and
+    print what it wrote."""
+    from absl import flags
+
+    def define(fv: Any) -> None:
+        for flag, help_text in inputs.items():
+            flags.DEFINE_string(flag, None, help_text, flag_values=fv)
+        flags.DEFINE_string("output", None, OUTPUT_HELP, flag_values=fv)
+
+    fv = parse(f"titok-jax {name}", argv, define)
+    require(fv, (*inputs, "output"), name,
+            f"{name} " + " ".join(f"--{k} {k.upper()}" for k in inputs) + " --output OUT")
+    try:
+        flat = run(fv)
+    except ImportError as e:  # a .pth without torch installed: one line, not an internal error
+        raise ValueError(str(e)) from None
+    n = sum(int(np.prod(v.shape)) for v in flat.values())
+    print(f"wrote {fv.output}: {len(flat)} tensors, {n:,} params{note(n)}")
+    return 0
+
+
+def convert_lpips(argv: Sequence[str]) -> int:
+    """torchvision VGG16 + the LPIPS linear layers -> LPIPS-VGG params (``losses.perceptual``)."""
+    from titok_jax.convert.lpips import convert_lpips_files
+    return _convert("convert-lpips", argv, {
+        "vgg": "torchvision VGG16 state dict (.pth, .safetensors or .npz)",
+        "lin": "LPIPS lin weights, e.g. the lpips package's weights/v0.1/vgg.pth"},
+        lambda fv: convert_lpips_files(fv.vgg, fv.lin, fv.output))
+
+
+def convert_convnext(argv: Sequence[str]) -> int:
+    """torchvision ConvNeXt (-S for TiTok's perceptual term) -> ConvNeXt params."""
+    from titok_jax.convert.convnext import convert_convnext_file
+    return _convert("convert-convnext", argv,
+                    {"input": "convnext_small-0c510722.pth (or .safetensors / .npz)"},
+                    lambda fv: convert_convnext_file(fv.input, fv.output),
+                    lambda n: "" if n == 50_223_688 else " (not ConvNeXt-S, whose 50,223,688 TiTok's loss uses)")
+
+
+def convert_inception(argv: Sequence[str]) -> int:
+    """pytorch-fid's InceptionV3 -> the params of rFID / gFID / Inception Score."""
+    from titok_jax.convert.inception import convert_inception_file
+    return _convert("convert-inception", argv,
+                    {"input": "pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz)"},
+                    lambda fv: convert_inception_file(fv.input, fv.output))
+
+
+def _fid_reference_flags(fv: Any) -> None:
+    from absl import flags
+    flags.DEFINE_string("data", None, "data source: sample, folder:PATH or tfds:NAME", flag_values=fv)
+    flags.DEFINE_string("split", "eval", "split name", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir", flag_values=fv)
+    flags.DEFINE_integer("image_size", 256, "centre-crop size", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 50, "images per Inception call", flag_values=fv)
+    flags.DEFINE_integer("max_images", 0, "0 = the whole split", flag_values=fv)
+    flags.DEFINE_string("inception_weights", None, "file from titok-jax convert-inception", flag_values=fv)
+    flags.DEFINE_string("output", None, "output .npz (mu, sigma)", flag_values=fv)
+
+
+def fid_reference(argv: Sequence[str]) -> int:
+    """FID reference statistics (``mu``, ``sigma``) of a data split's centre crops, as an ``.npz``
+    (what ``eval --fid_reference`` and ``generate --fid_reference`` read)."""
+    fv = parse("titok-jax fid-reference", argv, _fid_reference_flags)
+    require(fv, ("data", "inception_weights", "output"), "fid-reference",
+            "fid-reference --data SOURCE --inception_weights FILE --output ref.npz")
+    if fv.image_size < 1 or fv.batch_size < 1 or fv.max_images < 0:
+        raise UsageError("--image_size and --batch_size must be >= 1, --max_images >= 0")
+    from titok_jax.data import make_eval_iterator
+    from titok_jax.evaluation.fid import save_reference_stats
+    from titok_jax.evaluation.fid_reference import reference_stats
+    from titok_jax.nets.inception import load_inception_params
+    params = load_inception_params(fv.inception_weights)
+    batches = make_eval_iterator(fv.data, fv.image_size, fv.batch_size, split=fv.split,
+                                 data_dir=fv.data_dir, process_index=0, process_count=1)
+    stats = reference_stats(batches, params, fv.max_images)
+    mu, sigma = stats.result()
+    save_reference_stats(fv.output, mu, sigma, num_images=stats.n)
+    print(f"wrote {fv.output}: mu {mu.shape}, sigma {sigma.shape} from {stats.n} images")
+    return 0

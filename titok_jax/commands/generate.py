@@ -1,0 +1,63 @@
+"""``titok-jax generate``: a generator workdir + a tokenizer workdir -> images (and gFID / IS)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from titok_jax.commands.common import UsageError, check_output_dir, parse, require
+
+
+def _flags(fv: Any) -> None:
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "GEN_DIR: a generator workdir (configs/maskgit.py or "
+                        "configs/ar.py)", flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "TOK_DIR: the tokenizer workdir whose tokens it learned", flag_values=fv)
+    flags.DEFINE_string("output", None, "OUT_DIR: where the PNGs go", flag_values=fv)
+    flags.DEFINE_integer("class_id", None, "class to sample (default: cycle through the classes; "
+                         "num_classes = unconditional)", flag_values=fv)
+    flags.DEFINE_integer("num", 8, "number of images", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed (same seed, same images)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "images per sampling call", flag_values=fv)
+    flags.DEFINE_integer("steps", None, "decoding steps (default: the config's sampler)", flag_values=fv)
+    flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale", flag_values=fv)
+    flags.DEFINE_float("temperature", None, "sampling temperature (MaskGIT: randomize_temperature; "
+                       "AR: softmax temperature, 0 = greedy)", flag_values=fv)
+    flags.DEFINE_integer("max_len", None, "AR only: generate this many leading tokens (a prefix, "
+                         "for ordered tokenizers such as FlexTok)", flag_values=fv)
+    flags.DEFINE_string("inception_weights", None, "InceptionV3 params (titok-jax convert-inception): "
+                        "compute gFID and Inception Score", flag_values=fv)
+    flags.DEFINE_string("fid_reference", None, "reference statistics .npz (mu, sigma) for gFID, e.g. "
+                        "from titok-jax fid-reference", flag_values=fv)
+    flags.DEFINE_integer("is_splits", 1, "splits of the Inception Score (ADM uses 10 over 50k)",
+                         flag_values=fv)
+    flags.DEFINE_bool("save_images", True, "write one PNG per image", flag_values=fv)
+
+
+def generate(argv: Sequence[str]) -> int:
+    """Sample token ids with a generator workdir and decode them with a tokenizer workdir, chunk by
+    chunk (:func:`titok_jax.generation.generate_images`): PNGs, ``grid.png`` and ``tokens.npz``
+    under --output; with --inception_weights also gFID against --fid_reference and the Inception
+    Score, printed as one JSON line and written to ``metrics.json``."""
+    fv = parse("titok-jax generate", argv, _flags)
+    require(fv, ("workdir", "tokenizer", "output"), "generate", "generate --workdir GEN_DIR "
+            "--tokenizer TOK_DIR --output OUT_DIR [--class-id K] [--num N]")
+    if fv.num < 1 or fv.batch_size < 1 or fv.is_splits < 1:
+        raise UsageError("--num, --batch_size and --is_splits must be >= 1")
+    check_output_dir(fv.output)
+    if fv.fid_reference and not fv.inception_weights:
+        raise UsageError("--fid_reference needs --inception_weights")
+    from titok_jax.api import load_tokenizer
+    from titok_jax.generation import class_labels, generate_images, load_generator
+    gen = load_generator(fv.workdir)
+    tok = load_tokenizer(fv.tokenizer, batch_size=fv.batch_size)
+    sampler = {k: v for k, v in (("steps", fv.steps), ("guidance_scale", fv.guidance_scale),
+                                 ("randomize_temperature", fv.temperature), ("max_len", fv.max_len))
+               if v is not None}
+    out = generate_images(gen, tok, fv.output, class_labels(fv.num, gen.num_classes, fv.class_id),
+                          batch_size=fv.batch_size, seed=fv.seed, sampler=sampler,
+                          inception_weights=fv.inception_weights, fid_reference=fv.fid_reference,
+                          is_splits=fv.is_splits, save_images=fv.save_images, tokenizer_name=fv.tokenizer)
+    print(f"generated {fv.num} image(s) -> {fv.output} (grid: {out['grid']})")
+    if out["metrics"] is not None:
+        print(json.dumps(out["metrics"]))
+    return 0

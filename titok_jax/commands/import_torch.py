@@ -1,0 +1,34 @@
+"""``titok-jax import-torch``: an official PyTorch release -> a workdir (``titok_jax.convert.workdir``)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from titok_jax.commands.common import UsageError, message, parse
+
+
+def _flags(fv: Any) -> None:
+    from absl import flags
+    flags.DEFINE_string("input", None, "HF_DIR: config.json + model.safetensors "
+                        "(or pytorch_model.bin), or a MaskGIT-VQGAN state dict", flag_values=fv)
+    flags.DEFINE_string("output", None, "DIR: the workdir to create (must not exist or be empty)",
+                        flag_values=fv)
+    flags.DEFINE_integer("image_size", None, "image side of a MaskGIT-VQGAN imported without "
+                         "config.json (default 256)", flag_values=fv)
+
+
+def import_torch(argv: Sequence[str]) -> int:
+    """An official PyTorch release (HF_DIR: config.json + model.safetensors / pytorch_model.bin, or
+    a bare MaskGIT-VQGAN state dict) -> a workdir at --output (never overwritten)."""
+    fv = parse("titok-jax import-torch", argv, _flags)
+    if not fv.input or not fv.output:
+        raise UsageError("import-torch needs --input HF_DIR and --output DIR")
+    from titok_jax.convert.workdir import import_torch as run
+    try:
+        summary = run(fv.input, fv.output, image_size=fv.image_size)
+    except ImportError as e:  # a .bin without torch installed: one line, not an internal error
+        raise ValueError(message(e)) from None
+    print(f"imported {summary['model']} ({summary['num_params']:,} params) from {summary['weights']}")
+    print(f"workdir:    {os.path.abspath(fv.output)}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    return 0

@@ -1,0 +1,147 @@
+"""``titok-jax reconstruct``, ``tokenize`` and ``detokenize``: a tokenizer workdir applied to image
+files, token files or a data source (``titok_jax.api`` and ``titok_jax.data.tokens``)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from titok_jax.commands.common import UsageError, check_output_dir, check_workdir, parse, require
+
+
+def _tokenizer_flags(fv: Any, input_help: str, output_help: str) -> None:
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "a tokenizer workdir (train or import-torch output)", flag_values=fv)
+    flags.DEFINE_string("input", None, input_help, flag_values=fv)
+    flags.DEFINE_string("output", None, output_help, flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "images per encode/decode call", flag_values=fv)
+
+
+def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help: str) -> Any:
+    fv = parse(f"titok-jax {name}", argv, lambda fv: _tokenizer_flags(fv, input_help, output_help))
+    require(fv, ("workdir", "input", "output"), name, f"{name} --workdir DIR --input "
+            f"{input_help.split(':')[0]} --output {output_help.split(':')[0]}")
+    if fv.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {fv.batch_size}")
+    if not os.path.isdir(fv.workdir):
+        raise UsageError(f"workdir {fv.workdir} does not exist")
+    check_workdir(fv.workdir)
+    if not os.path.exists(fv.input):
+        raise FileNotFoundError(f"input {fv.input} does not exist")
+    return fv
+
+
+def _image_batches(paths: Sequence[str], image_size: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, uint8 [b, S, S, 3])`` batches of decoded, resized and centre-cropped images;
+    an unreadable file raises ValueError naming it."""
+    from titok_jax.api import load_image
+    for start in range(0, len(paths), batch_size):
+        yield start, np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]])
+
+
+def reconstruct(argv: Sequence[str]) -> int:
+    """encode + decode: a single image -> a PNG at --output; a directory -> a PNG per image under
+    --output/ (relative names kept, extension .png). An unreadable image is an error naming it."""
+    fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images",
+                         "PATH: the PNG to write (a directory when --input is one)")
+    from titok_jax.api import list_images, load_tokenizer, png_names
+    from titok_jax.evaluation.images import save_png
+    paths, names, is_dir = list_images(fv.input)
+    if is_dir:
+        check_output_dir(fv.output, "a directory input needs an output directory")
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    if is_dir:
+        outputs = [os.path.join(fv.output, n) for n in png_names(names)]
+    elif os.path.isdir(fv.output):
+        outputs = [os.path.join(fv.output, png_names(names)[0])]
+    else:
+        outputs = [fv.output]
+    for start, images in _image_batches(paths, tok.image_size, fv.batch_size):
+        for i, rec in enumerate(tok.decode(tok.encode(images))):
+            save_png(outputs[start + i], rec)
+    print(f"reconstructed {len(paths)} image(s) -> {fv.output if is_dir else outputs[0]}")
+    return 0
+
+
+def _tokenize_flags(fv: Any) -> None:
+    from absl import flags
+    _tokenizer_flags(fv, "IMG_OR_DIR: an image file or a directory of images",
+                     "tokens.npz (with --input) or DIR (with --data): what to write")
+    flags.DEFINE_string("data", None, "a data source (sample, folder:PATH, tfds:NAME) to tokenize "
+                        "into token shards for generator training, instead of --input", flag_values=fv)
+    flags.DEFINE_string("split", "train", "split of --data", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data dir of --data", flag_values=fv)
+    flags.DEFINE_integer("epochs", 1, "augmented passes over --data (each a new random crop and "
+                         "flip of every image)", flag_values=fv)
+    flags.DEFINE_bool("augment", True, "random crops and flips for --data (false: centre crops, "
+                      "one pass)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the --data augmentations", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 65536, "token rows per shard file", flag_values=fv)
+
+
+def tokenize(argv: Sequence[str]) -> int:
+    """images -> ``tokens.npz`` with ``tokens`` (int32 [N, T]; float32 [N, T, C] for a VAE) and
+    ``files`` (the input names: the basename, or paths relative to the input directory).
+    With ``--data SOURCE`` instead of ``--input``: every image of the source (``--epochs``
+    augmented passes) -> token shards in the directory ``--output`` (``titok_jax.data.tokens``),
+    the input of generator training (``config.data.source=tokens:DIR``)."""
+    if any(a == "--data" or a.startswith("--data=") for a in argv):
+        return _tokenize_data(argv)
+    fv = _tokenizer_args("tokenize", argv, "IMG_OR_DIR: an image file or a directory of images",
+                         "tokens.npz: the file to write")
+    from titok_jax.api import list_images, load_tokenizer
+    paths, names, _ = list_images(fv.input)
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    tokens = np.concatenate([tok.encode(images) for _, images in
+                             _image_batches(paths, tok.image_size, fv.batch_size)])
+    out = fv.output if fv.output.endswith(".npz") else fv.output + ".npz"  # np.savez would add it
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, tokens=tokens, files=np.asarray(names, dtype=str))
+    print(f"tokenized {len(paths)} image(s) -> {out} (tokens {tokens.dtype} {list(tokens.shape)})")
+    return 0
+
+
+def _tokenize_data(argv: Sequence[str]) -> int:
+    fv = parse("titok-jax tokenize", argv, _tokenize_flags)
+    require(fv, ("workdir", "output"), "tokenize --data",
+            "tokenize --workdir DIR --data SOURCE --output TOKENS_DIR")
+    if fv.input:
+        raise UsageError("give either --input (image files -> tokens.npz) or --data (a data source "
+                         "-> token shards), not both")
+    if fv.batch_size < 1 or fv.shard_size < 1:
+        raise UsageError("--batch_size and --shard_size must be >= 1")
+    check_workdir(fv.workdir)
+    from titok_jax.api import load_tokenizer
+    from titok_jax.data.tokens import tokenize_source
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    if tok.codebook_size is None:
+        raise ValueError(f"{fv.workdir} is a continuous (VAE) tokenizer; token shards hold discrete ids")
+    meta = tokenize_source(
+        fv.output, tok.encode, fv.data, image_size=tok.image_size, batch_size=fv.batch_size,
+        split=fv.split, epochs=fv.epochs, augment=fv.augment, seed=fv.seed, data_dir=fv.data_dir,
+        shard_size=fv.shard_size, progress=True,
+        meta={"tokenizer": os.path.abspath(fv.workdir), "tokenizer_step": tok.step,
+              "codebook_size": tok.codebook_size})
+    print(f"tokenized {meta['count']} image(s) ({fv.epochs} pass(es) over {fv.data}:{fv.split}) -> "
+          f"{fv.output} ({len(meta['shards'])} shard(s) of {meta['num_tokens']} tokens)")
+    return 0
+
+
+def detokenize(argv: Sequence[str]) -> int:
+    """``tokens.npz`` (as written by tokenize: ``tokens`` and optional ``files``) -> a PNG per row
+    under --output/, named after ``files`` (extension .png) or the row index; every name is checked
+    (:func:`titok_jax.api.read_token_file`) before anything is written."""
+    fv = _tokenizer_args("detokenize", argv, "tokens.npz: written by tokenize", "OUT_DIR: where the PNGs go")
+    from titok_jax.api import load_tokenizer, read_token_file
+    from titok_jax.evaluation.images import save_png
+    if os.path.isdir(fv.input):
+        raise ValueError(f"--input {fv.input} is a directory; expected a tokens .npz file")
+    check_output_dir(fv.output)
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    tokens, names = read_token_file(fv.input, tok)
+    for start in range(0, len(names), fv.batch_size):
+        for i, image in enumerate(tok.decode(tokens[start:start + fv.batch_size])):
+            save_png(os.path.join(fv.output, names[start + i]), image)
+    print(f"decoded {len(names)} token row(s) -> {fv.output}")
+    return 0

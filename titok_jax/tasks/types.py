@@ -1,0 +1,64 @@
+"""The value types of the task contract (``tasks/base.py``): evaluation context and result, and the
+token / generator specs."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+    """What an evaluation needs from the caller: the run config, the mesh the params live on, the
+    step being evaluated, ``max_images`` (0 = the whole held-out split) and the task's constants
+    (already computed by the trainer, or None: the task computes them if it needs them)."""
+
+    config: Any
+    mesh: Any
+    step: int = 0
+    max_images: int = 0
+    constants: Any = None
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """``metrics``: floats/ints for ``eval.jsonl``; ``images``: ``{name: HxWx3 uint8 grid}``, written
+    by the trainer as ``samples/{name}_{step:09d}.png`` (e.g. ``reconstructions``, ``generated``)."""
+
+    metrics: dict
+    images: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+    """What a tokenizer's tokens are. ``codebook_size`` is None for continuous tokens (then
+    ``token_dim`` is their channel count); ``flow_decoder`` tokenizers decode with a sampler
+    (``default_steps`` / ``default_guidance``); ``variable_length`` ones decode any prefix."""
+
+    image_size: int
+    num_tokens: int
+    codebook_size: int | None
+    token_dim: int | None
+    quantizer: str
+    flow_decoder: bool = False
+    variable_length: bool = False
+    default_steps: int = 0
+    default_guidance: float = 1.0
+
+    @property
+    def continuous(self) -> bool:
+        return self.codebook_size is None
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSpec:
+    """A generator's vocabulary: ``num_tokens`` ids per image from ``codebook_size`` codes and
+    ``num_classes`` classes (label ``num_classes`` = unconditional); ``sampler``: its default
+    sampler settings; ``sampler_keys``: the settings ``sample`` accepts; ``mask_token_id``: the
+    id of the ``[MASK]`` token ``logits`` accepts (MaskGIT), or None."""
+
+    num_tokens: int
+    codebook_size: int
+    num_classes: int
+    sampler: dict
+    sampler_keys: tuple[str, ...]
+    mask_token_id: int | None = None
