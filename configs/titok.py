@@ -10,6 +10,11 @@ COMMAND (published size, one GPU host or a TPU pod via launch/):
 The published single-stage recipe (reference/titok.md 3.3; no official training config exists):
 AdamW 1e-4, betas (0.9, 0.999), wd 1e-4, 10k warmup, cosine, batch 256, EMA 0.999, L2 + LPIPS
 (weight 1) + hinge GAN (0.1 from step 200k, LeCam 0.001); VQ: beta 0.25; VAE: KL 1e-6.
+
+The bottleneck is one sub-config, `model.quantizer = {"name": "vq" | "vae", **its arguments}`
+(titok_jax.quantizers.factory; "vq" takes VectorQuantizer's arguments: codebook_size,
+l2_normalize, commitment_weight, use_ema, kmeans_init, dead_code_threshold, ...; "vae" kl_weight),
+so each knob is set from the command line as e.g. `--config.model.quantizer.codebook_size=1024`.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import runpy
 
 import ml_collections
 
-from titok_jax.models.titok_variants import TITOK_VARIANTS
+from titok_jax.models.titok_variants import titok_variant
 
 # Shared sections and their defaults (configs/common.py).
 _COMMON = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
@@ -44,16 +49,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict({"name": "tokenizer"})
     c.seed = 0
 
-    model = dict(TITOK_VARIANTS[variant])
+    model = titok_variant(variant)
     if tiny:
         # 64x64 crops of the sample photographs, 8x8 patches, 32 tokens of a 256-entry codebook.
         model.update(image_size=64, patch_size=8, encoder_width=128, encoder_depth=2, encoder_heads=4,
                      decoder_width=128, decoder_depth=2, decoder_heads=4, num_latent_tokens=32,
-                     token_size=12, codebook_size=256, use_l2_norm=True,
+                     token_size=12,
                      # From scratch on a few photos the latent slots start almost image-independent
                      # and a gradient-learned codebook maps every image to the same tokens; EMA codes
                      # with k-means init and dead-code restarts break that symmetry early.
-                     ema_codebook=True, kmeans_init=True, dead_code_threshold=0.5,
+                     quantizer={"name": "vq", "codebook_size": 256, "l2_normalize": True,
+                                "use_ema": True, "kmeans_init": True, "dead_code_threshold": 0.5},
                      # xavier-uniform weights instead of TiTok's N(0, .02): image content reaches
                      # the decoder of this small model within the first few hundred steps.
                      init_scheme="xavier")
@@ -110,7 +116,6 @@ def _two_stage(variant: str) -> ml_collections.ConfigDict:
     MaskBit discriminator, own AdamW 1e-4) + LeCam (0.001); AdamW 1e-4, betas (0.9, 0.999), wd 1e-4,
     5k warmup, cosine to 1e-5, 500k steps, batch 256, clip 1.0, EMA 0.999.
     """
-    from titok_jax.models.titok_variants import titok_variant
     from titok_jax.models.vqgan import MASKGIT_F16_256
 
     size, stage = variant.rsplit("_stage", 1)
@@ -126,7 +131,8 @@ def _two_stage(variant: str) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"name": "titok_two_stage", **model})
     c.compute_dtype = "float32" if tiny else "bfloat16"
     teacher = (dict(name="maskgit_vqgan", image_size=32, hidden_channels=32, channel_mult=[1, 1, 2, 2],
-                    num_res_blocks=1, z_channels=32, codebook_size=64) if tiny else
+                    num_res_blocks=1, z_channels=32, quantizer={"name": "vq", "codebook_size": 64})
+               if tiny else
                dict(MASKGIT_F16_256, name="maskgit_vqgan",
                     channel_mult=list(MASKGIT_F16_256["channel_mult"])))
     # weights: a workdir written by `titok-jax import-torch` from maskgit-vqgan-imagenet-f16-256.bin

@@ -12,6 +12,10 @@ The released model was trained in JAX by the MaskGIT authors; no official PyTorc
 exists. The recipe here is TiTok's (reference/titok.md 3.2 / 3.3) on this model: AdamW 1e-4,
 betas (0.9, 0.999), wd 1e-4, 10k warmup, cosine, batch 256, EMA 0.999, L2 + LPIPS (weight 1) +
 hinge GAN (0.1 from step 200k, LeCam 0.001) with the MaskBit discriminator; VQ beta 0.25.
+
+The bottleneck is one sub-config, `model.quantizer = {"name": "vq", **VectorQuantizer's arguments}`
+(titok_jax.quantizers.factory; "vae" with kl_weight also builds), set from the command line as e.g.
+`--config.model.quantizer.codebook_size=512 --config.model.quantizer.use_ema=False`.
 """
 from __future__ import annotations
 
@@ -40,13 +44,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict({"name": "tokenizer"})
     c.seed = 0
 
-    model = dict(MASKGIT_F16_256)
+    model = {**MASKGIT_F16_256, "quantizer": dict(MASKGIT_F16_256["quantizer"])}
     if tiny:
         # 64x64 crops of the sample photographs, f4 (16x16 = 256 tokens of a 256-entry codebook),
         # widths 32/64/64. EMA codes with k-means init and dead-code restarts, as TiTok's tiny.
         model.update(image_size=64, hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                     z_channels=32, codebook_size=256, ema_codebook=True, kmeans_init=True,
-                     dead_code_threshold=0.5)
+                     z_channels=32,
+                     quantizer={"name": "vq", "codebook_size": 256, "use_ema": True,
+                                "kmeans_init": True, "dead_code_threshold": 0.5})
     c.model = ml_collections.ConfigDict({"name": "maskgit_vqgan", **model})
     c.compute_dtype = "float32" if tiny else "bfloat16"
 

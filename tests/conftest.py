@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 MICRO_TOKENIZER_ARGS = [
     "--config.data.image_size=32", "--config.model.image_size=32", "--config.model.encoder_width=32",
     "--config.model.decoder_width=32", "--config.model.encoder_depth=1", "--config.model.decoder_depth=1",
-    "--config.model.num_latent_tokens=8", "--config.model.codebook_size=32", "--config.batch_size=8",
-    "--config.total_steps=2", "--config.log_every_steps=2", "--config.eval_every_steps=0",
+    "--config.model.num_latent_tokens=8", "--config.model.quantizer.codebook_size=32",
+    "--config.batch_size=8", "--config.total_steps=2", "--config.log_every_steps=2", "--config.eval_every_steps=0",
     "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=false",
     "--config.data.eval_batch_size=4", "--progress=false"]
 

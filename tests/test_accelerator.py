@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.accelerator,
               pytest.mark.skipif(jax.default_backend() == "cpu",
                                  reason="needs a GPU or TPU (run with JAX_PLATFORMS=cuda or tpu)")]
 
-PLAIN_VQ = {"model.ema_codebook": False, "model.kmeans_init": False, "model.dead_code_threshold": 0.0}
+PLAIN_VQ = {"model.quantizer.use_ema": False, "model.quantizer.kmeans_init": False,
+            "model.quantizer.dead_code_threshold": 0.0}
 
 
 def _step_and_reconstruction(dtype: str, batch: dict):

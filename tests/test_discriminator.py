@@ -124,8 +124,8 @@ def test_tokenizer_task_trains_the_maskbit_discriminator():
 
     from train_helpers import micro_config
 
-    config = micro_config(**{"model.ema_codebook": False, "model.kmeans_init": False,
-                             "model.dead_code_threshold": 0.0, "losses.gan_weight": 0.1,
+    config = micro_config(**{"model.quantizer.use_ema": False, "model.quantizer.kmeans_init": False,
+                             "model.quantizer.dead_code_threshold": 0.0, "losses.gan_weight": 0.1,
                              "losses.gan_start_step": 0,
                              "losses.discriminator": {"name": "maskbit", "hidden_channels": 32,
                                                       "num_stages": 2}})

@@ -112,8 +112,8 @@ def test_logged_disc_learning_rate_counts_from_the_start_step():
 def test_trainer_leaves_the_discriminator_alone_until_gan_start_step():
     """Through the task and the train step: D's params are bit-identical for steps 0..2, and its
     first update (step 3) is a fresh optimizer's first update on the same gradient."""
-    config = micro_config(**{"model.ema_codebook": False, "model.kmeans_init": False,
-                             "model.dead_code_threshold": 0.0,
+    config = micro_config(**{"model.quantizer.use_ema": False, "model.quantizer.kmeans_init": False,
+                             "model.quantizer.dead_code_threshold": 0.0,
                              "losses.gan_weight": 0.1, "losses.gan_start_step": START,
                              "losses.discriminator": {"ndf": 8, "n_layers": 2, "norm": "group", "num_groups": 4},
                              "optimizers.disc": {"lr": 1e-3, "warmup_steps": 0, "weight_decay": 1e-4}})

@@ -36,4 +36,4 @@ def test_tokens_and_kl_term():
     np.testing.assert_allclose(tokens, mean.reshape(2, 64, 4), atol=1e-6)   # eval: the mean, row-major
     kl = np.mean(np.sum(0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar), axis=(1, 2, 3)))
     np.testing.assert_allclose(float(out.losses["kl"]), 0.5 * kl, rtol=1e-4)
-    assert out.indices is None and model.quantizer == "vae" and model.num_latent_tokens == 64
+    assert out.indices is None and model.quantizer_name == "vae" and model.num_latent_tokens == 64

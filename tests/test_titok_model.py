@@ -54,7 +54,7 @@ def test_published_parameter_counts(name):
     # State-dict shapes of titok.md 2.8 (non-legacy pixel head).
     ew, dw, nt = kw["encoder_width"], kw["decoder_width"], kw["num_latent_tokens"]
     enc, dec = params["encoder"], params["decoder"]
-    vae = kw["quantizer"] == "vae"
+    vae = kw["quantizer"]["name"] == "vae"
     assert params["latent_tokens"].shape == (nt, ew)
     assert enc["patch_embed"]["proj"]["kernel"].shape == (3 * 16 * 16, ew)
     assert enc["positional_embedding"]["embedding"].shape == (257, ew)

@@ -71,8 +71,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_weight_decay_mask_spares_norms_biases_embeddings_and_tokens():
-    config = micro_config(**{"model.ema_codebook": False, "model.kmeans_init": False,
-                             "model.dead_code_threshold": 0.0})  # a learned codebook (a param)
+    config = micro_config(**{"model.quantizer.use_ema": False, "model.quantizer.kmeans_init": False,
+                             "model.quantizer.dead_code_threshold": 0.0})  # a learned codebook (a param)
     task = get_task(config)
     params = jax.eval_shape(lambda: __import__("flax").linen.unbox(task.init(jax.random.key(0))[0]))
     mask = decay_mask(params)

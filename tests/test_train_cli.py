@@ -13,8 +13,8 @@ from train_helpers import ROOT
 CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny"
 MICRO = ["--config.data.image_size=32", "--config.model.image_size=32", "--config.model.encoder_width=32",
          "--config.model.decoder_width=32", "--config.model.encoder_depth=1", "--config.model.decoder_depth=1",
-         "--config.model.num_latent_tokens=8", "--config.model.codebook_size=32", "--config.batch_size=8",
-         "--config.total_steps=4", "--config.log_every_steps=2", "--config.eval_every_steps=4",
+         "--config.model.num_latent_tokens=8", "--config.model.quantizer.codebook_size=32",
+         "--config.batch_size=8", "--config.total_steps=4", "--config.log_every_steps=2", "--config.eval_every_steps=4",
          "--config.checkpoint.every_steps=2", "--config.data.eval_batch_size=4", "--progress=false"]
 
 
@@ -44,7 +44,7 @@ def test_train_writes_the_workdir_layout(trained, capsys):
     rows = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [2, 4] and all("loss" in r for r in rows)
     config = json.load(open(os.path.join(trained, "config.json")))
-    assert config["total_steps"] == 4 and config["model"]["codebook_size"] == 32
+    assert config["total_steps"] == 4 and config["model"]["quantizer"]["codebook_size"] == 32
     # A row at step s logs the learning rate of the update that made it (update s - 1, inside the
     # linear warmup from 0): lr * (s - 1) / warmup_steps.
     opt = config["optimizer"]
@@ -77,7 +77,7 @@ def test_mismatched_checkpoint_is_one_clear_error_and_untouched(trained):
     import sys
     before = tree_digest(trained)
     proc = subprocess.run([sys.executable, "-m", "titok_jax", "train", "--config", CONFIG, "--workdir", trained,
-                           *MICRO, "--config.model.codebook_size=64", "--config.total_steps=6"],
+                           *MICRO, "--config.model.quantizer.codebook_size=64", "--config.total_steps=6"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     err = proc.stderr.strip()
     assert proc.returncode == 1
@@ -110,6 +110,7 @@ def test_corrupt_checkpoint_is_one_clear_error(trained, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--config.nope=1"], "unknown config key 'nope'"),
     (["--config.optimizer.lrr=1"], "did you mean 'optimizer.lr'"),
+    (["--config.model.use_l2_norm=false"], "model.quantizer.l2_normalize"),   # a moved knob
     (["--config.total_steps=abc"], "total_steps"),
 ])
 def test_bad_config_overrides(tmp_path, capsys, args, needle):

@@ -13,7 +13,8 @@ from titok_jax.train.step import build_step
 
 from train_helpers import ROOT, fresh_state, micro_config
 
-PLAIN_VQ = {"model.ema_codebook": False, "model.kmeans_init": False, "model.dead_code_threshold": 0.0}
+PLAIN_VQ = {"model.quantizer.use_ema": False, "model.quantizer.kmeans_init": False,
+            "model.quantizer.dead_code_threshold": 0.0}
 
 
 def _one_step(config, batch, accumulation):

@@ -24,7 +24,7 @@ from train_helpers import load_config_module
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "vqgan")
 SMALL = dict(hidden_channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=32,
-             codebook_size=64)
+             quantizer={"name": "vq", "codebook_size": 64})
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,8 @@ def test_converted_official_model_matches_latents_ids_loss_and_pixels(official):
     np.testing.assert_array_equal(np.asarray(codes), params["quantize"]["codebook"][ids])
 
     # The PyTorch port's VQ loss puts weight 1 on the encoder term and beta on the codebook term.
-    swapped = MaskGITVQGAN(image_size=32, commitment_cost=1.0, codebook_weight=0.25, **kwargs)
+    swapped = MaskGITVQGAN(image_size=32, **dict(kwargs, quantizer={
+        "name": "vq", "codebook_size": 64, "commitment_weight": 1.0, "codebook_weight": 0.25}))
     _, out2 = swapped.apply({"params": params}, images, method="encode")
     np.testing.assert_allclose(float(sum(out2.losses.values())), float(io["loss"]), rtol=1e-5)
 
@@ -130,7 +131,7 @@ def test_pixel_decoder_under_the_two_stage_prefix(official):
     book = codebook_from_state_dict(reader, "pixel_quantize.embedding.weight", SMALL)
     reader.finish()
     z = book[io["decoded_ids"]].reshape(2, 16, 16, 32)
-    cnn = {k: v for k, v in SMALL.items() if k != "codebook_size"}
+    cnn = {k: v for k, v in SMALL.items() if k != "quantizer"}
     pixels = MaskGITDecoder(**cnn).apply({"params": dec}, jnp.asarray(z))
     np.testing.assert_allclose(np.asarray(pixels), io["decoded"], atol=1e-4)
 
@@ -147,7 +148,7 @@ def test_converter_errors_name_the_tensor(official):
     with pytest.raises(ValueError, match=r"'encoder\.conv_in\.weight' has shape \(32, 3, 5, 5\)"):
         vqgan_params_from_state_dict(bad, kw)
     with pytest.raises(ValueError, match="quantize.embedding.weight"):
-        vqgan_params_from_state_dict(sd, dict(kw, codebook_size=128))
+        vqgan_params_from_state_dict(sd, dict(kw, quantizer={"name": "vq", "codebook_size": 128}))
     with pytest.raises(ValueError, match="not a MaskGIT-VQGAN decoder"):
         infer_vqgan_kwargs({"foo": np.zeros(1)})
 
@@ -160,13 +161,14 @@ def _zeros_like_shapes(shapes):
 @pytest.mark.parametrize("name,kwargs", [
     ("maskgit_f16_256", dict(VQGAN_TORCH_DEFAULTS)),
     ("h32_m122_r2_z16_k64", dict(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
-                                 z_channels=16, codebook_size=64, image_size=32)),
+                                 z_channels=16, quantizer={"name": "vq", "codebook_size": 64},
+                                 image_size=32)),
 ])
 def test_name_table_covers_the_official_state_dict_and_our_params(official_keys, name, kwargs):
     official = official_keys[name]
     rows = encoder_name_table("encoder.", kwargs) + decoder_name_table("decoder.", kwargs)
     table = {t: tuple(s) for t, _, s, _ in rows}
-    table["quantize.embedding.weight"] = (kwargs["codebook_size"], kwargs["z_channels"])
+    table["quantize.embedding.weight"] = (kwargs["quantizer"]["codebook_size"], kwargs["z_channels"])
     assert table == {k: tuple(v) for k, v in official.items()}
     # infer_vqgan_kwargs reads the config back from the shapes alone
     sd = _zeros_like_shapes(official)
@@ -191,7 +193,7 @@ def test_name_table_covers_the_official_state_dict_and_our_params(official_keys,
 
 def test_small_two_block_config_converts_end_to_end(official_keys):
     kwargs = dict(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, z_channels=16,
-                  codebook_size=64, image_size=32)
+                  quantizer={"name": "vq", "codebook_size": 64}, image_size=32)
     sd = _zeros_like_shapes(official_keys["h32_m122_r2_z16_k64"])
     params = vqgan_params_from_state_dict(sd, kwargs)
     assert params["decoder"]["up_1"]["block_1"]["conv2"]["kernel"].shape == (3, 3, 64, 64)
@@ -220,7 +222,8 @@ def test_published_decoder_param_count_matches_reference():
 def test_tokenizer_interface_and_errors():
     model = build_model({"name": "maskgit_vqgan", "image_size": 32, **dict(SMALL, channel_mult=[1, 2])})
     assert model.channel_mult == (1, 2)
-    assert (model.num_latent_tokens, model.token_size, model.quantizer) == (256, 32, "vq")
+    assert (model.num_latent_tokens, model.token_size, model.quantizer_name) == (256, 32, "vq")
+    assert model.codebook_size == 64 and MaskGITVQGAN().codebook_size == 1024
     assert MaskGITVQGAN().num_latent_tokens == 256 and MaskGITVQGAN().grid_size == 16
     x = jnp.zeros((1, 32, 32, 3))
     with pytest.raises(ValueError, match=r"expects images \[B, 32, 32, 3\]"):

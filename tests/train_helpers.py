@@ -18,7 +18,8 @@ def micro_config(**overrides):
     c = load_config_module("titok").get_config("tiny")
     c.model.update(dict(image_size=32, patch_size=8, encoder_width=32, encoder_depth=1,
                         encoder_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
-                        num_latent_tokens=8, token_size=8, codebook_size=32))
+                        num_latent_tokens=8, token_size=8))
+    c.model.quantizer.codebook_size = 32
     c.data.image_size = 32
     c.batch_size = 8
     c.total_steps = 6

@@ -149,7 +149,7 @@ class Tokenizer:
     def _check_tokens(self, tokens: Any) -> np.ndarray:
         t = np.asarray(tokens)
         n = self.num_tokens
-        if self.quantizer == "vae":
+        if self.spec.continuous:
             c = self.token_dim
             if t.ndim != 3 or t.shape[1:] != (n, c):
                 raise ValueError(f"decode expects continuous tokens [B, {n}, {c}] for this VAE tokenizer, "

@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from titok_jax.trees import check_tree_matches, flatten, path_str
+from titok_jax.trees import check_tree_matches
 
 STATE, DATA, CONFIG = "state", "data_iter", "config"
 
@@ -89,8 +89,6 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        if _saved_keys(self.step_path(step)) == set(INFERENCE_KEYS):
-            return _restore_import(os.path.dirname(self.directory), abstract_state, step), int(step)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items[DATA] = _grain_restore(data_iter)
@@ -139,17 +137,6 @@ def _check_tree(abstract: Any, restored: Any, step: int, directory: str) -> None
         raise CheckpointError(str(e)) from None
 
 
-def _saved_keys(step_path: str) -> set[str] | None:
-    """Top-level keys of the state saved in ``step_path`` (None when they cannot be read)."""
-    try:
-        with _quiet_absl():  # orbax warns about the metadata files it does not find
-            meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_path, STATE))
-        tree = getattr(meta, "item_metadata", meta)
-        return set(getattr(tree, "tree", tree).keys())
-    except Exception:  # not an orbax pytree: the full restore reports it
-        return None
-
-
 @contextlib.contextmanager
 def _quiet_absl() -> Iterator[None]:
     """Orbax's absl warnings off (ERROR and above only) for the duration."""
@@ -160,33 +147,6 @@ def _quiet_absl() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _restore_import(workdir: str, abstract_state: Any, step: int) -> Any:
-    """A train state from an imported checkpoint (:func:`inference_state`: step, params, model
-    state). Every other leaf the config needs must be an integer (optimizer step counts, the rng key
-    data) and starts at zero, as in a fresh state; float state (moments, an EMA) is not invented."""
-    import jax
-
-    def part(key: str) -> Any:
-        return getattr(abstract_state, key) if hasattr(abstract_state, key) else abstract_state[key]
-
-    restored, _ = restore_params(workdir, {k: part(k) for k in INFERENCE_KEYS}, step)
-    have = flatten(restored)
-
-    def fill(path: tuple, leaf: Any) -> Any:
-        name = path_str(path)
-        if name in have:
-            return have[name]
-        if not np.issubdtype(leaf.dtype, np.integer):
-            raise CheckpointError(f"checkpoint {step} in {checkpoint_dir(workdir)} holds an imported "
-                                  f"model (params and model state only); this config also needs "
-                                  f"{name!r} {tuple(leaf.shape)}: start a new workdir from it with init_from")
-        zeros = np.zeros(leaf.shape, leaf.dtype)
-        sharding = getattr(leaf, "sharding", None)
-        return jax.device_put(zeros, sharding) if sharding is not None else zeros
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_state)
 
 
 def _drop_failed_reads() -> None:

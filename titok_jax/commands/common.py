@@ -3,7 +3,6 @@ for a bad flag or config key, and ``run_command`` (user errors -> one line on st
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -83,6 +82,14 @@ def config_spec(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _moved_quantizer_key(node: Any, done: list[str], part: str) -> str | None:
+    """The ``model.quantizer`` name of an old flat quantizer key (``model.codebook_size``), or None."""
+    if done != ["model"] or not hasattr(node.get("quantizer") if hasattr(node, "get") else None, "keys"):
+        return None
+    from titok_jax.models.registry import LEGACY_QUANTIZER_KEYS
+    return {k: v for keys in LEGACY_QUANTIZER_KEYS.values() for k, v in keys.items()}.get(part)
+
+
 def missing_key(config: Any, dotted: str) -> str | None:
     """A line naming the first part of ``dotted`` that ``config`` lacks (with a close match), or None."""
     node, done = config, []
@@ -91,6 +98,9 @@ def missing_key(config: Any, dotted: str) -> str | None:
         if part not in keys:
             close = difflib.get_close_matches(part, keys, n=1)
             hint = f" (did you mean {'.'.join(done + close)!r}?)" if close else ""
+            moved = _moved_quantizer_key(node, done, part)
+            if moved:
+                hint = f" (quantizer settings live in model.quantizer now: model.quantizer.{moved})"
             return f"unknown config key {dotted!r}: {'.'.join(done) or 'the config'} has no field {part!r}{hint}"
         node, done = node[part], done + [part]
     return None
@@ -118,11 +128,11 @@ def check_output_dir(path: str, why: str = "expected an output directory") -> No
 
 
 def load_run_config(workdir: str) -> Any:
-    """``workdir/config.json`` as a ConfigDict."""
-    import ml_collections
+    """``workdir/config.json`` as a ConfigDict (``tasks.runs.read_run_config``; a missing one is a
+    :class:`UsageError`, a broken one a one-line ValueError)."""
+    from titok_jax.tasks.runs import read_run_config
     check_workdir(workdir)
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return read_run_config(workdir)
 
 
 def run_command(handler: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> int:

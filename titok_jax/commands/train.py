@@ -88,9 +88,7 @@ def evaluate(argv: Sequence[str]) -> int:
     t = Trainer(config, fv.workdir)
     if t.checkpointer.latest_step() is None:
         raise UsageError(f"no checkpoint in {t.checkpointer.directory}")
-    state, _ = t.initial_state()
-    step = int(state.step)
-    metrics, _ = t.run_eval(state, step)
+    step, metrics, _ = t.evaluate_checkpoint()
     t.writer.close()
     print(json.dumps({"step": step, **metrics}))
     return 0

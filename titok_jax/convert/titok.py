@@ -8,7 +8,9 @@ config to a model: ``vit_{enc,dec}_model_size`` in small/base/large (width, dept
 768/12/12, 1024/24/16; other names need the titok_jax keys ``vit_{enc,dec}_width``, ``_depth``,
 ``_num_heads``), ``num_latent_tokens``, ``token_size``, ``codebook_size``, ``use_l2_norm``,
 ``commitment_cost``, ``quantize_mode`` (vq | vae), ``is_legacy`` (default True),
-``finetune_decoder`` (default True). Two kinds load:
+``finetune_decoder`` (default True). The quantizer keys become our ``quantizer`` sub-config
+(``{"name": "vq", "codebook_size", "l2_normalize", "commitment_weight"}`` or ``{"name": "vae"}``).
+Two kinds load:
 
 - ``is_legacy`` and ``finetune_decoder`` (TiTok-L-32 / B-64 / S-128): ``titok_two_stage`` with the
   MaskGIT pixel decoder (its shape read from the ``pixel_decoder.*`` tensors).
@@ -51,6 +53,7 @@ import numpy as np
 
 from titok_jax.convert.common import StateDictReader, conv1x1_as_linear, conv_kernel, linear_kernel
 from titok_jax.convert.vqgan import infer_vqgan_kwargs, maskgit_decoder_params_from_state_dict
+from titok_jax.quantizers.factory import input_dim
 from titok_jax.trees import check_tree_matches, unflatten
 
 SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -98,17 +101,20 @@ def titok_model_from_hf_config(config: Mapping[str, Any], sd: Mapping[str, np.nd
         num_latent_tokens=int(vq["num_latent_tokens"]), token_size=int(vq["token_size"]),
         is_legacy=legacy)
     if mode == "vq":
-        kw.update(codebook_size=int(vq["codebook_size"]), use_l2_norm=bool(vq.get("use_l2_norm", False)),
-                  commitment_cost=float(vq.get("commitment_cost", 0.25)))
+        kw["quantizer"] = {"name": "vq", "codebook_size": int(vq["codebook_size"]),
+                           "l2_normalize": bool(vq.get("use_l2_norm", False)),
+                           "commitment_weight": float(vq.get("commitment_cost", 0.25))}
+    else:
+        kw["quantizer"] = {"name": "vae"}
     if legacy and finetune:
         if mode != "vq":
             raise ValueError(f"{source}: finetune_decoder needs quantize_mode vq")
         pix = infer_vqgan_kwargs(sd, decoder_prefix="pixel_decoder.",
                                  codebook_key="pixel_quantize.embedding.weight",
                                  encoder_prefix=None, source=source)
-        if "codebook_size" not in pix:
+        if "quantizer" not in pix:
             raise ValueError(f"{source}: missing tensor 'pixel_quantize.embedding.weight'")
-        kw.update(proxy_codebook_size=int(pix["codebook_size"]), finetune_decoder=True,
+        kw.update(proxy_codebook_size=int(pix["quantizer"]["codebook_size"]), finetune_decoder=True,
                   pixel_hidden_channels=int(pix["hidden_channels"]),
                   pixel_channel_mult=list(pix["channel_mult"]),
                   pixel_num_res_blocks=int(pix["num_res_blocks"]),
@@ -119,7 +125,6 @@ def titok_model_from_hf_config(config: Mapping[str, Any], sd: Mapping[str, np.nd
                 "codes and cannot decode pixels alone" if legacy else
                 "finetune_decoder with is_legacy false is not a released TiTok layout")
         raise ValueError(f"{source}: {what}")
-    kw["quantizer"] = mode
     return {"name": "titok", **kw}
 
 
@@ -173,16 +178,20 @@ def vit_name_table(side: str, width: int, depth: int, heads: int, grid: int, tok
 
 
 def with_defaults(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The model section with the model class's defaults filled in (``name`` kept)."""
+    """The model section with the model class's defaults filled in (``name`` kept; a legacy flat
+    quantizer translated; ``quantizer`` a dict with every argument, ``factory.resolve_spec``)."""
     import dataclasses
 
+    from titok_jax.models.registry import translate_legacy_quantizer
     from titok_jax.models.titok import TiTok
     from titok_jax.models.titok_two_stage import TiTokTwoStage
+    from titok_jax.quantizers.factory import resolve_spec
     cls = TiTokTwoStage if model_config.get("name") == "titok_two_stage" else TiTok
     out = {f.name: f.default for f in dataclasses.fields(cls)
            if f.default is not dataclasses.MISSING
            and f.name not in ("parent", "name", "dtype", "param_dtype")}
-    return {**out, **dict(model_config)}
+    out = {**out, **translate_legacy_quantizer(model_config)}
+    return {**out, "quantizer": resolve_spec(out["quantizer"])}
 
 
 def titok_name_table(kw: Mapping[str, Any], two_stage: bool
@@ -192,13 +201,13 @@ def titok_name_table(kw: Mapping[str, Any], two_stage: bool
     p, n, c = int(kw["patch_size"]), int(kw["num_latent_tokens"]), int(kw["token_size"])
     g = int(kw["image_size"]) // p
     ew, dw = int(kw["encoder_width"]), int(kw["decoder_width"])
-    vae = kw.get("quantizer", "vq") == "vae"
+    quantizer = kw["quantizer"]
     rows = [("latent_tokens", "latent_tokens", (n, ew), None),
             ("encoder.patch_embed.weight", "encoder/patch_embed/proj/kernel", (ew, 3, p, p),
              _patch_kernel),
             ("encoder.patch_embed.bias", "encoder/patch_embed/proj/bias", (ew,), None)]
     rows += vit_name_table("encoder", ew, int(kw["encoder_depth"]), int(kw["encoder_heads"]), g, n)
-    c_enc = 2 * c if vae else c
+    c_enc = input_dim(quantizer, c)
     rows += [("encoder.conv_out.weight", "encoder/conv_out/kernel", (c_enc, ew, 1, 1),
               conv1x1_as_linear),
              ("encoder.conv_out.bias", "encoder/conv_out/bias", (c_enc,), None),
@@ -219,9 +228,9 @@ def titok_name_table(kw: Mapping[str, Any], two_stage: bool
                  ("decoder.ffn.0.bias", "decoder/ffn/bias", (p * p * 3,), None),
                  ("decoder.conv_out.weight", "decoder/conv_out/kernel", (3, 3, 3, 3), conv_kernel),
                  ("decoder.conv_out.bias", "decoder/conv_out/bias", (3,), None)]
-    if not vae:
-        rows.append(("quantize.embedding.weight", "quantize/codebook", (int(kw["codebook_size"]), c),
-                     None))
+    if quantizer["name"] == "vq":
+        rows.append(("quantize.embedding.weight", "quantize/codebook",
+                     (int(quantizer["codebook_size"]), c), None))
     return rows
 
 

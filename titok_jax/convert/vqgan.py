@@ -40,7 +40,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from titok_jax.convert.common import StateDictReader, conv_kernel
+from titok_jax.models.registry import translate_legacy_quantizer
 from titok_jax.models.vqgan import MASKGIT_F16_256
+from titok_jax.quantizers.factory import resolve_spec, spec_codebook_size
 from titok_jax.trees import check_tree_matches, unflatten
 
 # The official kwargs (TiTok's hard-coded PretrainedTokenizer / pixel_decoder config).
@@ -129,11 +131,21 @@ def maskgit_decoder_params_from_state_dict(reader: StateDictReader, prefix: str,
     return _read(reader, decoder_name_table(prefix, model_kwargs), prefix.rstrip("."))
 
 
+def _full_kwargs(model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``VQGAN_TORCH_DEFAULTS`` updated with ``model_kwargs`` (legacy flat quantizer keys
+    translated), with the resolved ``quantizer`` sub-config."""
+    kw = translate_legacy_quantizer({"name": "maskgit_vqgan", **dict(model_kwargs)})
+    kw = {**VQGAN_TORCH_DEFAULTS, **kw}
+    return {**kw, "quantizer": resolve_spec(kw["quantizer"])}   # kw["name"] = "maskgit_vqgan"
+
+
 def codebook_from_state_dict(reader: StateDictReader, key: str, model_kwargs: Mapping[str, Any]
                              ) -> np.ndarray:
-    """The ``[codebook_size, z_channels]`` embedding at ``key`` (as stored: rows are codes)."""
-    kw = {**VQGAN_TORCH_DEFAULTS, **dict(model_kwargs)}
-    return reader.take(key, (int(kw["codebook_size"]), int(kw["z_channels"])), what="codebook")
+    """The ``[codebook_size, z_channels]`` embedding at ``key`` (as stored: rows are codes);
+    ``model_kwargs["quantizer"]`` gives ``codebook_size``."""
+    kw = _full_kwargs(model_kwargs)
+    k = spec_codebook_size(kw["quantizer"])
+    return reader.take(key, (int(k), int(kw["z_channels"])), what="codebook")
 
 
 def _abstract_vqgan_params(model_kwargs: Mapping[str, Any]) -> Any:
@@ -141,14 +153,14 @@ def _abstract_vqgan_params(model_kwargs: Mapping[str, Any]) -> Any:
     import jax
     import jax.numpy as jnp
 
-    from titok_jax.models.vqgan import MaskGITVQGAN
+    from titok_jax.models.registry import build_model
 
-    kw = {**VQGAN_TORCH_DEFAULTS, **dict(model_kwargs)}
-    kw["channel_mult"] = tuple(int(m) for m in kw["channel_mult"])
-    if kw.get("ema_codebook"):
-        raise ValueError("vqgan_params_from_state_dict: ema_codebook=True keeps the codebook in "
-                         "quantizer_stats, not params; convert with ema_codebook=False")
-    model = MaskGITVQGAN(**kw)
+    kw = _full_kwargs(model_kwargs)
+    if kw["quantizer"]["name"] != "vq" or kw["quantizer"]["use_ema"]:
+        raise ValueError("vqgan_params_from_state_dict: the official codebook is a param of a "
+                         "'vq' quantizer with use_ema=False (an EMA codebook lives in "
+                         f"quantizer_stats); got quantizer {kw['quantizer']}")
+    model = build_model(kw)
     s = model.image_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
     return nn.unbox(shapes["params"])
@@ -178,8 +190,9 @@ def infer_vqgan_kwargs(sd: Mapping[str, np.ndarray], decoder_prefix: str = "deco
                        codebook_key: str = "quantize.embedding.weight",
                        encoder_prefix: str | None = "encoder.", source: str = "state dict"
                        ) -> dict[str, Any]:
-    """``hidden_channels``, ``channel_mult``, ``num_res_blocks``, ``z_channels`` (and
-    ``codebook_size`` when ``codebook_key`` is present) from the tensor shapes of the decoder
+    """``hidden_channels``, ``channel_mult``, ``num_res_blocks``, ``z_channels`` (and ``quantizer =
+    {"name": "vq", "codebook_size": K}`` when ``codebook_key`` is present) from the tensor shapes
+    of the decoder
     (``up.{i}.block.0.conv1`` widths ``c_i``; ``hidden`` = the encoder's ``conv_in`` width if present,
     else ``gcd(c_i)``; ``channel_mult = c_i / hidden``)."""
     pat = re.compile(re.escape(decoder_prefix) + r"up\.(\d+)\.block\.(\d+)\.conv1\.weight$")
@@ -204,7 +217,7 @@ def infer_vqgan_kwargs(sd: Mapping[str, np.ndarray], decoder_prefix: str = "deco
         if d != kw["z_channels"]:
             raise ValueError(f"{source}: {codebook_key} has dim {d} but the decoder takes "
                              f"{kw['z_channels']} channels")
-        kw["codebook_size"] = k
+        kw["quantizer"] = {"name": "vq", "codebook_size": k}
     return kw
 
 

@@ -223,7 +223,7 @@ class FlexTok(nn.Module):
 
     flow_decoder = True
     variable_length = True
-    quantizer = "fsq"
+    quantizer_name = "fsq"
     default_steps = 25          # the pipeline's default (the README decodes with 20)
     default_guidance = 7.5      # README, with APG
 

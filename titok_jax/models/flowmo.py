@@ -112,7 +112,7 @@ class FlowMo(nn.Module):
     variable_length = False
     default_steps = 25
     default_guidance = 1.5
-    quantizer = "lfq"
+    quantizer_name = "lfq"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:

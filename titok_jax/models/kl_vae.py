@@ -156,8 +156,8 @@ class VAEDecoder(nn.Module):
 
 
 class KLVAE(nn.Module):
-    """The SD-layout KL autoencoder (module docstring); also a continuous tokenizer (``quantizer
-    = "vae"``) for the ``tokenizer`` task and ``load_tokenizer``.
+    """The SD-layout KL autoencoder (module docstring); also a continuous tokenizer
+    (``quantizer_name = "vae"``) for the ``tokenizer`` task and ``load_tokenizer``.
 
     ``__call__(images, train)`` -> ``(reconstruction [B,S,S,3] f32, QuantizerOutput)`` (posterior
     sample in training: rng ``"sample"``; the mean in eval); ``encode`` -> ``(tokens [B, N, C],
@@ -181,7 +181,7 @@ class KLVAE(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    quantizer = "vae"
+    quantizer_name = "vae"   # the tokenizer interface (the tasks read it)
 
     @property
     def downsample_factor(self) -> int:

@@ -1,5 +1,12 @@
 """Model factories by name: ``build_model(config.model)`` -> a Linen module built from explicit
-keyword arguments (the config's ``model`` section minus ``name``)."""
+keyword arguments (the config's ``model`` section minus ``name``).
+
+Tokenizers take their bottleneck as one sub-config, ``model.quantizer = {"name": ..., **args}``
+(``quantizers.factory``), which the model freezes into a hashable tuple of pairs. Workdirs
+written before that hold the VQ knobs flat in ``model`` (``quantizer: "vq"``, ``codebook_size``,
+``use_l2_norm``...): :func:`translate_legacy_quantizer` rewrites them into the sub-config, so old
+runs still load.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -78,9 +85,71 @@ def _kl_vae(**kwargs: Any) -> Any:
 MODELS["kl_vae"] = _kl_vae
 
 
-def build_model(model_config: Any, dtype: str = "float32") -> Any:
-    """``MODELS[name](**kwargs, dtype=compute dtype)``; unknown names or fields give a clear error."""
+# Flat keys of workdirs written before ``model.quantizer`` was a sub-config -> the sub-config's
+# argument names (``"vq"``: VectorQuantizer's; ``"vae"``: GaussianPosterior's).
+LEGACY_QUANTIZER_KEYS = {
+    "vq": {"codebook_size": "codebook_size", "use_l2_norm": "l2_normalize",
+           "commitment_cost": "commitment_weight", "codebook_weight": "codebook_weight",
+           "ema_codebook": "use_ema", "ema_decay": "ema_decay", "kmeans_init": "kmeans_init",
+           "dead_code_threshold": "dead_code_threshold"},
+    "vae": {"kl_weight": "kl_weight"},
+}
+# The models whose ``quantizer`` was flat (module path, class): their defaults fill missing keys.
+LEGACY_QUANTIZER_MODELS = {"titok": ("titok_jax.models.titok", "TiTok"),
+                           "titok_two_stage": ("titok_jax.models.titok_two_stage", "TiTokTwoStage"),
+                           "maskgit_vqgan": ("titok_jax.models.vqgan", "MaskGITVQGAN")}
+
+
+def _model_default_quantizer(name: str) -> dict[str, Any]:
+    import importlib
+    module, cls = LEGACY_QUANTIZER_MODELS[name]
+    return dict(getattr(importlib.import_module(module), cls).__dataclass_fields__["quantizer"].default)
+
+
+def translate_legacy_quantizer(model_config: Any) -> dict[str, Any]:
+    """A ``model`` section with flat quantizer knobs (``quantizer: "vq" | "vae"`` or absent,
+    ``codebook_size``, ``use_l2_norm``, ``commitment_cost``, ``codebook_weight``, ``ema_codebook``,
+    ``ema_decay``, ``kmeans_init``, ``dead_code_threshold``, ``kl_weight``) -> the same section with
+    one ``quantizer`` sub-config (missing knobs take the model's old defaults; the other name's
+    knobs are dropped). A section already in the new form comes back unchanged (as a dict)."""
     kwargs = dict(model_config)
+    name = kwargs.get("name")
+    flat = {k for keys in LEGACY_QUANTIZER_KEYS.values() for k in keys}
+    quantizer = kwargs.get("quantizer")
+    if name not in LEGACY_QUANTIZER_MODELS or not (
+            isinstance(quantizer, str) or (quantizer is None and flat & set(kwargs))):
+        return kwargs
+    qname = quantizer or "vq"
+    if qname not in LEGACY_QUANTIZER_KEYS:
+        raise ValueError(f"model.quantizer {qname!r}: known: {sorted(LEGACY_QUANTIZER_KEYS)}")
+    default = _model_default_quantizer(name)
+    spec = dict(default) if default["name"] == qname else {"name": qname}
+    for old, new in LEGACY_QUANTIZER_KEYS[qname].items():
+        if old in kwargs:
+            spec[new] = kwargs[old]
+    for key in flat:
+        kwargs.pop(key, None)
+    kwargs["quantizer"] = spec
+    return kwargs
+
+
+def resolved_quantizer(model_config: Any) -> dict[str, Any] | None:
+    """The ``quantizer`` sub-config a ``model`` section (new or legacy form) builds, every argument
+    filled in (``quantizers.factory.resolve_spec``); None for models without one."""
+    from titok_jax.quantizers.factory import resolve_spec
+    kwargs = translate_legacy_quantizer(model_config)
+    spec = kwargs.get("quantizer")
+    if spec is None and kwargs.get("name") in LEGACY_QUANTIZER_MODELS:
+        spec = _model_default_quantizer(kwargs["name"])
+    return None if spec is None else resolve_spec(spec)
+
+
+def build_model(model_config: Any, dtype: str = "float32") -> Any:
+    """``MODELS[name](**kwargs, dtype=compute dtype)``; unknown names or fields give a clear error.
+    A legacy flat quantizer is translated first (:func:`translate_legacy_quantizer`); the model
+    freezes its ``quantizer`` sub-config (ConfigDict, dict, JSON lists) into a hashable tuple of
+    pairs (``quantizers.QuantizedModel``), and an unknown quantizer name or argument is an error."""
+    kwargs = translate_legacy_quantizer(model_config)
     name = kwargs.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")

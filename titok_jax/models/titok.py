@@ -13,7 +13,8 @@ Encoder (width ``We``)::
     z   = conv_out(ln_post(h))                                per-token Linear We -> C (2C for VAE)
           legacy: conv_out(ln_post(h).reshape(B, We, N).swapaxes(1, 2))   (PyTorch reshape quirk)
 
-Bottleneck: ``VectorQuantizer`` (straight-through, ``commitment`` + ``codebook`` losses, optional
+Bottleneck (``quantizer``, a sub-config built by ``quantizers.build_quantizer``):
+``VectorQuantizer`` (straight-through, ``commitment`` + ``codebook`` losses, optional
 l2-normalised cosine lookup, codebook ``U(+-1/K)``) or a diagonal Gaussian: ``mean, logvar =
 split(z)``, ``logvar`` clipped to ``[-30, 20]``, ``z = mean + exp(logvar/2) * eps`` (rng stream
 ``"sample"``) in training and ``z = mean`` in eval, ``kl = kl_weight * mean_b sum_{n,c} 0.5 (mean^2
@@ -46,12 +47,11 @@ import jax.numpy as jnp
 
 from titok_jax.nn import (check_images, LearnedPositionEmbedding, PatchEmbed, TransformerBlock, boxed,
                           make_norm, unpatchify, width_scaled_normal)
-from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
-from titok_jax.quantizers.gaussian import SAMPLE_RNG, gaussian_posterior
-from titok_jax.quantizers.vq import uniform_codebook_init
+from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
+from titok_jax.quantizers.factory import input_dim
 
 Dtype = Any
-QUANTIZERS = ("vq", "vae")
+DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 8192}   # TiTok-BL-64-VQ's
 HEADS = ("pixels", "legacy")   # decoder heads: RGB patches, or the two-stage proxy-code logits
 
 # TiTok initialisation: Linear/Conv weights N(0, 0.02) (PyTorch ``trunc_normal_(std=.02)`` cuts at
@@ -207,7 +207,7 @@ class TiTokDecoder(nn.Module):
         return x.astype(jnp.float32)
 
 
-class TiTok(nn.Module):
+class TiTok(QuantizedModel, nn.Module):
     """Single-stage TiTok (see the module docstring): ``TiTok(**titok_variant(name))``.
 
     ``__call__(images, train)`` -> ``(reconstruction [B,H,W,3] f32, QuantizerOutput)``;
@@ -219,8 +219,11 @@ class TiTok(nn.Module):
       image_size, patch_size: square input side and patch side (the same for both ViTs).
       encoder_* / decoder_*: width, depth and heads of each ViT (MLP 4x width).
       num_latent_tokens: N; token_size: C (the VAE encoder emits 2C: mean then logvar).
-      quantizer: ``"vq"`` or ``"vae"``; codebook_size, use_l2_norm (cosine lookup with
-        l2-normalised codes), commitment_cost (beta): the VQ; kl_weight: the VAE's KL weight.
+      quantizer: the bottleneck's sub-config ``{"name": ..., **arguments}`` (a mapping; kept as a
+        tuple of pairs), built by ``quantizers.build_quantizer``: ``"vq"`` (``VectorQuantizer``'s
+        arguments: codebook_size, l2_normalize for the cosine lookup, commitment_weight = beta,
+        use_ema, ...; codebook ``U(+-1/K)``) or ``"vae"`` (kl_weight). Read back through
+        ``quantizer_name`` and ``codebook_size`` (None for the VAE).
       is_legacy: the two-stage checkpoints' encoder read-out reshape (see the module docstring).
       remat: rematerialise each transformer block in the backward pass.
       dtype: compute dtype (bf16 on accelerators); the quantizer / posterior stay float32.
@@ -237,17 +240,9 @@ class TiTok(nn.Module):
     decoder_heads: int = 16
     num_latent_tokens: int = 64
     token_size: int = 64
-    quantizer: str = "vq"
-    codebook_size: int = 8192
-    use_l2_norm: bool = False
-    commitment_cost: float = 0.25
-    # VQ codebook training (the official TiTok learns it by gradient: all off). EMA updates with
-    # k-means initialisation and dead-code replacement restart collapsed codebooks (quantizers.vq).
-    ema_codebook: bool = False
-    ema_decay: float = 0.99
-    kmeans_init: bool = False
-    dead_code_threshold: float = 0.0
-    kl_weight: float = 1e-6
+    # The official TiTok learns its codebook by gradient (use_ema off); EMA updates with k-means
+    # initialisation and dead-code replacement restart collapsed codebooks (quantizers.vq).
+    quantizer: Any = freeze_spec(DEFAULT_QUANTIZER)
     is_legacy: bool = False
     remat: bool = False
     init_scheme: str = "titok"
@@ -259,12 +254,9 @@ class TiTok(nn.Module):
         return self.image_size // self.patch_size
 
     def setup(self) -> None:
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
-        vae = self.quantizer == "vae"
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
                       num_latent_tokens=self.num_latent_tokens, remat=self.remat,
                       init_scheme=self.init_scheme,
@@ -274,15 +266,10 @@ class TiTok(nn.Module):
             (self.num_latent_tokens, self.encoder_width), self.param_dtype)
         self.encoder = TiTokEncoder(
             width=self.encoder_width, depth=self.encoder_depth, num_heads=self.encoder_heads,
-            out_dim=self.token_size * (2 if vae else 1), is_legacy=self.is_legacy, **common)
-        if not vae:
-            # Forced to float32 like the official quantizer (inputs arrive as float32).
-            self.quantize = VectorQuantizer(
-                self.codebook_size, self.token_size, l2_normalize=self.use_l2_norm,
-                commitment_weight=self.commitment_cost, codebook_init=uniform_codebook_init,
-                use_ema=self.ema_codebook, ema_decay=self.ema_decay, kmeans_init=self.kmeans_init,
-                dead_code_threshold=self.dead_code_threshold,
-                dtype=jnp.float32, param_dtype=self.param_dtype)
+            out_dim=input_dim(self.quantizer, self.token_size), is_legacy=self.is_legacy, **common)
+        # Forced to float32 like the official quantizer (inputs arrive as float32).
+        self.quantize = build_quantizer(self.quantizer, self.token_size, dtype=jnp.float32,
+                                        param_dtype=self.param_dtype)
         self.decoder = TiTokDecoder(width=self.decoder_width, depth=self.decoder_depth,
                                     num_heads=self.decoder_heads, **common)
 
@@ -292,15 +279,12 @@ class TiTok(nn.Module):
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
         """``images [B,H,W,3]`` in [0,1] -> ``(codes [B,N,C] f32, QuantizerOutput)``.
 
-        VQ: codes are ``z_q`` (straight-through; l2-normalised codes when ``use_l2_norm``) and
+        VQ: codes are ``z_q`` (straight-through; l2-normalised codes when ``l2_normalize``) and
         ``out.indices`` int32 ``[B, N]``. VAE: codes are the posterior sample (train) or mean
         (eval); ``out.indices`` is None and ``out.losses == {"kl": ...}``.
         """
         self._check_images(images)
         z = self.encoder(images, self.latent_tokens)
-        if self.quantizer == "vae":
-            key = self.make_rng(SAMPLE_RNG) if train else None
-            return gaussian_posterior(z, sample_key=key, kl_weight=self.kl_weight)
         return self.quantize(z, train=train)
 
     def decode(self, codes: jax.Array) -> jax.Array:
@@ -312,7 +296,7 @@ class TiTok(nn.Module):
     def decode_tokens(self, tokens: jax.Array) -> jax.Array:
         """VQ: int indices ``[B, N]`` (or ``[B, 1, N]``) -> codebook lookup -> ``decode``.
         VAE: continuous codes ``[B, N, C]`` -> ``decode``."""
-        if self.quantizer == "vae":
+        if self.continuous:
             return self.decode(tokens)
         if tokens.ndim == 3 and tokens.shape[1] == 1:
             tokens = tokens[:, 0]

@@ -37,10 +37,11 @@ import jax.numpy as jnp
 from titok_jax.models.titok import TiTokDecoder, TiTokEncoder
 from titok_jax.models.vqgan import MaskGITDecoder
 from titok_jax.nn import check_images, boxed, width_scaled_normal
-from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
+from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.vq import uniform_codebook_init
 
 Dtype = Any
+DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 4096, "l2_normalize": True}   # TiTok-L-32's
 
 
 class Codebook(nn.Module):
@@ -56,7 +57,7 @@ class Codebook(nn.Module):
                           (self.num_codes, self.dim), self.param_dtype)
 
 
-class TiTokTwoStage(nn.Module):
+class TiTokTwoStage(QuantizedModel, nn.Module):
     """Legacy two-stage TiTok; see the module docstring. ``TiTokTwoStage(**titok_variant("l32"))``.
 
     ``__call__(images, train)`` -> ``(output, QuantizerOutput)``: pixels ``[B,H,W,3]`` when
@@ -64,7 +65,8 @@ class TiTokTwoStage(nn.Module):
     (stage 1). ``encode`` -> ``(codes [B,N,C], out)`` with ``out.indices [B,N]``;
     ``decode_logits(codes)``; ``decode(codes)`` / ``decode_tokens(indices)`` -> pixels (stage 2).
 
-    Attributes: those of ``TiTok`` (VQ only; defaults = TiTok-L-32) plus
+    Attributes: those of ``TiTok`` (a discrete quantizer; defaults = TiTok-L-32: ``{"name": "vq",
+    "codebook_size": 4096, "l2_normalize": True}``) plus
       proxy_codebook_size: K, the teacher's codebook size (1024 for MaskGIT-VQGAN).
       finetune_decoder: build ``pixel_quantize`` + ``pixel_decoder`` and freeze ``encode``.
       pixel_hidden_channels, pixel_channel_mult, pixel_num_res_blocks, pixel_z_channels: the
@@ -81,13 +83,7 @@ class TiTokTwoStage(nn.Module):
     decoder_heads: int = 16
     num_latent_tokens: int = 32
     token_size: int = 12
-    codebook_size: int = 4096
-    use_l2_norm: bool = True
-    commitment_cost: float = 0.25
-    ema_codebook: bool = False
-    ema_decay: float = 0.99
-    kmeans_init: bool = False
-    dead_code_threshold: float = 0.0
+    quantizer: Any = freeze_spec(DEFAULT_QUANTIZER)
     is_legacy: bool = True
     proxy_codebook_size: int = 1024
     finetune_decoder: bool = True
@@ -100,13 +96,14 @@ class TiTokTwoStage(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    quantizer = "vq"   # class constant: the API's tokenizer kind
-
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
     def setup(self) -> None:
+        if self.continuous:
+            raise ValueError(f"two-stage TiTok needs a discrete quantizer (its tokens are decoded "
+                             f"through proxy codes), got {self.quantizer_name!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
                              f"{self.patch_size}")
@@ -125,12 +122,8 @@ class TiTokTwoStage(nn.Module):
         self.encoder = TiTokEncoder(width=self.encoder_width, depth=self.encoder_depth,
                                     num_heads=self.encoder_heads, out_dim=self.token_size,
                                     is_legacy=self.is_legacy, **common)
-        self.quantize = VectorQuantizer(
-            self.codebook_size, self.token_size, l2_normalize=self.use_l2_norm,
-            commitment_weight=self.commitment_cost, codebook_init=uniform_codebook_init,
-            use_ema=self.ema_codebook, ema_decay=self.ema_decay, kmeans_init=self.kmeans_init,
-            dead_code_threshold=self.dead_code_threshold, dtype=jnp.float32,
-            param_dtype=self.param_dtype)
+        self.quantize = build_quantizer(self.quantizer, self.token_size, dtype=jnp.float32,
+                                        param_dtype=self.param_dtype)
         self.decoder = TiTokDecoder(width=self.decoder_width, depth=self.decoder_depth,
                                     num_heads=self.decoder_heads, head="legacy",
                                     proxy_codebook_size=self.proxy_codebook_size, **common)

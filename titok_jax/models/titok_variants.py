@@ -22,12 +22,17 @@ def _published(enc: str, dec: str, num_tokens: int, quantizer: str) -> dict[str,
     (ew, ed, eh), (dw, dd, dh) = SIZES[enc], SIZES[dec]
     kw = dict(image_size=256, patch_size=16, encoder_width=ew, encoder_depth=ed,
               encoder_heads=eh, decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
-              num_latent_tokens=num_tokens, quantizer=quantizer, is_legacy=False)
+              num_latent_tokens=num_tokens, is_legacy=False)
     if quantizer == "vq":
-        kw.update(token_size=64, codebook_size=8192, use_l2_norm=False, commitment_cost=0.25)
+        kw.update(token_size=64, quantizer=_vq(8192, commitment_weight=0.25))
     else:
-        kw.update(token_size=16, kl_weight=1e-6)
+        kw.update(token_size=16, quantizer={"name": "vae", "kl_weight": 1e-6})
     return kw
+
+
+def _vq(codebook_size: int, l2_normalize: bool = False, **args: Any) -> dict[str, Any]:
+    """A ``"vq"`` quantizer sub-config (``quantizers.factory``)."""
+    return {"name": "vq", "codebook_size": codebook_size, "l2_normalize": l2_normalize, **args}
 
 
 _TINY = dict(image_size=32, patch_size=8, encoder_width=64, encoder_depth=2, encoder_heads=4,
@@ -39,7 +44,7 @@ def _two_stage(size: str, num_tokens: int) -> dict[str, Any]:
     w, d, h = SIZES[size]
     return dict(image_size=256, patch_size=16, encoder_width=w, encoder_depth=d, encoder_heads=h,
                 decoder_width=w, decoder_depth=d, decoder_heads=h, num_latent_tokens=num_tokens,
-                token_size=12, codebook_size=4096, use_l2_norm=True, commitment_cost=0.25,
+                token_size=12, quantizer=_vq(4096, True, commitment_weight=0.25),
                 is_legacy=True, proxy_codebook_size=1024, finetune_decoder=True)
 
 
@@ -47,9 +52,9 @@ def _two_stage(size: str, num_tokens: int) -> dict[str, Any]:
 # CPU test models. Reference parameter counts: bl64_vq 390.02M, bl128_vq 390.18M, sl256_vq 330.26M,
 # ll32_vae 606.88M, bl64_vae 389.42M, bl128_vae 389.58M.
 TITOK_VARIANTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(_TINY, token_size=8, quantizer="vq", codebook_size=64, use_l2_norm=False),
-    "tiny_l2": dict(_TINY, token_size=8, quantizer="vq", codebook_size=64, use_l2_norm=True),
-    "tiny_vae": dict(_TINY, token_size=8, quantizer="vae"),
+    "tiny": dict(_TINY, token_size=8, quantizer=_vq(64)),
+    "tiny_l2": dict(_TINY, token_size=8, quantizer=_vq(64, True)),
+    "tiny_vae": dict(_TINY, token_size=8, quantizer={"name": "vae"}),
     "bl64_vq": _published("B", "L", 64, "vq"),
     "bl128_vq": _published("B", "L", 128, "vq"),
     "sl256_vq": _published("S", "L", 256, "vq"),
@@ -67,7 +72,7 @@ TWO_STAGE_VARIANTS: dict[str, dict[str, Any]] = {
     "b64": _two_stage("B", 64),
     "s128": _two_stage("S", 128),
     "tiny_two_stage": dict(_TINY, encoder_depth=1, decoder_depth=1, num_latent_tokens=8,
-                           token_size=8, codebook_size=64, use_l2_norm=True, is_legacy=True,
+                           token_size=8, quantizer=_vq(64, True), is_legacy=True,
                            proxy_codebook_size=64,
                            finetune_decoder=True, pixel_hidden_channels=32,
                            pixel_channel_mult=(1, 1, 2, 2), pixel_num_res_blocks=1,
@@ -82,7 +87,7 @@ def titok_model_name(variant: str) -> str:
 
 def titok_variant(name: str, **overrides: Any) -> dict[str, Any]:
     """A copy of ``TITOK_VARIANTS[name]`` (or ``TWO_STAGE_VARIANTS[name]``) updated with
-    ``overrides`` (``dtype=jnp.bfloat16``...)."""
+    ``overrides`` (``dtype=jnp.bfloat16``...); the ``quantizer`` sub-config is a fresh dict."""
     if name not in TITOK_VARIANTS and name not in TWO_STAGE_VARIANTS:
         raise KeyError(f"unknown TiTok variant {name!r}; known: "
                        f"{sorted(TITOK_VARIANTS) + sorted(TWO_STAGE_VARIANTS)}")
@@ -90,4 +95,5 @@ def titok_variant(name: str, **overrides: Any) -> dict[str, Any]:
     unknown = set(overrides) - set(fields)
     if unknown:
         raise TypeError(f"unknown TiTok fields {sorted(unknown)}")
-    return {**(TWO_STAGE_VARIANTS.get(name) or TITOK_VARIANTS[name]), **overrides}
+    out = {**(TWO_STAGE_VARIANTS.get(name) or TITOK_VARIANTS[name]), **overrides}
+    return {**out, "quantizer": dict(out["quantizer"])}

@@ -26,7 +26,8 @@ Quantizer: ``titok_jax.quantizers.VectorQuantizer`` named ``quantize`` (param ``
 ``U(+-1/K)`` init as the official one), tokens flattened row-major (``n = y * w + x``). Losses:
 ``commitment = beta * mean((sg(q) - z)^2)`` and ``codebook = codebook_weight * mean((q - sg(z))^2)``
 (the JAX MaskGIT convention; the PyTorch port of the official repo swaps the two weights, which
-``commitment_cost=1, codebook_weight=beta`` reproduces). Only inference weights exist officially.
+``quantizer={"name": "vq", ..., "commitment_weight": 1, "codebook_weight": beta}`` reproduces).
+Only inference weights exist officially.
 
 Param names follow the PyTorch ``state_dict`` (``encoder.down.2.block.0.nin_shortcut.weight`` ->
 ``encoder/down_2/block_0/nin_shortcut/kernel``; see ``titok_jax.convert.vqgan``).
@@ -42,10 +43,11 @@ import jax.numpy as jnp
 
 from titok_jax.nn import check_images
 from titok_jax.nn.conv import Conv2dSame, avg_pool_2x2, check_channels, group_norm, upsample_nearest
-from titok_jax.quantizers import QuantizerOutput, VectorQuantizer
-from titok_jax.quantizers.vq import uniform_codebook_init
+from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
+from titok_jax.quantizers.factory import input_dim
 
 Dtype = Any
+DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 1024}   # the published f16 model's
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -164,8 +166,8 @@ class MaskGITDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-class MaskGITVQGAN(nn.Module):
-    """MaskGIT-VQGAN tokenizer with TiTok's interface (``quantizer == "vq"``).
+class MaskGITVQGAN(QuantizedModel, nn.Module):
+    """MaskGIT-VQGAN tokenizer with TiTok's interface (``quantizer_name``, ``codebook_size``...).
 
     ``encode(images, train)`` -> ``(codes [B, N, z] f32, QuantizerOutput)`` with ``N = (S/f)**2``
     tokens row-major and ``out.indices`` int32 ``[B, N]``; ``decode(codes [B, N, z])`` and
@@ -177,9 +179,11 @@ class MaskGITVQGAN(nn.Module):
     Attributes (defaults = the published f16 model, ``maskgit-vqgan-imagenet-f16-256.bin``):
       image_size: square input side S (a multiple of f).
       hidden_channels, channel_mult, num_res_blocks, z_channels: the CNNs (module docstring).
-      codebook_size: K; commitment_cost: beta; codebook_weight: weight of the codebook loss.
-      ema_codebook, ema_decay, kmeans_init, dead_code_threshold: EMA codebook training
-        (``quantizers.vq``; all off = gradient-learned codebook as the official model).
+      quantizer: the bottleneck's sub-config (``quantizers.build_quantizer``), default
+        ``{"name": "vq", "codebook_size": 1024}``: ``VectorQuantizer``'s arguments (codebook_size
+        K, commitment_weight beta, codebook_weight, use_ema / ema_decay / kmeans_init /
+        dead_code_threshold for EMA codebook training; all off = gradient-learned as the official
+        model), or ``{"name": "vae", "kl_weight": ...}`` (the encoder then emits 2z channels).
       dtype: compute dtype of the CNNs (the quantizer stays float32); param_dtype: float32.
     """
 
@@ -188,17 +192,9 @@ class MaskGITVQGAN(nn.Module):
     channel_mult: Sequence[int] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
     z_channels: int = 256
-    codebook_size: int = 1024
-    commitment_cost: float = 0.25
-    codebook_weight: float = 1.0
-    ema_codebook: bool = False
-    ema_decay: float = 0.99
-    kmeans_init: bool = False
-    dead_code_threshold: float = 0.0
+    quantizer: Any = freeze_spec(DEFAULT_QUANTIZER)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-
-    quantizer = "vq"   # class constant (not a field): the API's tokenizer kind
 
     @property
     def downsample_factor(self) -> int:
@@ -224,13 +220,10 @@ class MaskGITVQGAN(nn.Module):
         cnn = dict(hidden_channels=self.hidden_channels, channel_mult=tuple(self.channel_mult),
                    num_res_blocks=self.num_res_blocks, z_channels=self.z_channels,
                    dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = MaskGITEncoder(**cnn)
-        self.quantize = VectorQuantizer(
-            self.codebook_size, self.z_channels, commitment_weight=self.commitment_cost,
-            codebook_weight=self.codebook_weight, codebook_init=uniform_codebook_init,
-            use_ema=self.ema_codebook, ema_decay=self.ema_decay, kmeans_init=self.kmeans_init,
-            dead_code_threshold=self.dead_code_threshold, dtype=jnp.float32,
-            param_dtype=self.param_dtype)
+        self.encoder = MaskGITEncoder(**{**cnn, "z_channels": input_dim(self.quantizer,
+                                                                        self.z_channels)})
+        self.quantize = build_quantizer(self.quantizer, self.z_channels, dtype=jnp.float32,
+                                        param_dtype=self.param_dtype)
         self.decoder = MaskGITDecoder(**cnn)
 
     def _check_images(self, images: jax.Array) -> None:
@@ -253,7 +246,10 @@ class MaskGITVQGAN(nn.Module):
         return self.decoder(codes.reshape(codes.shape[0], g, g, self.z_channels))
 
     def decode_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Int indices ``[B, N]`` (or ``[B, 1, N]`` / ``[B, h, w]``) -> codebook -> ``decode``."""
+        """Int indices ``[B, N]`` (or ``[B, 1, N]`` / ``[B, h, w]``) -> codebook -> ``decode``;
+        continuous codes ``[B, N, z]`` (a VAE bottleneck) -> ``decode``."""
+        if self.continuous:
+            return self.decode(tokens)
         if tokens.ndim == 3:
             tokens = tokens.reshape(tokens.shape[0], -1)
         if tokens.ndim != 2:
@@ -270,4 +266,5 @@ class MaskGITVQGAN(nn.Module):
 # Published shape (HF ``fun-research/TiTok: maskgit-vqgan-imagenet-f16-256.bin``).
 MASKGIT_F16_256: dict[str, Any] = dict(image_size=256, hidden_channels=128,
                                        channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                                       z_channels=256, codebook_size=1024, commitment_cost=0.25)
+                                       z_channels=256,   # VQ beta: 0.25, VectorQuantizer's default
+                                       quantizer={"name": "vq", "codebook_size": 1024})

@@ -8,6 +8,7 @@ continuous and discrete bottlenecks reach the trainer the same way.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -35,3 +36,14 @@ def gaussian_posterior(moments: jax.Array, *, sample_key: jax.Array | None, kl_w
     return z, QuantizerOutput(indices=None, losses={"kl": kl_weight * kl},
                               metrics={"kl": kl, "posterior_std": jnp.mean(std)},
                               aux={"mean": mean, "logvar": logvar})
+
+
+class GaussianPosterior(nn.Module):
+    """:func:`gaussian_posterior` as a quantizer module (no params): ``q(moments [..., 2C],
+    train)`` samples with the :data:`SAMPLE_RNG` stream when ``train``, else returns the mean."""
+
+    kl_weight: float = 1e-6
+
+    def __call__(self, moments: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
+        key = self.make_rng(SAMPLE_RNG) if train else None
+        return gaussian_posterior(moments, sample_key=key, kl_weight=self.kl_weight)

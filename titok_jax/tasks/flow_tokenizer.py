@@ -26,7 +26,7 @@ class FlowTokenizerTask(TokenizerTaskBase):
         m = self.model
         return TokenSpec(image_size=int(m.image_size), num_tokens=int(m.num_latent_tokens),
                          codebook_size=int(m.codebook_size), token_dim=int(m.token_size),
-                         quantizer=str(m.quantizer), flow_decoder=True,
+                         quantizer=str(m.quantizer_name), flow_decoder=True,
                          variable_length=self.variable_length, default_steps=int(m.default_steps),
                          default_guidance=float(m.default_guidance))
 

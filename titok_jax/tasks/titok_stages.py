@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from titok_jax.trees import check_tree_matches
-from titok_jax.models.registry import build_model
+from titok_jax.models.registry import build_model, resolved_quantizer
 from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 from titok_jax.tasks.host_params import overwrite_from_host
 from titok_jax.tasks.runs import restore_run
@@ -224,7 +224,7 @@ class TiTokStage1Task(TokenizerTaskBase):
 # ----------------------------------------------------------------------------- stage 2
 SHARED_KEYS = ("image_size", "patch_size", "encoder_width", "encoder_depth", "encoder_heads",
                "decoder_width", "decoder_depth", "decoder_heads", "num_latent_tokens", "token_size",
-               "codebook_size", "use_l2_norm", "is_legacy", "proxy_codebook_size")
+               "quantizer", "is_legacy", "proxy_codebook_size")
 
 
 @register_task("titok_stage2")
@@ -251,6 +251,8 @@ class TiTokStage2Task(TokenizerTask):
             raise ValueError(f"init_from {self.init_from} is a "
                              f"{self.stage1_config.get('task', {}).get('name')!r} run, not titok_stage1")
         m1, m2 = self.stage1_config.get("model", {}), dict(config.model)
+        # The quantizer sub-configs compared in full (defaults filled; legacy flat runs translated).
+        m1, m2 = ({**m, "quantizer": resolved_quantizer(m)} for m in (m1, m2))
         for key in SHARED_KEYS:
             if key in m1 and key in m2 and m1[key] != m2[key]:
                 raise ValueError(f"init_from {self.init_from}: stage 1 has model.{key}={m1[key]!r}, "

@@ -29,13 +29,13 @@ SAMPLE_RNG, QUANTIZER_RNG = "sample", "quantizer"
 
 
 def model_token_spec(model: Any) -> TokenSpec:
-    """The ``TokenSpec`` of a pixel tokenizer model with the models' tokenizer attributes
-    (``image_size``, ``num_latent_tokens``, ``codebook_size``, ``token_size``, ``quantizer``: "vae"
-    for continuous tokens)."""
-    continuous = model.quantizer == "vae"
+    """The ``TokenSpec`` of a pixel tokenizer model with the tokenizer interface every tokenizer
+    model has (``image_size``, ``num_latent_tokens``, ``token_size``, ``codebook_size``: None for
+    continuous tokens, ``quantizer_name``)."""
+    k = model.codebook_size
     return TokenSpec(image_size=int(model.image_size), num_tokens=int(model.num_latent_tokens),
-                     codebook_size=None if continuous else int(model.codebook_size),
-                     token_dim=int(model.token_size) or None, quantizer=str(model.quantizer))
+                     codebook_size=None if k is None else int(k),
+                     token_dim=int(model.token_size) or None, quantizer=str(model.quantizer_name))
 
 
 @register_task("tokenizer")

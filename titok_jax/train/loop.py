@@ -69,6 +69,26 @@ class Trainer:
         return self._constants
 
     def run_eval(self, state: Any, step: int) -> tuple[dict, str | None]:
+        """``task.evaluate`` of a train state on the held-out data (see ``evaluate``)."""
+        return self.evaluate(self.eval_params(state), state.model_state["model"], step)
+
+    def evaluate_checkpoint(self, step: int | None = None) -> tuple[int, dict, str | None]:
+        """``evaluate`` of the workdir's checkpoint (latest, or ``step``), reading only what
+        inference reads (the EMA or model params and the model state, sharded like the trainer's):
+        a trained run or an ``import-torch`` workdir alike. Returns ``(step, metrics, image path)``."""
+        from titok_jax.checkpoint import restore_model
+
+        a, sh = self.abstract, self.shardings
+        with_sharding = lambda tree, shs: jax.tree.map(  # noqa: E731
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shs)
+        params = (with_sharding(a.ema_params, sh.ema_params) if self.use_ema
+                  else with_sharding(a.params["model"], sh.params["model"]))
+        params, model_state, step = restore_model(
+            self.workdir, params, with_sharding(a.model_state["model"], sh.model_state["model"]),
+            use_ema=self.use_ema, step=step)
+        return (step, *self.evaluate(params, model_state, step))
+
+    def evaluate(self, model_params: Any, model_state: Any, step: int) -> tuple[dict, str | None]:
         """``task.evaluate`` on the held-out data; writes ``eval.jsonl`` and every image the task
         returns as ``samples/{name}_{step:09d}.png`` (and to TensorBoard). Returns ``(metrics, path
         of the first image or None)``."""
@@ -76,7 +96,7 @@ class Trainer:
         ctx = EvalContext(config=cfg, mesh=self.mesh, step=int(step),
                           max_images=int(cfg.data.get("eval_num_images", 0) or 0),
                           constants=self._constants)  # None: the task reads what it needs
-        result = self.task.evaluate(self.eval_params(state), state.model_state["model"], ctx)
+        result = self.task.evaluate(model_params, model_state, ctx)
         first_path = None
         if jax.process_index() == 0:
             for name, image in result.images.items():
