@@ -1,6 +1,7 @@
 """FlexTok model: masks by hand, nested-dropout distributions, mask-token replacement, prefix
 decoding, determinism, and the published parameter counts."""
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from titok_jax.models.flextok import FLEXTOK_VARIANTS, FlexTok
-from titok_jax.models.flextok_blocks import encoder_mask, keep_lengths, keep_mask, swiglu_hidden
+from titok_jax.models.flextok_blocks import (encoder_mask, keep_lengths, keep_mask,
+                                             patch_embed_with_posemb, swiglu_hidden)
 
 MICRO = dict(image_size=32, vae_latent_channels=4, vae_base_channels=32, vae_channel_mult=(1, 1, 2, 2),
              vae_num_res_blocks=1, encoder_width=32, encoder_depth=2, decoder_width=32,
@@ -104,6 +106,65 @@ def test_dropped_registers_become_the_mask_token(micro):
     # all slots dropped == every register is the mask token, whatever the codes
     none = keep_mask(jnp.zeros((b,), jnp.int32), r)
     np.testing.assert_array_equal(np.asarray(dec(codes, none)), np.asarray(dec(-codes, none)))
+
+
+def _decoder_input(model, v, lat, t, codes, keep, cond):
+    """The decoder's token sequence ``[B, P + R, W]`` as it enters block 0."""
+    seen = []
+
+    def grab(next_fun, args, kwargs, context):
+        m = context.module
+        if (context.method_name == "__call__" and m.name == "block_0"
+                and m.parent is not None and m.parent.name == "decoder"):
+            seen.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(grab):
+        model.apply(v, lat, t, codes, keep, cond, method=lambda m, *a: m.decoder(*a))
+    assert len(seen) == 1
+    return np.asarray(seen[0])
+
+
+def test_decoder_input_follows_the_official_order(micro):
+    """apple/ml-flextok's decoder sums the register posemb, THEN ``MaskedNestedDropout`` overwrites
+    slots >= k with the mask token: dropped slots carry the bare mask token (no posemb); kept slots
+    are ``Dense(codes) + posemb``. The official order is the reference."""
+    model, v, x, (lat, codes, _) = micro
+    b, r = codes.shape[:2]
+    t = jnp.full((b,), 0.5)
+    k = 2
+    keep = keep_mask(jnp.full((b,), k), r)
+    seq = _decoder_input(model, v, lat, t, codes, keep, jnp.ones((b,), bool))
+    p = seq.shape[1] - r
+    dp = v["params"]["decoder"]
+    mask_token = np.asarray(dp["mask_token"])
+    np.testing.assert_array_equal(seq[:, p + k:],
+                                  np.broadcast_to(mask_token, (b, r - k, mask_token.size)))
+    fc = dp["from_codes"]
+    kept = np.asarray(codes)[:, :k] @ np.asarray(fc["kernel"]) + np.asarray(fc["bias"])
+    np.testing.assert_allclose(seq[:, p:p + k], kept + np.asarray(dp["register_posemb"])[:k],
+                               rtol=1e-5, atol=1e-5)
+    # unconditional rows: every register slot is the null token
+    seq_u = _decoder_input(model, v, lat, t, codes, keep, jnp.zeros((b,), bool))
+    np.testing.assert_array_equal(seq_u[:, p:], np.broadcast_to(np.asarray(dp["null_token"]),
+                                                                seq_u[:, p:].shape))
+
+
+def test_patch_posemb_is_the_official_table():
+    """FlexTok's patch tokens get apple/ml-flextok's 2D sin-cos table (row half first; vectors made
+    by running the official ``build_2d_sincos_posemb``: tests/data/flextok/make_posemb_vectors.py).
+    The official order is the reference. Zero patch-embedding weights leave only the table."""
+    class Embed(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+            return patch_embed_with_posemb(z, 2, 16, "patch_embed", dtype=None,
+                                           param_dtype=jnp.float32)
+
+    z = jnp.zeros((1, 8, 8, 4))      # 4x4 patch grid
+    params = jax.tree.map(jnp.zeros_like, nn.unbox(Embed().init(jax.random.key(0), z)))
+    got = np.asarray(Embed().apply(params, z))[0]
+    ref = np.load(os.path.join(os.path.dirname(__file__), "data", "flextok", "posemb_vectors.npz"))
+    np.testing.assert_allclose(got, ref["square_4x4_d16"], rtol=0, atol=1e-6)
 
 
 def test_prefix_decoding_and_determinism(micro):

@@ -1,5 +1,6 @@
 """titok_jax.nn patchify/unpatchify/PatchEmbed and position/timestep embeddings vs numpy."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,23 @@ def test_sincos_match_mae():
     # documented: first half = column (w) index, second half = row (h) index, tokens row-major
     np.testing.assert_allclose(e[1 * 5 + 2, :4], _np_mae_1d(4, [2])[0], atol=1e-6)
     np.testing.assert_allclose(e[1 * 5 + 2, 4:], _np_mae_1d(4, [1])[0], atol=1e-6)
+
+
+OFFICIAL_FLEXTOK = os.path.join(os.path.dirname(__file__), "data", "flextok", "posemb_vectors.npz")
+
+
+def test_sincos_2d_row_first_matches_official_flextok():
+    """``row_first=True`` == apple/ml-flextok ``build_2d_sincos_posemb`` (vectors made by running
+    the official code: tests/data/flextok/make_posemb_vectors.py). The official order is the reference;
+    the default (column half first) stays MAE's, pinned by ``test_sincos_match_mae``."""
+    ref = np.load(OFFICIAL_FLEXTOK)
+    for key, (gh, gw, dim) in {"square_4x4_d16": (4, 4, 16), "square_3x3_d8": (3, 3, 8),
+                               "crop_3x4_d8_of_4x4": (3, 4, 8)}.items():
+        got = np.asarray(sincos_2d(gh, gw, dim, row_first=True))
+        np.testing.assert_allclose(got, ref[key], rtol=0, atol=1e-6, err_msg=key)
+    # the halves are swapped, not otherwise changed
+    swapped = np.asarray(sincos_2d(3, 4, 8)).reshape(12, 2, 4)[:, ::-1].reshape(12, 8)
+    np.testing.assert_array_equal(np.asarray(sincos_2d(3, 4, 8, row_first=True)), swapped)
 
 
 def test_timestep_embedding_matches_dit():

@@ -79,6 +79,24 @@ def conv1x1_as_linear(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w[:, :, 0, 0].T)
 
 
+def qkv_kernel(heads: int):
+    """Fused ``[3W, W]`` torch in-projection -> ``[W, 3, heads, W/heads]`` (q, k, v kernels)."""
+    def f(w: np.ndarray) -> np.ndarray:
+        width = w.shape[1]
+        return np.ascontiguousarray(w.reshape(3, heads, width // heads, width).transpose(3, 0, 1, 2))
+    return f
+
+
+def qkv_bias(heads: int):
+    """Fused ``[3W]`` torch in-projection bias -> ``[3, heads, W/heads]``."""
+    return lambda b: b.reshape(3, heads, -1)
+
+
+def out_kernel(heads: int):
+    """torch ``[W, W]`` out-projection -> ``[heads, W/heads, W]``."""
+    return lambda w: np.ascontiguousarray(w.T.reshape(heads, w.shape[1] // heads, w.shape[0]))
+
+
 class StateDictReader:
     """Consume a flat state dict through a name table; the errors name the first problem.
 

@@ -51,7 +51,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import StateDictReader, conv1x1_as_linear, conv_kernel, linear_kernel
+from titok_jax.convert.common import (StateDictReader, conv1x1_as_linear, conv_kernel, linear_kernel, out_kernel,
+                                      qkv_bias, qkv_kernel)
 from titok_jax.convert.vqgan import infer_vqgan_kwargs, maskgit_decoder_params_from_state_dict
 from titok_jax.quantizers.factory import input_dim
 from titok_jax.trees import check_tree_matches, unflatten
@@ -129,21 +130,6 @@ def titok_model_from_hf_config(config: Mapping[str, Any], sd: Mapping[str, np.nd
 
 
 # ----------------------------------------------------------------------------- the name table
-def _qkv_kernel(heads: int):
-    def f(w: np.ndarray) -> np.ndarray:
-        width = w.shape[1]
-        return np.ascontiguousarray(w.reshape(3, heads, width // heads, width).transpose(3, 0, 1, 2))
-    return f
-
-
-def _qkv_bias(heads: int):
-    return lambda b: b.reshape(3, heads, -1)
-
-
-def _out_kernel(heads: int):
-    return lambda w: np.ascontiguousarray(w.T.reshape(heads, w.shape[1] // heads, w.shape[0]))
-
-
 def _patch_kernel(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
 
@@ -164,9 +150,9 @@ def vit_name_table(side: str, width: int, depth: int, heads: int, grid: int, tok
         a, b = f"{t}.transformer.{i}", f"{t}/transformer_{i}"
         rows += [(f"{a}.ln_1.weight", f"{b}/ln_1/scale", (w,), None),
                  (f"{a}.ln_1.bias", f"{b}/ln_1/bias", (w,), None),
-                 (f"{a}.attn.in_proj_weight", f"{b}/attn/qkv/kernel", (3 * w, w), _qkv_kernel(heads)),
-                 (f"{a}.attn.in_proj_bias", f"{b}/attn/qkv/bias", (3 * w,), _qkv_bias(heads)),
-                 (f"{a}.attn.out_proj.weight", f"{b}/attn/out/kernel", (w, w), _out_kernel(heads)),
+                 (f"{a}.attn.in_proj_weight", f"{b}/attn/qkv/kernel", (3 * w, w), qkv_kernel(heads)),
+                 (f"{a}.attn.in_proj_bias", f"{b}/attn/qkv/bias", (3 * w,), qkv_bias(heads)),
+                 (f"{a}.attn.out_proj.weight", f"{b}/attn/out/kernel", (w, w), out_kernel(heads)),
                  (f"{a}.attn.out_proj.bias", f"{b}/attn/out/bias", (w,), None),
                  (f"{a}.ln_2.weight", f"{b}/ln_2/scale", (w,), None),
                  (f"{a}.ln_2.bias", f"{b}/ln_2/bias", (w,), None),

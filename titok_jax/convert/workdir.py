@@ -8,7 +8,11 @@
 - a MaskGIT-VQGAN state dict (``maskgit-vqgan-imagenet-f16-256.bin`` or a ``.safetensors`` of it)
   and no ``config.json``: recognised by its keys (``encoder.conv_in.weight``,
   ``decoder.conv_in.weight``, ``quantize.embedding.weight``), shapes read from the tensors,
-  ``image_size`` 256 unless given; converted by ``convert.vqgan``.
+  ``image_size`` 256 unless given; converted by ``convert.vqgan``; or
+- a TiTok MaskGIT generator (``generator_titok_{l32,b64,s128}.bin``: ``ImageBert`` / ``UViTBert``,
+  or its HF folder), recognised by its tensor names, with its ``config.json`` where the release has
+  one; converted by ``convert.maskgit_generator`` into a generator workdir (task ``maskgit``) that
+  ``load_generator`` and ``generate`` read.
 
 ``DIR`` becomes a workdir like one written by ``train`` (``config.json`` with task ``tokenizer``, a
 ``model`` section and an inference-only optimizer: ``frozen: ".*"``, no EMA; an Orbax checkpoint
@@ -37,36 +41,45 @@ def _weights_file(input_dir: str, has_config: bool) -> str:
         path = os.path.join(input_dir, name)
         if os.path.isfile(path):
             return path
-    if not has_config:  # a bare state dict (MaskGIT-VQGAN): the only weights file in the folder
-        found = sorted(n for n in os.listdir(input_dir)
-                       if n.endswith((".safetensors", ".bin", ".pth", ".pt")))
-        if len(found) == 1:
-            return os.path.join(input_dir, found[0])
-        if len(found) > 1:
-            raise ValueError(f"{input_dir} holds several weight files ({', '.join(found)}) and no "
-                             "config.json; keep only the one to import")
+    # otherwise a bare state dict (MaskGIT-VQGAN, generator_titok_*.bin): the only weights file
+    found = sorted(n for n in os.listdir(input_dir)
+                   if n.endswith((".safetensors", ".bin", ".pth", ".pt")))
+    if len(found) == 1:
+        return os.path.join(input_dir, found[0])
+    if len(found) > 1 and not has_config:
+        raise ValueError(f"{input_dir} holds several weight files ({', '.join(found)}) and no "
+                         "config.json; keep only the one to import")
     raise FileNotFoundError(f"{input_dir} has no {' or '.join(WEIGHT_FILES)}"
                             + ("" if has_config else " (nor any .safetensors/.bin/.pth state dict)"))
 
 
-def model_from_input(input_dir: str, image_size: int | None = None
-                     ) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
-    """``(model section, params, weights path)`` converted from ``input_dir``."""
-    from titok_jax.convert import titok as titok_conv
-    from titok_jax.convert import vqgan as vqgan_conv
-
+def read_input(input_dir: str) -> tuple[dict[str, np.ndarray], str, dict[str, Any] | None, str]:
+    """``(state dict, weights path, parsed config.json or None, config path)`` of ``input_dir``."""
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"input {input_dir} does not exist or is not a directory")
     cfg_path = os.path.join(input_dir, "config.json")
     has_config = os.path.isfile(cfg_path)
     weights = _weights_file(input_dir, has_config)
     sd = read_state_dict(weights)
+    hf_config = None
     if has_config:
         try:
             with open(cfg_path, encoding="utf-8") as f:
                 hf_config = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    return sd, weights, hf_config, cfg_path
+
+
+def model_from_input(input_dir: str, image_size: int | None = None, read: Any = None
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
+    """``(model section, params, weights path)`` of a tokenizer converted from ``input_dir``
+    (``read``: :func:`read_input`'s result, when already read)."""
+    from titok_jax.convert import titok as titok_conv
+    from titok_jax.convert import vqgan as vqgan_conv
+
+    sd, weights, hf_config, cfg_path = read or read_input(input_dir)
+    if hf_config is not None:
         if image_size is not None:
             raise ValueError("--image_size is only for a MaskGIT-VQGAN state dict without "
                              "config.json; the TiTok config.json sets crop_size")
@@ -114,14 +127,34 @@ def _zero_state(model: Mapping[str, Any]) -> Any:
     return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(model)[1])
 
 
+def _import_generator(read: Any, source: str, output_dir: str) -> tuple[str, Any, str]:
+    from titok_jax.convert import maskgit_generator as gen
+    sd, weights, hf_config, cfg_path = read
+    kw, variant = gen.infer_generator_kwargs(sd, hf_config, source=weights, config_source=cfg_path)
+    params = gen.generator_params_from_state_dict(sd, kw, source=weights)
+    config = gen.generator_workdir_config(kw, variant, hf_config, source)
+    path = write_workdir(output_dir, config, inference_state(params, {}))
+    return f"maskgit {kw['arch']} generator ({variant or 'custom size'})", params, path
+
+
 def import_torch(input_dir: str, output_dir: str, image_size: int | None = None) -> dict[str, Any]:
     """Convert ``input_dir`` and write the workdir ``output_dir``; returns a summary
     ``{"model", "num_params", "weights", "checkpoint"}``."""
+    from titok_jax.convert.maskgit_generator import generator_arch
+
     input_dir, output_dir = os.fspath(input_dir), os.path.abspath(os.fspath(output_dir))
     check_new_workdir(output_dir, "import-torch never overwrites: choose a new --output")  # before slow work
-    model, params, weights = model_from_input(input_dir, image_size)
-    config = workdir_config(model, source=os.path.abspath(input_dir))
-    path = write_workdir(output_dir, config, inference_state(params, _zero_state(model)))
+    read = read_input(input_dir)
+    weights = read[1]
+    if generator_arch(read[0]) is not None:   # a TiTok MaskGIT generator (ImageBert / UViTBert)
+        if image_size is not None:
+            raise ValueError("--image_size is only for a MaskGIT-VQGAN state dict, not a generator")
+        name, params, path = _import_generator(read, os.path.abspath(input_dir), output_dir)
+    else:
+        model, params, weights = model_from_input(input_dir, image_size, read=read)
+        config = workdir_config(model, source=os.path.abspath(input_dir))
+        path = write_workdir(output_dir, config, inference_state(params, _zero_state(model)))
+        name = model["name"]
     import jax
     n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
-    return {"model": model["name"], "num_params": n, "weights": weights, "checkpoint": path}
+    return {"model": name, "num_params": n, "weights": weights, "checkpoint": path}

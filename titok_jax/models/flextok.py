@@ -11,11 +11,15 @@ Shapes for a ``S x S`` image, a VAE of factor ``f = 8`` and ``C`` latent channel
     Decoder (rectified flow, t = 1 noise):
       x_t = (1 - t) z + t eps                                         (titok_jax.flow)
       seq = [Dense(patchify_p x_t) + sincos_2d  ||  r]                [B, P + R, Wd]
-      r   = Dense(codes) ; slots j >= k replaced by mask_token (nested dropout, k per sample)
-            + register posemb ; whole r replaced by null_token for unconditional rows (CFG)
+      r   = Dense(codes) + register posemb ; then slots j >= k replaced by the bare mask_token
+            (nested dropout, k per sample; no posemb on dropped slots, as in the official code)
+            ; whole r replaced by null_token for unconditional rows (CFG)
       FlexBlocks with adaLN-zero per sub-sequence (patches / registers) on temb(t), full attention
       v   = unpatchify(Dense_0(LN(h_P) (1 + a) + b))                   [B, S/f, S/f, C]
       REPA: h_P after block ``repa_layer`` -> projector MLP -> aligned to a frozen teacher's features
+
+``sincos_2d`` above is the official FlexTok table (row half first: ``[sin r, cos r, sin c, cos c]``,
+``sincos_2d(..., row_first=True)``; apple/ml-flextok ``build_2d_sincos_posemb``).
 
 Training (``flow_loss``): ``mean (v(x_t, t) - (eps - z))^2`` with ``t ~ logit-normal(0, 1)``; the keep
 length ``k`` from ``nested_dropout`` (``uniform`` / ``pow2`` / ``uniform_pow2``); each sample's
@@ -133,10 +137,12 @@ class FlexTokDecoder(nn.Module):
                      bias_init=boxed(nn.initializers.zeros_init(), ("embed",)), name="from_codes",
                      **kw)(codes.astype(self.dtype or jnp.float32))
         mask_token = self.param("mask_token", boxed(token_init, ("embed",)), (d,), self.param_dtype)
-        r = jnp.where(keep[..., None], r, mask_token.astype(r.dtype))
         pos = self.param("register_posemb", boxed(token_init, ("tokens", "embed")),
                          (self.num_registers, d), self.param_dtype)
+        # official order (apple/ml-flextok decoder config; MaskedNestedDropout runs after the
+        # register posemb is summed): posemb first, then dropped slots become the bare mask token
         r = r + pos.astype(r.dtype)[None]
+        r = jnp.where(keep[..., None], r, mask_token.astype(r.dtype))
         null = self.param("null_token", boxed(token_init, ("embed",)), (d,), self.param_dtype)
         r = jnp.where(cond[:, None, None], r, null.astype(r.dtype))
         temb = TimestepEmbedder(d, frequency_dim=256, max_period=256.0, time_scale=1000.0,

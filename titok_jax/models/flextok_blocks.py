@@ -130,11 +130,12 @@ class FlexBlock(nn.Module):
 def patch_embed_with_posemb(latents: jax.Array, patch_size: int, width: int, name: str,
                             dtype: Dtype, param_dtype: Dtype) -> jax.Array:
     """``[B, h, w, C]`` -> ``Dense(patchify_p) + sincos_2d`` ``[B, (h/p)(w/p), width]`` (call from a
-    compact method; the 2D sin-cos table is fixed)."""
+    compact method; the 2D sin-cos table is fixed). The table is the official FlexTok one: row half
+    first (``sincos_2d(row_first=True)``; apple/ml-flextok ``build_2d_sincos_posemb``)."""
     x = PatchEmbed(patch_size, width, channel_order="hwc", dtype=dtype, param_dtype=param_dtype,
                    name=name)(latents.astype(dtype or latents.dtype))
     gh, gw = latents.shape[1] // patch_size, latents.shape[2] // patch_size
-    return x + sincos_2d(gh, gw, width).astype(x.dtype)[None]
+    return x + sincos_2d(gh, gw, width, row_first=True).astype(x.dtype)[None]
 
 
 # ----------------------------------------------------------------------------- REPA teacher

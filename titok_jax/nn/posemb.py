@@ -7,6 +7,9 @@ Conventions (all tables are float32; cast at the use site):
 - ``sincos_2d`` (MAE/DiT ``get_2d_sincos_pos_embed``): tokens row-major (token ``r*W + c``);
   the **first half** of the channels is ``sincos_1d`` of the **column (w)** index, the **second
   half** of the **row (h)** index (MAE builds ``meshgrid(w, h)`` and calls the first grid "h").
+  ``row_first=True`` swaps the halves: ``[sin r, cos r, sin c, cos c]``, the table of the official
+  FlexTok (apple/ml-flextok ``model/utils/posembs.py`` ``build_2d_sincos_posemb`` on its square
+  grids; vectors in ``tests/data/flextok/posemb_vectors.npz``). Same frequencies either way.
 - ``timestep_embedding`` (DiT/Flux): ``freqs_i = exp(-log(max_period) * i / (D/2))``,
   ``emb = [cos(s*t*freqs), sin(s*t*freqs)]`` -- **cos first**; ``s = time_scale`` (FlowMo feeds
   ``1000*t`` for ``t`` in [0, 1]); a zero column is appended when ``D`` is odd.
@@ -79,18 +82,22 @@ def sincos_1d(positions: int | jax.Array | np.ndarray, dim: int,
     return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
 
 
-def sincos_2d(grid_h: int, grid_w: int, dim: int, max_period: float = 10000.0) -> jax.Array:
-    """MAE/DiT 2D sin-cos table ``[grid_h*grid_w, dim]``, tokens row-major.
+def sincos_2d(grid_h: int, grid_w: int, dim: int, max_period: float = 10000.0, *,
+              row_first: bool = False) -> jax.Array:
+    """2D sin-cos table ``[grid_h*grid_w, dim]``, tokens row-major.
 
-    ``emb[r*grid_w + c] = [sincos_1d(c, dim/2), sincos_1d(r, dim/2)]``: column (w) half first,
-    row (h) half second.
+    ``row_first=False`` (MAE/DiT):
+    ``emb[r*grid_w + c] = [sincos_1d(c, dim/2), sincos_1d(r, dim/2)]``, column (w) half first.
+    ``row_first=True`` (official FlexTok): ``[sincos_1d(r, dim/2), sincos_1d(c, dim/2)]``, row (h)
+    half first.
     """
     if dim % 4:
         raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
     rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
     emb_w = sincos_1d(cols.reshape(-1), dim // 2, max_period)
     emb_h = sincos_1d(rows.reshape(-1), dim // 2, max_period)
-    return jnp.concatenate([emb_w, emb_h], axis=-1)
+    halves = [emb_h, emb_w] if row_first else [emb_w, emb_h]
+    return jnp.concatenate(halves, axis=-1)
 
 
 # --------------------------------------------------------------------------- RoPE
