@@ -89,7 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.flow = ml_collections.ConfigDict({"time_sampler": "logit_normal",
                                         "time_params": {"loc": 0.0, "scale": 1.0}})
     teacher = (dict(image_size=64, patch_size=16, width=64, depth=1, num_heads=2) if tiny else
-               dict(image_size=224, patch_size=14, width=1024, depth=24, num_heads=16))
+               dict(image_size=224, patch_size=14, width=1024, depth=24, num_heads=16,
+                    layerscale=True, num_registers=0, pos_grid=37))   # dinov2_vitl14 (convert-dinov2)
     c.repa = ml_collections.ConfigDict({
         "weight": 1.0,
         "teacher": {"weights": "", "allow_random": tiny, "seed": 0, "model": teacher},

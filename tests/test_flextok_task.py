@@ -103,3 +103,13 @@ def test_train_then_load_tokenizer_decodes_prefixes(tmp_path):
     assert a.min() >= 0 and a.max() <= 1
     with pytest.raises(ValueError, match="1 <= k <= 4"):
         tok.decode(np.zeros((1, 5), np.int32))
+    # explicit noise on the VAE-latent grid: the seeded decode is the decode of the noise it draws
+    # (one chunk: fold_in(key(seed), 0)), and other noise gives other pixels
+    shape = tok.noise_shape(2)
+    assert shape == (2, 4, 4, 4)                      # 32 px / VAE f8, micro VAE latent channels
+    drawn = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 0), shape))
+    np.testing.assert_array_equal(tok.decode(ids[:, :1], steps=2, guidance=1.5, noise=drawn), a)
+    other = tok.decode(ids[:, :1], steps=2, guidance=1.5, noise=drawn[::-1].copy())
+    assert np.abs(other - a).max() > 1e-4
+    with pytest.raises(ValueError, match="noise must be"):
+        tok.decode(ids, steps=2, noise=drawn[:, :2])

@@ -145,6 +145,12 @@ def test_load_tokenizer_after_two_steps_and_post_init_from(tmp_path):
     assert a.shape == (3, 16, 16, 3) and a.min() >= 0 and a.max() <= 1
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-4
+    # explicit pixel noise: the seeded decode is the decode of the noise it draws (one chunk)
+    assert tok.noise_shape(3) == (3, 16, 16, 3)
+    drawn = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(1), 0), (3, 16, 16, 3)))
+    np.testing.assert_array_equal(tok.decode(ids, steps=2, seed=1, noise=drawn), a)
+    with pytest.raises(ValueError, match="noise must be"):
+        tok.decode(ids, steps=2, noise=drawn[:2])
     # post-training starts from the main run's raw (non-EMA) params
     post = micro_config("tiny_post")
     post.init_from = wd

@@ -56,6 +56,8 @@ class Tokenizer:
         self._decode = jax.jit(task.decode)
         self._decode_flow = jax.jit(lambda p, s, t, key, guidance, steps: task.decode(
             p, s, t, key=key, steps=steps, guidance=guidance), static_argnames=("steps",))
+        self._decode_noise = jax.jit(lambda p, s, t, noise, guidance, steps: task.decode(
+            p, s, t, noise=noise, steps=steps, guidance=guidance), static_argnames=("steps",))
 
     @property
     def model(self) -> Any:
@@ -86,17 +88,26 @@ class Tokenizer:
         tokens = self._batched(self._features, self._check_images(images))[:, :k]
         return tokens, tokens.mean(axis=1)
 
+    def noise_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of the ``noise`` a flow decoder samples from for ``batch`` rows: ``(B, h, w, C)``,
+        NHWC (FlexTok: the VAE-latent grid; FlowMo: pixels); t = 1 is noise."""
+        if not self.flow_decoder:
+            raise ValueError("noise_shape applies to flow-decoder tokenizers (FlexTok, FlowMo) only")
+        return (int(batch), *self.spec.noise_shape)
+
     def decode(self, tokens: Any, steps: int | None = None, guidance: float | None = None,
-               seed: int = 0) -> np.ndarray:
+               seed: int = 0, noise: Any = None) -> np.ndarray:
         """``tokens``: int ``[B, num_tokens]`` ids in ``[0, codebook_size)`` (VQ) or float
         ``[B, num_tokens, token_dim]`` (VAE) -> float32 ``[B, S, S, 3]`` in [0, 1].
 
         Flow-decoder tokenizers also take ``steps`` and ``guidance`` (default: the model's published
-        sampler) and ``seed`` (chunk ``i`` of ``batch_size`` rows uses ``fold_in(key(seed), i)``, so
-        the same call gives the same pixels); FlexTok accepts any prefix ``[B, k]``, ``1 <= k <= N``."""
+        sampler) and either ``noise`` (float32 ``noise_shape(B)``: the sampler's initial noise, so a
+        decode is reproducible against any implementation given the same noise) or ``seed`` (chunk
+        ``i`` of ``batch_size`` rows draws its noise from ``fold_in(key(seed), i)``, so the same call
+        gives the same pixels); FlexTok accepts any prefix ``[B, k]``, ``1 <= k <= N``."""
         if not self.flow_decoder:
-            if steps is not None or guidance is not None:
-                raise ValueError("steps/guidance apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
+            if steps is not None or guidance is not None or noise is not None:
+                raise ValueError("steps/guidance/noise apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
             return self._batched(self._decode, self._check_tokens(tokens))
         import jax
         t = self._check_tokens(tokens)
@@ -104,6 +115,15 @@ class Tokenizer:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         guidance = float(guidance if guidance is not None else self.spec.default_guidance)
+        if noise is not None:
+            want = self.noise_shape(t.shape[0])
+            n = np.asarray(noise)
+            if n.shape != want or not np.issubdtype(n.dtype, np.floating) or not np.all(np.isfinite(n)):
+                raise ValueError(f"noise must be finite float32 of shape {want} (tok.noise_shape(B)), "
+                                 f"got {n.dtype} {n.shape}")
+            return self._batched(lambda p, st, chunk, nz: self._decode_noise(p, st, chunk, nz, guidance,
+                                                                             steps=steps),
+                                 t, n.astype(np.float32))
         base = jax.random.key(int(seed))
         counter = iter(range(1 << 30))
         fn = lambda p, st, chunk: self._decode_flow(p, st, chunk, jax.random.fold_in(base, next(counter)),  # noqa: E731
@@ -115,18 +135,20 @@ class Tokenizer:
         return self.decode(self.encode(images))
 
     # ------------------------------------------------------------------ helpers
-    def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+    def _batched(self, fn, x: np.ndarray, *extra: np.ndarray) -> np.ndarray:
+        """``fn(params, state, chunk, *extra_chunks)`` over chunks of ``batch_size`` rows of ``x``
+        (and of each array in ``extra``, split the same way)."""
         import jax
         n, bs = x.shape[0], self.batch_size
         if n == 0:
             raise ValueError("got an empty batch (0 images/token rows)")
         outs = []
         for start in range(0, n, bs):
-            chunk = x[start:start + bs]
-            k = chunk.shape[0]
+            chunks = [a[start:start + bs] for a in (x, *extra)]
+            k = chunks[0].shape[0]
             if n > bs and k < bs:  # pad the tail so every chunk has the same shape
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - k, axis=0)])
-            out = np.asarray(jax.device_get(fn(self.params, self.model_state, chunk)))
+                chunks = [np.concatenate([c, np.repeat(c[-1:], bs - k, axis=0)]) for c in chunks]
+            out = np.asarray(jax.device_get(fn(self.params, self.model_state, *chunks)))
             outs.append(out[:k])
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 

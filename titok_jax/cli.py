@@ -22,6 +22,7 @@ COMMANDS = {
     "convert-lpips": "LPIPS-VGG weights for the perceptual loss: --vgg VGG16.pth --lin vgg.pth "
                      "--output OUT.safetensors",
     "convert-convnext": "torchvision ConvNeXt-S weights for the perceptual loss: --input PTH --output OUT",
+    "convert-dinov2": "official DINOv2 weights for FlexTok's REPA teacher: --input PTH --output OUT",
     "convert-inception": "pytorch-fid InceptionV3 weights for FID / IS: --input PTH --output OUT",
     "fid-reference": "FID reference statistics of a data split: --data SOURCE --inception_weights FILE "
                      "--output ref.npz",
@@ -34,6 +35,7 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "detokenize": ("tokenizer", "detokenize"), "generate": ("generate", "generate"),
     "import-torch": ("import_torch", "import_torch"),
     "convert-lpips": ("convert", "convert_lpips"), "convert-convnext": ("convert", "convert_convnext"),
+    "convert-dinov2": ("convert", "convert_dinov2"),
     "convert-inception": ("convert", "convert_inception"), "fid-reference": ("convert", "fid_reference"),
 }
 

@@ -1,5 +1,5 @@
-"""The frozen networks' weight files: ``titok-jax convert-lpips``, ``convert-convnext`` and
-``convert-inception`` (PyTorch weights -> the files the perceptual losses and FID read, by
+"""The frozen networks' weight files: ``titok-jax convert-lpips``, ``convert-convnext``,
+``convert-dinov2`` and ``convert-inception`` (PyTorch weights -> the files the perceptual losses and FID read, by
 ``titok_jax.convert``), and ``titok-jax fid-reference`` (FID reference statistics of a data split)."""
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ OUTPUT_HELP = "the file to write: .safetensors or .npz"
 
 
 def _convert(name: str, argv: Sequence[str], inputs: dict[str, str],
-             run: Callable[[Any], Mapping[str, np.ndarray]], note: Callable[[int], str] = lambda n: "") -> int:
-    """Parse ``--<input> ...  --output OUT`` (``inputs``: flag -> help), call ``run(flags)`` and
-    print what it wrote."""
+             run: Callable[[Any], Mapping[str, np.ndarray]], note: Callable[[int], str] = lambda n: "",
+             optional: Mapping[str, str] | None = None) -> int:
+    """Parse ``--<input> ...  --output OUT`` (``inputs``: flag -> help; ``optional``: more string
+    flags that may stay unset), call ``run(flags)`` and print what it wrote."""
     from absl import flags
 
     def define(fv: Any) -> None:
-        for flag, help_text in inputs.items():
+        for flag, help_text in {**inputs, **(optional or {})}.items():
             flags.DEFINE_string(flag, None, help_text, flag_values=fv)
         flags.DEFINE_string("output", None, OUTPUT_HELP, flag_values=fv)
 
@@ -51,6 +52,25 @@ def convert_convnext(argv: Sequence[str]) -> int:
                     {"input": "convnext_small-0c510722.pth (or .safetensors / .npz)"},
                     lambda fv: convert_convnext_file(fv.input, fv.output),
                     lambda n: "" if n == 50_223_688 else " (not ConvNeXt-S, whose 50,223,688 TiTok's loss uses)")
+
+
+def convert_dinov2(argv: Sequence[str]) -> int:
+    """Official DINOv2 (``dinov2_vit{s,b,l}14[_reg4]_pretrain.pth``) -> FlexTok's REPA teacher params."""
+    from titok_jax.convert.dinov2 import convert_dinov2_file, describe
+
+    def run(fv: Any) -> Mapping[str, np.ndarray]:
+        heads = fv.num_heads
+        if heads is not None and not (heads.isdigit() and int(heads) > 0):
+            raise UsageError(f"--num_heads must be a positive integer, got {heads!r}")
+        flat = convert_dinov2_file(fv.input, fv.output, int(heads) if heads else None)
+        msgs.append(describe(flat) + (f", num_heads={heads}" if heads else ""))
+        return flat
+
+    msgs: list[str] = []
+    return _convert("convert-dinov2", argv,
+                    {"input": "dinov2_vit{s,b,l}14[_reg4]_pretrain.pth (or .safetensors / .npz)"}, run,
+                    lambda n: f" (repa.teacher.model: {msgs[0]})",
+                    optional={"num_heads": "attention heads (default width / 64, as released)"})
 
 
 def convert_inception(argv: Sequence[str]) -> int:

@@ -97,6 +97,29 @@ def out_kernel(heads: int):
     return lambda w: np.ascontiguousarray(w.T.reshape(heads, w.shape[1] // heads, w.shape[0]))
 
 
+def vit_block_rows(src: str, dst: str, width: int, heads: int, names: Mapping[str, str],
+                   transform: Callable[[np.ndarray], np.ndarray] | None = None) -> list[tuple]:
+    """Name-table rows of one pre-LN ViT block with a fused qkv projection and a 4x MLP: torch
+    ``{src}.{names[part]}`` -> our ``{dst}/ln_1|attn/qkv|attn/out|ln_2|mlp/fc_in|mlp/fc_out``.
+    ``names`` gives the torch name of each weight and bias (keys ``ln_1, ln_1_bias, qkv, qkv_bias,
+    out, out_bias, ln_2, ln_2_bias, fc_in, fc_in_bias, fc_out, fc_out_bias``); ``transform`` is
+    applied to tensors that need no layout change (default: none)."""
+    w, same = width, transform
+    n = names
+    return [(f"{src}.{n['ln_1']}", f"{dst}/ln_1/scale", (w,), same),
+            (f"{src}.{n['ln_1_bias']}", f"{dst}/ln_1/bias", (w,), same),
+            (f"{src}.{n['qkv']}", f"{dst}/attn/qkv/kernel", (3 * w, w), qkv_kernel(heads)),
+            (f"{src}.{n['qkv_bias']}", f"{dst}/attn/qkv/bias", (3 * w,), qkv_bias(heads)),
+            (f"{src}.{n['out']}", f"{dst}/attn/out/kernel", (w, w), out_kernel(heads)),
+            (f"{src}.{n['out_bias']}", f"{dst}/attn/out/bias", (w,), same),
+            (f"{src}.{n['ln_2']}", f"{dst}/ln_2/scale", (w,), same),
+            (f"{src}.{n['ln_2_bias']}", f"{dst}/ln_2/bias", (w,), same),
+            (f"{src}.{n['fc_in']}", f"{dst}/mlp/fc_in/kernel", (4 * w, w), linear_kernel),
+            (f"{src}.{n['fc_in_bias']}", f"{dst}/mlp/fc_in/bias", (4 * w,), same),
+            (f"{src}.{n['fc_out']}", f"{dst}/mlp/fc_out/kernel", (w, 4 * w), linear_kernel),
+            (f"{src}.{n['fc_out_bias']}", f"{dst}/mlp/fc_out/bias", (w,), same)]
+
+
 class StateDictReader:
     """Consume a flat state dict through a name table; the errors name the first problem.
 

@@ -51,8 +51,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import (StateDictReader, conv1x1_as_linear, conv_kernel, linear_kernel, out_kernel,
-                                      qkv_bias, qkv_kernel)
+from titok_jax.convert.common import (StateDictReader, conv1x1_as_linear, conv_kernel, linear_kernel,
+                                      vit_block_rows)
 from titok_jax.convert.vqgan import infer_vqgan_kwargs, maskgit_decoder_params_from_state_dict
 from titok_jax.quantizers.factory import input_dim
 from titok_jax.trees import check_tree_matches, unflatten
@@ -134,6 +134,14 @@ def _patch_kernel(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
 
 
+# Torch names inside one block of the official TiTok ViT (open_clip's ResidualAttentionBlock).
+OPENCLIP_BLOCK = {"ln_1": "ln_1.weight", "ln_1_bias": "ln_1.bias", "qkv": "attn.in_proj_weight",
+                  "qkv_bias": "attn.in_proj_bias", "out": "attn.out_proj.weight",
+                  "out_bias": "attn.out_proj.bias", "ln_2": "ln_2.weight", "ln_2_bias": "ln_2.bias",
+                  "fc_in": "mlp.c_fc.weight", "fc_in_bias": "mlp.c_fc.bias",
+                  "fc_out": "mlp.c_proj.weight", "fc_out_bias": "mlp.c_proj.bias"}
+
+
 def vit_name_table(side: str, width: int, depth: int, heads: int, grid: int, tokens: int
                    ) -> list[tuple[str, str, tuple[int, ...], Any]]:
     """Rows ``(torch key, flat flax key, torch shape, transform)`` shared by the two ViTs."""
@@ -148,18 +156,7 @@ def vit_name_table(side: str, width: int, depth: int, heads: int, grid: int, tok
                  (f"{t}.{ln}.bias", f"{t}/{ln}/bias", (w,), None)]
     for i in range(depth):
         a, b = f"{t}.transformer.{i}", f"{t}/transformer_{i}"
-        rows += [(f"{a}.ln_1.weight", f"{b}/ln_1/scale", (w,), None),
-                 (f"{a}.ln_1.bias", f"{b}/ln_1/bias", (w,), None),
-                 (f"{a}.attn.in_proj_weight", f"{b}/attn/qkv/kernel", (3 * w, w), qkv_kernel(heads)),
-                 (f"{a}.attn.in_proj_bias", f"{b}/attn/qkv/bias", (3 * w,), qkv_bias(heads)),
-                 (f"{a}.attn.out_proj.weight", f"{b}/attn/out/kernel", (w, w), out_kernel(heads)),
-                 (f"{a}.attn.out_proj.bias", f"{b}/attn/out/bias", (w,), None),
-                 (f"{a}.ln_2.weight", f"{b}/ln_2/scale", (w,), None),
-                 (f"{a}.ln_2.bias", f"{b}/ln_2/bias", (w,), None),
-                 (f"{a}.mlp.c_fc.weight", f"{b}/mlp/fc_in/kernel", (4 * w, w), linear_kernel),
-                 (f"{a}.mlp.c_fc.bias", f"{b}/mlp/fc_in/bias", (4 * w,), None),
-                 (f"{a}.mlp.c_proj.weight", f"{b}/mlp/fc_out/kernel", (w, 4 * w), linear_kernel),
-                 (f"{a}.mlp.c_proj.bias", f"{b}/mlp/fc_out/bias", (w,), None)]
+        rows += vit_block_rows(a, b, w, heads, OPENCLIP_BLOCK)
     return rows
 
 

@@ -8,6 +8,6 @@ from titok_jax.flow.interpolation import (broadcast_time, edm_sigma_to_t, interp
                                           noise_from_velocity, velocity_target, x0_from_velocity)
 from titok_jax.flow.losses import FlowLossAux, rectified_flow_loss  # noqa: F401
 from titok_jax.flow.presets import FLOW_PRESETS, FlowRecipe, flow_preset  # noqa: F401
-from titok_jax.flow.samplers import METHODS, initial_noise, match_batch, sample  # noqa: F401
+from titok_jax.flow.samplers import METHODS, initial_noise, match_batch, sample, start_noise  # noqa: F401
 from titok_jax.flow.time_samplers import (TIME_SAMPLER_PRESETS, TIME_SAMPLERS, sample_time,  # noqa: F401
                                           shift_time, time_sampler_preset)

@@ -60,6 +60,20 @@ def initial_noise(seed: int | jax.Array, shape: tuple[int, ...],
     return jax.random.normal(key, shape, dtype)
 
 
+def start_noise(shape: tuple[int, ...], key: jax.Array | None = None, noise: jax.Array | None = None,
+                what: str = "") -> jax.Array:
+    """The sampler's start: ``noise`` when given (checked against ``shape``), else ``N(0, I)``
+    drawn from ``key``; one-line ValueErrors (``what`` says what the noise is)."""
+    shape = tuple(int(d) for d in shape)
+    if noise is None:
+        if key is None:
+            raise ValueError("decode needs a PRNG key (or explicit noise)")
+        return jax.random.normal(key, shape, jnp.float32)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}{f' ({what})' if what else ''}, got {tuple(noise.shape)}")
+    return noise.astype(jnp.float32)
+
+
 def _evaluator(velocity_fn: VelocityFn, batch: int, guidance: GuidanceConfig | None):
     """``evaluate(x, t, state) -> (v float32, state)``: one ``velocity_fn`` call (see module doc)."""
     guided = guidance is not None and guidance.active

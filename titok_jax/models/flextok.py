@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from titok_jax.flow import GuidanceConfig, guidance_preset, match_batch, rectified_flow_loss, sample
-from titok_jax.flow import time_grid
+from titok_jax.flow import start_noise, time_grid
 from titok_jax.models.flextok_blocks import (NESTED_MODES, FlexBlock, encoder_mask, is_power_of_two,
                                              keep_lengths, keep_mask, patch_embed_with_posemb)
 from titok_jax.models.kl_vae import KLVAE
@@ -317,12 +317,17 @@ class FlexTok(nn.Module):
         codes = self.quantize.indices_to_codes(ids, dtype=jnp.float32)
         return codes, keep_mask(jnp.full((b,), k, jnp.int32), r)
 
-    def decode_latents(self, tokens: jax.Array, *, key: jax.Array, steps: int = 25,
+    def noise_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The sampler's initial noise: the VAE-latent grid ``(B, h, w, C)`` (t = 1 is noise)."""
+        return (int(batch), self.latent_size, self.latent_size, self.vae_latent_channels)
+
+    def decode_latents(self, tokens: jax.Array, *, key: jax.Array | None = None,
+                       noise: jax.Array | None = None, steps: int = 25,
                        guidance_scale: Any = 7.5) -> jax.Array:
-        """Prefix ids ``[B, k]`` -> sampled scaled VAE latents ``[B, h, w, C]`` (Euler, APG)."""
+        """Prefix ids ``[B, k]`` -> sampled scaled VAE latents ``[B, h, w, C]`` (Euler, APG) from
+        ``noise`` (``noise_shape(B)``; default ``N(0, I)`` drawn from ``key``)."""
         codes, keep = self.prefix_codes(tokens)
-        b, g = tokens.shape[0], self.latent_size
-        noise = jax.random.normal(key, (b, g, g, self.vae_latent_channels), jnp.float32)
+        noise = start_noise(self.noise_shape(tokens.shape[0]), key, noise, "the VAE-latent grid")
 
         def velocity(x, t, cond):
             n = x.shape[0]
@@ -330,10 +335,11 @@ class FlexTok(nn.Module):
 
         return sample(velocity, noise, time_grid(int(steps)), "euler", flextok_guidance(guidance_scale))
 
-    def decode_tokens(self, tokens: jax.Array, *, key: jax.Array, steps: int = 25,
+    def decode_tokens(self, tokens: jax.Array, *, key: jax.Array | None = None,
+                      noise: jax.Array | None = None, steps: int = 25,
                       guidance_scale: Any = 7.5) -> jax.Array:
         """Prefix ids ``[B, k]`` (any ``1 <= k <= R``) -> pixels ``[B, S, S, 3]`` f32 in ~[0, 1]."""
-        return self.vae.decode_latents(self.decode_latents(tokens, key=key, steps=steps,
+        return self.vae.decode_latents(self.decode_latents(tokens, key=key, noise=noise, steps=steps,
                                                            guidance_scale=guidance_scale))
 
     # ---- training -------------------------------------------------------------------------------

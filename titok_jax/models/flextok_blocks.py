@@ -1,5 +1,5 @@
 """FlexTok building blocks: the transformer block (optionally adaLN-zero per sub-sequence), the
-attention masks, nested-dropout keep lengths, and the small ViT used as a REPA teacher.
+attention masks, nested-dropout keep lengths; the REPA teacher (DINOv2) is ``nets.dinov2.ViTFeatures``.
 
 Block (FlexTok ``FlexBlock``): pre-norm LayerNorm **without** scale/bias (eps 1e-5), separate
 bias-free q/k/v/out projections, per-head LayerNorm qk-norm (no affine), the muP attention scale
@@ -20,15 +20,15 @@ The modulation is zero at init, so each block starts as the identity. Params per
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.nn import (AdaLNModulation, MLP, MultiHeadAttention, PatchEmbed, TransformerBlock,
-                          boxed, make_norm, prefix_causal_mask, sincos_2d)
+from titok_jax.nn import (AdaLNModulation, MLP, MultiHeadAttention, PatchEmbed,
+                          make_norm, prefix_causal_mask, sincos_2d)
 
 Dtype = Any
 NESTED_MODES = ("uniform", "pow2", "uniform_pow2", "none")
@@ -139,42 +139,6 @@ def patch_embed_with_posemb(latents: jax.Array, patch_size: int, width: int, nam
 
 
 # ----------------------------------------------------------------------------- REPA teacher
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ViTFeatures(nn.Module):
-    """A small ViT feature extractor for REPA (a DINOv2-like stand-in): images ``[B, S, S, 3]`` in
-    [0, 1] -> mean/std normalised -> patch embed + learned posemb (+ cls) -> pre-LN blocks -> final
-    LN -> patch features ``[B, (S/p)^2, width]`` (cls dropped). Params load from a file
-    (``titok_jax.nets.files``); it is frozen in training."""
-
-    image_size: int = 224
-    patch_size: int = 14
-    width: int = 1024
-    depth: int = 24
-    num_heads: int = 16
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
-        s = self.image_size
-        if images.shape[1:3] != (s, s):
-            images = jax.image.resize(images, (images.shape[0], s, s, 3), "bilinear")
-        x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(x)
-        b, n, w = x.shape
-        cls = self.param("cls_token", boxed(nn.initializers.normal(0.02), (None, "embed")),
-                         (1, w), self.param_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls[None].astype(x.dtype), (b, 1, w)), x], 1)
-        pos = self.param("pos_embed", boxed(nn.initializers.normal(0.02), ("tokens", "embed")),
-                         (n + 1, w), self.param_dtype)
-        x = x + pos.astype(x.dtype)[None]
-        for i in range(self.depth):
-            x = TransformerBlock(num_heads=self.num_heads, norm_eps=1e-6, name=f"block_{i}", **kw)(x)
-        x = make_norm("layernorm", epsilon=1e-6, name="norm", **kw)(x)
-        return x[:, 1:].astype(jnp.float32)
+# The REPA teacher is DINOv2's frozen feature network (``nets/dinov2.py``; LayerScale, registers
+# and the official position-embedding interpolation there); re-exported here for FlexTok.
+from titok_jax.nets.dinov2 import IMAGENET_MEAN, IMAGENET_STD, ViTFeatures  # noqa: E402,F401

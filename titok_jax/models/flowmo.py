@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.flow import GuidanceConfig, match_batch, sample, time_grid
+from titok_jax.flow import GuidanceConfig, match_batch, sample, start_noise, time_grid
 from titok_jax.flow.interpolation import edm_sigma_to_t
 from titok_jax.models.mmdit import MMDiT, flowmo_position_ids
 from titok_jax.nn import check_images, patchify, unpatchify
@@ -217,11 +217,8 @@ class FlowMo(nn.Module):
         ``guidance_scale`` inside ``guidance_interval``. A traced ``guidance_scale`` (e.g. a jit
         argument) runs the guided branch as CFG at scale 2 on ``(c, (2 - w) c + (w - 1) u)``, which
         is ``u + w (c - u)`` exactly."""
-        b, s = codes.shape[0], self.image_size
-        if noise is None:
-            if key is None:
-                raise ValueError("decode needs a PRNG key (or explicit noise)")
-            noise = jax.random.normal(key, (b, s, s, 3), jnp.float32)
+        b = codes.shape[0]
+        noise = start_noise(self.noise_shape(b), key, noise, "pixels in [-1, 1] space")
         grid = time_grid(int(steps), "power", rho=float(self.sampler_rho))
         interval = tuple(self.guidance_interval) if self.guidance_interval is not None else None
         concrete = not isinstance(guidance_scale, jax.core.Tracer)
@@ -240,12 +237,17 @@ class FlowMo(nn.Module):
         x0 = sample(velocity_fn, noise, grid, "euler", guidance)
         return (x0 + 1.0) / 2.0
 
-    def decode_tokens(self, tokens: jax.Array, *, key: jax.Array, steps: int = 25,
+    def noise_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The sampler's initial noise: pixels ``(B, S, S, 3)`` (t = 1 is noise)."""
+        return (int(batch), self.image_size, self.image_size, 3)
+
+    def decode_tokens(self, tokens: jax.Array, *, key: jax.Array | None = None,
+                      noise: jax.Array | None = None, steps: int = 25,
                       guidance_scale: float | jax.Array = 1.5) -> jax.Array:
         """int ids ``[B, L * G]`` -> pixels ``[B, S, S, 3]`` (see :meth:`decode_codes`)."""
         if tokens.ndim != 2 or tokens.shape[1] != self.num_latent_tokens:
             raise ValueError(f"FlowMo decode expects ids [B, {self.num_latent_tokens}], got {tokens.shape}")
-        return self.decode_codes(self.tokens_to_codes(tokens), key=key, steps=steps,
+        return self.decode_codes(self.tokens_to_codes(tokens), key=key, noise=noise, steps=steps,
                                  guidance_scale=guidance_scale)
 
     # ---- training forward (also what init runs) ------------------------------------------------

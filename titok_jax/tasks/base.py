@@ -98,8 +98,10 @@ class TokenizerTaskBase(Task):
     @abc.abstractmethod
     def decode(self, model_params: Any, model_state: Any, tokens: jax.Array, *,
                key: jax.Array | None = None, steps: int | None = None,
-               guidance: float | None = None) -> jax.Array:
-        ...
+               guidance: float | None = None, noise: jax.Array | None = None) -> jax.Array:
+        """Tokens -> images in [0, 1]; flow decoders sample from ``noise`` (``(B, *noise_shape)``)
+        or from noise drawn with ``key``; deterministic decoders refuse ``steps``/``guidance``/
+        ``noise``."""
 
     @abc.abstractmethod
     def features(self, model_params: Any, model_state: Any, images: jax.Array) -> jax.Array:

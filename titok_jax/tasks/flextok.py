@@ -12,8 +12,10 @@ decay. ``config.vae.weights`` is either a workdir of a ``tokenizer`` run of mode
 file of the VAE's params keyed by the ``/``-joined param path (``encoder/conv_in/kernel``); empty is
 an error unless ``vae.allow_random`` (tiny CPU runs; said loudly on stderr).
 
-REPA teacher (``config.repa.teacher``): ``model`` = kwargs of ``models.flextok_blocks.ViTFeatures``
-(DINOv2-L/14 at 224 px by default) and ``weights`` = a ``.safetensors`` / ``.npz`` of its params;
+REPA teacher (``config.repa.teacher``): ``model`` = kwargs of ``nets.dinov2.ViTFeatures``
+(DINOv2-L/14 at 224 px by default: LayerScale, the released 37 x 37 position table interpolated to
+16 x 16 as the official code does) and ``weights`` = a ``.safetensors`` / ``.npz`` of its params
+(``titok-jax convert-dinov2 --input dinov2_vitl14_pretrain.pth --output FILE``);
 empty is an error unless ``allow_random`` (tests and tiny runs). Its patch features are resized to
 the decoder's patch grid (``losses.repa.match_grid``).
 
@@ -45,7 +47,7 @@ from titok_jax.tasks.titok_stages import random_params
 from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS
 
 VAE_HINT = "titok-jax train --config configs/flextok.py:vae_c16 (or a converted diffusers VAE)"
-TEACHER_HINT = "a converter of your DINOv2 checkpoint to the ViTFeatures param names"
+TEACHER_HINT = "titok-jax convert-dinov2 --input dinov2_vitl14_pretrain.pth --output FILE"
 VAE_PROBE = "model/vae/encoder/conv_in/kernel"   # a path optimizer.frozen must match
 
 

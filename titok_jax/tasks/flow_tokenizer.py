@@ -28,7 +28,7 @@ class FlowTokenizerTask(TokenizerTaskBase):
                          codebook_size=int(m.codebook_size), token_dim=int(m.token_size),
                          quantizer=str(m.quantizer_name), flow_decoder=True,
                          variable_length=self.variable_length, default_steps=int(m.default_steps),
-                         default_guidance=float(m.default_guidance))
+                         default_guidance=float(m.default_guidance), noise_shape=m.noise_shape(1)[1:])
 
     def _encode(self, model_params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, Any]:
         return self.model.apply({"params": model_params, **model_state}, images.astype(jnp.float32),
@@ -42,13 +42,14 @@ class FlowTokenizerTask(TokenizerTaskBase):
 
     def decode(self, model_params: Any, model_state: Any, tokens: jax.Array, *,
                key: jax.Array | None = None, steps: int | None = None,
-               guidance: float | None = None) -> jax.Array:
+               guidance: float | None = None, noise: jax.Array | None = None) -> jax.Array:
         """Integer ids (any prefix ``[B, k]`` when ``variable_length``) -> images in [0, 1] with the
-        flow sampler (default: the model's published ``steps`` / ``guidance``; ``key`` default
-        ``key(0)``)."""
+        flow sampler (default: the model's published ``steps`` / ``guidance``) from ``noise``
+        ``(B, *token_spec.noise_shape)``, else from noise drawn with ``key`` (default ``key(0)``)."""
         spec = self.token_spec
-        rec = self.model.apply({"params": model_params, **model_state}, tokens,
-                               key=jax.random.key(0) if key is None else key,
+        if noise is None and key is None:
+            key = jax.random.key(0)
+        rec = self.model.apply({"params": model_params, **model_state}, tokens, key=key, noise=noise,
                                steps=int(spec.default_steps if steps is None else steps),
                                guidance_scale=spec.default_guidance if guidance is None else guidance,
                                method="decode_tokens")

@@ -210,9 +210,9 @@ class TiTokStage1Task(TokenizerTaskBase):
 
     def decode(self, model_params: Any, model_state: Any, tokens: jax.Array, *,
                key: jax.Array | None = None, steps: int | None = None,
-               guidance: float | None = None) -> jax.Array:
-        if steps is not None or guidance is not None:
-            raise ValueError("steps/guidance apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
+               guidance: float | None = None, noise: jax.Array | None = None) -> jax.Array:
+        if steps is not None or guidance is not None or noise is not None:
+            raise ValueError("steps/guidance/noise apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
         def proxy_logits(model: Any, ids: jax.Array) -> jax.Array:
             ids = ids[:, 0] if ids.ndim == 3 and ids.shape[1] == 1 else ids
             return model.decode_logits(model.quantize.indices_to_codes(ids, dtype=jnp.float32))

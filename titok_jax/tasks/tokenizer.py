@@ -189,9 +189,9 @@ class TokenizerTask(TokenizerTaskBase):
 
     def decode(self, model_params: Any, model_state: Any, tokens: jax.Array, *,
                key: jax.Array | None = None, steps: int | None = None,
-               guidance: float | None = None) -> jax.Array:
+               guidance: float | None = None, noise: jax.Array | None = None) -> jax.Array:
         del key  # a deterministic decoder
-        if steps is not None or guidance is not None:
-            raise ValueError("steps/guidance apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
+        if steps is not None or guidance is not None or noise is not None:
+            raise ValueError("steps/guidance/noise apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
         rec = self.model.apply(self._variables(model_params, model_state), tokens, method="decode_tokens")
         return jnp.clip(rec.astype(jnp.float32), 0.0, 1.0)

@@ -32,7 +32,8 @@ class EvalResult:
 class TokenSpec:
     """What a tokenizer's tokens are. ``codebook_size`` is None for continuous tokens (then
     ``token_dim`` is their channel count); ``flow_decoder`` tokenizers decode with a sampler
-    (``default_steps`` / ``default_guidance``); ``variable_length`` ones decode any prefix."""
+    (``default_steps`` / ``default_guidance``) from noise of shape ``(B, *noise_shape)`` (NHWC;
+    t = 1 is noise); ``variable_length`` ones decode any prefix."""
 
     image_size: int
     num_tokens: int
@@ -43,6 +44,7 @@ class TokenSpec:
     variable_length: bool = False
     default_steps: int = 0
     default_guidance: float = 1.0
+    noise_shape: tuple[int, ...] | None = None  # one example's initial sampler noise (flow decoders)
 
     @property
     def continuous(self) -> bool:
