@@ -10,8 +10,9 @@ from titok_jax.commands.common import UsageError, message, parse
 def _flags(fv: Any) -> None:
     from absl import flags
     flags.DEFINE_string("input", None, "HF_DIR: config.json + model.safetensors "
-                        "(or pytorch_model.bin), a MaskGIT-VQGAN state dict, or a TiTok MaskGIT "
-                        "generator (generator_titok_*.bin, config.json optional)", flag_values=fv)
+                        "(or pytorch_model.bin), a MaskGIT-VQGAN state dict, a TiTok MaskGIT "
+                        "generator (generator_titok_*.bin, config.json optional), or a FlowMo "
+                        "checkpoint (flowmo_lo.pth / flowmo_hi.pth, its training yaml optional)", flag_values=fv)
     flags.DEFINE_string("output", None, "DIR: the workdir to create (must not exist or be empty)",
                         flag_values=fv)
     flags.DEFINE_integer("image_size", None, "image side of a MaskGIT-VQGAN imported without "
@@ -20,7 +21,7 @@ def _flags(fv: Any) -> None:
 
 def import_torch(argv: Sequence[str]) -> int:
     """An official PyTorch release (HF_DIR: config.json + model.safetensors / pytorch_model.bin, or
-    a bare MaskGIT-VQGAN state dict, or a TiTok MaskGIT generator) -> a workdir at --output (never
+    a bare MaskGIT-VQGAN state dict, a TiTok MaskGIT generator, or a FlowMo .pth) -> a workdir at --output (never
     overwritten)."""
     fv = parse("titok-jax import-torch", argv, _flags)
     if not fv.input or not fv.output:

@@ -19,8 +19,14 @@ import numpy as np
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Flat ``{name: numpy array}`` from a ``.safetensors``, ``.npz`` or torch pickle file."""
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_state_dict(path: str | os.PathLike, state_keys: Iterable[str] = ("state_dict",)
+                    ) -> dict[str, np.ndarray]:
+    """Flat ``{name: numpy array}`` from a ``.safetensors``, ``.npz`` or torch pickle file. A torch
+    training checkpoint gives its first entry of ``state_keys`` that is a state dict (else the file
+    is taken as the state dict); DDP / ``torch.compile`` name prefixes are stripped."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
@@ -45,14 +51,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ValueError(f"{path} is not a readable torch state dict: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
                              ) from None
-        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-            obj = obj["state_dict"]
+        if isinstance(obj, Mapping):  # a training checkpoint: its first state dict of state_keys
+            obj = next((obj[k] for k in state_keys if isinstance(obj.get(k), Mapping)), obj)
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
         out = {}
         for k, v in obj.items():
             if not isinstance(v, torch.Tensor):
                 raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            for prefix in WRAPPER_PREFIXES:  # DDP / torch.compile wrappers, if saved so
+                k = k[len(prefix):] if k.startswith(prefix) else k
             out[k] = v.detach().to(torch.float32).cpu().numpy()
         return out
     raise ValueError(f"{path}: unsupported file type; expected .safetensors, .npz or "

@@ -12,7 +12,11 @@
 - a TiTok MaskGIT generator (``generator_titok_{l32,b64,s128}.bin``: ``ImageBert`` / ``UViTBert``,
   or its HF folder), recognised by its tensor names, with its ``config.json`` where the release has
   one; converted by ``convert.maskgit_generator`` into a generator workdir (task ``maskgit``) that
-  ``load_generator`` and ``generate`` read.
+  ``load_generator`` and ``generate`` read; or
+- an official FlowMo checkpoint (``flowmo_lo.pth`` / ``flowmo_hi.pth``: EMA weights under
+  ``model_ema_state_dict``, or a ``.safetensors`` state dict), optionally with the ``.yaml`` it was
+  trained with, recognised by its tensor names; converted by ``convert.flowmo`` into a ``flowmo``
+  task workdir.
 
 ``DIR`` becomes a workdir like one written by ``train`` (``config.json`` with task ``tokenizer``, a
 ``model`` section and an inference-only optimizer: ``frozen: ".*"``, no EMA; an Orbax checkpoint
@@ -137,6 +141,36 @@ def _import_generator(read: Any, source: str, output_dir: str) -> tuple[str, Any
     return f"maskgit {kw['arch']} generator ({variant or 'custom size'})", params, path
 
 
+def _flowmo_weights(input_dir: str) -> str | None:
+    """The single ``.pth`` of ``input_dir`` (no config.json): possibly a FlowMo release."""
+    if not os.path.isdir(input_dir) or os.path.isfile(os.path.join(input_dir, "config.json")):
+        return None
+    names = sorted(os.listdir(input_dir))
+    pth = [n for n in names if n.endswith(".pth")]
+    if len(pth) == 1:
+        return os.path.join(input_dir, pth[0])
+    return None
+
+
+def _import_flowmo(input_dir: str, weights: str, sd: Any, source: str, output_dir: str
+                   ) -> tuple[str, Any, str, str]:
+    from titok_jax.convert import flowmo as fm
+    yamls = sorted(n for n in os.listdir(input_dir) if n.endswith((".yaml", ".yml")))
+    if len(yamls) > 1:
+        raise ValueError(f"{input_dir} holds several yaml files ({', '.join(yamls)}); keep the one "
+                         "the checkpoint was trained with")
+    cfg = None
+    if yamls:
+        import yaml
+        with open(os.path.join(input_dir, yamls[0]), encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    kw, variant, sampler = fm.infer_flowmo_kwargs(sd, cfg, source=weights)
+    params = fm.flowmo_params_from_state_dict(sd, kw, source=weights)
+    config = fm.flowmo_workdir_config(kw, variant, sampler, source)
+    path = write_workdir(output_dir, config, inference_state(params, _zero_state(config["model"])))
+    return f"flowmo ({variant})", params, path, weights
+
+
 def import_torch(input_dir: str, output_dir: str, image_size: int | None = None) -> dict[str, Any]:
     """Convert ``input_dir`` and write the workdir ``output_dir``; returns a summary
     ``{"model", "num_params", "weights", "checkpoint"}``."""
@@ -144,11 +178,26 @@ def import_torch(input_dir: str, output_dir: str, image_size: int | None = None)
 
     input_dir, output_dir = os.fspath(input_dir), os.path.abspath(os.fspath(output_dir))
     check_new_workdir(output_dir, "import-torch never overwrites: choose a new --output")  # before slow work
-    read = read_input(input_dir)
-    weights = read[1]
-    if generator_arch(read[0]) is not None:   # a TiTok MaskGIT generator (ImageBert / UViTBert)
+    from titok_jax.convert import flowmo as fm
+    flowmo_pth, sd, read = _flowmo_weights(input_dir), None, None
+    if flowmo_pth is not None:   # a .pth: FlowMo's release nests the state dict, so read it first
+        sd = fm.read_release(flowmo_pth)
+        if not fm.is_flowmo(sd):
+            flowmo_pth, sd = None, None
+    if flowmo_pth is None:
+        read = read_input(input_dir)
+        if fm.is_flowmo(read[0]):
+            flowmo_pth, sd = read[1], read[0]
+    if flowmo_pth is not None:
+        if image_size is not None:
+            raise ValueError("--image_size is only for a MaskGIT-VQGAN state dict, not FlowMo "
+                             "(its yaml sets data.image_size)")
+        name, params, path, weights = _import_flowmo(input_dir, flowmo_pth, sd,
+                                                     os.path.abspath(input_dir), output_dir)
+    elif generator_arch(read[0]) is not None:   # a TiTok MaskGIT generator (ImageBert / UViTBert)
         if image_size is not None:
             raise ValueError("--image_size is only for a MaskGIT-VQGAN state dict, not a generator")
+        weights = read[1]
         name, params, path = _import_generator(read, os.path.abspath(input_dir), output_dir)
     else:
         model, params, weights = model_from_input(input_dir, image_size, read=read)
