@@ -30,7 +30,7 @@ from typing import Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import TORCH_SUFFIXES, read_state_dict  # noqa: F401 (re-exported)
+from titok_jax.convert.common import read_state_dict
 from titok_jax.losses.perceptual import LPIPS_SCALE, LPIPS_SHIFT, check_lpips_params
 from titok_jax.nets.vgg import VGG16_CONVS, VGG16_TAP_CHANNELS
 
