@@ -19,6 +19,15 @@ betas (0.9, 0.99), wd 0.05, 10k warmup, cosine, batch 256, EMA 0.9999; REPA weig
 block 1 with DINOv2-L/14 features (REPA paper defaults); CFG dropout 0.1; uniform nested dropout
 (the d18-d28 config reportedly uses it); logit-normal(0, 1) flow times; decoding with 25 Euler steps
 and APG w = 7.5. The VAE recipe follows SD's (L1 + LPIPS + a hinge GAN, KL 1e-6).
+
+The model itself is the official one (apple/ml-flextok): row-first 2D sin-cos tables, the decoder's
+register chain posemb -> mask token -> null condition, adaLN per patches / registers. The settings
+that differ between released configs are model keys here: ``null_cond`` (learned | zeros |
+single_token), ``max_timestep`` (time embedding at ``t * 1000 / max_timestep``), ``head_adaln``,
+``vae_scaling_factor`` / ``vae_sample_posterior``; the defaults below are our choice for training
+from scratch, and ``titok-jax import-torch`` of a released ``model.safetensors`` writes the
+release's own values (read from its metadata). There is no official training code: the recipe above
+is ours.
 """
 from __future__ import annotations
 
@@ -68,7 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.task = ml_collections.ConfigDict({"name": "flextok"})
     model = dict(FLEXTOK_VARIANTS[variant])
-    model = {**dict(image_size=256, nested_dropout="uniform", cfg_dropout=0.1), **model}
+    model = {**dict(image_size=256, nested_dropout="uniform", cfg_dropout=0.1, null_cond="learned",
+                    max_timestep=1.0, head_adaln=True), **model}
     for key in ("vae_channel_mult",):
         if key in model:
             model[key] = list(model[key])

@@ -85,7 +85,7 @@ def evaluate(argv: Sequence[str]) -> int:
     from titok_jax.train.distributed import maybe_init_distributed
     maybe_init_distributed()
     from titok_jax.train.loop import Trainer
-    t = Trainer(config, fv.workdir)
+    t = Trainer(config, fv.workdir, inference=True)
     if t.checkpointer.latest_step() is None:
         raise UsageError(f"no checkpoint in {t.checkpointer.directory}")
     step, metrics, _ = t.evaluate_checkpoint()

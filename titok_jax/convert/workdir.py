@@ -13,6 +13,10 @@
   or its HF folder), recognised by its tensor names, with its ``config.json`` where the release has
   one; converted by ``convert.maskgit_generator`` into a generator workdir (task ``maskgit``) that
   ``load_generator`` and ``generate`` read; or
+- a released FlexTok ``model.safetensors`` (HF ``EPFL-VILAB/flextok_*``; the VAE inside it, the
+  Hydra config in its safetensors metadata), recognised by its tensor names; converted by
+  ``convert.flextok`` into a ``flextok`` task workdir (no torch needed; ``--image_size`` may pick a
+  smaller size than the released position table's); or
 - an official FlowMo checkpoint (``flowmo_lo.pth`` / ``flowmo_hi.pth``: EMA weights under
   ``model_ema_state_dict``, or a ``.safetensors`` state dict), optionally with the ``.yaml`` it was
   trained with, recognised by its tensor names; converted by ``convert.flowmo`` into a ``flowmo``
@@ -27,6 +31,7 @@ must not exist or be empty: nothing is ever overwritten. Writing it is
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, Mapping
@@ -174,6 +179,7 @@ def _import_flowmo(input_dir: str, weights: str, sd: Any, source: str, output_di
 def import_torch(input_dir: str, output_dir: str, image_size: int | None = None) -> dict[str, Any]:
     """Convert ``input_dir`` and write the workdir ``output_dir``; returns a summary
     ``{"model", "num_params", "weights", "checkpoint"}``."""
+    from titok_jax.convert import flextok
     from titok_jax.convert.maskgit_generator import generator_arch
 
     input_dir, output_dir = os.fspath(input_dir), os.path.abspath(os.fspath(output_dir))
@@ -194,6 +200,14 @@ def import_torch(input_dir: str, output_dir: str, image_size: int | None = None)
                              "(its yaml sets data.image_size)")
         name, params, path, weights = _import_flowmo(input_dir, flowmo_pth, sd,
                                                      os.path.abspath(input_dir), output_dir)
+    elif read[1].endswith(".safetensors") and flextok.is_flextok(read[0].keys()):   # a FlexTok release
+        weights = read[1]
+        kw, params = flextok.import_release(weights, image_size=image_size)
+        config = {**workdir_config(flextok.flextok_model_section(kw), os.path.abspath(weights)),
+                  **copy.deepcopy(flextok.WORKDIR_SECTIONS)}
+        path = write_workdir(output_dir, config, inference_state(params, _zero_state(config["model"])))
+        name = (f"flextok (encoder d{kw['encoder_depth']} w{kw['encoder_width']}, decoder "
+                f"d{kw['decoder_depth']} w{kw['decoder_width']}, {kw['num_registers']} tokens)")
     elif generator_arch(read[0]) is not None:   # a TiTok MaskGIT generator (ImageBert / UViTBert)
         if image_size is not None:
             raise ValueError("--image_size is only for a MaskGIT-VQGAN state dict, not a generator")

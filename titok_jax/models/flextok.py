@@ -13,9 +13,11 @@ Shapes for a ``S x S`` image, a VAE of factor ``f = 8`` and ``C`` latent channel
       seq = [Dense(patchify_p x_t) + sincos_2d  ||  r]                [B, P + R, Wd]
       r   = Dense(codes) + register posemb ; then slots j >= k replaced by the bare mask_token
             (nested dropout, k per sample; no posemb on dropped slots, as in the official code)
-            ; whole r replaced by null_token for unconditional rows (CFG)
+            ; whole r replaced by the null condition for unconditional rows (CFG: ``null_cond``
+            learned / zeros / a single learned token)
       FlexBlocks with adaLN-zero per sub-sequence (patches / registers) on temb(t), full attention
       v   = unpatchify(Dense_0(LN(h_P) (1 + a) + b))                   [B, S/f, S/f, C]
+            (adaLN on the head when ``head_adaln``; temb(t) from t * 1000 / ``max_timestep``)
       REPA: h_P after block ``repa_layer`` -> projector MLP -> aligned to a frozen teacher's features
 
 ``sincos_2d`` above is the official FlexTok table (row half first: ``[sin r, cos r, sin c, cos c]``,
@@ -52,6 +54,7 @@ from titok_jax.quantizers import FSQ, QuantizerOutput
 
 Dtype = Any
 token_init = nn.initializers.truncated_normal(0.02)
+NULL_CONDS = ("learned", "zeros", "single_token")
 
 
 class _TracedGuidance(GuidanceConfig):
@@ -121,6 +124,9 @@ class FlexTokDecoder(nn.Module):
     patch_size: int
     latent_channels: int
     repa_layer: int = -1
+    null_cond: str = "learned"
+    max_timestep: float = 1.0
+    head_adaln: bool = True
     remat: bool = False
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
@@ -143,20 +149,35 @@ class FlexTokDecoder(nn.Module):
         # register posemb is summed): posemb first, then dropped slots become the bare mask token
         r = r + pos.astype(r.dtype)[None]
         r = jnp.where(keep[..., None], r, mask_token.astype(r.dtype))
-        null = self.param("null_token", boxed(token_init, ("embed",)), (d,), self.param_dtype)
+        # the null condition (CFG): every register slot (dropped ones included) becomes zeros or
+        # the learned null vector; "single_token": the register sequence is ONE learned token,
+        # realised as slot 0 with slots 1.. hidden from every query (same maths, static shapes)
+        if self.null_cond == "zeros":
+            null = jnp.zeros((d,), r.dtype)
+        else:
+            null = self.param("null_token", boxed(token_init, ("embed",)), (d,), self.param_dtype)
         r = jnp.where(cond[:, None, None], r, null.astype(r.dtype))
-        temb = TimestepEmbedder(d, frequency_dim=256, max_period=256.0, time_scale=1000.0,
-                                name="time_embed", **kw)(t)
+        mask = None
+        if self.null_cond == "single_token":
+            visible = jnp.concatenate([jnp.ones((b, num_patches + 1), bool),
+                                       jnp.broadcast_to(cond[:, None], (b, self.num_registers - 1))], 1)
+            mask = visible[:, None, None, :]
+        # time embedding: t in [0, 1] at frequencies scaled by 1000 / max_timestep (official)
+        temb = TimestepEmbedder(d, frequency_dim=256, max_period=256.0,
+                                time_scale=1000.0 / float(self.max_timestep), name="time_embed",
+                                **kw)(t)
         x = jnp.concatenate([x.astype(r.dtype), r], axis=1)
         block = nn.remat(FlexBlock) if self.remat else FlexBlock
         feats = None
         for i in range(self.depth):
             x = block(num_heads=d // self.head_dim, head_dim=self.head_dim, num_subseqs=2,
-                      name=f"block_{i}", **kw)(x, temb, split=num_patches)
+                      name=f"block_{i}", **kw)(x, temb, split=num_patches, mask=mask)
             if i == self.repa_layer:
                 feats = x[:, :num_patches]
-        shift, scale = AdaLNModulation(2, d, name="head_adaln", **kw)(temb)
-        y = _ln("norm_out", **kw)(x[:, :num_patches]) * (1 + scale[:, None]) + shift[:, None]
+        y = _ln("norm_out", **kw)(x[:, :num_patches])
+        if self.head_adaln:
+            shift, scale = AdaLNModulation(2, d, name="head_adaln", **kw)(temb)
+            y = y * (1 + scale[:, None]) + shift[:, None]
         y = nn.Dense(p * p * c, kernel_init=boxed(nn.initializers.zeros_init(), ("embed", None)),
                      bias_init=boxed(nn.initializers.zeros_init(), (None,)), name="head", **kw)(y)
         v = unpatchify(y, p, h, w_lat, c, channel_order="hwc")
@@ -198,6 +219,13 @@ class FlexTok(nn.Module):
       num_registers: R, the maximum number of tokens; fsq_levels: the FSQ levels.
       nested_dropout: ``uniform`` | ``pow2`` | ``uniform_pow2`` | ``none``.
       cfg_dropout: probability of nulling a sample's registers in training.
+      null_cond: the CFG null condition (``NULL_CONDS``): ``learned`` (every register slot becomes
+        one learned vector), ``zeros`` (all slots zero) or ``single_token`` (the register sequence
+        becomes one learned token) - the released config's ``LearnedNullCond`` / ``ZeroNullCond`` /
+        ``replace_with_single_token``.
+      max_timestep: the time embedding reads ``t`` in [0, 1] at frequencies scaled by
+        ``1000 / max_timestep`` (the official ``TimestepEmbedder``; 1.0 -> x1000, 1000.0 -> x1).
+      head_adaln: whether the decoder's patch head is adaLN-modulated by the time embedding.
       repa_layer: decoder block whose patch features REPA aligns; repa_dim: teacher feature width
         (0 = no REPA projector); repa_hidden_dim: projector width.
       remat: rematerialise each block; dtype / param_dtype: compute / parameter dtype.
@@ -220,6 +248,9 @@ class FlexTok(nn.Module):
     fsq_levels: Sequence[int] = (8, 8, 8, 5, 5, 5)
     nested_dropout: str = "uniform"
     cfg_dropout: float = 0.1
+    null_cond: str = "learned"
+    max_timestep: float = 1.0
+    head_adaln: bool = True
     repa_layer: int = 1
     repa_dim: int = 1024
     repa_hidden_dim: int = 2048
@@ -265,6 +296,11 @@ class FlexTok(nn.Module):
         if self.nested_dropout in ("pow2", "uniform_pow2") and not is_power_of_two(self.num_registers):
             raise ValueError(f"FlexTok: nested_dropout {self.nested_dropout!r} needs a power-of-two "
                              f"num_registers, got {self.num_registers}")
+        if self.null_cond not in NULL_CONDS:
+            raise ValueError(f"FlexTok: unknown null_cond {self.null_cond!r}; known: "
+                             f"{', '.join(NULL_CONDS)}")
+        if not float(self.max_timestep) > 0:
+            raise ValueError(f"FlexTok: max_timestep must be > 0, got {self.max_timestep}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"FlexTok: cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         if self.repa_dim and not 0 <= self.repa_layer < self.decoder_depth:
@@ -284,7 +320,10 @@ class FlexTok(nn.Module):
         self.quantize = FSQ(tuple(int(v) for v in self.fsq_levels))
         self.decoder = FlexTokDecoder(width=self.decoder_width, depth=self.decoder_depth,
                                       latent_channels=self.vae_latent_channels,
-                                      repa_layer=self.repa_layer if self.repa_dim else -1, **common)
+                                      repa_layer=self.repa_layer if self.repa_dim else -1,
+                                      null_cond=self.null_cond,
+                                      max_timestep=float(self.max_timestep),
+                                      head_adaln=bool(self.head_adaln), **common)
         if self.repa_dim:
             self.repa_projector = RepaProjector(self.repa_hidden_dim, self.repa_dim,
                                                 dtype=self.dtype, param_dtype=self.param_dtype)

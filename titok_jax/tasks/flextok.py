@@ -7,10 +7,12 @@ Per batch (``FlexTok.flow_loss``; nested dropout and CFG register dropout are mo
 
 The VAE (``params["model"]["vae"]``) is frozen: its latents are ``stop_gradient``-ed and
 ``optimizer.frozen`` must match ``model/vae/`` (checked here), so it gets no update and no weight
-decay. ``config.vae.weights`` is either a workdir of a ``tokenizer`` run of model ``kl_vae``
-(``configs/flextok.py:vae_*``; its EMA params when it kept them) or a ``.safetensors`` / ``.npz``
-file of the VAE's params keyed by the ``/``-joined param path (``encoder/conv_in/kernel``); empty is
-an error unless ``vae.allow_random`` (tiny CPU runs; said loudly on stderr).
+decay. ``config.vae.weights`` is a workdir of a ``tokenizer`` run of model ``kl_vae``
+(``configs/flextok.py:vae_*``; its EMA params when it kept them), a released diffusers VAE
+(``diffusion_pytorch_model.safetensors`` of HF ``EPFL-VILAB/flextok_vae_c{4,8,16}``, converted by
+``convert.kl_vae``; its shape must match ``model.vae_*``) or a ``.safetensors`` / ``.npz`` file of
+the VAE's params keyed by the ``/``-joined param path (``encoder/conv_in/kernel``); empty is an
+error unless ``vae.allow_random`` (tiny CPU runs; said loudly on stderr).
 
 REPA teacher (``config.repa.teacher``): ``model`` = kwargs of ``nets.dinov2.ViTFeatures``
 (DINOv2-L/14 at 224 px by default: LayerScale, the released 37 x 37 position table interpolated to
@@ -77,6 +79,18 @@ def load_vae_params(vae_config: Any, abstract: Any) -> dict | None:
         flat = flatten(params)
         check_tree_matches(flat, abstract, source=f"vae.weights {weights}")
         return unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    if weights.endswith(".safetensors"):   # a released diffusers AutoencoderKL (flextok_vae_c*)?
+        from safetensors import safe_open
+        from titok_jax.convert.kl_vae import DIFFUSERS_VAE_PROBE, diffusers_vae_params
+        try:
+            with safe_open(weights, "np") as f:
+                diffusers = DIFFUSERS_VAE_PROBE in f.keys()
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"vae.weights {weights} is not a readable safetensors file: {e}") from None
+        if diffusers:
+            params = diffusers_vae_params(weights)
+            check_tree_matches(flatten(params), abstract, source=f"vae.weights {weights}")
+            return params
     params = load_frozen_params(weights, abstract, "KL-VAE", VAE_HINT)
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
@@ -120,6 +134,11 @@ class FlexTokTask(FlowTokenizerTask):
             raise ValueError(f"data.image_size {self.image_size} != model.image_size "
                              f"{self.model.image_size}")
         self._vae, self._teacher = None, None
+        # evaluation's sampler (configs/flextok.py; imported workdirs carry the official one)
+        sampler = config.get("sampler", {}) or {}
+        self.steps = int(sampler.get("steps", self.model.default_steps))
+        self.guidance = float(sampler.get("guidance", self.model.default_guidance))
+        self.eval_seed = int(sampler.get("seed", 0))
         if inference:  # the run's own checkpoint holds every weight; the recipe is training-only
             return
         frozen = str(config.optimizer.frozen or "")
@@ -131,9 +150,6 @@ class FlexTokTask(FlowTokenizerTask):
         self.time_params = dict(config.flow.time_params or {})
         repa = config.repa
         self.repa_weight = float(repa.weight)
-        self.steps = int(config.sampler.steps)
-        self.guidance = float(config.sampler.guidance)
-        self.eval_seed = int(config.sampler.seed)
         # Errors about missing files come now, before any training work.
         vae_abstract = self._abstract()[0]["vae"]
         self._vae = load_vae_params(config.vae, vae_abstract)

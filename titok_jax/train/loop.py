@@ -29,12 +29,14 @@ class TrainingError(RuntimeError):
 class Trainer:
     """Everything a run needs, built from a config and a workdir (also used by ``eval``)."""
 
-    def __init__(self, config: Any, workdir: str):
+    def __init__(self, config: Any, workdir: str, inference: bool = False):
+        """``inference=True`` (``eval``): the task is built for inference, so it reads no
+        training-only file (a FlexTok's VAE or REPA teacher: the checkpoint holds what it needs)."""
         self.config, self.workdir = config, os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.mesh = sharding_lib.make_mesh(dict(config.mesh))
         self.rules = sharding_lib.rules_from_config(config.get("logical_axis_rules"))
-        self.task = get_task(config)
+        self.task = get_task(config, inference=inference)
         self.use_ema = float(config.optimizer.get("ema_decay", 0.0)) > 0
         self.abstract, self.shardings, self.optimizer = abstract_and_shardings(
             self.task.init, lambda p: make_optimizer(config, p), self.use_ema, self.mesh, self.rules)
