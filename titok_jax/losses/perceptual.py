@@ -65,6 +65,18 @@ def _unit_normalize(f: jax.Array, eps: float = LPIPS_EPS) -> jax.Array:
     return f / (norm + eps)
 
 
+def _interleave(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``[B, ...] x [B, ...] -> [2B, ...]`` with rows ``x_0, y_0, x_1, y_1, ...``: one frozen-trunk
+    pass for both that keeps each example's pair on the device holding its batch rows."""
+    return jnp.stack([x, y], axis=1).reshape((2 * x.shape[0],) + x.shape[1:])
+
+
+def _deinterleave(f: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of :func:`_interleave`: ``[2B, ...] -> ([B, ...], [B, ...])``."""
+    f = f.reshape((f.shape[0] // 2, 2) + f.shape[1:])
+    return f[:, 0], f[:, 1]
+
+
 class LPIPS(nn.Module):
     """LPIPS-VGG distance ``[B, H, W, 3] x [B, H, W, 3] -> [B]`` (see the module docstring).
 
@@ -93,15 +105,17 @@ class LPIPS(nn.Module):
         shift = jnp.asarray(LPIPS_SHIFT, jnp.float32)
         scale = jnp.asarray(LPIPS_SCALE, jnp.float32)
 
-        b = x.shape[0]
-        both = jnp.concatenate([x, y], axis=0).astype(jnp.float32)   # one trunk pass for x and y
+        # One trunk pass over x and y interleaved per example (x_0, y_0, x_1, ...): a device's
+        # rows of x and y become its rows of the pass, so a mesh-split batch moves no data (a
+        # concatenation [x; y] along the split axis would cost a collective-permute).
+        both = _interleave(x, y).astype(jnp.float32)
         both = (2.0 * (both - lo) / (hi - lo) - 1.0 - shift) / scale
         taps = VGG16Features(dtype=self.dtype, param_dtype=self.param_dtype,
                              precision=self.precision, name="vgg")(both)
-        total = jnp.zeros((b,), jnp.float32)
+        total = jnp.zeros((x.shape[0],), jnp.float32)
         for k, f in enumerate(taps):
-            f = _unit_normalize(f.astype(jnp.float32))
-            diff = jnp.square(f[:b] - f[b:])                                  # [B, h, w, C_k]
+            fx, fy = _deinterleave(_unit_normalize(f.astype(jnp.float32)))
+            diff = jnp.square(fx - fy)                                        # [B, h, w, C_k]
             lin = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
                            precision=self.precision, name=f"lin{k}")(diff)    # [B, h, w, 1]
             total = total + jnp.mean(lin, axis=(1, 2, 3))
@@ -207,9 +221,9 @@ def convnext_logits(params: Mapping[str, Any], x: jax.Array, *,
 
 def convnext_loss(params: Mapping[str, Any], x: jax.Array, y: jax.Array, **kwargs: Any) -> jax.Array:
     """TiTok's ConvNeXt-S perceptual term: ``mean((logits(x) - logits(y))**2)`` over the batch and
-    the 1000 classes (torch ``mse_loss`` with ``reduction="mean"``); one trunk pass for both."""
+    the 1000 classes (torch ``mse_loss`` with ``reduction="mean"``); one trunk pass for both, with
+    ``x`` and ``y`` interleaved per example (no data moves between the devices of a split batch)."""
     if x.shape != y.shape:
         raise ValueError(f"convnext_loss inputs differ in shape: {x.shape} vs {y.shape}")
-    logits = convnext_logits(params, jnp.concatenate([x, y], axis=0), **kwargs)
-    b = x.shape[0]
-    return jnp.mean(jnp.square(logits[:b] - logits[b:]))
+    lx, ly = _deinterleave(convnext_logits(params, _interleave(x, y), **kwargs))
+    return jnp.mean(jnp.square(lx - ly))

@@ -4,6 +4,8 @@ Mesh axes are ``('data', 'fsdp', 'tensor')``; the config gives their sizes with 
 the remaining devices. Params carry logical axis names (``embed``, ``mlp``, ``heads``, ...; see
 ``titok_jax.nn.LOGICAL_AXES``); the rules table maps them to mesh axes, so FSDP is ``embed -> fsdp`` and
 tensor parallelism is ``mlp/heads -> tensor``. Batches are split over ``('data', 'fsdp')``.
+A mesh axis never silently replicates a large param: one that does not divide its dimension moves to
+another dimension it divides, or the param is a ``ValueError`` (``_fit``, ``MAX_REPLICATED_ELEMENTS``).
 """
 from __future__ import annotations
 
@@ -79,31 +81,63 @@ def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
+# A param whose dimensions none divide by the mesh axes meant to split it stays replicated over them
+# only up to this many elements (2**20: 4 MiB in float32 - biases, norm scales, small convs and
+# embeddings); a bigger one is a ValueError, never a silent replication of a large tensor.
+MAX_REPLICATED_ELEMENTS = 2 ** 20
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
     """NamedShardings for a (boxed, abstract) tree: logical names through ``rules``; leaves without
-    names are replicated. Mesh axes that do not divide a dimension are dropped for that leaf."""
+    names are replicated. A mesh axis that does not divide the dimension it would split moves to
+    another dimension of the leaf (see :func:`_fit`); a large leaf that no dimension fits is a
+    ``ValueError`` naming its path."""
     specs = nn.get_partition_spec(abstract_tree)
 
-    def to_sharding(leaf, spec):
+    def to_sharding(path, leaf, spec):
         if not isinstance(spec, P):
             return NamedSharding(mesh, P())
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
-        return NamedSharding(mesh, _fit(mesh_spec, getattr(leaf, "shape", ()), mesh))
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        return NamedSharding(mesh, _fit(mesh_spec, tuple(getattr(leaf, "shape", ())), mesh, name))
 
-    return jax.tree.map(to_sharding, nn.unbox(abstract_tree), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map_with_path(to_sharding, nn.unbox(abstract_tree), specs,
+                                            is_leaf=lambda x: isinstance(x, P))
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Drop mesh axes that do not evenly divide the dimension they would split."""
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        if axes is None:
-            out.append(None)
+def _axes_size(axes: Any, mesh: Mesh) -> int:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in names)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str = "param") -> P:
+    """Place every mesh axis (or axis group) of ``spec`` on a dimension of ``shape`` it divides.
+
+    Axes of total size 1 split nothing and are dropped. Axes of size ``n > 1`` whose dimension
+    ``n`` does not divide move to the largest other dimension that ``n`` divides and no other axis
+    splits; when there is none the leaf is replicated over them if it has at most
+    ``MAX_REPLICATED_ELEMENTS`` elements, and otherwise ``_fit`` raises a one-line ``ValueError``
+    naming ``name``, the shape and the axes."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    out: list[Any] = [None] * len(shape)
+    unplaced = []
+    for d, (dim, axes) in enumerate(zip(shape, entries)):
+        if axes is None or _axes_size(axes, mesh) == 1:
             continue
-        names = axes if isinstance(axes, tuple) else (axes,)
-        size = math.prod(mesh.shape[a] for a in names)
-        out.append(axes if size > 1 and dim % size == 0 else None)
+        if dim % _axes_size(axes, mesh) == 0:
+            out[d] = axes
+        else:
+            unplaced.append((d, axes))
+    for d, axes in unplaced:
+        size = _axes_size(axes, mesh)
+        free = [k for k in range(len(shape)) if out[k] is None and shape[k] % size == 0]
+        if free:
+            out[max(free, key=lambda k: (shape[k], -k))] = axes
+        elif math.prod(shape) > MAX_REPLICATED_ELEMENTS:
+            raise ValueError(f"{name} {tuple(shape)}: mesh axes {axes} (size {size}) divide none of its "
+                             f"free dimensions (dimension {d} is {shape[d]}), and at {math.prod(shape)} "
+                             f"elements it is too big to replicate (limit {MAX_REPLICATED_ELEMENTS}); "
+                             f"change the mesh or the logical-axis rules")
     return P(*out)
 
 

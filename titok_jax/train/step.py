@@ -6,11 +6,13 @@ the tests call it): ``jax.jit`` with the state's shardings in and out, the batch
 mesh's batch axes, constants replicated, and the state donated."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from titok_jax.train import sharding as sharding_lib
 from titok_jax.train.optimizer import ema_update, learning_rates
@@ -20,11 +22,33 @@ from titok_jax.train.state import TrainState
 LossFn = Callable[[Any, Any, Any, jax.Array, jax.Array, Any], tuple[jax.Array, tuple[Any, dict]]]
 
 
-def _split_micro(batch: Any, accumulation: int) -> Any:
+def _split_micro(batch: Any, accumulation: int, sharding: NamedSharding | None = None) -> Any:
+    """Every ``[B, ...]`` leaf -> ``[A, B/A, ...]`` (``A = accumulation``), micro-batch ``j`` being
+    rows ``j, A + j, 2A + j, ...``: example ``i`` of micro-batch ``j`` is row ``i * A + j``.
+
+    The batch is split over the devices along its first axis, so the ``[B/A, A]`` reshape keeps
+    every device's rows on it and each micro-batch stays split over all of them (an ``[A, B/A]``
+    reshape would put part of the batch sharding on the accumulation axis). With ``sharding`` (the
+    batch ``NamedSharding``) the micro-batches are constrained to it, and a micro-batch the batch
+    devices do not divide is a ``ValueError``."""
+    devices, spec = 1, None
+    if sharding is not None:
+        spec = sharding.spec[0] if len(sharding.spec) else None
+        names = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+        devices = math.prod(sharding.mesh.shape[a] for a in names)
+
     def split(x):
-        if x.shape[0] % accumulation:
-            raise ValueError(f"batch of {x.shape[0]} does not split into {accumulation} micro-batches")
-        return x.reshape((accumulation, x.shape[0] // accumulation) + x.shape[1:])
+        b = x.shape[0]
+        if b % accumulation:
+            raise ValueError(f"batch of {b} does not split into {accumulation} micro-batches")
+        micro = b // accumulation
+        if micro % devices:
+            raise ValueError(f"micro-batch of {micro} ({b} / {accumulation} accumulation steps) does "
+                             f"not split over the {devices} devices of mesh axes {spec}")
+        x = jnp.swapaxes(x.reshape((micro, accumulation) + x.shape[1:]), 0, 1)
+        if sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, P(None, spec)))
+        return x
     return jax.tree.map(split, batch)
 
 
@@ -42,10 +66,15 @@ def loss_grads(loss_fn: LossFn) -> Callable:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     ema_decay: float = 0.0, accumulation_steps: int = 1,
-                    lr_fn: Callable[[jax.Array], dict] | None = None) -> Callable:
+                    lr_fn: Callable[[jax.Array], dict] | None = None,
+                    batch_sharding: NamedSharding | None = None) -> Callable:
     """``step(state, batch, constants) -> (state, metrics)`` (not jitted: ``build_step`` does);
     metrics are float32 scalars (``loss`` among them); ``constants`` are frozen inputs of the task
-    (e.g. LPIPS weights). The gradient is ``jax.grad(loss_fn)`` with respect to every group."""
+    (e.g. LPIPS weights). The gradient is ``jax.grad(loss_fn)`` with respect to every group.
+
+    With ``accumulation_steps = A > 1`` the gradient is the mean of the gradients of ``A``
+    micro-batches (``_split_micro``: interleaved rows), each one split over the devices of
+    ``batch_sharding`` like the whole batch (``build_step`` passes the mesh's batch sharding)."""
     grads_fn = loss_grads(loss_fn)
 
     def step(state: TrainState, batch: Any, constants: Any = None) -> tuple[TrainState, dict]:
@@ -53,10 +82,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         if accumulation_steps == 1:
             grads, model_state, metrics = grads_fn(state.params, state.model_state, batch, key, state.step, constants)
         else:
-            micro = _split_micro(batch, accumulation_steps)
+            micro = _split_micro(batch, accumulation_steps, batch_sharding)
 
             def body(carry, xs):
                 acc, mstate, i = carry
+                if batch_sharding is not None:
+                    xs = jax.lax.with_sharding_constraint(xs, batch_sharding)
                 g, mstate, m = grads_fn(state.params, mstate, xs, jax.random.fold_in(key, i), state.step,
                                      constants)
                 acc = jax.tree.map(lambda a, b: a + b / accumulation_steps, acc, g)
@@ -101,12 +132,13 @@ def build_step(task: Any, optimizer: optax.GradientTransformation, shardings: An
     split over the mesh's batch axes and the constants are replicated; without one, plain
     ``jax.jit``. ``options``: ``ema_decay``, ``accumulation_steps``, ``lr_fn`` (``step_options``
     gives them from a config)."""
-    step_fn = make_train_step(task.loss, optimizer, **options)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(step_fn, donate_argnums=donate_argnums)
+        return jax.jit(make_train_step(task.loss, optimizer, **options), donate_argnums=donate_argnums)
     if shardings is None:
         raise ValueError("build_step with a mesh needs the state's shardings")
     repl = sharding_lib.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(shardings, sharding_lib.batch_sharding(mesh), repl),
+    batch_sh = sharding_lib.batch_sharding(mesh)
+    step_fn = make_train_step(task.loss, optimizer, batch_sharding=batch_sh, **options)
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl),
                    out_shardings=(shardings, None), donate_argnums=donate_argnums)
