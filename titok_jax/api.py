@@ -218,18 +218,30 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None,
 # ---------------------------------------------------------------------- image files
 def list_images(path: str) -> tuple[list[str], list[str], bool]:
     """``(full paths, names, is_dir)``: a single file gives its basename; a directory gives every
-    image file under it (recursively, by extension, sorted) with names relative to it."""
+    image file under it (recursively, by extension, sorted) with names relative to it. Entries
+    that are not regular files (a FIFO, socket or device named like an image, a broken link) would
+    block or fail the reader: they are skipped with a ``CorruptImageWarning`` each."""
+    import warnings
+
+    from titok_jax.data.paths import file_kind, is_regular_file
+    from titok_jax.data.sources import CorruptImageWarning
     path = os.fspath(path)
     if os.path.isfile(path):
         return [path], [os.path.basename(path)], False
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"input {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"input {path} is a {file_kind(path)}, not an image file or a directory")
     full, names = [], []
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for name in sorted(files):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 p = os.path.join(root, name)
+                if not is_regular_file(p):
+                    warnings.warn(f"skipping {p}: a {file_kind(p)}, not a regular image file",
+                                  CorruptImageWarning, stacklevel=2)
+                    continue
                 full.append(p)
                 names.append(os.path.relpath(p, path))
     if not full:
@@ -271,7 +283,9 @@ def read_token_file(path: str | os.PathLike, tokenizer: Tokenizer) -> tuple[np.n
 
     The PNG names come from ``files`` (:func:`png_names`) or the row index (``000000.png`` ...).
     They are relative paths that stay inside the output directory: an absolute name, a name with a
-    ``..`` component, an empty name or two rows with the same output name are a ValueError."""
+    ``..`` component, an empty name, a control character, two rows with the same output name or a
+    name that is also another's directory are a ValueError (``titok_jax.data.paths``); the caller
+    joins them with :func:`titok_jax.data.paths.paths_inside`, which also refuses symlinks out."""
     import zipfile
     path = os.fspath(path)
     try:
@@ -296,16 +310,10 @@ def read_token_file(path: str | os.PathLike, tokenizer: Tokenizer) -> tuple[np.n
     if files is None:
         width = max(6, len(str(max(n - 1, 0))))
         return tokens, [f"{i:0{width}d}.png" for i in range(n)]
-    names = png_names([str(f) for f in files])
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        parts = name.replace("\\", "/").split("/")
-        if os.path.isabs(name) or ".." in parts or not str(files[i]).strip():
-            raise ValueError(f"{path}: files[{i}] = {str(files[i])!r} would be written outside the "
-                             "output directory (names must be relative, without '..')")
-        key = os.path.normpath(name)
-        if key in seen:
-            raise ValueError(f"{path}: files[{seen[key]}] and files[{i}] both give the output name "
-                             f"{name!r}")
-        seen[key] = i
+    from titok_jax.data.paths import check_names, check_relative_name
+    raw = [f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f) for f in files.tolist()]
+    for i, name in enumerate(raw):
+        check_relative_name(name, f"{path}: files[{i}]")
+    names = png_names(raw)
+    check_names(names, f"{path}: files", source=raw)
     return tokens, names

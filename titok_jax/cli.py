@@ -12,10 +12,10 @@ COMMANDS = {
     "train": "train a tokenizer or generator: --config configs/<family>.py:<variant> --workdir DIR",
     "eval": "evaluate the latest checkpoint of a workdir: --workdir DIR [--split NAME] "
             "[--data SOURCE] [--inception_weights FILE]",
-    "reconstruct": "encode + decode images: --workdir DIR --input IMG_OR_DIR --output PATH",
+    "reconstruct": "encode + decode images: --workdir DIR --input IMG_OR_DIR --output PATH [--overwrite]",
     "tokenize": "images to token ids: --workdir DIR --input IMG_OR_DIR --output tokens.npz "
                 "(or --data SOURCE --output DIR: token shards for generator training)",
-    "detokenize": "token ids to images: --workdir DIR --input tokens.npz --output OUT_DIR",
+    "detokenize": "token ids to images: --workdir DIR --input tokens.npz --output OUT_DIR [--overwrite]",
     "generate": "sample images: --workdir GEN_DIR --tokenizer TOK_DIR --output OUT_DIR "
                 "[--class-id K] [--num N] [--seed S]",
     "import-torch": "official PyTorch release to a workdir: --input HF_DIR --output DIR",
@@ -27,6 +27,9 @@ COMMANDS = {
     "fid-reference": "FID reference statistics of a data split: --data SOURCE --inception_weights FILE "
                      "--output ref.npz",
 }
+
+# Every command that writes user-named files refuses to replace one unless given --overwrite
+# (titok_jax.commands.outputs); import-torch and `tokenize --data` never replace anything.
 
 # Commands with an implementation: name -> (module of titok_jax.commands, function).
 HANDLERS: dict[str, tuple[str, str]] = {

@@ -2,9 +2,11 @@
 for a bad flag or config key, and ``run_command`` (user errors -> one line on stderr + exit status)."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 
@@ -123,7 +125,7 @@ def check_workdir(workdir: str) -> None:
 
 
 def check_output_dir(path: str, why: str = "expected an output directory") -> None:
-    if os.path.isfile(path):
+    if os.path.lexists(path) and not os.path.isdir(path):
         raise UsageError(f"--output {path} is a file; {why}")
 
 
@@ -135,8 +137,34 @@ def load_run_config(workdir: str) -> Any:
     return read_run_config(workdir)
 
 
+# Warnings a command shows as one line ("titok-jax: warning: ...") instead of Python's two-line
+# "file:line: Category: text" form: input files skipped on the way (unreadable images, FIFOs).
+ONE_LINE_WARNINGS = ("CorruptImageWarning",)
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Within the block, the ``ONE_LINE_WARNINGS`` categories print as one line on stderr."""
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if any(c.__name__ in ONE_LINE_WARNINGS for c in category.__mro__):
+                print(f"titok-jax: warning: {message}", file=sys.stderr)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def run_command(handler: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> int:
     """Run a command; known failures print one line on stderr and exit non-zero."""
+    with one_line_warnings():
+        return _run_command(handler, argv)
+
+
+def _run_command(handler: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> int:
     from titok_jax.checkpoint import CheckpointError
     if os.environ.get("TITOK_DEBUG") == "1":  # full tracebacks for developers
         return int(handler(argv) or 0)

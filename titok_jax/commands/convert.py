@@ -8,27 +8,35 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from titok_jax.commands.common import UsageError, parse, require
+from titok_jax.commands.outputs import check_new_outputs, define_overwrite, npz_path, replacing
 
 OUTPUT_HELP = "the file to write: .safetensors or .npz"
 
 
 def _convert(name: str, argv: Sequence[str], inputs: dict[str, str],
-             run: Callable[[Any], Mapping[str, np.ndarray]], note: Callable[[int], str] = lambda n: "",
+             run: Callable[[Any, str], Mapping[str, np.ndarray]], note: Callable[[int], str] = lambda n: "",
              optional: Mapping[str, str] | None = None) -> int:
-    """Parse ``--<input> ...  --output OUT`` (``inputs``: flag -> help; ``optional``: more string
-    flags that may stay unset), call ``run(flags)`` and print what it wrote."""
+    """Parse ``--<input> ...  --output OUT [--overwrite]`` (``inputs``: flag -> help; ``optional``:
+    more string flags that may stay unset), refuse an existing OUT unless --overwrite, call
+    ``run(flags, path)`` to write a temporary ``path`` renamed to OUT when complete, and print what
+    it wrote."""
     from absl import flags
 
     def define(fv: Any) -> None:
         for flag, help_text in {**inputs, **(optional or {})}.items():
             flags.DEFINE_string(flag, None, help_text, flag_values=fv)
         flags.DEFINE_string("output", None, OUTPUT_HELP, flag_values=fv)
+        define_overwrite(fv)
 
     fv = parse(f"titok-jax {name}", argv, define)
     require(fv, (*inputs, "output"), name,
             f"{name} " + " ".join(f"--{k} {k.upper()}" for k in inputs) + " --output OUT")
+    if not fv.output.endswith((".safetensors", ".npz")):
+        raise ValueError(f"{fv.output}: output must end in .safetensors or .npz")
+    check_new_outputs([fv.output], fv.overwrite)
     try:
-        flat = run(fv)
+        with replacing(fv.output) as tmp:
+            flat = run(fv, tmp)
     except ImportError as e:  # a .pth without torch installed: one line, not an internal error
         raise ValueError(str(e)) from None
     n = sum(int(np.prod(v.shape)) for v in flat.values())
@@ -42,7 +50,7 @@ def convert_lpips(argv: Sequence[str]) -> int:
     return _convert("convert-lpips", argv, {
         "vgg": "torchvision VGG16 state dict (.pth, .safetensors or .npz)",
         "lin": "LPIPS lin weights, e.g. the lpips package's weights/v0.1/vgg.pth"},
-        lambda fv: convert_lpips_files(fv.vgg, fv.lin, fv.output))
+        lambda fv, out: convert_lpips_files(fv.vgg, fv.lin, out))
 
 
 def convert_convnext(argv: Sequence[str]) -> int:
@@ -50,7 +58,7 @@ def convert_convnext(argv: Sequence[str]) -> int:
     from titok_jax.convert.convnext import convert_convnext_file
     return _convert("convert-convnext", argv,
                     {"input": "convnext_small-0c510722.pth (or .safetensors / .npz)"},
-                    lambda fv: convert_convnext_file(fv.input, fv.output),
+                    lambda fv, out: convert_convnext_file(fv.input, out),
                     lambda n: "" if n == 50_223_688 else " (not ConvNeXt-S, whose 50,223,688 TiTok's loss uses)")
 
 
@@ -58,11 +66,11 @@ def convert_dinov2(argv: Sequence[str]) -> int:
     """Official DINOv2 (``dinov2_vit{s,b,l}14[_reg4]_pretrain.pth``) -> FlexTok's REPA teacher params."""
     from titok_jax.convert.dinov2 import convert_dinov2_file, describe
 
-    def run(fv: Any) -> Mapping[str, np.ndarray]:
+    def run(fv: Any, out: str) -> Mapping[str, np.ndarray]:
         heads = fv.num_heads
         if heads is not None and not (heads.isdigit() and int(heads) > 0):
             raise UsageError(f"--num_heads must be a positive integer, got {heads!r}")
-        flat = convert_dinov2_file(fv.input, fv.output, int(heads) if heads else None)
+        flat = convert_dinov2_file(fv.input, out, int(heads) if heads else None)
         msgs.append(describe(flat) + (f", num_heads={heads}" if heads else ""))
         return flat
 
@@ -78,7 +86,7 @@ def convert_inception(argv: Sequence[str]) -> int:
     from titok_jax.convert.inception import convert_inception_file
     return _convert("convert-inception", argv,
                     {"input": "pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz)"},
-                    lambda fv: convert_inception_file(fv.input, fv.output))
+                    lambda fv, out: convert_inception_file(fv.input, out))
 
 
 def _fid_reference_flags(fv: Any) -> None:
@@ -91,6 +99,7 @@ def _fid_reference_flags(fv: Any) -> None:
     flags.DEFINE_integer("max_images", 0, "0 = the whole split", flag_values=fv)
     flags.DEFINE_string("inception_weights", None, "file from titok-jax convert-inception", flag_values=fv)
     flags.DEFINE_string("output", None, "output .npz (mu, sigma)", flag_values=fv)
+    define_overwrite(fv)
 
 
 def fid_reference(argv: Sequence[str]) -> int:
@@ -101,6 +110,8 @@ def fid_reference(argv: Sequence[str]) -> int:
             "fid-reference --data SOURCE --inception_weights FILE --output ref.npz")
     if fv.image_size < 1 or fv.batch_size < 1 or fv.max_images < 0:
         raise UsageError("--image_size and --batch_size must be >= 1, --max_images >= 0")
+    out = npz_path(fv.output)  # np.savez would add the extension
+    check_new_outputs([out], fv.overwrite)
     from titok_jax.data import make_eval_iterator
     from titok_jax.evaluation.fid import save_reference_stats
     from titok_jax.evaluation.fid_reference import reference_stats
@@ -110,6 +121,7 @@ def fid_reference(argv: Sequence[str]) -> int:
                                  data_dir=fv.data_dir, process_index=0, process_count=1)
     stats = reference_stats(batches, params, fv.max_images)
     mu, sigma = stats.result()
-    save_reference_stats(fv.output, mu, sigma, num_images=stats.n)
-    print(f"wrote {fv.output}: mu {mu.shape}, sigma {sigma.shape} from {stats.n} images")
+    with replacing(out) as tmp:
+        save_reference_stats(tmp, mu, sigma, num_images=stats.n)
+    print(f"wrote {out}: mu {mu.shape}, sigma {sigma.shape} from {stats.n} images")
     return 0

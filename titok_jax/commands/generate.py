@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any, Sequence
 
 from titok_jax.commands.common import UsageError, check_output_dir, parse, require
+from titok_jax.commands.outputs import check_new_outputs, define_overwrite
+
+# The PNG names ``generation.generate_images`` writes: ``{index:06d}_class{K}.png``.
+_IMAGE_NAME = re.compile(r"^(\d{6,})_class-?\d+\.png$")
 
 
 def _flags(fv: Any) -> None:
@@ -31,6 +37,21 @@ def _flags(fv: Any) -> None:
     flags.DEFINE_integer("is_splits", 1, "splits of the Inception Score (ADM uses 10 over 50k)",
                          flag_values=fv)
     flags.DEFINE_bool("save_images", True, "write one PNG per image", flag_values=fv)
+    define_overwrite(fv)
+
+
+def _existing_outputs(fv: Any) -> list[str]:
+    """The files of --output this run would write that exist already: ``grid.png``, ``tokens.npz``,
+    ``metrics.json`` (when scoring) and, with --save_images, a PNG of any class for the indices
+    ``0..num-1`` (an older run's image of the same index counts, whatever its class)."""
+    if not os.path.isdir(fv.output):
+        return [fv.output] if os.path.lexists(fv.output) else []
+    fixed = ["grid.png", "tokens.npz"] + (["metrics.json"] if fv.inception_weights else [])
+    names = sorted(os.listdir(fv.output))
+    found = [n for n in fixed if n in names]
+    if fv.save_images:
+        found += [n for n in names if (m := _IMAGE_NAME.match(n)) and int(m.group(1)) < fv.num]
+    return [os.path.join(fv.output, n) for n in found]
 
 
 def generate(argv: Sequence[str]) -> int:
@@ -46,6 +67,8 @@ def generate(argv: Sequence[str]) -> int:
     check_output_dir(fv.output)
     if fv.fid_reference and not fv.inception_weights:
         raise UsageError("--fid_reference needs --inception_weights")
+    existing = _existing_outputs(fv)
+    check_new_outputs(existing, fv.overwrite)  # before any model is loaded
     from titok_jax.api import load_tokenizer
     from titok_jax.generation import class_labels, generate_images, load_generator
     gen = load_generator(fv.workdir)

@@ -8,6 +8,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from titok_jax.commands.common import UsageError, check_output_dir, check_workdir, parse, require
+from titok_jax.commands.outputs import check_new_outputs, define_overwrite, npz_path, replacing
+from titok_jax.data.paths import file_kind, is_regular_file, paths_inside
 
 
 def _tokenizer_flags(fv: Any, input_help: str, output_help: str) -> None:
@@ -16,6 +18,7 @@ def _tokenizer_flags(fv: Any, input_help: str, output_help: str) -> None:
     flags.DEFINE_string("input", None, input_help, flag_values=fv)
     flags.DEFINE_string("output", None, output_help, flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "images per encode/decode call", flag_values=fv)
+    define_overwrite(fv)
 
 
 def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help: str) -> Any:
@@ -29,6 +32,8 @@ def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help
     check_workdir(fv.workdir)
     if not os.path.exists(fv.input):
         raise FileNotFoundError(f"input {fv.input} does not exist")
+    if not (os.path.isdir(fv.input) or is_regular_file(fv.input)):  # a FIFO would block the read
+        raise ValueError(f"input {fv.input} is a {file_kind(fv.input)}, not a file or a directory")
     return fv
 
 
@@ -42,7 +47,9 @@ def _image_batches(paths: Sequence[str], image_size: int, batch_size: int) -> It
 
 def reconstruct(argv: Sequence[str]) -> int:
     """encode + decode: a single image -> a PNG at --output; a directory -> a PNG per image under
-    --output/ (relative names kept, extension .png). An unreadable image is an error naming it."""
+    --output/ (relative names kept, extension .png). An unreadable image is an error naming it.
+    Every output path is checked (inside --output, no two alike, none existing unless
+    --overwrite) before the model is loaded."""
     fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images",
                          "PATH: the PNG to write (a directory when --input is one)")
     from titok_jax.api import list_images, load_tokenizer, png_names
@@ -50,16 +57,17 @@ def reconstruct(argv: Sequence[str]) -> int:
     paths, names, is_dir = list_images(fv.input)
     if is_dir:
         check_output_dir(fv.output, "a directory input needs an output directory")
-    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
-    if is_dir:
-        outputs = [os.path.join(fv.output, n) for n in png_names(names)]
+        outputs = paths_inside(fv.output, png_names(names), f"{fv.input}: images", source=names)
     elif os.path.isdir(fv.output):
         outputs = [os.path.join(fv.output, png_names(names)[0])]
     else:
         outputs = [fv.output]
+    check_new_outputs(outputs, fv.overwrite)
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
     for start, images in _image_batches(paths, tok.image_size, fv.batch_size):
         for i, rec in enumerate(tok.decode(tok.encode(images))):
-            save_png(outputs[start + i], rec)
+            with replacing(outputs[start + i]) as tmp:
+                save_png(tmp, rec)
     print(f"reconstructed {len(paths)} image(s) -> {fv.output if is_dir else outputs[0]}")
     return 0
 
@@ -92,12 +100,13 @@ def tokenize(argv: Sequence[str]) -> int:
                          "tokens.npz: the file to write")
     from titok_jax.api import list_images, load_tokenizer
     paths, names, _ = list_images(fv.input)
+    out = npz_path(fv.output)  # np.savez would add the extension
+    check_new_outputs([out], fv.overwrite)
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
     tokens = np.concatenate([tok.encode(images) for _, images in
                              _image_batches(paths, tok.image_size, fv.batch_size)])
-    out = fv.output if fv.output.endswith(".npz") else fv.output + ".npz"  # np.savez would add it
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez(out, tokens=tokens, files=np.asarray(names, dtype=str))
+    with replacing(out) as tmp:
+        np.savez(tmp, tokens=tokens, files=np.asarray(names, dtype=str))
     print(f"tokenized {len(paths)} image(s) -> {out} (tokens {tokens.dtype} {list(tokens.shape)})")
     return 0
 
@@ -111,7 +120,12 @@ def _tokenize_data(argv: Sequence[str]) -> int:
                          "-> token shards), not both")
     if fv.batch_size < 1 or fv.shard_size < 1:
         raise UsageError("--batch_size and --shard_size must be >= 1")
+    if fv.overwrite:
+        raise UsageError("--overwrite does not apply to token shards: --output must be a new or "
+                         "empty directory (remove the old data set first)")
     check_workdir(fv.workdir)
+    from titok_jax.data.tokens import check_new_token_dir
+    check_new_token_dir(fv.output)  # before the tokenizer is loaded
     from titok_jax.api import load_tokenizer
     from titok_jax.data.tokens import tokenize_source
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
@@ -131,7 +145,9 @@ def _tokenize_data(argv: Sequence[str]) -> int:
 def detokenize(argv: Sequence[str]) -> int:
     """``tokens.npz`` (as written by tokenize: ``tokens`` and optional ``files``) -> a PNG per row
     under --output/, named after ``files`` (extension .png) or the row index; every name is checked
-    (:func:`titok_jax.api.read_token_file`) before anything is written."""
+    (:func:`titok_jax.api.read_token_file`: relative, no ``..``, no two alike;
+    :func:`titok_jax.data.paths.paths_inside`: no symlink out of --output) and no output may exist
+    (unless --overwrite) before anything is written."""
     fv = _tokenizer_args("detokenize", argv, "tokens.npz: written by tokenize", "OUT_DIR: where the PNGs go")
     from titok_jax.api import load_tokenizer, read_token_file
     from titok_jax.evaluation.images import save_png
@@ -140,8 +156,11 @@ def detokenize(argv: Sequence[str]) -> int:
     check_output_dir(fv.output)
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
     tokens, names = read_token_file(fv.input, tok)
+    outputs = paths_inside(fv.output, names, f"{fv.input}: files")
+    check_new_outputs(outputs, fv.overwrite)
     for start in range(0, len(names), fv.batch_size):
         for i, image in enumerate(tok.decode(tokens[start:start + fv.batch_size])):
-            save_png(os.path.join(fv.output, names[start + i]), image)
+            with replacing(outputs[start + i]) as tmp:
+                save_png(tmp, image)
     print(f"decoded {len(names)} token row(s) -> {fv.output}")
     return 0

@@ -66,9 +66,16 @@ def to_rgb_uint8(image: Any) -> np.ndarray:
 def decode_image_file(path: str) -> np.ndarray:
     """Decode an image file with PIL (EXIF orientation applied) -> uint8 ``[H, W, 3]`` RGB.
 
-    Raises whatever PIL raises on a corrupt or truncated file (OSError, SyntaxError, ValueError ...).
+    Raises whatever PIL raises on a corrupt or truncated file (OSError, SyntaxError, ValueError ...),
+    and ValueError for a path that is not a regular file (a FIFO would block the read forever).
     """
     from PIL import Image, ImageOps
+
+    from titok_jax.data.paths import file_kind, is_regular_file
+    if not is_regular_file(path):
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"{path} does not exist")
+        raise ValueError(f"{path} is a {file_kind(path)}, not a regular image file")
 
     with Image.open(path) as im:
         im.load()
@@ -148,15 +155,50 @@ def _resolve_folder_root(path: str, split: str | None) -> str:
     raise ValueError(f"folder {path} has split sub-folders {present} but none for split {split!r}")
 
 
-def list_image_files(root: str) -> list[str]:
-    """Image files under ``root`` (recursive; .jpg/.jpeg/.png/.webp in any case; hidden files and
-    folders skipped), as sorted paths relative to ``root``."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.relpath(os.path.join(dirpath, f), root))
+def list_image_files(root: str, skipped: dict[str, str] | None = None) -> list[str]:
+    """Image files under ``root`` (recursive, following directory links once each; .jpg/.jpeg/.png
+    /.webp in any case; hidden files and folders skipped), as sorted paths relative to ``root``.
+
+    Entries with an image name that are not regular files (a FIFO, socket or device would block
+    or fail the decoder; a broken link) are left out: into ``skipped`` (relative path -> reason)
+    when given, else each with a ``CorruptImageWarning``. Only links cost a ``stat`` (the others
+    are typed by ``scandir``), so indexing a million files stays cheap."""
+    from titok_jax.data.paths import file_kind
+
+    files: list[str] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        top = stack.pop()
+        try:
+            st = os.stat(top)
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError:
+            continue  # an unreadable sub-folder, as os.walk skips it
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue  # a link back to a folder already read: no loop, no duplicates
+        seen_dirs.add((st.st_dev, st.st_ino))
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()
+                is_file = not is_dir and e.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                stack.append(e.path)
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                rel = os.path.relpath(e.path, root)
+                if is_file:
+                    files.append(rel)
+                else:
+                    reason = f"a {file_kind(e.path)}, not a regular image file"
+                    if skipped is not None:
+                        skipped[rel] = reason
+                    else:
+                        warnings.warn(f"skipping {e.path}: {reason}", CorruptImageWarning, stacklevel=2)
     return sorted(files, key=lambda p: p.replace(os.sep, "/"))
 
 
@@ -187,13 +229,16 @@ class FolderSource:
         self.path = path
         self.split = split
         self.root = _resolve_folder_root(path, split)
-        files = list_image_files(self.root)
+        self._skipped: dict[str, str] = {}
+        self._lock = threading.Lock()
+        special: dict[str, str] = {}
+        files = list_image_files(self.root, special)
+        for f, reason in special.items():  # FIFOs, sockets, broken links: skipped, counted, warned
+            self._note_bad(f, OSError(reason))
         if not files:
             raise ValueError(
                 f"no images (.jpg/.jpeg/.png/.webp) found in folder {self.root}"
             )
-        self._skipped: dict[str, str] = {}
-        self._lock = threading.Lock()
         if verify:
             good = []
             for f in files:

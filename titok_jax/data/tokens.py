@@ -33,6 +33,14 @@ def _shard_names(i: int) -> tuple[str, str]:
     return f"tokens_{i:05d}.npy", f"labels_{i:05d}.npy"
 
 
+def check_new_token_dir(out_dir: str) -> None:
+    """ValueError unless ``out_dir`` is missing or an empty directory (shards are never overwritten)."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} is a file; token shards need an output directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"{out_dir} is not empty; choose a new directory for the token shards")
+
+
 class TokenShardWriter:
     """Accumulate ``(tokens [b, T], labels [b])`` batches; write a shard every ``shard_size`` rows.
 
@@ -43,10 +51,7 @@ class TokenShardWriter:
     def __init__(self, out_dir: str, shard_size: int = 65536):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        if os.path.isfile(out_dir):
-            raise ValueError(f"{out_dir} is a file; token shards need an output directory")
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
-            raise ValueError(f"{out_dir} is not empty; choose a new directory for the token shards")
+        check_new_token_dir(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.shard_size = out_dir, int(shard_size)
         self._tokens: list[np.ndarray] = []
@@ -105,7 +110,9 @@ class TokenShardWriter:
 
 
 def read_token_meta(path: str) -> dict[str, Any]:
-    """``meta.json`` of a token data set, with a one-line error for anything else."""
+    """``meta.json`` of a token data set, with a one-line error for anything else: the counts must
+    be non-negative integers and every shard file a plain name inside ``path`` (never a path taken
+    from the file: ``/etc/x``, ``../x`` and ``sub/x`` are refused), each named once."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"token data set {path} does not exist (write one with "
                                 "`titok-jax tokenize --data SOURCE --output DIR`)")
@@ -117,17 +124,90 @@ def read_token_meta(path: str) -> dict[str, Any]:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_path}: format {got!r}, expected {FORMAT!r}")
+    _check_meta(meta, meta_path)
     return meta
+
+
+def _int_field(value: Any, what: str, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+
+
+def _check_meta(meta: dict[str, Any], meta_path: str) -> None:
+    """The fields the reader trusts: integer counts and shard names that stay inside the data set."""
+    from titok_jax.data.paths import check_names
+    _int_field(meta.get("count"), f"{meta_path}: count", 0)
+    _int_field(meta.get("num_tokens"), f"{meta_path}: num_tokens", 1)
+    _int_field(meta.get("codebook_size"), f"{meta_path}: codebook_size", 1, optional=True)
+    _int_field(meta.get("num_classes") or 0, f"{meta_path}: num_classes", 0)
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("tokens"), str) and isinstance(s.get("labels"), str)
+            for s in shards):
+        raise ValueError(f"{meta_path}: 'shards' must be a list of {{\"tokens\": name, \"labels\": name, "
+                         "\"count\": n}}")
+    names = [n for s in shards for n in (s["tokens"], s["labels"])]
+    where = f"the token data set {os.path.dirname(meta_path)}"
+    check_names(names, f"{meta_path}: shard files", where=where)
+    for i, name in enumerate(names):
+        if os.path.basename(name) != name or name in (".", ".."):
+            raise ValueError(f"{meta_path}: shard files[{i}] = {name!r} is not a plain file name: it "
+                             f"would lead outside {where} or into a sub-folder")
+    for i, s in enumerate(shards):
+        _int_field(s.get("count"), f"{meta_path}: shards[{i}].count", 0)
+
+
+def check_token_shard(tokens: np.ndarray, labels: np.ndarray, codebook_size: int | None,
+                      num_classes: int, where: str, labels_where: str | None = None,
+                      chunk_rows: int | None = None) -> None:
+    """ValueError naming ``where`` (``labels_where`` for a label) and the first bad row unless
+    every token id of ``tokens`` ``[n, T]`` is an integer in ``[0, codebook_size)`` (``>= 0`` when
+    the size is unknown) and every label is ``-1`` (none) or in ``[0, num_classes)``. Vectorised
+    over chunks of rows (min/max first; the bad row is only searched for in a chunk that fails),
+    so a memory-mapped shard is read once, a few MB at a time."""
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{where}: token ids must be integers, got {tokens.dtype}")
+    labels_where = labels_where or where
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{labels_where}: labels must be integers, got {labels.dtype}")
+    high = None if codebook_size is None else int(codebook_size) - 1
+    step = chunk_rows or max(1, (1 << 22) // max(1, tokens.shape[1] if tokens.ndim == 2 else 1))
+    for start in range(0, tokens.shape[0], step):
+        chunk = np.asarray(tokens[start:start + step])
+        if chunk.size and (chunk.min() < 0 or (high is not None and chunk.max() > high)):
+            bad = (chunk < 0) | ((chunk > high) if high is not None else False)
+            row = int(np.argmax(bad.any(axis=1)))
+            col = int(np.argmax(bad[row]))
+            valid = f"0..{high} (codebook_size {high + 1})" if high is not None else ">= 0"
+            raise ValueError(f"{where}: row {start + row} holds token id {int(chunk[row, col])} at "
+                             f"position {col}, out of range: valid ids are {valid}")
+    top = int(num_classes) - 1
+    for start in range(0, labels.shape[0], 1 << 22):
+        chunk = np.asarray(labels[start:start + (1 << 22)])
+        if chunk.size and (chunk.min() < -1 or chunk.max() > top):
+            row = int(np.argmax((chunk < -1) | (chunk > top)))
+            valid = f"-1 (no class) or 0..{top}" if top >= 0 else "-1 (the data set has no classes)"
+            raise ValueError(f"{labels_where}: row {start + row} has label {int(chunk[row])}, out of range: "
+                             f"valid labels are {valid} (num_classes {num_classes})")
 
 
 class TokenSource:
     """Random access over a token data set: record ``i`` is ``{"tokens": int32 [T], "label": int32,
-    "index": int64}``. Shards are memory-mapped; the object pickles by path (grain workers)."""
+    "index": int64}``. Shards are memory-mapped; the object pickles by path (grain workers).
 
-    def __init__(self, path: str):
+    Opening it checks every shard once (:func:`check_token_shard`: ids in ``[0, codebook_size)``,
+    labels ``-1`` or in ``[0, num_classes)``, integer dtypes, regular files), so ids a generator's
+    embedding cannot hold never reach training; ``verify=False`` skips the value scan (the copies
+    grain's workers unpickle were checked in the parent)."""
+
+    def __init__(self, path: str, verify: bool = True):
         self.path = os.fspath(path)
+        self.verify = bool(verify)
         self.meta = read_token_meta(self.path)
         self.num_tokens = int(self.meta["num_tokens"])
         self.codebook_size = self.meta.get("codebook_size")
@@ -139,14 +219,27 @@ class TokenSource:
                              f"meta.json says {self.meta['count']}")
         self._open()
 
+    def _load(self, name: str) -> np.ndarray:
+        from titok_jax.data.paths import file_kind, is_regular_file
+        path = os.path.join(self.path, name)
+        if not is_regular_file(path):  # a FIFO would block np.load forever
+            raise ValueError(f"{path}: shard is a {file_kind(path)}, not a regular .npy file")
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise ValueError(f"cannot read shard {path}: {lines[0] if lines else type(e).__name__}") from None
+
     def _open(self) -> None:
         self._tokens, self._labels = [], []
         for s in self.meta["shards"]:
-            t = np.load(os.path.join(self.path, s["tokens"]), mmap_mode="r")
-            lab = np.load(os.path.join(self.path, s["labels"]), mmap_mode="r")
+            t, lab = self._load(s["tokens"]), self._load(s["labels"])
             if t.shape != (int(s["count"]), self.num_tokens) or lab.shape != (int(s["count"]),):
                 raise ValueError(f"{self.path}/{s['tokens']}: shape {t.shape} does not match meta.json "
                                  f"({s['count']} rows of {self.num_tokens} tokens)")
+            if self.verify:
+                check_token_shard(t, lab, self.codebook_size, self.num_classes,
+                                  os.path.join(self.path, s["tokens"]), os.path.join(self.path, s["labels"]))
             self._tokens.append(t)
             self._labels.append(lab)
 
@@ -154,7 +247,7 @@ class TokenSource:
         return {"path": self.path}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], verify=False)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
