@@ -38,3 +38,54 @@ def eval_section() -> ml_collections.ConfigDict:
     ("" = off); ``fid_reference`` an .npz of mu/sigma ("" = the eval split's own originals);
     ``fid_method`` sqrtm (pytorch-fid) or eigh."""
     return ml_collections.ConfigDict({"inception_weights": "", "fid_reference": "", "fid_method": "sqrtm"})
+
+
+def split_variant(arg: str | None, default: str) -> tuple[str, dict[str, str]]:
+    """``"tiny,quantizer=fsq,bits=10"`` -> ``("tiny", {"quantizer": "fsq", "bits": "10"})``
+    (big_vision's ``get_config(arg)`` style; an empty name is ``default``)."""
+    parts = [p.strip() for p in (arg or "").split(",")]
+    name = parts[0] or default
+    options: dict[str, str] = {}
+    for part in parts[1:]:
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config option {part!r} in {arg!r} is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return name, options
+
+
+QUANTIZER_NAMES = ("vq", "fsq", "lfq", "bsq", "vae")
+
+
+def quantizer_option(model: dict, name: str, bits: int | None = None) -> dict:
+    """``model`` (a model section with a ``quantizer`` sub-config and ``token_size``) with its
+    quantizer swapped for ``name`` at about the same bits per token (``bits``: override):
+    vq keeps its sub-config (``codebook_size = 2**bits`` when ``bits`` is given); fsq takes the FSQ
+    paper's recommended levels for ``2**bits`` codes and ``token_size = len(levels)``; lfq / bsq
+    take ``bits`` binary channels (``token_size = bits``); vae keeps ``token_size`` continuous
+    channels."""
+    import math
+    from titok_jax.quantizers.fsq import fsq_levels
+    if name not in QUANTIZER_NAMES:
+        raise ValueError(f"unknown quantizer {name!r}; choose one of {', '.join(QUANTIZER_NAMES)}")
+    current = dict(model["quantizer"])
+    explicit = bits is not None
+    if bits is None:
+        size = current.get("codebook_size")
+        bits = int(round(math.log2(size))) if size else 12
+    out = dict(model)
+    if name == "vq":
+        q = dict(current) if current.get("name") == "vq" else {"name": "vq", "codebook_size": 2 ** bits}
+        if explicit:
+            q["codebook_size"] = 2 ** bits
+        out["quantizer"] = q
+    elif name == "fsq":
+        levels = list(fsq_levels(2 ** bits))
+        out["quantizer"], out["token_size"] = {"name": "fsq", "levels": levels}, len(levels)
+    elif name in ("lfq", "bsq"):
+        out["quantizer"], out["token_size"] = {"name": name, "bits": bits}, bits
+    else:
+        out["quantizer"] = {"name": "vae"}
+    return out

@@ -15,6 +15,9 @@ The bottleneck is one sub-config, `model.quantizer = {"name": "vq" | "vae", **it
 (titok_jax.quantizers.factory; "vq" takes VectorQuantizer's arguments: codebook_size,
 l2_normalize, commitment_weight, use_ema, kmeans_init, dead_code_threshold, ...; "vae" kl_weight),
 so each knob is set from the command line as e.g. `--config.model.quantizer.codebook_size=1024`.
+Another quantizer at about the same bits per token is an option of the variant string:
+`configs/titok.py:tiny,quantizer=fsq` (FSQ with the paper's levels; token_size follows), `quantizer=
+lfq|bsq|vq|vae`, and `bits=N` for 2**N codes (`configs/titok.py:bl64_vq,quantizer=fsq,bits=14`).
 """
 from __future__ import annotations
 
@@ -36,12 +39,17 @@ STAGES = tuple(f"{s}_stage{k}" for k in (1, 2) for s in ("tiny", "l32", "b64", "
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "tiny"
+    variant, options = _COMMON["split_variant"](arg, "tiny")
     if variant not in VARIANTS + STAGES:
         raise ValueError(f"unknown titok variant {variant!r}; choose one of "
                          f"{', '.join(VARIANTS + STAGES)}")
     if variant in STAGES:
+        if options:
+            raise ValueError(f"the two-stage recipes take no options, got {sorted(options)}")
         return _two_stage(variant)
+    unknown = set(options) - {"quantizer", "bits"}
+    if unknown:
+        raise ValueError(f"unknown titok config option(s) {sorted(unknown)}; known: quantizer, bits")
     tiny = variant == "tiny"
     c = ml_collections.ConfigDict()
     c.family = "titok"
@@ -63,6 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      # xavier-uniform weights instead of TiTok's N(0, .02): image content reaches
                      # the decoder of this small model within the first few hundred steps.
                      init_scheme="xavier")
+    if "quantizer" in options or "bits" in options:
+        bits = int(options["bits"]) if "bits" in options else None
+        model = _COMMON["quantizer_option"](model, options.get("quantizer", model["quantizer"]["name"]),
+                                            bits)
     c.model = ml_collections.ConfigDict({"name": "titok", **model})
     c.compute_dtype = "float32" if tiny else "bfloat16"
 

@@ -1,7 +1,8 @@
 """Quantizers by name: a model's ``quantizer`` sub-config -> a Linen module.
 
 A sub-config is a mapping ``{"name": NAME, **that quantizer's own arguments}``, e.g.
-``{"name": "vq", "codebook_size": 4096, "l2_normalize": True}`` or ``{"name": "vae",
+``{"name": "vq", "codebook_size": 4096, "l2_normalize": True}``, ``{"name": "fsq", "levels":
+[8, 5, 5, 5]}``, ``{"name": "lfq", "bits": 12}`` (``bsq``: the spherical LFQ) or ``{"name": "vae",
 "kl_weight": 1e-6}``. Models keep it as a hashable tuple of ``(key, value)`` pairs
 (:func:`freeze_spec`) and build their bottleneck with :func:`build_quantizer`::
 
@@ -16,11 +17,14 @@ unknown arguments are one-line ``ValueError``s naming the known ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
+from titok_jax.quantizers.fsq import FSQ
 from titok_jax.quantizers.gaussian import GaussianPosterior
+from titok_jax.quantizers.lfq import LFQ
 from titok_jax.quantizers.vq import VectorQuantizer, default_codebook_init, uniform_codebook_init
 
 Spec = tuple[tuple[str, Any], ...]   # the frozen form a Linen module field holds
@@ -64,6 +68,30 @@ def _build_vae(dim: int, *, dtype: Any, param_dtype: Any, **args: Any) -> Gaussi
     return GaussianPosterior(**args)
 
 
+def _build_fsq(dim: int, *, dtype: Any, param_dtype: Any, levels: Any, **args: Any) -> FSQ:
+    del dtype, param_dtype   # no params; float32 maths
+    levels = tuple(int(v) for v in levels)
+    if len(levels) != dim:
+        raise ValueError(f"quantizer 'fsq': levels {list(levels)} quantize {len(levels)} channels "
+                         f"but the model's token_size is {dim}; set token_size={len(levels)}")
+    return FSQ(levels=levels, **args)
+
+
+def _build_lfq(spherical: bool):
+    def build(dim: int, *, dtype: Any, param_dtype: Any, **args: Any) -> LFQ:
+        del dtype, param_dtype   # no params; float32 maths
+        bits = int(args.pop("bits", dim))
+        name = "bsq" if spherical else "lfq"
+        if bits != dim:
+            raise ValueError(f"quantizer {name!r}: bits {bits} != the model's token_size {dim} "
+                             f"(each token channel is one bit); set token_size={bits}")
+        if not 1 <= bits <= 31:
+            raise ValueError(f"quantizer {name!r}: bits must be 1..31 (one int32 id per token), "
+                             f"got {bits}")
+        return LFQ(bits=bits, spherical=spherical, **args)
+    return build
+
+
 def _module_defaults(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fields of a Linen module class with a default, minus ``exclude`` and the Linen ones."""
     return {f.name: f.default for f in dataclasses.fields(cls)
@@ -78,6 +106,17 @@ QUANTIZERS: dict[str, QuantizerEntry] = {
                   "codebook_init": "uniform"},
         required=("codebook_size",), codebook_size=lambda a: int(a["codebook_size"])),
     "vae": QuantizerEntry(_build_vae, defaults=_module_defaults(GaussianPosterior), input_factor=2),
+    # FSQ: token_size must be len(levels); codes = prod(levels)
+    "fsq": QuantizerEntry(
+        _build_fsq, defaults=_module_defaults(FSQ, ("levels", "axis_name")), required=("levels",),
+        codebook_size=lambda a: math.prod(int(v) for v in a["levels"])),
+    # LFQ / BSQ (BSQ = spherical LFQ): token_size must be bits; codes = 2**bits
+    "lfq": QuantizerEntry(
+        _build_lfq(False), defaults=_module_defaults(LFQ, ("spherical", "axis_name")),
+        required=("bits",), codebook_size=lambda a: 2 ** int(a["bits"])),
+    "bsq": QuantizerEntry(
+        _build_lfq(True), defaults=_module_defaults(LFQ, ("spherical", "axis_name")),
+        required=("bits",), codebook_size=lambda a: 2 ** int(a["bits"])),
 }
 
 
