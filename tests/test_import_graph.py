@@ -21,7 +21,9 @@ FLOORS = {
     "models": 6, "generators": 6,                              # tokenizers and generators
     "quantizers": 7, "flow": 7, "losses": 7, "evaluation": 7, "data": 7, "checkpoint": 7,
     "nets": 8,                                                 # frozen feature networks
+    "checkpoint_integrity": 8, "checkpoint_quiet": 8,          # checkpoint's file checks, Orbax's noise
     "nn": 9, "trees": 9,                                       # layers; flat param trees
+    "errors": 10,                                              # user errors vs bugs (imports nothing)
 }
 
 # PENDING (issue 10): edges in files owned by others, allowed until they move. Each entry is

@@ -289,9 +289,11 @@ def read_token_file(path: str | os.PathLike, tokenizer: Tokenizer) -> tuple[np.n
     import zipfile
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("not an npz archive")
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # a .npy renamed: np.load gives a bare array
+            raise ValueError(f"{path} is a .npy array, not an .npz archive (write tokens with "
+                             f"np.savez(path, tokens=...), or titok-jax tokenize)")
+        with data:
             if "tokens" not in data.files:
                 raise ValueError(f"{path} has no 'tokens' array (it has {sorted(data.files)})")
             tokens = data["tokens"]

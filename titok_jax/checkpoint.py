@@ -6,34 +6,43 @@ Policies: a save every ``every_steps`` steps plus at preemption (SIGTERM through
 sync, or the trainer's own signal handler calling ``save(force=True)``); the latest ``keep``
 checkpoints are preserved, and every ``keep_every_steps``-th too when set.
 
+Integrity: every saved step carries a content hash of its files (``titok_jax.checkpoint_integrity``),
+written before the step is committed (in Orbax's background thread for async saves), and checked
+before the step is restored. A corrupt step is a ``CorruptCheckpointError`` naming it and the
+newest older step that is intact; ``restore(..., from_intact=True)`` (``train
+--resume_from_intact``) moves the corrupt steps to ``DIR/checkpoints.corrupt/`` and resumes from
+that one. Steps without a hash (older workdirs) load unverified.
+
 A checkpoint that cannot be read or does not match the config raises ``CheckpointError`` with one
-line saying what and where; nothing is written or deleted in that case.
+line saying what and where; nothing is written or deleted in that case. A save that fails on I/O
+(a full disk) raises ``CheckpointSaveError`` (an ``OSError``) with one line, after removing the
+partial step; the earlier steps are untouched.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
-import sys
-from typing import Any, Iterator, Mapping
+import warnings
+from typing import Any, Mapping
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+# Re-exported: the integrity checks and the errors are part of this module's interface.
+from titok_jax.checkpoint_integrity import (CORRUPT_DIR, HASH_FILE, TMP_SUFFIX, check_resume,  # noqa: F401
+                                            check_step, checkpoint_dir, config_differences,
+                                            step_dir, steps_on_disk, verify, write_hash)
+from titok_jax.checkpoint_quiet import (drop_failed_reads, join_orbax_threads, quiet_absl,
+                                        quiet_orbax_errors, silence_orbax_threads)
+from titok_jax.errors import (CheckpointError, CheckpointSaveError, CheckpointWarning,  # noqa: F401
+                              ConfigMismatchError, CorruptCheckpointError)
 from titok_jax.trees import check_tree_matches
 
 STATE, DATA, CONFIG = "state", "data_iter", "config"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored (corrupt, incomplete, or from another config)."""
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 class Checkpointer:
@@ -48,12 +57,19 @@ class Checkpointer:
             policies.FixedIntervalPolicy(max(1, int(every_steps))),
             policies.PreemptionCheckpointingPolicy(),
         ])
+        self._async = bool(async_save) and not read_only
+        self._hashing: int | None = None   # the step the async finaliser hashes
+        self._pending: int | None = None   # an async save not waited for yet
+        self._hash_failure: str | None = None
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=save_policy,
             preservation_policy=policies.AnyPreservationPolicy(preserve),
-            enable_async_checkpointing=async_save, step_format_fixed_length=9,
+            enable_async_checkpointing=self._async, step_format_fixed_length=9,
+            async_options=(ocp.AsyncOptions(post_finalization_callback=self._hash_in_background)
+                           if self._async else None),
             read_only=read_only, create=not read_only)
         self.directory = checkpoint_dir(workdir)
+        quiet_orbax_errors()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -64,7 +80,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        return os.path.join(self.directory, f"{int(step):09d}")
+        return step_dir(self.directory, step)
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -72,23 +88,103 @@ class Checkpointer:
     def reached_preemption(self, step: int) -> bool:
         return bool(self.manager.reached_preemption(step))
 
+    # ------------------------------------------------------------------ saving
     def save(self, step: int, state: Any, data_iter: Any = None, config: dict | None = None,
              force: bool = False) -> bool:
-        """Save if the policy says so at ``step`` (or ``force``); returns whether it saved."""
+        """Save if the policy says so at ``step`` (or ``force``); returns whether it saved. The
+        step's content hash is written before it is committed. An I/O failure (this save's, or
+        the previous async save's) is a one-line ``CheckpointSaveError`` after the partial step
+        is removed."""
+        self._finish_pending()
+        step = int(step)
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
             items[DATA] = _grain_save(data_iter)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config)
-        return bool(self.manager.save(int(step), args=ocp.args.Composite(**items), force=force))
+        self._hashing = step
+        try:
+            saved = bool(self.manager.save(step, args=ocp.args.Composite(**items), force=force))
+        except Exception as e:  # noqa: BLE001 - sorted out by _save_failed
+            self._hashing = None
+            self._save_failed(step, e)
+        if not saved:
+            self._hashing = None
+        elif self._async:
+            self._pending = step
+        else:
+            self._hashing = None
+            if jax.process_index() == 0:
+                self._write_hash(step_dir(self.directory, step), step)
+                self._warn_hash_failure()
+        return saved
 
-    def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None) -> tuple[Any, int]:
+    def _hash_in_background(self) -> None:
+        """Orbax's post-finalisation callback (its save thread, before the step is renamed into
+        place): hash the step's files. Never raises: a failure leaves the step unverified."""
+        step = self._hashing
+        if step is None or jax.process_index() != 0:
+            return
+        final = step_dir(self.directory, step)
+        self._write_hash(final + TMP_SUFFIX if os.path.isdir(final + TMP_SUFFIX) else final, step)
+
+    def _write_hash(self, path: str, step: int) -> None:
+        try:
+            write_hash(path)
+        except Exception as e:  # noqa: BLE001 - the data are saved; only the check is lost
+            self._hash_failure = (f"could not write the content hash of checkpoint step {step} "
+                                  f"({_one_line(e)}); it will load unverified")
+
+    def _warn_hash_failure(self) -> None:
+        if self._hash_failure:
+            text, self._hash_failure = self._hash_failure, None
+            warnings.warn(CheckpointWarning(text), stacklevel=3)
+
+    def _finish_pending(self) -> None:
+        """Wait for the async save in flight; its I/O failure is raised here (one line)."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._hashing = None
+            self._save_failed(step, e)
+        self._hashing = None
+        self._warn_hash_failure()
+
+    def _save_failed(self, step: int | None, e: BaseException) -> None:
+        """Remove the partial step ``step`` and raise: ``CheckpointSaveError`` (one line) for an
+        I/O failure, the original exception otherwise."""
+        silence_orbax_threads()
+        join_orbax_threads()  # the save's other writers finish (or fail) before the partial step goes
+        if step is not None and jax.process_index() == 0:
+            shutil.rmtree(step_dir(self.directory, step) + TMP_SUFFIX, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            self.manager.reload()
+        if not _is_io_error(e):
+            raise e
+        earlier = [s for s in steps_on_disk(self.directory) if step is None or s < step]
+        kept = (f"the earlier checkpoint (step {earlier[-1]}) is as it was" if earlier
+                else "no earlier checkpoint exists")
+        what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        raise CheckpointSaveError(
+            f"could not save {what} in {self.directory}: {_io_reason(e)}; the partial step was "
+            f"removed and {kept}", errno=getattr(e, "errno", None), step=step) from None
+
+    # ----------------------------------------------------------------- restoring
+    def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None,
+                from_intact: bool = False) -> tuple[Any, int]:
         """Restore ``(state, step)`` (latest step by default) into the shardings of
         ``abstract_state`` (a tree of ``jax.ShapeDtypeStruct`` with ``sharding``); restores the data
-        iterator in place when given."""
+        iterator in place when given. The step's content hash is checked first: a corrupt step is
+        a ``CorruptCheckpointError`` naming the newest older intact step, or, with
+        ``from_intact``, the corrupt steps are moved aside and that step is restored."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        intact = check_step(self.directory, step, from_intact=from_intact)
+        if intact != step:
+            self.manager.reload()
+            step = intact
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items[DATA] = _grain_restore(data_iter)
@@ -98,7 +194,7 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types; all mean "cannot use this checkpoint"
             failure = _one_line(e)
         if failure is not None:
-            _drop_failed_reads()
+            drop_failed_reads()
             raise CheckpointError(f"checkpoint {self.step_path(step)} cannot be restored for this "
                                   f"config: {failure}")
         _check_tree(abstract_state, restored[STATE], step, self.directory)
@@ -113,10 +209,15 @@ class Checkpointer:
                                   f"{_one_line(e)}") from e
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self._finish_pending()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            raise
         self.manager.close()
 
 
@@ -137,25 +238,19 @@ def _check_tree(abstract: Any, restored: Any, step: int, directory: str) -> None
         raise CheckpointError(str(e)) from None
 
 
-@contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
-    """Orbax's absl warnings off (ERROR and above only) for the duration."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+_IO_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+             "Input/output error", "Permission denied", "RESOURCE_EXHAUSTED")
 
 
-def _drop_failed_reads() -> None:
-    """A failed restore leaves orbax's per-array read coroutines pending in its event loop; when they
-    are destroyed (at the latest when the process exits) each would print a long tensorstore
-    traceback (or asyncio logs "Task exception was never retrieved"). The error has been reported
-    as one line already, so silence those reports."""
-    sys.unraisablehook = lambda unraisable: None
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+def _is_io_error(e: BaseException) -> bool:
+    """Whether a failure while saving is the file system's (``OSError``, or tensorstore's text)."""
+    return isinstance(e, OSError) or any(w in str(e) for w in _IO_WORDS)
+
+
+def _io_reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return next((w for w in _IO_WORDS if w in str(e)), _one_line(e))
 
 
 def _one_line(e: BaseException) -> str:
@@ -183,13 +278,15 @@ def restore_params(workdir: str, abstract: dict, step: int | None = None) -> tup
         raise CheckpointError(f"no checkpoint in {directory}")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, step_format_fixed_length=9,
                                            save_interval_steps=0)
-    with _quiet_absl():  # orbax warns that a read-only manager is read-only
+    with quiet_absl():  # orbax warns that a read-only manager is read-only
         manager = ocp.CheckpointManager(directory, options=options)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {directory}")
-        path = os.path.join(directory, f"{int(step):09d}")
+        path = step_dir(directory, step)
+        check_step(directory, step, hint="`titok-jax train --resume_from_intact` resumes from it "
+                                         "(load_tokenizer(workdir, step={intact}) reads it)")
         failure = None
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**{
@@ -199,7 +296,7 @@ def restore_params(workdir: str, abstract: dict, step: int | None = None) -> tup
         except Exception as e:  # orbax raises many types; all mean "cannot use this checkpoint"
             failure = _one_line(e)
         if failure is not None:
-            _drop_failed_reads()
+            drop_failed_reads()
             raise CheckpointError(f"checkpoint {path} cannot be restored for this config: {failure}")
         _check_tree(abstract, restored[STATE], step, directory)
         return restored[STATE], int(step)

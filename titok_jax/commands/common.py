@@ -1,16 +1,26 @@
 """What every command shares: absl flag parsing into a private ``FlagValues``, one readable line
-for a bad flag or config key, and ``run_command`` (user errors -> one line on stderr + exit status)."""
+for a bad flag or config key, and ``run_command`` (user errors -> one line on stderr + exit status;
+bugs -> the traceback and a line saying so).
+
+Nothing here imports JAX: a usage error is reported before any model code is loaded.
+"""
 from __future__ import annotations
 
 import contextlib
 import difflib
 import os
 import sys
+import traceback
 import warnings
 from typing import Any, Callable, Sequence
 
+from titok_jax.errors import UserError
 
-class UsageError(Exception):
+# Exit statuses of run_command.
+EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130  # 70: EX_SOFTWARE (sysexits.h)
+
+
+class UsageError(UserError):
     """Bad command-line input; the message is shown as one line (exit status 2)."""
 
 
@@ -137,9 +147,29 @@ def load_run_config(workdir: str) -> Any:
     return read_run_config(workdir)
 
 
+def check_npz_input(path: str, flag: str = "input") -> None:
+    """A one-line ValueError unless ``path`` (an existing file named ``*.npz``) is a zip archive,
+    as every ``.npz`` is: a ``.npy`` renamed, or other bytes, are refused before any reader
+    (``np.load`` would hand back an array, or a pickle error that does not name the file)."""
+    if not str(path).endswith(".npz") or not os.path.isfile(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise ValueError(f"--{flag} {path} cannot be read: {e.strerror or e}") from None
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first entry, or an empty zip
+        return
+    what = ("a .npy array file renamed to .npz (np.save writes .npy; .npz comes from np.savez)"
+            if head == b"\x93NUMPY" else "not an .npz archive (its first bytes are not a zip header)")
+    raise ValueError(f"--{flag} {path} is {what}")
+
+
 # Warnings a command shows as one line ("titok-jax: warning: ...") instead of Python's two-line
-# "file:line: Category: text" form: input files skipped on the way (unreadable images, FIFOs).
-ONE_LINE_WARNINGS = ("CorruptImageWarning",)
+# "file:line: Category: text" form: input files skipped on the way (unreadable images, FIFOs),
+# checkpoint notices (a step saved without its hash, corrupt steps moved aside), outputs that
+# could not be written while the result stands (eval on a read-only workdir).
+ONE_LINE_WARNINGS = ("CorruptImageWarning", "CheckpointWarning", "WriteWarning")
 
 
 @contextlib.contextmanager
@@ -159,31 +189,41 @@ def one_line_warnings():
 
 
 def run_command(handler: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> int:
-    """Run a command; known failures print one line on stderr and exit non-zero."""
+    """Run a command. A user error - :class:`titok_jax.errors.UserError` (``UsageError``: exit 2),
+    ``ValueError``, ``OSError`` (``FileNotFoundError``, ``FileExistsError``, a full disk), running
+    out of device or host memory - prints one line on stderr and exits 1; Ctrl-C exits 130. Any
+    other exception is a bug: its traceback, then a line saying so, exit 70."""
     with one_line_warnings():
         return _run_command(handler, argv)
 
 
 def _run_command(handler: Callable[[Sequence[str]], int | None], argv: Sequence[str]) -> int:
-    from titok_jax.checkpoint import CheckpointError
     if os.environ.get("TITOK_DEBUG") == "1":  # full tracebacks for developers
         return int(handler(argv) or 0)
     try:
         return int(handler(argv) or 0)
     except UsageError as e:
         print(f"titok-jax: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ValueError, OSError, KeyError) as e:
-        print(f"titok-jax: error: {message(e)}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("titok-jax: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        from titok_jax.train.loop import TrainingError
-        if isinstance(e, TrainingError):
-            print(f"titok-jax: error: {e}", file=sys.stderr)
-        else:
-            print(f"titok-jax: internal error: {type(e).__name__}: {message(e)} "
-                  f"(rerun with TITOK_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        if is_user_error(e):
+            print(f"titok-jax: error: {message(e)}", file=sys.stderr)
+            return EXIT_ERROR
+        traceback.print_exc(file=sys.stderr)
+        print(f"titok-jax: internal error (a bug in titok_jax; please report it with the traceback "
+              f"above): {type(e).__name__}: {message(e)}", file=sys.stderr)
+        return EXIT_BUG
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is the user's to fix (shown as one line) rather than a bug in titok_jax."""
+    if isinstance(e, (UserError, ValueError, OSError, MemoryError)):
+        return True
+    loop = sys.modules.get("titok_jax.train.loop")  # its TrainingError: only if the trainer ran
+    if loop is not None and isinstance(e, getattr(loop, "TrainingError", ())):
+        return True
+    # XLA's out-of-memory (jaxlib's XlaRuntimeError is a RuntimeError): a batch too large for the device
+    return type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(e)

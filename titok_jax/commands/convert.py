@@ -3,12 +3,13 @@
 ``titok_jax.convert``), and ``titok-jax fid-reference`` (FID reference statistics of a data split)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import numpy as np
-
-from titok_jax.commands.common import UsageError, parse, require
+from titok_jax.commands.common import UsageError, check_npz_input, parse, require
 from titok_jax.commands.outputs import check_new_outputs, define_overwrite, npz_path, replacing
+
+if TYPE_CHECKING:  # numpy loads after the flags are checked
+    import numpy as np
 
 OUTPUT_HELP = "the file to write: .safetensors or .npz"
 
@@ -33,12 +34,15 @@ def _convert(name: str, argv: Sequence[str], inputs: dict[str, str],
             f"{name} " + " ".join(f"--{k} {k.upper()}" for k in inputs) + " --output OUT")
     if not fv.output.endswith((".safetensors", ".npz")):
         raise ValueError(f"{fv.output}: output must end in .safetensors or .npz")
+    for flag in inputs:
+        check_npz_input(getattr(fv, flag), flag)
     check_new_outputs([fv.output], fv.overwrite)
     try:
         with replacing(fv.output) as tmp:
             flat = run(fv, tmp)
     except ImportError as e:  # a .pth without torch installed: one line, not an internal error
         raise ValueError(str(e)) from None
+    import numpy as np
     n = sum(int(np.prod(v.shape)) for v in flat.values())
     print(f"wrote {fv.output}: {len(flat)} tensors, {n:,} params{note(n)}")
     return 0
@@ -46,27 +50,31 @@ def _convert(name: str, argv: Sequence[str], inputs: dict[str, str],
 
 def convert_lpips(argv: Sequence[str]) -> int:
     """torchvision VGG16 + the LPIPS linear layers -> LPIPS-VGG params (``losses.perceptual``)."""
-    from titok_jax.convert.lpips import convert_lpips_files
+    def run(fv: Any, out: str) -> Mapping[str, np.ndarray]:
+        from titok_jax.convert.lpips import convert_lpips_files
+        return convert_lpips_files(fv.vgg, fv.lin, out)
+
     return _convert("convert-lpips", argv, {
         "vgg": "torchvision VGG16 state dict (.pth, .safetensors or .npz)",
         "lin": "LPIPS lin weights, e.g. the lpips package's weights/v0.1/vgg.pth"},
-        lambda fv, out: convert_lpips_files(fv.vgg, fv.lin, out))
+        run)
 
 
 def convert_convnext(argv: Sequence[str]) -> int:
     """torchvision ConvNeXt (-S for TiTok's perceptual term) -> ConvNeXt params."""
-    from titok_jax.convert.convnext import convert_convnext_file
+    def run(fv: Any, out: str) -> Mapping[str, np.ndarray]:
+        from titok_jax.convert.convnext import convert_convnext_file
+        return convert_convnext_file(fv.input, out)
+
     return _convert("convert-convnext", argv,
-                    {"input": "convnext_small-0c510722.pth (or .safetensors / .npz)"},
-                    lambda fv, out: convert_convnext_file(fv.input, out),
+                    {"input": "convnext_small-0c510722.pth (or .safetensors / .npz)"}, run,
                     lambda n: "" if n == 50_223_688 else " (not ConvNeXt-S, whose 50,223,688 TiTok's loss uses)")
 
 
 def convert_dinov2(argv: Sequence[str]) -> int:
     """Official DINOv2 (``dinov2_vit{s,b,l}14[_reg4]_pretrain.pth``) -> FlexTok's REPA teacher params."""
-    from titok_jax.convert.dinov2 import convert_dinov2_file, describe
-
     def run(fv: Any, out: str) -> Mapping[str, np.ndarray]:
+        from titok_jax.convert.dinov2 import convert_dinov2_file, describe
         heads = fv.num_heads
         if heads is not None and not (heads.isdigit() and int(heads) > 0):
             raise UsageError(f"--num_heads must be a positive integer, got {heads!r}")
@@ -83,10 +91,12 @@ def convert_dinov2(argv: Sequence[str]) -> int:
 
 def convert_inception(argv: Sequence[str]) -> int:
     """pytorch-fid's InceptionV3 -> the params of rFID / gFID / Inception Score."""
-    from titok_jax.convert.inception import convert_inception_file
+    def run(fv: Any, out: str) -> Mapping[str, np.ndarray]:
+        from titok_jax.convert.inception import convert_inception_file
+        return convert_inception_file(fv.input, out)
+
     return _convert("convert-inception", argv,
-                    {"input": "pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz)"},
-                    lambda fv, out: convert_inception_file(fv.input, out))
+                    {"input": "pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz)"}, run)
 
 
 def _fid_reference_flags(fv: Any) -> None:
@@ -111,6 +121,7 @@ def fid_reference(argv: Sequence[str]) -> int:
     if fv.image_size < 1 or fv.batch_size < 1 or fv.max_images < 0:
         raise UsageError("--image_size and --batch_size must be >= 1, --max_images >= 0")
     out = npz_path(fv.output)  # np.savez would add the extension
+    check_npz_input(fv.inception_weights, "inception_weights")
     check_new_outputs([out], fv.overwrite)
     from titok_jax.data import make_eval_iterator
     from titok_jax.evaluation.fid import save_reference_stats

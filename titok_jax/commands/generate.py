@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any, Sequence
 
-from titok_jax.commands.common import UsageError, check_output_dir, parse, require
+from titok_jax.commands.common import UsageError, check_npz_input, check_output_dir, parse, require
 from titok_jax.commands.outputs import check_new_outputs, define_overwrite
 
 # The PNG names ``generation.generate_images`` writes: ``{index:06d}_class{K}.png``.
@@ -67,6 +67,8 @@ def generate(argv: Sequence[str]) -> int:
     check_output_dir(fv.output)
     if fv.fid_reference and not fv.inception_weights:
         raise UsageError("--fid_reference needs --inception_weights")
+    check_npz_input(fv.inception_weights, "inception_weights")
+    check_npz_input(fv.fid_reference, "fid_reference")
     existing = _existing_outputs(fv)
     check_new_outputs(existing, fv.overwrite)  # before any model is loaded
     from titok_jax.api import load_tokenizer

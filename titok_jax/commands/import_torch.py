@@ -1,6 +1,7 @@
 """``titok-jax import-torch``: an official PyTorch release -> a workdir (``titok_jax.convert.workdir``)."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -28,6 +29,7 @@ def import_torch(argv: Sequence[str]) -> int:
     fv = parse("titok-jax import-torch", argv, _flags)
     if not fv.input or not fv.output:
         raise UsageError("import-torch needs --input HF_DIR and --output DIR")
+    _check_release_config(fv.input)
     from titok_jax.convert.workdir import import_torch as run
     try:
         summary = run(fv.input, fv.output, image_size=fv.image_size)
@@ -37,3 +39,18 @@ def import_torch(argv: Sequence[str]) -> int:
     print(f"workdir:    {os.path.abspath(fv.output)}")
     print(f"checkpoint: {summary['checkpoint']}")
     return 0
+
+
+def _check_release_config(input_dir: str) -> None:
+    """A release's ``config.json`` that is valid JSON but not an object (a list, a number) is a
+    one-line ValueError here, before the converters index into it."""
+    path = os.path.join(input_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # the importer reports these with its own one line
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} is not a release config: a JSON {type(raw).__name__}, not an object")

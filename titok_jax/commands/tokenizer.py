@@ -3,13 +3,14 @@ files, token files or a data source (``titok_jax.api`` and ``titok_jax.data.toke
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import numpy as np
-
-from titok_jax.commands.common import UsageError, check_output_dir, check_workdir, parse, require
+from titok_jax.commands.common import (UsageError, check_npz_input, check_output_dir, check_workdir,
+                                       parse, require)
 from titok_jax.commands.outputs import check_new_outputs, define_overwrite, npz_path, replacing
-from titok_jax.data.paths import file_kind, is_regular_file, paths_inside
+
+if TYPE_CHECKING:  # numpy and titok_jax.data (which imports JAX) load after the flags are checked
+    import numpy as np
 
 
 def _tokenizer_flags(fv: Any, input_help: str, output_help: str) -> None:
@@ -32,6 +33,7 @@ def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help
     check_workdir(fv.workdir)
     if not os.path.exists(fv.input):
         raise FileNotFoundError(f"input {fv.input} does not exist")
+    from titok_jax.data.paths import file_kind, is_regular_file
     if not (os.path.isdir(fv.input) or is_regular_file(fv.input)):  # a FIFO would block the read
         raise ValueError(f"input {fv.input} is a {file_kind(fv.input)}, not a file or a directory")
     return fv
@@ -40,6 +42,8 @@ def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help
 def _image_batches(paths: Sequence[str], image_size: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, uint8 [b, S, S, 3])`` batches of decoded, resized and centre-cropped images;
     an unreadable file raises ValueError naming it."""
+    import numpy as np
+
     from titok_jax.api import load_image
     for start in range(0, len(paths), batch_size):
         yield start, np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]])
@@ -53,6 +57,7 @@ def reconstruct(argv: Sequence[str]) -> int:
     fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images",
                          "PATH: the PNG to write (a directory when --input is one)")
     from titok_jax.api import list_images, load_tokenizer, png_names
+    from titok_jax.data.paths import paths_inside
     from titok_jax.evaluation.images import save_png
     paths, names, is_dir = list_images(fv.input)
     if is_dir:
@@ -98,6 +103,8 @@ def tokenize(argv: Sequence[str]) -> int:
         return _tokenize_data(argv)
     fv = _tokenizer_args("tokenize", argv, "IMG_OR_DIR: an image file or a directory of images",
                          "tokens.npz: the file to write")
+    import numpy as np
+
     from titok_jax.api import list_images, load_tokenizer
     paths, names, _ = list_images(fv.input)
     out = npz_path(fv.output)  # np.savez would add the extension
@@ -149,11 +156,13 @@ def detokenize(argv: Sequence[str]) -> int:
     :func:`titok_jax.data.paths.paths_inside`: no symlink out of --output) and no output may exist
     (unless --overwrite) before anything is written."""
     fv = _tokenizer_args("detokenize", argv, "tokens.npz: written by tokenize", "OUT_DIR: where the PNGs go")
-    from titok_jax.api import load_tokenizer, read_token_file
-    from titok_jax.evaluation.images import save_png
     if os.path.isdir(fv.input):
         raise ValueError(f"--input {fv.input} is a directory; expected a tokens .npz file")
+    check_npz_input(fv.input)
     check_output_dir(fv.output)
+    from titok_jax.api import load_tokenizer, read_token_file
+    from titok_jax.data.paths import paths_inside
+    from titok_jax.evaluation.images import save_png
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
     tokens, names = read_token_file(fv.input, tok)
     outputs = paths_inside(fv.output, names, f"{fv.input}: files")

@@ -1,12 +1,28 @@
-"""``titok-jax train`` and ``titok-jax eval``: a config (or a workdir's config) -> the trainer."""
+"""``titok-jax train`` and ``titok-jax eval``: a config (or a workdir's config) -> the trainer.
+
+Before the trainer is built, ``train`` checks what would otherwise fail deep inside it: counts that
+cannot work (``log_every_steps=0``), a workdir whose checkpoints were trained with another model
+(:func:`titok_jax.checkpoint.config_differences` against its ``config.json``) and a corrupt latest
+checkpoint (its content hash; ``--resume_from_intact`` resumes from the newest intact step).
+"""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Sequence
 
-from titok_jax.commands.common import (UsageError, config_spec, load_run_config, missing_config_file,
-                                       parse)
+from titok_jax.commands.common import (UsageError, check_npz_input, config_spec, load_run_config,
+                                       missing_config_file, parse)
+from titok_jax.errors import ConfigError, ConfigMismatchError
+
+# (dotted key, smallest allowed value, what it is): checked before the trainer is built.
+COUNTS = (("total_steps", 0, "the number of training steps"), ("batch_size", 1, "the global batch"),
+          ("log_every_steps", 1, "the logging interval"),
+          ("eval_every_steps", 0, "the evaluation interval (0 = never)"),
+          ("checkpoint.every_steps", 1, "the checkpoint interval"),
+          ("checkpoint.keep", 1, "how many checkpoints are kept"),
+          ("checkpoint.keep_every_steps", 0, "the interval of checkpoints kept for good (0 = none)"),
+          ("optimizer.accumulation_steps", 1, "micro-batches per step"))
 
 
 def train(argv: Sequence[str]) -> int:
@@ -20,15 +36,25 @@ def train(argv: Sequence[str]) -> int:
                                         sys_argv=["titok-jax train", *argv])
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)", flag_values=fv)
         flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+        flags.DEFINE_bool("resume_from_intact", False, "when the latest checkpoint is corrupt (its "
+                          "content hash differs), resume from the newest intact one; the corrupt "
+                          "steps are moved to WORKDIR/checkpoints.corrupt/", flag_values=fv)
 
     spec = config_spec(argv)
-    if spec and not os.path.isfile(spec.split(":", 1)[0]):
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    if not spec or "workdir" not in given:  # before the config file is loaded (it imports JAX)
+        raise UsageError("train needs --config configs/<family>.py:<variant> and --workdir DIR")
+    if not os.path.isfile(spec.split(":", 1)[0]):
         raise UsageError(missing_config_file(spec.split(":", 1)[0]))
     fv = parse("titok-jax train", argv, define)
     if fv.config is None or not fv.workdir:
         raise UsageError("train needs --config configs/<family>.py:<variant> and --workdir DIR")
+    check_counts(fv.config)
+    check_same_model(fv.workdir, fv.config)
     from titok_jax.train.distributed import maybe_init_distributed
     maybe_init_distributed()
+    from titok_jax.checkpoint import check_resume
+    check_resume(fv.workdir, from_intact=fv.resume_from_intact)  # a corrupt latest step: one line
     from titok_jax.train.loop import eval_summary, train as run
     summary = run(fv.config, fv.workdir, progress=fv.progress)
     print(f"trained to step {summary['step']}")
@@ -41,6 +67,51 @@ def train(argv: Sequence[str]) -> int:
     if summary.get("grid"):
         print(f"grid:       {summary['grid']}")
     return 0
+
+
+def check_counts(config: Any) -> None:
+    """A one-line ``ConfigError`` for a count of :data:`COUNTS` that is not an integer at least
+    its minimum (``log_every_steps=0`` would divide by zero at the first step)."""
+    for key, least, what in COUNTS:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if node is None:
+            continue
+        if isinstance(node, bool) or not isinstance(node, int) or node < least:
+            raise ConfigError(f"config {key} = {node!r}: {what} must be an integer >= {least}")
+
+
+def check_same_model(workdir: str, config: Any) -> None:
+    """When ``workdir`` already holds checkpoints: a one-line ``ConfigMismatchError`` naming the
+    keys of ``family``, ``task.name`` and ``model`` whose values differ between its
+    ``config.json`` and ``config`` (the checkpoints cannot be resumed into another model)."""
+    from titok_jax.checkpoint_integrity import checkpoint_dir, config_differences, steps_on_disk
+    path = os.path.join(workdir, "config.json")
+    if not steps_on_disk(checkpoint_dir(workdir)) or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a valid config: {e}") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is not a valid config: not a JSON object")
+    new = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    diffs = config_differences(old, new)
+    if diffs and isinstance(old.get("model"), dict) and isinstance(new.get("model"), dict):
+        from titok_jax.models.registry import translate_legacy_quantizer  # an older workdir's layout
+        try:
+            diffs = config_differences({**old, "model": translate_legacy_quantizer(old["model"])},
+                                       {**new, "model": translate_legacy_quantizer(new["model"])})
+        except ValueError:
+            pass
+    if diffs:
+        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise ConfigMismatchError(
+            f"cannot resume {workdir}: its checkpoints were trained with another config "
+            f"(workdir vs this run: {', '.join(diffs[:4])}{more}); use a new --workdir, or the "
+            f"workdir's own settings")
 
 
 def _eval_flags(fv: Any) -> None:
@@ -63,6 +134,8 @@ def evaluate(argv: Sequence[str]) -> int:
     fv = parse("titok-jax eval", argv, _eval_flags)
     if not fv.workdir:
         raise UsageError("eval needs --workdir DIR")
+    check_npz_input(fv.inception_weights, "inception_weights")
+    check_npz_input(fv.fid_reference, "fid_reference")
     config = load_run_config(fv.workdir)
     if fv.split:
         config.data.eval_split = fv.split
@@ -89,6 +162,12 @@ def evaluate(argv: Sequence[str]) -> int:
     if t.checkpointer.latest_step() is None:
         raise UsageError(f"no checkpoint in {t.checkpointer.directory}")
     step, metrics, _ = t.evaluate_checkpoint()
-    t.writer.close()
+    try:
+        t.writer.close()
+    except OSError as e:  # a read-only workdir: the metrics below are what the user asked for
+        import warnings
+
+        from titok_jax.errors import WriteWarning
+        warnings.warn(WriteWarning(f"could not write TensorBoard events in {fv.workdir}: {e.strerror or e}"))
     print(json.dumps({"step": step, **metrics}))
     return 0

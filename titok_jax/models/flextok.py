@@ -50,6 +50,7 @@ from titok_jax.models.flextok_blocks import (NESTED_MODES, FlexBlock, encoder_ma
                                              keep_lengths, keep_mask, patch_embed_with_posemb)
 from titok_jax.models.kl_vae import KLVAE
 from titok_jax.nn import AdaLNModulation, TimestepEmbedder, boxed, make_norm, unpatchify
+from titok_jax.nn.attention import heads_of, module_path
 from titok_jax.quantizers import FSQ, QuantizerOutput
 
 Dtype = Any
@@ -104,9 +105,9 @@ class FlexTokEncoder(nn.Module):
         x = jnp.concatenate([x, jnp.broadcast_to(regs.astype(x.dtype)[None], (b,) + regs.shape)], 1)
         mask = encoder_mask(p, self.num_registers)
         block = nn.remat(FlexBlock) if self.remat else FlexBlock
+        heads = heads_of(w, self.head_dim, module_path(self))
         for i in range(self.depth):
-            x = block(num_heads=w // self.head_dim, head_dim=self.head_dim, name=f"block_{i}",
-                      **kw)(x, mask=mask)
+            x = block(num_heads=heads, head_dim=self.head_dim, name=f"block_{i}", **kw)(x, mask=mask)
         r = _ln("norm_out", **kw)(x[:, p:])
         r = nn.Dense(self.token_dim, kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", None)),
                      bias_init=boxed(nn.initializers.zeros_init(), (None,)), name="to_codes", **kw)(r)
@@ -169,8 +170,9 @@ class FlexTokDecoder(nn.Module):
         x = jnp.concatenate([x.astype(r.dtype), r], axis=1)
         block = nn.remat(FlexBlock) if self.remat else FlexBlock
         feats = None
+        heads = heads_of(d, self.head_dim, module_path(self))
         for i in range(self.depth):
-            x = block(num_heads=d // self.head_dim, head_dim=self.head_dim, num_subseqs=2,
+            x = block(num_heads=heads, head_dim=self.head_dim, num_subseqs=2,
                       name=f"block_{i}", **kw)(x, temb, split=num_patches, mask=mask)
             if i == self.repa_layer:
                 feats = x[:, :num_patches]

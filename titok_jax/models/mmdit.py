@@ -42,6 +42,7 @@ import numpy as np
 from titok_jax.nn import (AdaLNModulation, HeadsDense, HeadsOutDense, MLP, TimestepEmbedder,
                           apply_rope, boxed, dot_product_attention, make_norm, modulate, rope_angles)
 from titok_jax.nn.adaln import gate
+from titok_jax.nn.attention import module_path, split_heads
 from titok_jax.nn.initializers import Initializer, zeros_init
 
 # PyTorch nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -113,7 +114,7 @@ class DoubleStreamBlock(nn.Module):
         if self.update not in UPDATES:
             raise ValueError(f"DoubleStreamBlock update must be one of {UPDATES}, got {self.update!r}")
         width = img.shape[-1]
-        head_dim = width // self.num_heads
+        head_dim = split_heads(width, self.num_heads, module_path(self))
         scale = self.attn_scale if self.attn_scale is not None else 8.0 / head_dim
         axes = tuple(self.rope_axes_dims or default_rope_axes(head_dim))
         ln = dict(epsilon=1e-6, use_scale=False, use_bias=False, dtype=self.dtype,

@@ -13,12 +13,14 @@ all masked gets zero attention weights (its output is just the output bias), nev
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from titok_jax.errors import ConfigError
 from titok_jax.nn.dropout import bernoulli_like
 from titok_jax.nn.initializers import (Initializer, boxed, default_kernel_init, flat_kernel_init,
                                        zeros_init)
@@ -80,23 +82,54 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     return out
 
 
+# --------------------------------------------------------------------------- head counts
+
+
+def module_path(module: nn.Module) -> str:
+    """``encoder/block_0/attn``: where a bound module sits (its class name when unbound)."""
+    scope = getattr(module, "scope", None)
+    path = "/".join(str(p) for p in getattr(scope, "path", ()) or ())
+    return path or type(module).__name__
+
+
+def split_heads(width: int, num_heads: int, where: str) -> int:
+    """The head dim ``width // num_heads``; a one-line ``ConfigError`` naming ``where`` when
+    ``num_heads`` is not a positive divisor of ``width`` (never a silently smaller head dim)."""
+    if not isinstance(num_heads, numbers.Integral) or num_heads < 1 or width % num_heads:
+        raise ConfigError(f"attention {where}: width {width} is not divisible by num_heads "
+                          f"{num_heads!r}; choose a head count that divides the width")
+    return width // num_heads
+
+
+def heads_of(width: int, head_dim: int, where: str) -> int:
+    """The head count ``width // head_dim`` (models with a fixed head dim, as FlexTok); a one-line
+    ``ConfigError`` naming ``where`` when ``head_dim`` does not divide ``width``."""
+    if not isinstance(head_dim, numbers.Integral) or head_dim < 1 or width % head_dim:
+        raise ConfigError(f"attention {where}: width {width} is not divisible by head_dim "
+                          f"{head_dim!r}; choose a width that is a multiple of the head dim")
+    return width // head_dim
+
+
 # --------------------------------------------------------------------------- core
 
 
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
     scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-    precision: Any = None,
+    precision: Any = None, bias: jax.Array | None = None,
 ) -> jax.Array:
-    """``softmax(scale * q k^T) v``: q ``[B,Q,H,D]``, k ``[B,K,H,D]``, v ``[B,K,H,Dv]``
+    """``softmax(scale * q k^T + bias) v``: q ``[B,Q,H,D]``, k ``[B,K,H,D]``, v ``[B,K,H,Dv]``
     -> ``[B,Q,H,Dv]``.
 
-    Logits and softmax are float32; ``mask`` (``[B|1, H|1, Q, K]`` or ``[Q, K]``, True = attend)
-    sets blocked logits to the float32 minimum, and rows with no allowed key get zero weights.
+    Logits and softmax are float32; ``bias`` (``[B|1, H|1, Q, K]``, float) is added to the scaled
+    logits; ``mask`` (``[B|1, H|1, Q, K]`` or ``[Q, K]``, True = attend) sets blocked logits to the
+    float32 minimum, and rows with no allowed key get zero weights.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
                         preferred_element_type=jnp.float32) * jnp.float32(scale)
+    if bias is not None:
+        logits = logits + jnp.asarray(bias, jnp.float32)
     if mask is not None:
         mask = jnp.asarray(mask, bool)
         if mask.ndim == 2:
@@ -174,7 +207,8 @@ class MultiHeadAttention(nn.Module):
 
     Attributes:
       num_heads: number of heads.
-      head_dim: per-head width (default ``features // num_heads``).
+      head_dim: per-head width (default ``features // num_heads``; heads that do not divide the
+        width are a ``ConfigError``).
       out_features: output width (default: input width).
       fused_qkv: one ``qkv`` projection (``[D, 3, H, d]``) instead of ``query``/``key``/``value``;
         only for self-attention.
@@ -215,14 +249,16 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, inputs_kv: jax.Array | None = None, *,
                  mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 kv_positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-        """``x [B, Q, D]`` (and ``inputs_kv [B, K, Dk]``) -> ``[B, Q, out_features or D]``.
+                 kv_positions: jax.Array | None = None, deterministic: bool = True,
+                 bias: jax.Array | None = None) -> jax.Array:
+        """``x [B, Q, D]`` (and ``inputs_kv [B, K, Dk]``) -> ``[B, Q, out_features or D]``;
+        ``bias``: additive float32 logits ``[B|1, H|1, Q, K]``.
 
         ``positions``: RoPE positions of the queries (``[B|1, Q]`` or ``[B|1, Q, n_axes]``);
         ``kv_positions`` those of the keys (default ``positions``).
         """
         features = x.shape[-1]
-        head_dim = self.head_dim or features // self.num_heads
+        head_dim = self.head_dim or split_heads(features, self.num_heads, module_path(self))
         dense = dict(num_heads=self.num_heads, head_dim=head_dim, use_bias=self.qkv_bias,
                      kernel_init=self.qkv_kernel_init or self.kernel_init, dtype=self.dtype,
                      param_dtype=self.param_dtype, precision=self.precision)
@@ -259,7 +295,7 @@ class MultiHeadAttention(nn.Module):
             rng = self.make_rng("dropout")
         y = dot_product_attention(q, k, v, mask=mask, scale=self.scale,
                                   dropout_rate=self.dropout_rate, dropout_rng=rng,
-                                  precision=self.precision)
+                                  precision=self.precision, bias=bias)
         return HeadsOutDense(self.out_features or features, use_bias=self.out_bias,
                              kernel_init=self.kernel_init, dtype=self.dtype,
                              param_dtype=self.param_dtype, precision=self.precision,

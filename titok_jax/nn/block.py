@@ -72,7 +72,7 @@ class TransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array | None = None, *,
                  mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, bias: jax.Array | None = None) -> jax.Array:
         features = x.shape[-1]
         norm = dict(epsilon=self.norm_eps, use_scale=self.norm_affine, use_bias=self.norm_affine,
                     dtype=self.dtype, param_dtype=self.param_dtype)
@@ -102,7 +102,7 @@ class TransformerBlock(nn.Module):
         h = make_norm(self.norm_type, name="ln_1", **norm)(x)
         if self.adaln:
             h = modulate(h, s1, c1)
-        h = attn(h, mask=mask, positions=positions, deterministic=deterministic)
+        h = attn(h, mask=mask, positions=positions, deterministic=deterministic, bias=bias)
         h = drop(h, deterministic=deterministic)
         x = x + (gate(h, g1) if self.adaln else h)
 
