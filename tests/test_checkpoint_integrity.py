@@ -23,7 +23,7 @@ from titok_jax.errors import CheckpointError
 from conftest import MICRO_TOKENIZER_ARGS
 from train_helpers import ROOT
 
-CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny"
+CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny_vq"
 
 
 def tree_digest(path):
@@ -197,8 +197,6 @@ def test_train_with_another_model_config_names_the_key(two_steps, capsys):
 
 
 # ----------------------------------------------------------------------------- eval leaves the workdir as it is
-@pytest.mark.xfail(strict=True, reason="needs the train/loop.py change of issue 13 item 7 (Trainer.evaluate "
-                                       "warns instead of failing when it cannot write); remove this mark with it")
 def test_eval_on_a_read_only_workdir_still_prints_its_metrics(micro_tokenizer_dir, tmp_path, monkeypatch, capsys):
     workdir = str(tmp_path / "ro")
     shutil.copytree(micro_tokenizer_dir, workdir)

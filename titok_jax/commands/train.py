@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 from titok_jax.commands.common import (UsageError, check_npz_input, config_spec, load_run_config,
@@ -25,31 +26,63 @@ COUNTS = (("total_steps", 0, "the number of training steps"), ("batch_size", 1, 
           ("optimizer.accumulation_steps", 1, "micro-batches per step"))
 
 
+def dry_run(config: Any, workdir: str | None) -> int:
+    """``train --dry_run``: the compiled step's report (``titok_jax.train.memory.dry_run``), one
+    human line on stderr and, as the last line on stdout, one JSON object; nothing is written."""
+    from titok_jax.train.distributed import maybe_init_distributed
+    maybe_init_distributed()
+    from titok_jax.train.memory import dry_run as report_of, report_line
+    report = report_of(config, workdir)
+    print(f"[titok_jax] {report_line(report)}", file=sys.stderr)
+    print(json.dumps(report))
+    return 0
+
+
 def train(argv: Sequence[str]) -> int:
     """Train from ``--config`` into ``--workdir`` (resuming from its latest checkpoint)."""
     from absl import flags
     from ml_collections import config_flags
+
+    # --simulate_devices N: the environment for N simulated CPU devices, before anything imports JAX
+    # (parsing the flags loads the config file, which does)
+    from titok_jax.train.simulate import simulate_devices, simulate_devices_arg
+    try:
+        simulated = simulate_devices_arg(argv)
+        if simulated:
+            simulate_devices(simulated)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
 
     def define(fv: Any) -> None:
         config_flags.DEFINE_config_file("config", None, "configs/<family>.py:<variant>",
                                         flag_values=fv, lock_config=True,
                                         sys_argv=["titok-jax train", *argv])
         flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)", flag_values=fv)
+        flags.DEFINE_bool("dry_run", False, "build and AOT-compile the train step, print its per-device "
+                          "memory / FLOPs / collectives report (the last line: one JSON object) and "
+                          "exit; creates and writes nothing (no workdir, checkpoint or step)",
+                          flag_values=fv)
+        flags.DEFINE_integer("simulate_devices", 0, "run on N simulated CPU devices (XLA_FLAGS="
+                             "--xla_force_host_platform_device_count=N, JAX_PLATFORMS=cpu, set before "
+                             "JAX is imported): with --dry_run, sizes a pod's mesh on one host",
+                             flag_values=fv)
         flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
         flags.DEFINE_bool("resume_from_intact", False, "when the latest checkpoint is corrupt (its "
                           "content hash differs), resume from the newest intact one; the corrupt "
                           "steps are moved to WORKDIR/checkpoints.corrupt/", flag_values=fv)
 
     spec = config_spec(argv)
-    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-    if not spec or "workdir" not in given:  # before the config file is loaded (it imports JAX)
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if not spec or not given & {"workdir", "dry_run"}:  # before the config file is loaded (it imports JAX)
         raise UsageError("train needs --config configs/<family>.py:<variant> and --workdir DIR")
     if not os.path.isfile(spec.split(":", 1)[0]):
         raise UsageError(missing_config_file(spec.split(":", 1)[0]))
     fv = parse("titok-jax train", argv, define)
-    if fv.config is None or not fv.workdir:
+    if fv.config is None or not (fv.workdir or fv.dry_run):
         raise UsageError("train needs --config configs/<family>.py:<variant> and --workdir DIR")
     check_counts(fv.config)
+    if fv.dry_run:
+        return dry_run(fv.config, fv.workdir)
     check_same_model(fv.workdir, fv.config)
     from titok_jax.train.distributed import maybe_init_distributed
     maybe_init_distributed()

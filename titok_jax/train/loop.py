@@ -7,18 +7,21 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import jax
 
 from titok_jax import data as data_lib
 from titok_jax.checkpoint import Checkpointer, write_config
+from titok_jax.errors import WriteWarning
 from titok_jax.evaluation.images import save_png
-from titok_jax.tasks import EvalContext, get_task
+from titok_jax.tasks import EvalContext
+from titok_jax.train import memory
 from titok_jax.train import sharding as sharding_lib
 from titok_jax.train.metrics_writer import MetricWriter
-from titok_jax.train.optimizer import make_optimizer
-from titok_jax.train.state import abstract_and_shardings, create_state
+from titok_jax.train.parts import build_parts
+from titok_jax.train.state import create_state
 from titok_jax.train.step import build_step, step_options
 
 
@@ -33,13 +36,12 @@ class Trainer:
         """``inference=True`` (``eval``): the task is built for inference, so it reads no
         training-only file (a FlexTok's VAE or REPA teacher: the checkpoint holds what it needs)."""
         self.config, self.workdir = config, os.path.abspath(workdir)
+        # mesh, task, abstract state + shardings, optimizer: everything but the workdir
+        self.parts = build_parts(config, inference=inference)
         os.makedirs(self.workdir, exist_ok=True)
-        self.mesh = sharding_lib.make_mesh(dict(config.mesh))
-        self.rules = sharding_lib.rules_from_config(config.get("logical_axis_rules"))
-        self.task = get_task(config, inference=inference)
-        self.use_ema = float(config.optimizer.get("ema_decay", 0.0)) > 0
-        self.abstract, self.shardings, self.optimizer = abstract_and_shardings(
-            self.task.init, lambda p: make_optimizer(config, p), self.use_ema, self.mesh, self.rules)
+        p = self.parts
+        self.mesh, self.rules, self.task, self.use_ema = p.mesh, p.rules, p.task, p.use_ema
+        self.abstract, self.shardings, self.optimizer = p.abstract, p.shardings, p.optimizer
         ck = config.checkpoint
         self.checkpointer = Checkpointer(self.workdir, ck.every_steps, ck.get("keep", 3),
                                          ck.get("keep_every_steps", 0), ck.get("async_save", True))
@@ -48,8 +50,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def abstract_with_shardings(self) -> Any:
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract, self.shardings)
+        return self.parts.abstract_with_shardings()
 
     def initial_state(self, data_iter: Any = None) -> tuple[Any, str]:
         """Latest checkpoint of the workdir if there is one (restoring ``data_iter`` too), else
@@ -100,21 +101,30 @@ class Trainer:
                           constants=self._constants)  # None: the task reads what it needs
         result = self.task.evaluate(model_params, model_state, ctx)
         first_path = None
-        if jax.process_index() == 0:
-            for name, image in result.images.items():
-                path = os.path.join(self.workdir, "samples", f"{name}_{int(step):09d}.png")
-                save_png(path, image)
-                self.writer.image(name, image, step)
-                first_path = first_path or path
-        self.writer.write("eval.jsonl", step, result.metrics, prefix="eval/")
-        self.writer.flush()
+        try:  # a read-only or full workdir costs the grid and the log line, not the metrics
+            if jax.process_index() == 0:
+                for name, image in result.images.items():
+                    path = os.path.join(self.workdir, "samples", f"{name}_{int(step):09d}.png")
+                    save_png(path, image)
+                    self.writer.image(name, image, step)
+                    first_path = first_path or path
+            self.writer.write("eval.jsonl", step, result.metrics, prefix="eval/")
+            self.writer.flush()
+        except OSError as e:
+            warnings.warn(WriteWarning(f"could not write the evaluation of step {step} to "
+                                       f"{self.workdir}: {e.strerror or e}"))
         return result.metrics, first_path
 
 
 def eval_summary(metrics: dict) -> str:
     """The one status line of an evaluation (PSNR/SSIM for tokenizers, token accuracy for generators)."""
     if "psnr" in metrics:
-        return f"psnr {metrics['psnr']:.2f} dB, ssim {metrics['ssim']:.4f}"
+        line = f"psnr {metrics['psnr']:.2f} dB, ssim {metrics['ssim']:.4f}"
+        if "thumbnail_psnr" in metrics:   # discrete tokenizers: the same-bit thumbnail baseline
+            line += (f"; {metrics['bits_per_image']:.0f} bits per image, the same-bit thumbnail "
+                     f"({metrics['thumbnail_side']}x{metrics['thumbnail_side']} at "
+                     f"{metrics['thumbnail_bits']} bits per channel) {metrics['thumbnail_psnr']:.2f} dB")
+        return line
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
@@ -144,8 +154,10 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
     print(f"[titok_jax] {cfg.family}:{cfg.variant} on {jax.device_count()} {jax.devices()[0].platform} "
           f"device(s), mesh {dict(t.mesh.shape)}: {how}; training steps {start} -> {total}", file=sys.stderr)
 
-    jitted = build_step(t.task, t.optimizer, t.shardings, t.mesh, **step_options(cfg, t.abstract.params))
-    constants = jax.device_put(host_constants, sharding_lib.replicated(t.mesh))
+    # frozen constants sharded over fsdp like params (sharding.constant_shardings)
+    constants = sharding_lib.place_constants(host_constants, t.mesh)
+    jitted = build_step(t.task, t.optimizer, t.shardings, t.mesh, constants=constants,
+                        **step_options(cfg, t.abstract.params))
     batch_keys = tuple(t.task.batch_keys)
 
     stop = {"signal": None}
@@ -161,6 +173,14 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
         while step < total:
             batch = next(data_iter)
             inputs = data_lib.to_global_array({k: batch[k] for k in batch_keys}, t.mesh)
+            if step == start:
+                # The step is compiled here, ahead of its first call, on the very arguments of
+                # that call: jit's cache then holds it, so the report costs no second compile.
+                compiled = jitted.lower(state, inputs, constants).compile()
+                try:
+                    _say(f"[titok_jax] {memory.report_line(memory.compiled_report(compiled, t.parts))}")
+                except Exception as e:  # noqa: BLE001 - the report is advice; the run goes on
+                    _say(f"[titok_jax] no memory report of the compiled step ({type(e).__name__}: {e})")
             state, metrics = jitted(state, inputs, constants)
             step += 1
             steps_since += 1

@@ -6,6 +6,8 @@ the remaining devices. Params carry logical axis names (``embed``, ``mlp``, ``he
 tensor parallelism is ``mlp/heads -> tensor``. Batches are split over ``('data', 'fsdp')``.
 A mesh axis never silently replicates a large param: one that does not divide its dimension moves to
 another dimension it divides, or the param is a ``ValueError`` (``_fit``, ``MAX_REPLICATED_ELEMENTS``).
+Frozen constants (LPIPS, ConvNeXt, a teacher; no logical names) are sharded like params over ``fsdp``,
+on their largest dimension it divides (``constant_shardings``).
 """
 from __future__ import annotations
 
@@ -143,3 +145,42 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str = "param") -> P:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# A frozen constant below this many elements (2**14: 64 KiB in float32 - biases, norm scales) stays
+# replicated: splitting it saves nothing and costs an all-gather.
+MIN_SHARDED_CONSTANT_ELEMENTS = 2 ** 14
+
+
+def constant_shardings(tree: Any, mesh: Mesh, axis: str = "fsdp") -> Any:
+    """NamedShardings for a task's frozen constants (arrays, ``ShapeDtypeStruct`` s or scalars):
+    each leaf of at least ``MIN_SHARDED_CONSTANT_ELEMENTS`` elements is split over the mesh
+    ``axis`` (FSDP, like params) on its largest dimension that the axis size divides (ties: the
+    last, a kernel's output features); smaller leaves, and every leaf when the axis has size 1,
+    are replicated. A leaf no dimension fits is replicated up to ``MAX_REPLICATED_ELEMENTS``
+    elements and a one-line ``ValueError`` naming its path beyond that."""
+    size = int(mesh.shape[axis]) if axis in mesh.axis_names else 1
+
+    def one(path, leaf):
+        shape = tuple(int(d) for d in np.shape(leaf))
+        elements = math.prod(shape)
+        if size == 1 or elements < MIN_SHARDED_CONSTANT_ELEMENTS:
+            return NamedSharding(mesh, P())
+        dims = [d for d, n in enumerate(shape) if n % size == 0]
+        if not dims:
+            if elements > MAX_REPLICATED_ELEMENTS:
+                name = jax.tree_util.keystr(path, simple=True, separator="/")
+                raise ValueError(f"constant {name} {shape}: mesh axis {axis!r} (size {size}) divides none "
+                                 f"of its dimensions, and at {elements} elements it is too big to "
+                                 f"replicate (limit {MAX_REPLICATED_ELEMENTS}); change the mesh")
+            return NamedSharding(mesh, P())
+        best = max(dims, key=lambda d: (shape[d], d))
+        return NamedSharding(mesh, P(*[axis if d == best else None for d in range(len(shape))]))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def place_constants(tree: Any, mesh: Mesh) -> Any:
+    """``jax.device_put`` of a task's host constants into ``constant_shardings`` (what
+    ``train.step.build_step(..., constants=tree)`` expects)."""
+    return jax.device_put(tree, constant_shardings(tree, mesh))

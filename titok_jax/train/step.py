@@ -3,7 +3,9 @@ one optimizer update of every parameter group, the EMA, and the logged scalars.
 
 ``build_step`` is the one place the step is assembled and jitted (the trainer, the benchmarks and
 the tests call it): ``jax.jit`` with the state's shardings in and out, the batch split over the
-mesh's batch axes, constants replicated, and the state donated."""
+mesh's batch axes, the frozen constants sharded like params (``sharding.constant_shardings``), and
+the state donated. With a bfloat16 compute dtype the gradients are summed - across devices too -
+in float32 (``optimizer.grad_reduce_dtype``, ``precision.float32_reductions``)."""
 from __future__ import annotations
 
 import math
@@ -16,9 +18,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from titok_jax.train import sharding as sharding_lib
 from titok_jax.train.optimizer import ema_update, learning_rates
+from titok_jax.train.precision import float32_reductions
 from titok_jax.train.state import TrainState
 
 # loss_fn(params, model_state, batch, key, step, constants) -> (scalar, (new_model_state, metrics))
+# optimizer.grad_reduce_dtype: "float32" (default) or "compute" (sum in the compute dtype, as before)
+GRAD_REDUCE_DTYPES = ("float32", "compute")
+
 LossFn = Callable[[Any, Any, Any, jax.Array, jax.Array, Any], tuple[jax.Array, tuple[Any, dict]]]
 
 
@@ -52,13 +58,27 @@ def _split_micro(batch: Any, accumulation: int, sharding: NamedSharding | None =
     return jax.tree.map(split, batch)
 
 
-def loss_grads(loss_fn: LossFn) -> Callable:
+def loss_grads(loss_fn: LossFn, grad_reduce_dtype: str = "float32") -> Callable:
     """``(params, model_state, batch, key, step, constants) -> (grads, new model_state, metrics)``:
-    the gradient of a task's loss with respect to every parameter group."""
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    the gradient of a task's loss with respect to every parameter group (``jax.vjp`` of the
+    loss with cotangent 1, as ``jax.grad`` does).
+
+    ``grad_reduce_dtype``: ``"float32"`` sums every low-precision contribution to a gradient - so
+    also its cross-device reduction - in float32, by rewriting the backward pass
+    (``precision.float32_reductions``; the forward pass is untouched); ``"compute"`` leaves the
+    backward ops in the compute dtype (bfloat16 sums under a bfloat16 compute dtype)."""
+    if grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+        raise ValueError(f"optimizer.grad_reduce_dtype must be one of {GRAD_REDUCE_DTYPES}, "
+                         f"got {grad_reduce_dtype!r}")
 
     def grads_fn(params, model_state, batch, key, step, constants):
-        grads, (model_state, metrics) = grad_fn(params, model_state, batch, key, step, constants)
+        loss, vjp_fn, (model_state, metrics) = jax.vjp(
+            lambda p: loss_fn(p, model_state, batch, key, step, constants), params, has_aux=True)
+        if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+            raise TypeError(f"a task's loss must be a real scalar, got {jnp.result_type(loss)} "
+                            f"{jnp.shape(loss)}")
+        backward = float32_reductions(vjp_fn) if grad_reduce_dtype == "float32" else vjp_fn
+        (grads,) = backward(jnp.ones_like(loss))
         return grads, model_state, metrics
 
     return grads_fn
@@ -67,7 +87,8 @@ def loss_grads(loss_fn: LossFn) -> Callable:
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     ema_decay: float = 0.0, accumulation_steps: int = 1,
                     lr_fn: Callable[[jax.Array], dict] | None = None,
-                    batch_sharding: NamedSharding | None = None) -> Callable:
+                    batch_sharding: NamedSharding | None = None,
+                    grad_reduce_dtype: str = "float32") -> Callable:
     """``step(state, batch, constants) -> (state, metrics)`` (not jitted: ``build_step`` does);
     metrics are float32 scalars (``loss`` among them); ``constants`` are frozen inputs of the task
     (e.g. LPIPS weights). The gradient is ``jax.grad(loss_fn)`` with respect to every group.
@@ -75,7 +96,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     With ``accumulation_steps = A > 1`` the gradient is the mean of the gradients of ``A``
     micro-batches (``_split_micro``: interleaved rows), each one split over the devices of
     ``batch_sharding`` like the whole batch (``build_step`` passes the mesh's batch sharding)."""
-    grads_fn = loss_grads(loss_fn)
+    grads_fn = loss_grads(loss_fn, grad_reduce_dtype)
 
     def step(state: TrainState, batch: Any, constants: Any = None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
@@ -116,29 +137,35 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 
 def step_options(config: Any, abstract_params: Any) -> dict:
-    """``build_step``'s keyword options from a run config: EMA decay, accumulation steps and the
-    learning rates to log (``abstract_params``: the params tree, for the per-group schedules)."""
+    """``build_step``'s keyword options from a run config: EMA decay, accumulation steps, the
+    learning rates to log (``abstract_params``: the params tree, for the per-group schedules) and
+    the dtype gradients are summed in (``optimizer.grad_reduce_dtype``, default ``"float32"``)."""
     opt = config.optimizer
     return {"ema_decay": float(opt.get("ema_decay", 0.0) or 0.0),
             "accumulation_steps": int(opt.get("accumulation_steps", 1) or 1),
-            "lr_fn": lambda st: learning_rates(config, st, abstract_params)}
+            "lr_fn": lambda st: learning_rates(config, st, abstract_params),
+            "grad_reduce_dtype": str(opt.get("grad_reduce_dtype", "float32") or "float32")}
 
 
 def build_step(task: Any, optimizer: optax.GradientTransformation, shardings: Any = None,
-               mesh: Any = None, *, donate: bool = True, **options: Any) -> Callable:
+               mesh: Any = None, *, donate: bool = True, constants: Any = None,
+               **options: Any) -> Callable:
     """The jitted training step ``(state, batch, constants) -> (state, metrics)`` of ``task``.
 
-    With a ``mesh`` the state keeps ``shardings`` (a ``TrainState`` of shardings), the batch is
-    split over the mesh's batch axes and the constants are replicated; without one, plain
-    ``jax.jit``. ``options``: ``ema_decay``, ``accumulation_steps``, ``lr_fn`` (``step_options``
-    gives them from a config)."""
+    With a ``mesh`` the state keeps ``shardings`` (a ``TrainState`` of shardings) and the batch is
+    split over the mesh's batch axes. ``constants`` (the tree the step will be called with, arrays
+    or ``ShapeDtypeStruct`` s) fixes the constants' shardings to ``sharding.constant_shardings``
+    (sharded over ``fsdp`` like params; place them with ``sharding.place_constants``); without it
+    the step takes the constants as they are placed. Without a mesh, plain ``jax.jit``.
+    ``options``: ``ema_decay``, ``accumulation_steps``, ``lr_fn``, ``grad_reduce_dtype``
+    (``step_options`` gives them from a config)."""
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(make_train_step(task.loss, optimizer, **options), donate_argnums=donate_argnums)
     if shardings is None:
         raise ValueError("build_step with a mesh needs the state's shardings")
-    repl = sharding_lib.replicated(mesh)
+    const_sh = None if constants is None else sharding_lib.constant_shardings(constants, mesh)
     batch_sh = sharding_lib.batch_sharding(mesh)
     step_fn = make_train_step(task.loss, optimizer, batch_sharding=batch_sh, **options)
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl),
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sh, const_sh),
                    out_shardings=(shardings, None), donate_argnums=donate_argnums)
