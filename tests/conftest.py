@@ -24,7 +24,7 @@ def micro_tokenizer_dir(tmp_path_factory):
     from titok_jax import cli
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workdir = str(tmp_path_factory.mktemp("micro_tok"))
-    assert cli.main(["train", "--config", os.path.join(root, "configs", "titok.py") + ":tiny",
+    assert cli.main(["train", "--config", os.path.join(root, "configs", "titok.py") + ":tiny_vq",
                      "--workdir", workdir, *MICRO_TOKENIZER_ARGS]) == 0
     return workdir
 

@@ -12,7 +12,7 @@ from titok_jax import cli
 
 from train_helpers import ROOT
 
-CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny"
+CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny_vq"
 MICRO = ["--config.data.image_size=32", "--config.model.image_size=32", "--config.model.encoder_width=32",
          "--config.model.decoder_width=32", "--config.model.encoder_depth=1", "--config.model.decoder_depth=1",
          "--config.model.num_latent_tokens=8", "--config.model.quantizer.codebook_size=32",

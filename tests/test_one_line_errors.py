@@ -16,7 +16,7 @@ from titok_jax.errors import CheckpointSaveError, ConfigError, UserError
 
 from train_helpers import ROOT
 
-CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny"
+CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny_vq"
 
 
 def one_line(capsys):

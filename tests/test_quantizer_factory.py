@@ -186,7 +186,7 @@ def test_two_stage_refuses_a_continuous_bottleneck():
 def test_a_quantizer_argument_is_set_from_the_command_line(family):
     from absl import flags
     from ml_collections import config_flags
-    path = os.path.join(ROOT, "configs", f"{family}.py") + ":tiny"
+    path = os.path.join(ROOT, "configs", f"{family}.py") + (":tiny_vq" if family == "titok" else ":tiny")
     argv = ["prog", f"--config={path}", "--config.model.quantizer.codebook_size=32",
             "--config.model.quantizer.use_ema=False", "--config.model.quantizer.kmeans_init=False",
             "--config.model.quantizer.dead_code_threshold=0.0"]

@@ -16,7 +16,7 @@ from titok_jax.quantizers.factory import build_quantizer
 @pytest.mark.parametrize("name,codes,token_size", [("fsq", 240, 3), ("lfq", 256, 8), ("bsq", 256, 8),
                                                    ("vq", 256, 12)])
 def test_variant_string_selects_the_quantizer(name, codes, token_size):
-    c = load_config_module("titok").get_config(f"tiny,quantizer={name}")
+    c = load_config_module("titok").get_config(f"tiny_vq,quantizer={name}")
     assert c.model.quantizer.name == name and c.model.token_size == token_size
     c.model.update(image_size=32, encoder_width=32, decoder_width=32, encoder_depth=1,
                    decoder_depth=1, encoder_heads=2, decoder_heads=2, num_latent_tokens=8)
@@ -45,7 +45,7 @@ def test_bits_option_and_unknown_options():
     titok = load_config_module("titok")
     assert dict(titok.get_config("bl64_vq,quantizer=fsq,bits=14").model.quantizer) == \
         {"name": "fsq", "levels": [8, 8, 8, 6, 5]}
-    assert titok.get_config("tiny,bits=10").model.quantizer.codebook_size == 1024
+    assert titok.get_config("tiny_vq,bits=10").model.quantizer.codebook_size == 1024
     with pytest.raises(ValueError, match="unknown titok config option"):
         titok.get_config("tiny,codebook=3")
     with pytest.raises(ValueError, match="unknown quantizer 'xyz'"):

@@ -10,7 +10,7 @@ from titok_jax import cli
 
 from train_helpers import ROOT
 
-CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny"
+CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny_vq"
 MICRO = ["--config.data.image_size=32", "--config.model.image_size=32", "--config.model.encoder_width=32",
          "--config.model.decoder_width=32", "--config.model.encoder_depth=1", "--config.model.decoder_depth=1",
          "--config.model.num_latent_tokens=8", "--config.model.quantizer.codebook_size=32",
@@ -53,7 +53,8 @@ def test_train_writes_the_workdir_layout(trained, capsys):
     evals = [json.loads(l) for l in open(os.path.join(trained, "eval.jsonl"))]
     assert [e["step"] for e in evals] == [4]  # eval_every_steps=4 of 4 steps: one row
     assert set(evals[0]) == {"step", "psnr", "ssim", "num_images", "codebook_usage", "codebook_entropy",
-                             "codebook_perplexity"}
+                             "codebook_perplexity", "bits_per_image", "thumbnail_psnr",
+                             "thumbnail_side", "thumbnail_bits"}
 
 
 def test_eval_command_prints_and_appends(trained, capsys):

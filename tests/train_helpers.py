@@ -15,7 +15,7 @@ def load_config_module(family: str):
 
 def micro_config(**overrides):
     """`tiny` shrunk further: 32x32 images, width 32, one block each side; seconds per run."""
-    c = load_config_module("titok").get_config("tiny")
+    c = load_config_module("titok").get_config("tiny_vq")
     c.model.update(dict(image_size=32, patch_size=8, encoder_width=32, encoder_depth=1,
                         encoder_heads=2, decoder_width=32, decoder_depth=1, decoder_heads=2,
                         num_latent_tokens=8, token_size=8))

@@ -49,6 +49,7 @@ from titok_jax.nn import (check_images, LearnedPositionEmbedding, PatchEmbed, Tr
                           make_norm, unpatchify, width_scaled_normal)
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
+from titok_jax.models.token_prior import TokenPriorBias, prior_distances
 
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 8192}   # TiTok-BL-64-VQ's
@@ -78,14 +79,19 @@ zeros = nn.initializers.zeros_init()
 
 
 def _blocks(x: jax.Array, depth: int, num_heads: int, remat: bool, dtype: Dtype,
-            param_dtype: Dtype, init: str = "titok") -> jax.Array:
-    """``depth`` open_clip blocks named ``transformer_{i}`` (call from a compact method)."""
+            param_dtype: Dtype, init: str = "titok", prior: float = 0.0,
+            distances: Any = None) -> jax.Array:
+    """``depth`` open_clip blocks named ``transformer_{i}`` (call from a compact method); with
+    ``prior > 0`` each block's attention adds the learnable token-patch bias ``token_prior_{i}``
+    (``models.token_prior``) over ``distances`` ``[T, T]`` (``prior_distances``)."""
     block = nn.remat(TransformerBlock) if remat else TransformerBlock
     k_init, qkv_init = _kernel_inits(init)
     for i in range(depth):
+        bias = (TokenPriorBias(num_heads, prior, param_dtype=param_dtype,
+                               name=f"token_prior_{i}")(distances) if prior > 0 else None)
         x = block(num_heads=num_heads, mlp_ratio=4.0, activation="gelu", norm_eps=1e-5,
                   kernel_init=k_init, qkv_kernel_init=qkv_init, dtype=dtype,
-                  param_dtype=param_dtype, name=f"transformer_{i}")(x)
+                  param_dtype=param_dtype, name=f"transformer_{i}")(x, bias=bias)
     return x
 
 
@@ -109,6 +115,7 @@ class TiTokEncoder(nn.Module):
     is_legacy: bool = False
     remat: bool = False
     init_scheme: str = "titok"
+    token_prior: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -132,7 +139,7 @@ class TiTokEncoder(nn.Module):
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = make_norm("layernorm", name="ln_pre", **norm)(x)
         x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype,
-                    self.init_scheme)
+                    self.init_scheme, self.token_prior, prior_distances(n, g))
         x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + g * g:])
         if self.is_legacy:
             # PyTorch ``latent.reshape(B, W, N, 1)`` of a [B, N, W] tensor: memory is reinterpreted,
@@ -154,6 +161,7 @@ class TiTokDecoder(nn.Module):
     num_latent_tokens: int
     remat: bool = False
     init_scheme: str = "titok"
+    token_prior: float = 0.0
     head: str = "pixels"
     proxy_codebook_size: int = 1024
     dtype: Dtype = jnp.float32
@@ -186,8 +194,9 @@ class TiTokDecoder(nn.Module):
         x = jnp.concatenate([m, t], axis=1)
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = make_norm("layernorm", name="ln_pre", **norm)(x)
+        distances = prior_distances(self.num_latent_tokens, g)[:1 + g * g + n, :1 + g * g + n]
         x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype,
-                    self.init_scheme)
+                    self.init_scheme, self.token_prior, distances)
         x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g])
         if self.head == "legacy":
             # Two-stage head: Conv1x1(W -> 2W), tanh, Conv1x1(2W -> K) per grid cell (row-major).
@@ -226,6 +235,9 @@ class TiTok(QuantizedModel, nn.Module):
         ``quantizer_name`` and ``codebook_size`` (None for the VAE).
       is_legacy: the two-stage checkpoints' encoder read-out reshape (see the module docstring).
       remat: rematerialise each transformer block in the backward pass.
+      token_prior: initial strength of the learnable token-patch locality bias in every attention
+        layer (``models.token_prior``; 0 = none, the official TiTok). Trained from scratch on a
+        small budget it breaks the symmetric "every token reads the average" start.
       dtype: compute dtype (bf16 on accelerators); the quantizer / posterior stay float32.
       param_dtype: parameter dtype (float32).
     """
@@ -246,6 +258,7 @@ class TiTok(QuantizedModel, nn.Module):
     is_legacy: bool = False
     remat: bool = False
     init_scheme: str = "titok"
+    token_prior: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -259,7 +272,7 @@ class TiTok(QuantizedModel, nn.Module):
                              f"{self.patch_size}")
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
                       num_latent_tokens=self.num_latent_tokens, remat=self.remat,
-                      init_scheme=self.init_scheme,
+                      init_scheme=self.init_scheme, token_prior=float(self.token_prior),
                       dtype=self.dtype, param_dtype=self.param_dtype)
         self.latent_tokens = self.param(
             "latent_tokens", boxed(width_scaled_normal(self.encoder_width), ("tokens", "embed")),

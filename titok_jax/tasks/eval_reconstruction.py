@@ -21,6 +21,7 @@ import numpy as np
 
 from titok_jax import data as data_lib
 from titok_jax import evaluation as ev
+from titok_jax.evaluation.thumbnail import choose_thumbnail, thumbnail_psnr
 from titok_jax.nets.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
 from titok_jax.tasks.types import EvalContext, EvalResult
 
@@ -46,9 +47,11 @@ def eval_fn(task: Any) -> Callable:
 def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx: EvalContext) -> EvalResult:
     """``TokenizerTaskBase.evaluate``: metrics over the held-out split and the grid of the first
     batch's originals over their reconstructions (``images["reconstructions"]``)."""
+    spec = task.token_spec
+    bits = (spec.num_tokens * float(np.log2(spec.codebook_size)) if spec.codebook_size else None)
     metrics, originals, recs = reconstruction_metrics(
         eval_fn(task), model_params, model_state, ctx.config, ctx.mesh,
-        task.token_spec.codebook_size, ctx.max_images)
+        spec.codebook_size, ctx.max_images, bits_per_image=bits)
     images = {}
     if originals is not None:
         num = int(ctx.config.get("samples", {}).get("num_images", 8))
@@ -57,10 +60,16 @@ def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx:
 
 
 def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: Any, config: Any,
-                           mesh: Any, codebook_size: Any, max_images: int = 0
+                           mesh: Any, codebook_size: Any, max_images: int = 0,
+                           bits_per_image: float | None = None
                            ) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
     """Metrics over the held-out split, plus the first batch's originals and reconstructions.
-    The eval batch is rounded up to a multiple of the data shards (padding is masked out)."""
+    The eval batch is rounded up to a multiple of the data shards (padding is masked out).
+
+    With ``bits_per_image`` (a discrete tokenizer: tokens x log2 codebook) the same-bit thumbnail
+    baseline is measured on the same images (``evaluation.thumbnail``; its size and bit depth
+    chosen on the first batch): ``bits_per_image``, ``thumbnail_psnr``, ``thumbnail_side``,
+    ``thumbnail_bits``."""
     shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
     batch = int(config.data.get("eval_batch_size", 0) or config.batch_size)
     if batch % shards:
@@ -68,7 +77,8 @@ def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: An
         with config.unlocked():
             config.data.eval_batch_size = -(-batch // shards) * shards
     it = data_lib.eval_iterator_from_config(config)
-    psnr_sum = ssim_sum = count = 0.0
+    psnr_sum = ssim_sum = count = thumb_sum = 0.0
+    thumb = None   # (side, bits per channel) of the same-bit thumbnail baseline
     fid = InceptionEval.from_config(config, mesh)
     counter = ev.CodebookCounter(codebook_size) if codebook_size else None
     first = (None, None)
@@ -89,11 +99,19 @@ def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: An
         if first[0] is None:
             keep = np.nonzero(mask)[0]
             first = (_gather(np.asarray(batch["image"]))[keep], _gather(rec)[keep])
+            if bits_per_image:
+                thumb = choose_thumbnail(first[0][:16], bits_per_image)
+        if thumb is not None:
+            originals = _gather(np.asarray(batch["image"]))[np.nonzero(mask)[0]]
+            thumb_sum += float(thumbnail_psnr(originals, *thumb).sum())
         if max_images and count >= max_images:
             break
     if count == 0:
         raise ValueError("the evaluation split is empty")
     metrics = {"psnr": psnr_sum / count, "ssim": ssim_sum / count, "num_images": int(count)}
+    if thumb is not None:
+        metrics.update(bits_per_image=float(bits_per_image), thumbnail_psnr=thumb_sum / count,
+                       thumbnail_side=thumb[0], thumbnail_bits=thumb[1])
     if counter is not None and counter.num_updates:
         result = counter.result(prefix="codebook_")
         metrics.update({k: float(v) for k, v in result.items()})
