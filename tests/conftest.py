@@ -35,3 +35,15 @@ def micro_token_dir(micro_tokenizer_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("micro_tokens") / "shards")
     assert cli.main(["tokenize", "--workdir", micro_tokenizer_dir, "--data", "sample", "--output", out]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def vq_release_dir(tmp_path_factory):
+    """The tiny TiTok release of tests/data (32 px, 8 tokens, 64 codes) imported as a workdir:
+    seconds, where training one takes half a minute (shared by the CLI input tests)."""
+    from titok_jax import cli
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path_factory.mktemp("vq_release") / "workdir")
+    assert cli.main(["import-torch", "--input", os.path.join(root, "tests", "data", "titok", "vq"),
+                     "--output", out]) == 0
+    return out

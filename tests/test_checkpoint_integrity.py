@@ -4,7 +4,6 @@ a save that fails on a full disk is one line and leaves no partial step; resumin
 model config names what differs; `eval` of a read-only workdir still prints its metrics."""
 import builtins
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -21,19 +20,9 @@ from titok_jax.checkpoint import (CORRUPT_DIR, HASH_FILE, Checkpointer, Checkpoi
 from titok_jax.errors import CheckpointError
 
 from conftest import MICRO_TOKENIZER_ARGS
-from train_helpers import ROOT
+from train_helpers import ROOT, tree_digest
 
 CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny_vq"
-
-
-def tree_digest(path):
-    digest = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            with open(full, "rb") as f:
-                digest[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
-    return digest
 
 
 def small_state(k=1.0):

@@ -11,22 +11,10 @@ from PIL import Image
 
 from titok_jax import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import one_line_error
 
 
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err[:2000]
-    return err
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """The tiny TiTok release of tests/data (32 px, 8 tokens, 64 codes) imported as a workdir:
-    seconds, where training one takes half a minute."""
-    out = str(tmp_path_factory.mktemp("tokenizer") / "workdir")
-    assert cli.main(["import-torch", "--input", os.path.join(ROOT, "tests", "data", "titok", "vq"),
-                     "--output", out]) == 0
-    return out
 
 
 
@@ -74,7 +62,7 @@ def tree(path):
     (["ok.png", "x/../../evil.png"], "outside the output directory"),
     (["ok.png", "ok.jpg", "ok.png"], "both give the output name"),  # rows 0 and 2 collapse
 ])
-def test_detokenize_refuses_names_that_leave_or_collapse(tokenizer_dir, tmp_path, capsys, files, words):
+def test_detokenize_refuses_names_that_leave_or_collapse(vq_release_dir, tmp_path, capsys, files, words):
     outside = tmp_path / "outside"
     outside.mkdir()
     out = tmp_path / "out"
@@ -82,7 +70,7 @@ def test_detokenize_refuses_names_that_leave_or_collapse(tokenizer_dir, tmp_path
     os.symlink(outside, out / "sub")
     path = str(tmp_path / "t.npz")
     np.savez(path, tokens=np.zeros((len(files), 8), np.int32), files=np.asarray(files))
-    assert cli.main(["detokenize", "--workdir", tokenizer_dir, "--input", path,
+    assert cli.main(["detokenize", "--workdir", vq_release_dir, "--input", path,
                      "--output", str(out)]) == 1
     err = one_line_error(capsys)
     assert words in err and "t.npz" in err
@@ -90,21 +78,21 @@ def test_detokenize_refuses_names_that_leave_or_collapse(tokenizer_dir, tmp_path
     assert not (tmp_path / "evil.png").exists()
 
 
-def test_reconstruct_refuses_input_names_that_collapse(tokenizer_dir, tmp_path, capsys):
+def test_reconstruct_refuses_input_names_that_collapse(vq_release_dir, tmp_path, capsys):
     # a.jpg and a.png would both be a.png, so a.jpg becomes a.jpg.png - the name of a third input.
     src = tmp_path / "in"
     write_image(str(src / "a.jpg"), 0, "JPEG")
     write_image(str(src / "a.png"), 1)
     write_image(str(src / "a.jpg.png"), 2)
     out = tmp_path / "out"
-    assert cli.main(["reconstruct", "--workdir", tokenizer_dir, "--input", str(src),
+    assert cli.main(["reconstruct", "--workdir", vq_release_dir, "--input", str(src),
                      "--output", str(out)]) == 1
     err = one_line_error(capsys)
     assert "both give the output name 'a.jpg.png'" in err
     assert not out.exists()
 
 
-def test_reconstruct_refuses_a_link_out_of_the_output_directory(tokenizer_dir, tmp_path, capsys):
+def test_reconstruct_refuses_a_link_out_of_the_output_directory(vq_release_dir, tmp_path, capsys):
     src = tmp_path / "in"
     write_image(str(src / "a.png"))
     write_image(str(src / "sub" / "b.png"), 1)
@@ -113,21 +101,21 @@ def test_reconstruct_refuses_a_link_out_of_the_output_directory(tokenizer_dir, t
     out = tmp_path / "out"
     out.mkdir()
     os.symlink(outside, out / "sub")
-    assert cli.main(["reconstruct", "--workdir", tokenizer_dir, "--input", str(src),
+    assert cli.main(["reconstruct", "--workdir", vq_release_dir, "--input", str(src),
                      "--output", str(out)]) == 1
     assert "outside" in one_line_error(capsys)
     assert os.listdir(outside) == [] and os.listdir(out) == ["sub"]
 
 
 # ----------------------------------------------------------------------------- FIFOs and links
-def test_reconstruct_skips_a_fifo_with_a_warning(tokenizer_dir, tmp_path, capsys):
+def test_reconstruct_skips_a_fifo_with_a_warning(vq_release_dir, tmp_path, capsys):
     src = tmp_path / "in"
     write_image(str(src / "a.png"))
     fifo = str(src / "b.png")
     os.mkfifo(fifo)
     out = tmp_path / "out"
     with fifo_guard(fifo):
-        rc = cli.main(["reconstruct", "--workdir", tokenizer_dir, "--input", str(src),
+        rc = cli.main(["reconstruct", "--workdir", vq_release_dir, "--input", str(src),
                        "--output", str(out)])
     err = capsys.readouterr().err
     assert rc == 0, err
@@ -136,7 +124,7 @@ def test_reconstruct_skips_a_fifo_with_a_warning(tokenizer_dir, tmp_path, capsys
     assert tree(out) == ["a.png"]
 
 
-def test_tokenize_a_folder_source_skips_a_fifo(tokenizer_dir, tmp_path, capsys):
+def test_tokenize_a_folder_source_skips_a_fifo(vq_release_dir, tmp_path, capsys):
     src = tmp_path / "folder"
     for i, name in enumerate(("a.png", "b.png", "c.jpg")):
         write_image(str(src / name), i, "JPEG" if name.endswith("jpg") else None)
@@ -144,7 +132,7 @@ def test_tokenize_a_folder_source_skips_a_fifo(tokenizer_dir, tmp_path, capsys):
     os.mkfifo(fifo)
     out = tmp_path / "shards"
     with fifo_guard(fifo):
-        rc = cli.main(["tokenize", "--workdir", tokenizer_dir, "--data", f"folder:{src}",
+        rc = cli.main(["tokenize", "--workdir", vq_release_dir, "--data", f"folder:{src}",
                        "--augment=false", "--batch_size", "2", "--output", str(out)])
     err = capsys.readouterr().err
     assert rc == 0, err
@@ -153,11 +141,11 @@ def test_tokenize_a_folder_source_skips_a_fifo(tokenizer_dir, tmp_path, capsys):
     assert len(TokenSource(str(out))) == 3  # the three images, the FIFO neither read nor counted
 
 
-def test_a_fifo_as_input_is_refused(tokenizer_dir, tmp_path, capsys):
+def test_a_fifo_as_input_is_refused(vq_release_dir, tmp_path, capsys):
     fifo = str(tmp_path / "t.npz")
     os.mkfifo(fifo)
     with fifo_guard(fifo):
-        rc = cli.main(["detokenize", "--workdir", tokenizer_dir, "--input", fifo,
+        rc = cli.main(["detokenize", "--workdir", vq_release_dir, "--input", fifo,
                        "--output", str(tmp_path / "out")])
     assert rc == 1
     assert "FIFO" in one_line_error(capsys)

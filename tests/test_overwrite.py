@@ -10,23 +10,12 @@ from PIL import Image
 
 from titok_jax import cli
 
+from train_helpers import one_line_error
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DINO = os.path.join(ROOT, "tests", "data", "dinov2", "ls", "model.safetensors")
 
 
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err[:2000]
-    return err
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """The tiny TiTok release of tests/data (32 px, 8 tokens, 64 codes) imported as a workdir:
-    seconds, where training one takes half a minute."""
-    out = str(tmp_path_factory.mktemp("tokenizer") / "workdir")
-    assert cli.main(["import-torch", "--input", os.path.join(ROOT, "tests", "data", "titok", "vq"),
-                     "--output", out]) == 0
-    return out
 
 
 
@@ -57,12 +46,12 @@ def fake_workdir(tmp_path):
     return str(d)
 
 
-def test_reconstruct_file_and_directory(tokenizer_dir, tmp_path, capsys):
+def test_reconstruct_file_and_directory(vq_release_dir, tmp_path, capsys):
     write_image(str(tmp_path / "in" / "a.png"))
     write_image(str(tmp_path / "in" / "b.png"), 1)
     out = tmp_path / "out.png"
     out.write_bytes(b"keep")
-    args = ["reconstruct", "--workdir", tokenizer_dir, "--input", str(tmp_path / "in" / "a.png"),
+    args = ["reconstruct", "--workdir", vq_release_dir, "--input", str(tmp_path / "in" / "a.png"),
             "--output", str(out)]
     assert cli.main(args) == 1
     refused(capsys, out)
@@ -73,7 +62,7 @@ def test_reconstruct_file_and_directory(tokenizer_dir, tmp_path, capsys):
     out_dir = tmp_path / "recs"
     out_dir.mkdir()
     (out_dir / "b.png").write_bytes(b"keep")
-    args = ["reconstruct", "--workdir", tokenizer_dir, "--input", str(tmp_path / "in"),
+    args = ["reconstruct", "--workdir", vq_release_dir, "--input", str(tmp_path / "in"),
             "--output", str(out_dir)]
     assert cli.main(args) == 1
     refused(capsys, out_dir / "b.png")
@@ -83,12 +72,12 @@ def test_reconstruct_file_and_directory(tokenizer_dir, tmp_path, capsys):
     assert np.asarray(Image.open(out_dir / "b.png")).shape == (32, 32, 3)
 
 
-def test_tokenize_and_detokenize(tokenizer_dir, tmp_path, capsys):
+def test_tokenize_and_detokenize(vq_release_dir, tmp_path, capsys):
     write_image(str(tmp_path / "in" / "a.png"))
     write_image(str(tmp_path / "in" / "b.png"), 1)
     tokens = tmp_path / "t.npz"
     tokens.write_bytes(b"keep")
-    base = ["tokenize", "--workdir", tokenizer_dir, "--input", str(tmp_path / "in")]
+    base = ["tokenize", "--workdir", vq_release_dir, "--input", str(tmp_path / "in")]
     for output in (str(tokens), str(tmp_path / "t")):  # np.savez would add .npz to the second
         assert cli.main([*base, "--output", output]) == 1
         refused(capsys, tokens)
@@ -100,7 +89,7 @@ def test_tokenize_and_detokenize(tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "pngs"
     out.mkdir()
     (out / "b.png").write_bytes(b"keep")
-    args = ["detokenize", "--workdir", tokenizer_dir, "--input", str(tokens), "--output", str(out)]
+    args = ["detokenize", "--workdir", vq_release_dir, "--input", str(tokens), "--output", str(out)]
     assert cli.main(args) == 1
     refused(capsys, out / "b.png")
     assert os.listdir(out) == ["b.png"]  # a.png was not written either

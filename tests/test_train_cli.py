@@ -1,6 +1,5 @@
 """`titok-jax train` / `eval` end to end on a micro config, and their errors: one line, exit != 0,
 checkpoints untouched."""
-import hashlib
 import json
 import os
 
@@ -8,7 +7,7 @@ import pytest
 
 from titok_jax import cli
 
-from train_helpers import ROOT
+from train_helpers import ROOT, tree_digest
 
 CONFIG = os.path.join(ROOT, "configs", "titok.py") + ":tiny_vq"
 MICRO = ["--config.data.image_size=32", "--config.model.image_size=32", "--config.model.encoder_width=32",
@@ -16,16 +15,6 @@ MICRO = ["--config.data.image_size=32", "--config.model.image_size=32", "--confi
          "--config.model.num_latent_tokens=8", "--config.model.quantizer.codebook_size=32",
          "--config.batch_size=8", "--config.total_steps=4", "--config.log_every_steps=2", "--config.eval_every_steps=4",
          "--config.checkpoint.every_steps=2", "--config.data.eval_batch_size=4", "--progress=false"]
-
-
-def tree_digest(path):
-    digest = {}
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            with open(full, "rb") as f:
-                digest[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
-    return digest
 
 
 @pytest.fixture(scope="module")

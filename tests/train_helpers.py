@@ -1,4 +1,6 @@
-"""Shared helpers for the trainer tests: a very small TiTok config."""
+"""Shared helpers for the tests: a very small TiTok config, a digest of a directory's bytes, the
+one-line-error check of the CLI."""
+import hashlib
 import importlib.util
 import os
 
@@ -53,3 +55,21 @@ def fresh_state(config, mesh_spec=None, devices=None, ema=False, seed=0):
                                                      ema, mesh, sharding_lib.DEFAULT_RULES)
     state = create_state(task.init, optimizer, ema, shardings, seed)
     return task, state, optimizer, shardings, mesh
+
+
+def tree_digest(path):
+    """``{relative path: sha256}`` of every file under ``path`` (to prove nothing was touched)."""
+    digest = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                digest[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    return digest
+
+
+def one_line_error(capsys):
+    """The CLI's stderr, asserted to be exactly one line without a traceback."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err[:2000]
+    return err

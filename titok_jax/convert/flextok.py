@@ -71,11 +71,11 @@ import numpy as np
 from titok_jax.convert.common import (StateDictReader, identity, linear_kernel, out_kernel,
                                       read_state_dict)
 from titok_jax.convert.kl_vae import infer_klvae_kwargs, klvae_flat_params
+from titok_jax.models.flextok_blocks import NESTED_MODES
 from titok_jax.trees import check_tree_matches, unflatten
 
 VAE_PREFIX = "vae.vae."
 CONFIG_KEYS = ("vae", "encoder", "decoder", "regularizer")
-NESTED = {"uniform": "uniform", "pow2": "pow2", "uniform_pow2": "uniform_pow2"}
 # official modules that carry no weights and change nothing we compute
 PASSIVE = ("PerSampleOp", "SequenceUnpacker", "DictKeyFilter", "PerSampleReducer")
 
@@ -276,9 +276,9 @@ def flextok_kwargs_from_release(cfg: Mapping[str, Any], sd: Mapping[str, np.ndar
     null = ("zeros" if null_cls == "ZeroNullCond" else
             "single_token" if d_null[1].get("replace_with_single_token") else "learned")
     mode = str(d_drop[1].get("size_sampling_mode", "uniform"))
-    if mode not in NESTED:
+    if mode not in NESTED_MODES or mode == "none":
         raise ValueError(f"{source}: nested dropout size_sampling_mode {mode!r} is not one of "
-                         f"{', '.join(NESTED)}")
+                         f"{', '.join(m for m in NESTED_MODES if m != 'none')}")
     repa_layers = list(d_trunk[1].get("intermediate_layers") or [])
     kw = {
         "image_size": size,
@@ -290,7 +290,7 @@ def flextok_kwargs_from_release(cfg: Mapping[str, Any], sd: Mapping[str, np.ndar
         "encoder_width": int(e_trunk[1].get("dim", 768)), "encoder_depth": int(e_trunk[1].get("depth", 12)),
         "decoder_width": int(d_trunk[1].get("dim", 768)), "decoder_depth": int(d_trunk[1].get("depth", 12)),
         "head_dim": head_dims.pop(), "num_registers": int(e_regs[1]["n_max"]),
-        "fsq_levels": levels, "nested_dropout": NESTED[mode],
+        "fsq_levels": levels, "nested_dropout": mode,
         "cfg_dropout": float(d_null[1].get("dropout_prob", 0.0)), "null_cond": null,
         "max_timestep": float(d_time[1].get("max_timestep", 1000.0)),
         "head_adaln": bool(d_head[1].get("adaLN_emb_read_key")),

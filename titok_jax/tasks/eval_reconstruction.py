@@ -96,13 +96,14 @@ def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: An
             counter.update(_gather(indices), mask=mask)
         if fid is not None:
             fid.update(images, rec, mask)
-        if first[0] is None:
-            keep = np.nonzero(mask)[0]
-            first = (_gather(np.asarray(batch["image"]))[keep], _gather(rec)[keep])
-            if bits_per_image:
-                thumb = choose_thumbnail(first[0][:16], bits_per_image)
-        if thumb is not None:
+        originals = None
+        if first[0] is None or bits_per_image:
             originals = _gather(np.asarray(batch["image"]))[np.nonzero(mask)[0]]
+        if first[0] is None:
+            first = (originals, _gather(rec)[np.nonzero(mask)[0]])
+            if bits_per_image:
+                thumb = choose_thumbnail(originals[:16], bits_per_image)
+        if thumb is not None:
             thumb_sum += float(thumbnail_psnr(originals, *thumb).sum())
         if max_images and count >= max_images:
             break
