@@ -79,6 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model = dict(FLEXTOK_VARIANTS[variant])
     model = {**dict(image_size=256, nested_dropout="uniform", cfg_dropout=0.1, null_cond="learned",
                     max_timestep=1.0, head_adaln=True), **model}
+    # Published sizes: each transformer is one nn.scan over its blocks (compiled once whatever the
+    # depth; params {encoder,decoder}/layers/block/... [depth, ...]), every block rematerialised
+    # keeping the matmul outputs but not the attention logits ("dots"); tiny: unrolled, no remat.
+    model.update(scan_layers=not tiny, remat=not tiny, remat_policy="" if tiny else "dots")
     for key in ("vae_channel_mult",):
         if key in model:
             model[key] = list(model[key])

@@ -72,7 +72,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.task = ml_collections.ConfigDict({"name": "flowmo"})
     c.seed = 0
-    c.model = ml_collections.ConfigDict({"name": "flowmo", **MODELS[size], "remat": not tiny})
+    # Published sizes rematerialise every double-stream block, saving nothing ("full": 4,352 tokens
+    # per image). Their blocks stay unrolled (block_{i}) for now: `optimizer.fix_norms` keeps each
+    # kernel's whole norm, which for a scanned stack (layers/block/..., one leading layer axis) would
+    # be the norm of all layers together, not FlowMo's per-layer norm. scan_layers=True works for
+    # the model, the importer and checkpoints; switch it on once fix_norms normalises per layer.
+    c.model = ml_collections.ConfigDict({"name": "flowmo", **MODELS[size], "remat": not tiny,
+                                         "remat_policy": "" if tiny else "full", "scan_layers": False})
     c.compute_dtype = "float32" if tiny else "bfloat16"
     c.init_from = ""   # post stages: the main-stage workdir (its raw, non-EMA params)
 

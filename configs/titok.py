@@ -86,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      # xavier-uniform weights instead of TiTok's N(0, .02): image content reaches
                      # the decoder of this small model within the first few hundred steps.
                      init_scheme="xavier")
+    model.update(_layers(tiny))
     if "quantizer" in options or "bits" in options:
         bits = int(options["bits"]) if "bits" in options else None
         model = _COMMON["quantizer_option"](model, options.get("quantizer", model["quantizer"]["name"]),
@@ -126,6 +127,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
+def _layers(tiny: bool) -> dict:
+    """The transformer stacks: published sizes scan their layers (``nn.scan``: compiled once,
+    whatever the depth; params ``{encoder,decoder}/layers/...`` with a leading layer axis) and
+    rematerialise each block keeping the matmul outputs but not the attention logits ("dots");
+    the tiny models keep unrolled blocks (``transformer_{i}``) without remat."""
+    return dict(scan_layers=not tiny, remat=not tiny, remat_policy="" if tiny else "dots")
+
+
 def _two_stage(variant: str) -> ml_collections.ConfigDict:
     """Two-stage TiTok (legacy L-32 / B-64 / S-128 recipe; ``tiny_*`` run on a CPU in seconds).
 
@@ -154,6 +163,7 @@ def _two_stage(variant: str) -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict({"name": f"titok_stage{stage}"})
     c.seed = 0 if tiny else 42
     model = titok_variant("tiny_two_stage" if tiny else size, finetune_decoder=stage == 2)
+    model.update(_layers(tiny))
     model["pixel_channel_mult"] = list(model.get("pixel_channel_mult", MASKGIT_F16_256["channel_mult"]))
     c.model = ml_collections.ConfigDict({"name": "titok_two_stage", **model})
     c.compute_dtype = "float32" if tiny else "bfloat16"

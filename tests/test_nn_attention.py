@@ -314,3 +314,19 @@ def test_attention_dropout():
     np.testing.assert_allclose(m.apply(v, x), base, atol=1e-6)      # deterministic by default
     y = m.apply(v, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
     assert not np.allclose(y, base, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [None, "rmsnorm"])
+def test_chunked_attention_matches_numpy(kind):
+    """Query blocks of 4 over T = 6 (one padded block): the same maths as the plain path, with a
+    mask (a fully padded query row included) and qk-norm."""
+    m = MultiHeadAttention(num_heads=H, qk_norm=kind, implementation="chunked", query_chunk_size=4)
+    x = _x()
+    v = _random_variables(m, x, std=1.0)
+    mask = combine_masks(prefix_causal_mask(2, 4),
+                         padding_mask(np.array([[1] * 6, [1] * 5 + [0]], bool)))
+    got = np.asarray(m.apply(v, x, mask=mask))
+    want = _np_attention(_params(v), x, mask=np.asarray(mask), qk_norm=kind, eps=1e-6)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got[1, :5], want[1, :5], atol=1e-5, rtol=1e-5)
+    assert np.isfinite(got).all()

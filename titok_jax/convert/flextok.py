@@ -57,6 +57,9 @@ Name table (``E``/``D`` = ``encoder.``/``decoder.module_dict.<name>.``, PyTorch 
     vae.vae.*                        -> vae/*  (convert.kl_vae)
     *.posembs of the 2D sin-cos tables: not parameters here (recomputed; checked equal)
 
+With ``scan_layers`` in the kwargs the blocks are stacked (``{encoder,decoder}/layers/block/...``,
+``titok_jax.nn.scan``); imported workdirs say ``scan_layers: false``.
+
 Checked against the official code on tiny random models (tests/data/flextok/make_vectors.py,
 tests/test_import_flextok.py): equal token ids, latents and decodes to float32 round-off.
 """
@@ -72,6 +75,7 @@ from titok_jax.convert.common import (StateDictReader, identity, linear_kernel, 
                                       read_state_dict)
 from titok_jax.convert.kl_vae import infer_klvae_kwargs, klvae_flat_params
 from titok_jax.models.flextok_blocks import NESTED_MODES
+from titok_jax.nn.scan import match_layers
 from titok_jax.trees import check_tree_matches, unflatten
 
 VAE_PREFIX = "vae.vae."
@@ -396,15 +400,16 @@ def flextok_params_from_state_dict(sd: Mapping[str, np.ndarray], kw: Mapping[str
     reader.finish()
     params = unflatten(flat)
     from titok_jax.convert.titok import abstract_params
-    check_tree_matches(params, abstract_params({"name": "flextok", **kw})[0],
-                       source=f"{source} (converted)")
+    abstract = abstract_params({"name": "flextok", **kw})[0]
+    params = match_layers(params, abstract)   # stacked "layers" when kw has scan_layers
+    check_tree_matches(params, abstract, source=f"{source} (converted)")
     return params
 
 
 def flextok_model_section(kw: Mapping[str, Any]) -> dict[str, Any]:
     """The ``model`` section of an imported FlexTok workdir."""
     return {"name": "flextok", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
-            "remat": False}
+            "remat": False, "scan_layers": bool(kw.get("scan_layers", False))}
 
 
 # The flextok task's sections of an imported workdir, on top of ``convert.workdir.workdir_config``

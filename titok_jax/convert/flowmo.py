@@ -41,7 +41,9 @@ encoder (it runs with ``vec=None``), its ``txt_in.weight``, ``final_layer_img``,
 ``final_layer_txt``, the last encoder block's image ``attn.proj`` / ``mlp``, the last decoder block's
 latent ``attn.proj`` / ``mlp``, the decoder's ``final_layer_txt``; and the rest of a chunked
 ``*_mod`` of a stream that is not updated. Every other tensor is consumed and every param filled.
-The LFQ quantizer has no weights (its buffers, if saved, are ignored).
+The LFQ quantizer has no weights (its buffers, if saved, are ignored). With ``scan_layers`` in the
+kwargs, blocks ``0..depth-2`` are stacked (``X/layers/block/...``, ``titok_jax.nn.scan``); imported
+workdirs say ``scan_layers: false``.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ import numpy as np
 
 from titok_jax.convert.common import (StateDictReader, linear_kernel, out_kernel, qkv_bias,
                                       qkv_kernel)
+from titok_jax.nn.scan import match_layers
 from titok_jax.trees import check_tree_matches, unflatten
 
 PUBLISHED_BITS = {18: ("lo", 9), 56: ("hi", 14)}
@@ -228,8 +231,9 @@ def flowmo_params_from_state_dict(sd: Mapping[str, np.ndarray], kw: Mapping[str,
     r.finish(ignore=[lambda k: k in unused, lambda k: k.startswith("quantizer.")])
     params = unflatten(flat)
     from titok_jax.convert.titok import abstract_params
-    model = {"name": "flowmo", **kw}
-    check_tree_matches(params, abstract_params(model)[0], source=f"{source} (converted)")
+    abstract = abstract_params({"name": "flowmo", **kw})[0]
+    params = match_layers(params, abstract)   # stacked "layers" when kw has scan_layers
+    check_tree_matches(params, abstract, source=f"{source} (converted)")
     return params
 
 
@@ -266,7 +270,7 @@ def flowmo_workdir_config(kw: Mapping[str, Any], variant: str, sampler: Mapping[
     published variant's config where the shapes match one, else ``tiny``'s with these shapes;
     inference-only optimizer (everything frozen, no EMA)."""
     model = {"name": "flowmo", **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
-             "remat": False}
+             "remat": False, "scan_layers": bool(kw.get("scan_layers", False))}
     return {
         "family": "flowmo", "variant": variant, "source": source,
         "task": {"name": "flowmo"}, "seed": 0, "model": model, "compute_dtype": "float32",

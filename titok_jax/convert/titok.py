@@ -43,7 +43,9 @@ W/H``)::
                   pixel_decoder.*                -> pixel_decoder/* (``convert.vqgan`` table)
 
 Every tensor is consumed and every param filled, shapes checked (``convert.common``); the first
-problem raises ``ValueError`` naming it.
+problem raises ``ValueError`` naming it. The table is written in the unrolled layout; a model
+config with ``scan_layers`` gets the blocks stacked (``{encoder,decoder}/layers/transformer/...``,
+``titok_jax.nn.scan.match_layers``). Imported workdirs say ``scan_layers: false``.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ import numpy as np
 from titok_jax.convert.common import (StateDictReader, conv1x1_as_linear, conv_kernel, linear_kernel,
                                       vit_block_rows)
 from titok_jax.convert.vqgan import infer_vqgan_kwargs, maskgit_decoder_params_from_state_dict
+from titok_jax.nn.scan import match_layers
 from titok_jax.quantizers.factory import input_dim
 from titok_jax.trees import check_tree_matches, unflatten
 
@@ -100,7 +103,7 @@ def titok_model_from_hf_config(config: Mapping[str, Any], sd: Mapping[str, np.nd
         image_size=size, patch_size=p_enc, encoder_width=ew, encoder_depth=ed, encoder_heads=eh,
         decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
         num_latent_tokens=int(vq["num_latent_tokens"]), token_size=int(vq["token_size"]),
-        is_legacy=legacy)
+        is_legacy=legacy, scan_layers=False)
     if mode == "vq":
         kw["quantizer"] = {"name": "vq", "codebook_size": int(vq["codebook_size"]),
                            "l2_normalize": bool(vq.get("use_l2_norm", False)),
@@ -251,5 +254,7 @@ def titok_params_from_state_dict(sd: Mapping[str, np.ndarray], model_config: Map
         params["pixel_decoder"] = maskgit_decoder_params_from_state_dict(
             reader, "pixel_decoder.", pix)
     reader.finish()
-    check_tree_matches(params, abstract_params(model_config)[0], source=f"{source} (converted)")
+    abstract = abstract_params(model_config)[0]
+    params = match_layers(params, abstract)   # stacked "layers" when the config has scan_layers
+    check_tree_matches(params, abstract, source=f"{source} (converted)")
     return params

@@ -17,6 +17,12 @@ Input convention: TiTok feeds images in **[0, 1]**, so that is the default ``inp
 (identical to the ``lpips`` package with ``normalize=True``); pass ``input_range=(-1., 1.)`` for
 images already in [-1, 1]. Any ``(lo, hi)`` works (e.g. ``(0., 255.)``).
 
+Compute dtype: ``dtype`` (e.g. the model's ``compute_dtype``, ``jnp.bfloat16`` or ``"bfloat16"``)
+runs the frozen trunk - every VGG16 / ConvNeXt convolution, MLP and activation - in that dtype
+(halving its activation memory); the input normalisation, the unit-normalised taps, their
+differences, the ``lin`` weights and every mean are float32, so the distances (and the ConvNeXt
+logits) are float32. ``None`` (default) is float32 throughout.
+
 Weights are **frozen**: :func:`lpips_distance` wraps the params in ``stop_gradient``, so the loss
 sends gradient to the images only. They are never downloaded: convert the torchvision VGG16 and the
 LPIPS ``vgg.pth`` linear weights once with ``titok-jax convert-lpips`` and load the result
@@ -65,6 +71,11 @@ def _unit_normalize(f: jax.Array, eps: float = LPIPS_EPS) -> jax.Array:
     return f / (norm + eps)
 
 
+def _compute_dtype(dtype: Any) -> Any:
+    """``dtype`` as a NumPy dtype (names such as ``"bfloat16"`` from a config too); None stays."""
+    return None if dtype is None else jnp.dtype(dtype)
+
+
 def _interleave(x: jax.Array, y: jax.Array) -> jax.Array:
     """``[B, ...] x [B, ...] -> [2B, ...]`` with rows ``x_0, y_0, x_1, y_1, ...``: one frozen-trunk
     pass for both that keeps each example's pair on the device holding its batch rows."""
@@ -82,7 +93,7 @@ class LPIPS(nn.Module):
 
     Params: ``vgg`` (:class:`~titok_jax.nets.vgg.VGG16Features`) and ``lin0..lin4`` (``Dense(1)``
     without bias, kernel ``[C_k, 1]``). ``dtype`` is the compute dtype of the trunk; the
-    normalisation, differences and averages are float32.
+    normalisation, differences and averages are float32 (the distance is float32).
     """
 
     input_range: tuple[float, float] = (0.0, 1.0)
@@ -110,7 +121,7 @@ class LPIPS(nn.Module):
         # concatenation [x; y] along the split axis would cost a collective-permute).
         both = _interleave(x, y).astype(jnp.float32)
         both = (2.0 * (both - lo) / (hi - lo) - 1.0 - shift) / scale
-        taps = VGG16Features(dtype=self.dtype, param_dtype=self.param_dtype,
+        taps = VGG16Features(dtype=_compute_dtype(self.dtype), param_dtype=self.param_dtype,
                              precision=self.precision, name="vgg")(both)
         total = jnp.zeros((x.shape[0],), jnp.float32)
         for k, f in enumerate(taps):
@@ -161,11 +172,12 @@ def lpips_distance(params: Mapping[str, Any], x: jax.Array, y: jax.Array, *,
 
     ``params`` is the tree from :func:`load_lpips_params` (a ``{"params": tree}`` dict is accepted
     too). The params are frozen: ``stop_gradient`` is applied, so ``jax.grad`` w.r.t. them is zero.
+    ``dtype``: the VGG16 trunk's compute dtype (module docstring); the result is float32.
     """
     if "params" in params and len(params) == 1:
         params = params["params"]
     params = jax.tree.map(jax.lax.stop_gradient, params)
-    model = LPIPS(input_range=input_range, dtype=dtype, precision=precision)
+    model = LPIPS(input_range=input_range, dtype=_compute_dtype(dtype), precision=precision)
     return model.apply({"params": params}, x, y)
 
 
@@ -203,7 +215,8 @@ def convnext_logits(params: Mapping[str, Any], x: jax.Array, *,
         logits = ConvNeXt((u - IMAGENET_MEAN) / IMAGENET_STD)
 
     The architecture (depths, dims, classes) is read from ``params``; ``stop_gradient`` is applied
-    to them, so only the images receive gradient.
+    to them, so only the images receive gradient. ``dtype``: the trunk's compute dtype (the resize,
+    normalisation, pooled features, head and logits stay float32).
     """
     if "params" in params and len(params) == 1:
         params = params["params"]
@@ -215,7 +228,7 @@ def convnext_logits(params: Mapping[str, Any], x: jax.Array, *,
     u = (x.astype(jnp.float32) - lo) / (hi - lo)
     u = resize_bilinear(u, (CONVNEXT_INPUT_SIZE, CONVNEXT_INPUT_SIZE), antialias=True)
     u = (u - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-    model = ConvNeXt(**arch, dtype=dtype, precision=precision)
+    model = ConvNeXt(**arch, dtype=_compute_dtype(dtype), precision=precision)
     return model.apply({"params": params}, u).astype(jnp.float32)
 
 

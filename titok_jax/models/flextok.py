@@ -37,6 +37,7 @@ Param tree: ``vae/...`` (frozen; loaded by the task), ``encoder/...``, ``decoder
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -46,10 +47,12 @@ import jax.numpy as jnp
 
 from titok_jax.flow import GuidanceConfig, guidance_preset, match_batch, rectified_flow_loss, sample
 from titok_jax.flow import start_noise, time_grid
-from titok_jax.models.flextok_blocks import (NESTED_MODES, FlexBlock, encoder_mask, is_power_of_two,
-                                             keep_lengths, keep_mask, patch_embed_with_posemb)
+from titok_jax.models.flextok_blocks import (NESTED_MODES, decoder_layer, encoder_layer, encoder_mask,
+                                             is_power_of_two, keep_lengths, keep_mask,
+                                             patch_embed_with_posemb)
 from titok_jax.models.kl_vae import KLVAE
-from titok_jax.nn import AdaLNModulation, TimestepEmbedder, boxed, make_norm, unpatchify
+from titok_jax.nn import (AdaLNModulation, TimestepEmbedder, boxed, layer_stack, make_norm,
+                          resolve_remat, unpatchify)
 from titok_jax.nn.attention import heads_of, module_path
 from titok_jax.quantizers import FSQ, QuantizerOutput
 
@@ -92,6 +95,8 @@ class FlexTokEncoder(nn.Module):
     patch_size: int
     token_dim: int
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
 
@@ -104,10 +109,10 @@ class FlexTokEncoder(nn.Module):
                           (self.num_registers, w), self.param_dtype)
         x = jnp.concatenate([x, jnp.broadcast_to(regs.astype(x.dtype)[None], (b,) + regs.shape)], 1)
         mask = encoder_mask(p, self.num_registers)
-        block = nn.remat(FlexBlock) if self.remat else FlexBlock
-        heads = heads_of(w, self.head_dim, module_path(self))
-        for i in range(self.depth):
-            x = block(num_heads=heads, head_dim=self.head_dim, name=f"block_{i}", **kw)(x, mask=mask)
+        layer = functools.partial(encoder_layer, num_heads=heads_of(w, self.head_dim, module_path(self)),
+                                  head_dim=self.head_dim, **kw)
+        x = layer_stack(layer, x, mask, depth=self.depth, scan=self.scan_layers,
+                        remat_policy=resolve_remat(self.remat, self.remat_policy))
         r = _ln("norm_out", **kw)(x[:, p:])
         r = nn.Dense(self.token_dim, kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", None)),
                      bias_init=boxed(nn.initializers.zeros_init(), (None,)), name="to_codes", **kw)(r)
@@ -129,6 +134,8 @@ class FlexTokDecoder(nn.Module):
     max_timestep: float = 1.0
     head_adaln: bool = True
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
 
@@ -168,14 +175,13 @@ class FlexTokDecoder(nn.Module):
                                 time_scale=1000.0 / float(self.max_timestep), name="time_embed",
                                 **kw)(t)
         x = jnp.concatenate([x.astype(r.dtype), r], axis=1)
-        block = nn.remat(FlexBlock) if self.remat else FlexBlock
-        feats = None
-        heads = heads_of(d, self.head_dim, module_path(self))
-        for i in range(self.depth):
-            x = block(num_heads=heads, head_dim=self.head_dim, num_subseqs=2,
-                      name=f"block_{i}", **kw)(x, temb, split=num_patches, mask=mask)
-            if i == self.repa_layer:
-                feats = x[:, :num_patches]
+        layer = functools.partial(decoder_layer, num_heads=heads_of(d, self.head_dim, module_path(self)),
+                                  head_dim=self.head_dim, split=num_patches,
+                                  repa_layer=self.repa_layer, **kw)
+        # scanned: the REPA features are carried through the scan (zeros until block repa_layer)
+        feats = jnp.zeros_like(x[:, :num_patches]) if self.scan_layers and self.repa_layer >= 0 else None
+        x, feats = layer_stack(layer, (x, feats), temb, mask, depth=self.depth, scan=self.scan_layers,
+                               remat_policy=resolve_remat(self.remat, self.remat_policy))
         y = _ln("norm_out", **kw)(x[:, :num_patches])
         if self.head_adaln:
             shift, scale = AdaLNModulation(2, d, name="head_adaln", **kw)(temb)
@@ -230,7 +236,11 @@ class FlexTok(nn.Module):
       head_adaln: whether the decoder's patch head is adaLN-modulated by the time embedding.
       repa_layer: decoder block whose patch features REPA aligns; repa_dim: teacher feature width
         (0 = no REPA projector); repa_hidden_dim: projector width.
-      remat: rematerialise each block; dtype / param_dtype: compute / parameter dtype.
+      remat: rematerialise each block; remat_policy: what the backward keeps (none | full | dots |
+        dots_saveable; "" = full when ``remat``; ``titok_jax.nn.scan``).
+      scan_layers: each transformer as one ``nn.scan`` over its blocks (params
+        ``{encoder,decoder}/layers/block/... [depth, ...]`` instead of ``block_{i}``).
+      dtype / param_dtype: compute / parameter dtype.
     """
 
     image_size: int = 256
@@ -257,6 +267,8 @@ class FlexTok(nn.Module):
     repa_dim: int = 1024
     repa_hidden_dim: int = 2048
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -309,8 +321,8 @@ class FlexTok(nn.Module):
             raise ValueError(f"FlexTok: repa_layer {self.repa_layer} is not a decoder block index "
                              f"(decoder_depth {self.decoder_depth})")
         common = dict(head_dim=self.head_dim, num_registers=self.num_registers,
-                      patch_size=self.patch_size, remat=self.remat, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+                      patch_size=self.patch_size, remat=self.remat, remat_policy=self.remat_policy,
+                      scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
         self.vae = KLVAE(image_size=self.image_size, latent_channels=self.vae_latent_channels,
                          base_channels=self.vae_base_channels,
                          channel_mult=tuple(self.vae_channel_mult),

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.nn import (AdaLNModulation, MLP, MultiHeadAttention, PatchEmbed,
+from titok_jax.nn import (AdaLNModulation, LayerContext, MLP, MultiHeadAttention, PatchEmbed,
                           make_norm, prefix_causal_mask, sincos_2d)
 
 Dtype = Any
@@ -97,7 +97,7 @@ class FlexBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array | None = None, *, split: int | None = None,
+    def __call__(self, x: jax.Array, cond: jax.Array | None = None, split: int | None = None, *,
                  mask: jax.Array | None = None) -> jax.Array:
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -125,6 +125,28 @@ class FlexBlock(nn.Module):
         g1, g2, b1, a1, b2, a2 = (per_token(k) for k in range(6))
         x = x + g1 * attn(norm("norm1")(x) * (1 + a1) + b1, mask=mask)
         return x + g2 * mlp(norm("norm2")(x) * (1 + a2) + b2)
+
+
+def encoder_layer(ctx: LayerContext, x: jax.Array, mask: jax.Array, *, num_heads: int,
+                  head_dim: int, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
+    """One encoder ``FlexBlock`` named ``block`` (``titok_jax.nn.scan`` layer contract)."""
+    return ctx.module(FlexBlock)(num_heads=num_heads, head_dim=head_dim, dtype=dtype,
+                                 param_dtype=param_dtype, name=ctx.name("block"))(x, mask=mask)
+
+
+def decoder_layer(ctx: LayerContext, carry: tuple, temb: jax.Array, mask: jax.Array | None, *,
+                  num_heads: int, head_dim: int, split: int, repa_layer: int, dtype: Dtype,
+                  param_dtype: Dtype) -> tuple:
+    """One adaLN decoder ``FlexBlock`` named ``block`` on ``carry = (x, feats)``: ``feats`` becomes
+    the patch tokens ``x[:, :split]`` after block ``repa_layer`` (-1: stays as it is)."""
+    x, feats = carry
+    # split (a Python int: static shapes) stays static under remat: argument 3 counting self
+    x = ctx.module(FlexBlock, static_argnums=(3,))(
+        num_heads=num_heads, head_dim=head_dim, num_subseqs=2, dtype=dtype, param_dtype=param_dtype,
+        name=ctx.name("block"))(x, temb, split, mask=mask)
+    if repa_layer >= 0:
+        feats = ctx.keep_at(repa_layer, x[:, :split], feats)
+    return x, feats
 
 
 def patch_embed_with_posemb(latents: jax.Array, patch_size: int, width: int, name: str,

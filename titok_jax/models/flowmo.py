@@ -28,6 +28,9 @@ sub-tokens; sub-token ``h`` holds the bits ``h, h + G, h + 2G, ...`` (FlowMo's e
 
 The LFQ entropy loss is FlowMo's: T = 0.1, weights 0.0025 (entropy) and 0.000625 (commitment),
 batch entropy over ``entropy_group_bits``-bit sub-tokens (9 for Lo, 14 for Hi) laid out as above.
+
+``remat`` / ``remat_policy`` / ``scan_layers`` go to both MMDiTs (``models.mmdit``: with
+``scan_layers`` their blocks but the last are one ``nn.scan``, params ``layers/block/...``).
 """
 from __future__ import annotations
 
@@ -104,6 +107,8 @@ class FlowMo(nn.Module):
     sampler_rho: float = 4.0
     guidance_interval: Sequence[float] | None = FLOWMO_GUIDANCE_INTERVAL
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -150,7 +155,8 @@ class FlowMo(nn.Module):
     # ---- modules -------------------------------------------------------------------------------
     def setup(self) -> None:
         common = dict(mlp_ratio=self.mlp_ratio, rope_theta=self.rope_theta, double_norm=self.double_norm,
-                      remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+                      remat=self.remat, remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = MMDiT(self.encoder_width, self.encoder_depth, self.encoder_heads, self.token_bits,
                              readout="txt", time_conditioned=False,
                              rope_axes_dims=self.encoder_rope_axes, **common)

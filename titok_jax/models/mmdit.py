@@ -32,6 +32,7 @@ the model's own), so its readouts are plain linear layers and only the ``8/d`` s
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -39,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.nn import (AdaLNModulation, HeadsDense, HeadsOutDense, MLP, TimestepEmbedder,
-                          apply_rope, boxed, dot_product_attention, make_norm, modulate, rope_angles)
+from titok_jax.nn import (AdaLNModulation, HeadsDense, HeadsOutDense, LayerContext, MLP,
+                          TimestepEmbedder, apply_rope, boxed, dot_product_attention, layer_stack,
+                          make_norm, modulate, resolve_remat, rope_angles)
 from titok_jax.nn.adaln import gate
 from titok_jax.nn.attention import module_path, split_heads
 from titok_jax.nn.initializers import Initializer, zeros_init
@@ -191,6 +193,14 @@ class OutputHead(nn.Module):
                         bias_init=boxed(zeros_init, (None,)), name="proj")(x)
 
 
+def _double_stream_layer(ctx: LayerContext, carry: tuple, vec: jax.Array | None, img_pos: jax.Array,
+                         txt_pos: jax.Array, *, num_heads: int, block: dict) -> tuple:
+    """One both-streams ``DoubleStreamBlock`` named ``block`` (``titok_jax.nn.scan`` contract)."""
+    x_img, x_txt = carry
+    return ctx.module(DoubleStreamBlock)(num_heads, name=ctx.name("block"), **block)(
+        x_img, x_txt, vec, img_pos, txt_pos)
+
+
 class MMDiT(nn.Module):
     """A stack of double-stream blocks with input embeddings and one output head.
 
@@ -200,6 +210,10 @@ class MMDiT(nn.Module):
     (``latent_init``, FlowMo's encoder: its ``txt_in`` sees zeros, so only its bias matters) and
     needs ``num_txt``. ``t`` (flow time in [0, 1]) gives ``vec = MLP(timestep_embedding(1000 t,
     256))`` and turns modulation on; ``time_conditioned`` must match.
+
+    Blocks ``block_{i}``; with ``scan_layers`` blocks ``0..depth-2`` (which update both streams) are
+    one ``nn.scan``, params ``layers/block/... [depth-1, ...]``, and the last (readout-only) block
+    stays ``block_{depth-1}``. ``remat`` / ``remat_policy``: ``titok_jax.nn.scan.resolve_remat``.
     """
 
     width: int
@@ -213,6 +227,8 @@ class MMDiT(nn.Module):
     rope_theta: float = 10000.0
     double_norm: bool = True
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     kernel_init: Initializer = torch_linear_init
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -244,13 +260,17 @@ class MMDiT(nn.Module):
             vec = TimestepEmbedder(self.width, frequency_dim=256, time_scale=1000.0,
                                    kernel_init=self.kernel_init, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="time_in")(jnp.asarray(t, jnp.float32))
-        block_cls = nn.remat(DoubleStreamBlock) if self.remat else DoubleStreamBlock
-        for i in range(self.depth):
-            last = i == self.depth - 1
-            x_img, x_txt = block_cls(
-                self.num_heads, mlp_ratio=self.mlp_ratio, rope_axes_dims=self.rope_axes_dims,
-                rope_theta=self.rope_theta, update=self.readout if last else "both",
-                kernel_init=self.kernel_init, name=f"block_{i}", **dense)(x_img, x_txt, vec, img_pos, txt_pos)
+        block = dict(mlp_ratio=self.mlp_ratio, rope_axes_dims=self.rope_axes_dims,
+                     rope_theta=self.rope_theta, kernel_init=self.kernel_init, **dense)
+        policy = resolve_remat(self.remat, self.remat_policy)
+        # blocks 0..depth-2 update both streams (a stack, scanned or not); the last only the readout
+        layer = functools.partial(_double_stream_layer, num_heads=self.num_heads, block=block)
+        x_img, x_txt = layer_stack(layer, (x_img, x_txt), vec, img_pos, txt_pos, depth=self.depth - 1,
+                                   scan=self.scan_layers, remat_policy=policy)
+        last = LayerContext(self.depth - 1, False, policy)
+        x_img, x_txt = last.module(DoubleStreamBlock)(
+            self.num_heads, update=self.readout, name=last.name("block"), **block)(
+            x_img, x_txt, vec, img_pos, txt_pos)
         x = x_img if self.readout == "img" else x_txt
         return OutputHead(self.out_features, double_norm=self.double_norm, kernel_init=self.kernel_init,
                           name="final", **dense)(x, vec)

@@ -35,18 +35,22 @@ mean/std normalisation, so neither does this module. Reconstructions are returne
 Parameter names follow the PyTorch ``state_dict`` (``latent_tokens``, ``encoder/patch_embed``,
 ``encoder/class_embedding``, ``encoder/positional_embedding``, ``encoder/transformer_{i}``,
 ``encoder/conv_out``, ``decoder/decoder_embed``, ``decoder/mask_token``, ``decoder/ffn``,
-``decoder/conv_out``, ``quantize/codebook``), so weight import is a table.
+``decoder/conv_out``, ``quantize/codebook``), so weight import is a table. With ``scan_layers`` the
+blocks of each ViT are one ``nn.scan`` instead: ``encoder/layers/transformer/...`` (and
+``.../layers/token_prior/scale``) with a leading layer axis (``titok_jax.nn.scan``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.nn import (check_images, LearnedPositionEmbedding, PatchEmbed, TransformerBlock, boxed,
-                          make_norm, unpatchify, width_scaled_normal)
+from titok_jax.nn import (check_images, LearnedPositionEmbedding, LayerContext, PatchEmbed,
+                          TransformerBlock, boxed, layer_stack, make_norm, resolve_remat, unpatchify,
+                          width_scaled_normal)
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
 from titok_jax.models.token_prior import TokenPriorBias, prior_distances
@@ -78,21 +82,30 @@ def _kernel_inits(init: str):
 zeros = nn.initializers.zeros_init()
 
 
-def _blocks(x: jax.Array, depth: int, num_heads: int, remat: bool, dtype: Dtype,
+def _layer(ctx: LayerContext, x: jax.Array, distances: Any, *, num_heads: int, dtype: Dtype,
+           param_dtype: Dtype, init: str, prior: float) -> jax.Array:
+    """One open_clip block ``transformer`` (with ``prior > 0``: after its token prior bias
+    ``token_prior``); ``nn.scan`` layer contract (``titok_jax.nn.scan``)."""
+    k_init, qkv_init = _kernel_inits(init)
+    bias = (TokenPriorBias(num_heads, prior, param_dtype=param_dtype,
+                           name=ctx.name("token_prior"))(distances) if prior > 0 else None)
+    return ctx.module(TransformerBlock)(
+        num_heads=num_heads, mlp_ratio=4.0, activation="gelu", norm_eps=1e-5, kernel_init=k_init,
+        qkv_kernel_init=qkv_init, dtype=dtype, param_dtype=param_dtype,
+        name=ctx.name("transformer"))(x, bias=bias)
+
+
+def _blocks(x: jax.Array, depth: int, num_heads: int, remat_policy: str, dtype: Dtype,
             param_dtype: Dtype, init: str = "titok", prior: float = 0.0,
-            distances: Any = None) -> jax.Array:
+            distances: Any = None, scan: bool = False) -> jax.Array:
     """``depth`` open_clip blocks named ``transformer_{i}`` (call from a compact method); with
     ``prior > 0`` each block's attention adds the learnable token-patch bias ``token_prior_{i}``
-    (``models.token_prior``) over ``distances`` ``[T, T]`` (``prior_distances``)."""
-    block = nn.remat(TransformerBlock) if remat else TransformerBlock
-    k_init, qkv_init = _kernel_inits(init)
-    for i in range(depth):
-        bias = (TokenPriorBias(num_heads, prior, param_dtype=param_dtype,
-                               name=f"token_prior_{i}")(distances) if prior > 0 else None)
-        x = block(num_heads=num_heads, mlp_ratio=4.0, activation="gelu", norm_eps=1e-5,
-                  kernel_init=k_init, qkv_kernel_init=qkv_init, dtype=dtype,
-                  param_dtype=param_dtype, name=f"transformer_{i}")(x, bias=bias)
-    return x
+    (``models.token_prior``) over ``distances`` ``[T, T]`` (``prior_distances``). ``scan``: one
+    ``nn.scan`` over the layers instead, params ``layers/{transformer,token_prior}/... [depth, ...]``."""
+    layer = functools.partial(_layer, num_heads=num_heads, dtype=dtype, param_dtype=param_dtype,
+                              init=init, prior=prior)
+    distances = None if prior <= 0 else (jnp.asarray(distances) if scan else distances)
+    return layer_stack(layer, x, distances, depth=depth, scan=scan, remat_policy=remat_policy)
 
 
 def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
@@ -114,6 +127,8 @@ class TiTokEncoder(nn.Module):
     out_dim: int
     is_legacy: bool = False
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     init_scheme: str = "titok"
     token_prior: float = 0.0
     dtype: Dtype = jnp.float32
@@ -138,8 +153,9 @@ class TiTokEncoder(nn.Module):
         x = jnp.concatenate([x, lat], axis=1)
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = make_norm("layernorm", name="ln_pre", **norm)(x)
-        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype,
-                    self.init_scheme, self.token_prior, prior_distances(n, g))
+        x = _blocks(x, self.depth, self.num_heads, resolve_remat(self.remat, self.remat_policy),
+                    self.dtype, self.param_dtype, self.init_scheme, self.token_prior,
+                    prior_distances(n, g), self.scan_layers)
         x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + g * g:])
         if self.is_legacy:
             # PyTorch ``latent.reshape(B, W, N, 1)`` of a [B, N, W] tensor: memory is reinterpreted,
@@ -160,6 +176,8 @@ class TiTokDecoder(nn.Module):
     num_heads: int
     num_latent_tokens: int
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     init_scheme: str = "titok"
     token_prior: float = 0.0
     head: str = "pixels"
@@ -195,8 +213,9 @@ class TiTokDecoder(nn.Module):
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = make_norm("layernorm", name="ln_pre", **norm)(x)
         distances = prior_distances(self.num_latent_tokens, g)[:1 + g * g + n, :1 + g * g + n]
-        x = _blocks(x, self.depth, self.num_heads, self.remat, self.dtype, self.param_dtype,
-                    self.init_scheme, self.token_prior, distances)
+        x = _blocks(x, self.depth, self.num_heads, resolve_remat(self.remat, self.remat_policy),
+                    self.dtype, self.param_dtype, self.init_scheme, self.token_prior, distances,
+                    self.scan_layers)
         x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g])
         if self.head == "legacy":
             # Two-stage head: Conv1x1(W -> 2W), tanh, Conv1x1(2W -> K) per grid cell (row-major).
@@ -234,7 +253,12 @@ class TiTok(QuantizedModel, nn.Module):
         use_ema, ...; codebook ``U(+-1/K)``) or ``"vae"`` (kl_weight). Read back through
         ``quantizer_name`` and ``codebook_size`` (None for the VAE).
       is_legacy: the two-stage checkpoints' encoder read-out reshape (see the module docstring).
-      remat: rematerialise each transformer block in the backward pass.
+      remat: rematerialise each transformer block in the backward pass; remat_policy: what the
+        backward keeps (``titok_jax.nn.scan.REMAT_POLICIES``: none | full | dots | dots_saveable;
+        "" = full when ``remat``).
+      scan_layers: each ViT's blocks as one ``nn.scan`` (params ``{encoder,decoder}/layers/
+        {transformer,token_prior}/... [depth, ...]``, compiled once whatever the depth) instead
+        of ``transformer_{i}`` / ``token_prior_{i}``; ``nn.scan.match_layers`` converts.
       token_prior: initial strength of the learnable token-patch locality bias in every attention
         layer (``models.token_prior``; 0 = none, the official TiTok). Trained from scratch on a
         small budget it breaks the symmetric "every token reads the average" start.
@@ -257,6 +281,8 @@ class TiTok(QuantizedModel, nn.Module):
     quantizer: Any = freeze_spec(DEFAULT_QUANTIZER)
     is_legacy: bool = False
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     init_scheme: str = "titok"
     token_prior: float = 0.0
     dtype: Dtype = jnp.float32
@@ -272,6 +298,7 @@ class TiTok(QuantizedModel, nn.Module):
                              f"{self.patch_size}")
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
                       num_latent_tokens=self.num_latent_tokens, remat=self.remat,
+                      remat_policy=self.remat_policy, scan_layers=self.scan_layers,
                       init_scheme=self.init_scheme, token_prior=float(self.token_prior),
                       dtype=self.dtype, param_dtype=self.param_dtype)
         self.latent_tokens = self.param(

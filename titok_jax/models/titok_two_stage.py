@@ -65,8 +65,9 @@ class TiTokTwoStage(QuantizedModel, nn.Module):
     (stage 1). ``encode`` -> ``(codes [B,N,C], out)`` with ``out.indices [B,N]``;
     ``decode_logits(codes)``; ``decode(codes)`` / ``decode_tokens(indices)`` -> pixels (stage 2).
 
-    Attributes: those of ``TiTok`` (a discrete quantizer; defaults = TiTok-L-32: ``{"name": "vq",
-    "codebook_size": 4096, "l2_normalize": True}``) plus
+    Attributes: those of ``TiTok`` (``remat``, ``remat_policy`` and ``scan_layers`` included; a
+    discrete quantizer; defaults = TiTok-L-32: ``{"name": "vq", "codebook_size": 4096,
+    "l2_normalize": True}``) plus
       proxy_codebook_size: K, the teacher's codebook size (1024 for MaskGIT-VQGAN).
       finetune_decoder: build ``pixel_quantize`` + ``pixel_decoder`` and freeze ``encode``.
       pixel_hidden_channels, pixel_channel_mult, pixel_num_res_blocks, pixel_z_channels: the
@@ -92,6 +93,8 @@ class TiTokTwoStage(QuantizedModel, nn.Module):
     pixel_num_res_blocks: int = 2
     pixel_z_channels: int = 256
     remat: bool = False
+    remat_policy: str = ""
+    scan_layers: bool = False
     init_scheme: str = "titok"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -114,6 +117,7 @@ class TiTokTwoStage(QuantizedModel, nn.Module):
                              f"{self.image_size}; adjust pixel_channel_mult or patch_size")
         common = dict(image_size=self.image_size, patch_size=self.patch_size,
                       num_latent_tokens=self.num_latent_tokens, remat=self.remat,
+                      remat_policy=self.remat_policy, scan_layers=self.scan_layers,
                       init_scheme=self.init_scheme, dtype=self.dtype,
                       param_dtype=self.param_dtype)
         self.latent_tokens = self.param(

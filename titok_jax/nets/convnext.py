@@ -14,6 +14,10 @@ regulariser and is the identity in eval, so it does not appear here. The same co
 ``depths`` / ``dims``; ConvNeXt-S is ``depths=(3, 3, 27, 3)``, ``dims=(96, 192, 384, 768)``
 (50,223,688 params).
 
+``dtype`` is the compute dtype of the whole trunk (convolutions, MLPs and the LayerNorms' outputs;
+the LayerNorm statistics are float32 whatever it is); the global mean, the head LayerNorm and the
+classifier run in float32, so the logits are float32.
+
 Param names and the torchvision keys they come from (``convert/convnext.py``)::
 
     stem_conv/{kernel [4,4,3,d0], bias}               features.0.0.{weight, bias}
@@ -41,8 +45,10 @@ CONVNEXT_SMALL = {"depths": (3, 3, 27, 3), "dims": (96, 192, 384, 768), "num_cla
 LN_EPS = 1e-6
 
 
-def _ln(name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name=name)
+def _ln(name: str, dtype: Any = None) -> nn.LayerNorm:
+    """LayerNorm (eps 1e-6): float32 statistics, output in ``dtype`` (None: float32 with its
+    float32 params)."""
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -58,7 +64,7 @@ class ConvNeXtBlock(nn.Module):
         kw = dict(dtype=self.dtype, precision=self.precision)
         y = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
                     name="dwconv", **kw)(x)
-        y = _ln("norm")(y)
+        y = _ln("norm", self.dtype)(y)
         y = nn.Dense(4 * self.dim, name="fc1", **kw)(y)
         y = nn.gelu(y, approximate=False)
         y = nn.Dense(self.dim, name="fc2", **kw)(y)
@@ -85,16 +91,16 @@ class ConvNeXt(nn.Module):
                              "differ in length")
         kw = dict(dtype=self.dtype, precision=self.precision)
         x = nn.Conv(self.dims[0], (4, 4), strides=(4, 4), padding="VALID", name="stem_conv", **kw)(x)
-        x = _ln("stem_norm")(x)
+        x = _ln("stem_norm", self.dtype)(x)
         for s, (depth, dim) in enumerate(zip(self.depths, self.dims)):
             if s > 0:
-                x = _ln(f"down{s - 1}_norm")(x)
+                x = _ln(f"down{s - 1}_norm", self.dtype)(x)
                 x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", name=f"down{s - 1}_conv",
                             **kw)(x)
             for j in range(depth):
                 x = ConvNeXtBlock(dim, self.layer_scale, name=f"stage{s}_block{j}", **kw)(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        x = _ln("head_norm")(x)
+        x = _ln("head_norm", jnp.float32)(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, precision=self.precision,
                         name="head_fc")(x)
 

@@ -43,8 +43,10 @@ class VGG16Features(nn.Module):
     """VGG16 conv trunk returning the LPIPS taps ``(relu1_2, relu2_2, relu3_3, relu4_3, relu5_3)``.
 
     Tap ``k`` has shape ``[B, H / 2**k, W / 2**k, VGG16_TAP_CHANNELS[k]]`` (floor division at each
-    pool). ``dtype`` is the compute dtype (params stay ``param_dtype``); ``precision`` is passed
-    to every conv (``None`` = backend default, which may be TF32 on GPUs).
+    pool). ``dtype`` is the compute dtype of every conv, ReLU and pool, so the taps come out in it
+    (bfloat16 halves the trunk's activation memory; LPIPS normalises and compares the taps in
+    float32); params stay ``param_dtype``. ``precision`` is passed to every conv (``None`` =
+    backend default, which may be TF32 on GPUs).
     """
 
     dtype: Any = None

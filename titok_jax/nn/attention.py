@@ -10,9 +10,21 @@ use the muP scale ``8/d``)::
 
 Masks are boolean ``[B or 1, H or 1, Q, K]`` with **True = may attend**. A query row whose keys are
 all masked gets zero attention weights (its output is just the output bias), never NaN.
+
+Long sequences: the float32 logits ``[B, H, Q, K]`` are 76 MB per head and example at FlowMo's
+4,352 tokens. ``dot_product_attention`` then takes the ``"chunked"`` path (automatically when
+``Q > query_chunk_size`` and ``Q * K >= CHUNKED_MIN_LOGITS``, or when asked): the queries are cut
+into blocks of at most ``query_chunk_size`` rows, and one block at a time (``lax.map``) computes its
+``[B, H, chunk, K]`` logits, softmax and output, rematerialised in the backward pass, so no more
+than one block of logits is ever live. Each query row's softmax is over all its keys either way, so
+the result is the plain one to float32 round-off, with masks, biases, scales and whatever was done
+to q and k before (qk-norm, RoPE). ``jax.nn.dot_product_attention`` is not used: its XLA path
+materialises the full logits too, and its fused kernels are GPU-only and take no float32 softmax
+or fully-masked-row guarantee.
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Sequence
 
@@ -113,29 +125,42 @@ def heads_of(width: int, head_dim: int, where: str) -> int:
 # --------------------------------------------------------------------------- core
 
 
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-    scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-    precision: Any = None, bias: jax.Array | None = None,
-) -> jax.Array:
-    """``softmax(scale * q k^T + bias) v``: q ``[B,Q,H,D]``, k ``[B,K,H,D]``, v ``[B,K,H,Dv]``
-    -> ``[B,Q,H,Dv]``.
+# "auto" (None) takes the chunked path when a query block is smaller than Q and the logits of one
+# example and head reach this many (1024 x 1024: 4 MiB in float32).
+CHUNKED_MIN_LOGITS = 2 ** 20
+QUERY_CHUNK_SIZE = 512
+IMPLEMENTATIONS = ("plain", "chunked")
 
-    Logits and softmax are float32; ``bias`` (``[B|1, H|1, Q, K]``, float) is added to the scaled
-    logits; ``mask`` (``[B|1, H|1, Q, K]`` or ``[Q, K]``, True = attend) sets blocked logits to the
-    float32 minimum, and rows with no allowed key get zero weights.
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+def attention_implementation(num_queries: int, num_keys: int, implementation: str | None = None,
+                             query_chunk_size: int = QUERY_CHUNK_SIZE) -> str:
+    """The path ``dot_product_attention`` takes: ``implementation`` when given, else ``"chunked"``
+    for ``Q > query_chunk_size`` and ``Q * K >= CHUNKED_MIN_LOGITS``, else ``"plain"``."""
+    if implementation is not None:
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS} or None "
+                             f"(automatic), got {implementation!r}")
+        return implementation
+    if num_queries > query_chunk_size and num_queries * num_keys >= CHUNKED_MIN_LOGITS:
+        return "chunked"
+    return "plain"
+
+
+def _as_4d(a: jax.Array | None) -> jax.Array | None:
+    """A ``[Q, K]`` (or lower-rank) mask or bias as ``[1, 1, Q, K]``."""
+    return None if a is None else a.reshape((1,) * (4 - a.ndim) + a.shape)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+            bias: jax.Array | None, scale: float, dropout_rate: float,
+            dropout_rng: jax.Array | None, precision: Any) -> jax.Array:
+    """The plain path: full ``[B, H, Q, K]`` float32 logits (``mask``: bool
+    ``[B|1, H|1, Q|1, K]``)."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
                         preferred_element_type=jnp.float32) * jnp.float32(scale)
     if bias is not None:
         logits = logits + jnp.asarray(bias, jnp.float32)
     if mask is not None:
-        mask = jnp.asarray(mask, bool)
-        if mask.ndim == 2:
-            mask = mask[None, None]
-        if mask.ndim != 4:
-            raise ValueError(f"mask must be [B|1, H|1, Q, K], got shape {mask.shape}")
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
@@ -144,6 +169,77 @@ def dot_product_attention(
         keep = bernoulli_like(dropout_rng, 1.0 - dropout_rate, weights)   # weights' sharding
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, precision=precision)
+
+
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+             bias: jax.Array | None, scale: float, dropout_rate: float,
+             dropout_rng: jax.Array | None, precision: Any, chunk: int) -> jax.Array:
+    """``_attend`` over blocks of at most ``chunk`` queries, one block at a time, each block
+    rematerialised in the backward pass. The blocks are evened out (``ceil(Q / n)`` rows for ``n``
+    blocks, rounded up to a multiple of 8) and Q is padded to ``n`` of them with zero queries
+    (finite rows, dropped from the output). Dropout draws block ``i``'s mask from
+    ``fold_in(dropout_rng, i)``."""
+    b, nq = q.shape[:2]
+    even = -(-nq // -(-nq // chunk))
+    chunk = min(chunk, -(-even // 8) * 8)
+    n = -(-nq // chunk)
+    pad = n * chunk - nq
+
+    def blocks(a: jax.Array | None, axis: int, fill: Any) -> jax.Array | None:
+        """``a``'s query axis cut into ``[n, ..., chunk, ...]`` (None when it broadcasts)."""
+        if a is None or a.shape[axis] == 1:
+            return None
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, pad)
+        a = jnp.pad(a, widths, constant_values=fill)
+        return jnp.moveaxis(a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
+
+    xs = (blocks(q, 1, 0), blocks(mask, 2, False), blocks(bias, 2, 0), jnp.arange(n))
+    whole_mask = mask if xs[1] is None else None
+    whole_bias = bias if xs[2] is None else None
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(block):
+        qb, mb, bb, i = block
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        return _attend(qb, k, v, whole_mask if mb is None else mb,
+                       whole_bias if bb is None else bb, scale, dropout_rate, rng, precision)
+
+    out = jax.lax.map(one, xs)                                    # [n, B, chunk, H, Dv]
+    out = jnp.moveaxis(out, 0, 1).reshape((b, n * chunk) + out.shape[3:])
+    return out[:, :nq] if pad else out
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+    scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
+    precision: Any = None, bias: jax.Array | None = None, implementation: str | None = None,
+    query_chunk_size: int = QUERY_CHUNK_SIZE,
+) -> jax.Array:
+    """``softmax(scale * q k^T + bias) v``: q ``[B,Q,H,D]``, k ``[B,K,H,D]``, v ``[B,K,H,Dv]``
+    -> ``[B,Q,H,Dv]``.
+
+    Logits and softmax are float32; ``bias`` (``[B|1, H|1, Q|1, K]`` or ``[Q, K]``, float) is added
+    to the scaled logits; ``mask`` (``[B|1, H|1, Q|1, K]`` or ``[Q, K]``, True = attend) sets
+    blocked logits to the float32 minimum, and rows with no allowed key get zero weights.
+    ``implementation``: ``"plain"`` (full logits), ``"chunked"`` (blocks of ``query_chunk_size``
+    queries; see the module docstring) or None to choose by size (``attention_implementation``).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        if mask.ndim == 2:
+            mask = mask[None, None]
+        if mask.ndim != 4:
+            raise ValueError(f"mask must be [B|1, H|1, Q, K], got shape {mask.shape}")
+    if query_chunk_size < 1:
+        raise ValueError(f"query_chunk_size must be positive, got {query_chunk_size}")
+    path = attention_implementation(q.shape[1], k.shape[1], implementation, query_chunk_size)
+    if path == "plain" or q.shape[1] <= query_chunk_size:
+        return _attend(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, precision)
+    bias = None if bias is None else _as_4d(jnp.asarray(bias))
+    return _chunked(q, k, v, mask, bias, scale, dropout_rate, dropout_rng, precision,
+                    query_chunk_size)
 
 
 class HeadsDense(nn.Module):
@@ -223,6 +319,8 @@ class MultiHeadAttention(nn.Module):
       kernel_init / qkv_kernel_init: initialisers of the projections; ``qkv_kernel_init`` (default
         ``kernel_init``) for q, k, v only (PyTorch's ``nn.MultiheadAttention`` keeps xavier-uniform
         on its packed in-projection even when a model re-initialises its Linear layers).
+      implementation / query_chunk_size: ``dot_product_attention``'s path (None: chunked query
+        blocks for long sequences, plain otherwise) and its query block size.
     """
 
     num_heads: int
@@ -242,6 +340,8 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     kernel_init: Initializer = default_kernel_init
     qkv_kernel_init: Initializer | None = None
+    implementation: str | None = None
+    query_chunk_size: int = QUERY_CHUNK_SIZE
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
@@ -295,7 +395,9 @@ class MultiHeadAttention(nn.Module):
             rng = self.make_rng("dropout")
         y = dot_product_attention(q, k, v, mask=mask, scale=self.scale,
                                   dropout_rate=self.dropout_rate, dropout_rng=rng,
-                                  precision=self.precision, bias=bias)
+                                  precision=self.precision, bias=bias,
+                                  implementation=self.implementation,
+                                  query_chunk_size=self.query_chunk_size)
         return HeadsOutDense(self.out_features or features, use_bias=self.out_bias,
                              kernel_init=self.kernel_init, dtype=self.dtype,
                              param_dtype=self.param_dtype, precision=self.precision,

@@ -14,6 +14,11 @@ adaLN-zero (DiT; FlexTok decoder; pass ``norm_affine=False`` and usually ``norm_
 
 ``cond`` is ``[B, Dc]`` (broadcast over tokens) or ``[B, T, Dc]`` (per token). The modulation is
 zero at init, so the block is then the identity.
+
+The residual stream is constrained to ``("batch", "tokens", "act_embed")`` (``activation_sharding``)
+on entry, after the attention branch and on exit: under the trainer's rules the batch stays split
+over ``data`` x ``fsdp`` and the features whole, so XLA keeps the FSDP pattern at any batch per
+device. Outside a mesh and rules context that is the identity.
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from titok_jax.nn.activation_sharding import BTD, constrain
 from titok_jax.nn.adaln import AdaLNModulation, gate, modulate
-from titok_jax.nn.attention import MultiHeadAttention
+from titok_jax.nn.attention import QUERY_CHUNK_SIZE, MultiHeadAttention
 from titok_jax.nn.dropout import Dropout
 from titok_jax.nn.initializers import Initializer, default_kernel_init
 from titok_jax.nn.mlp import MLP
@@ -39,6 +45,9 @@ class TransformerBlock(nn.Module):
       norm_type / norm_eps / norm_affine: the two pre-norms (``"layernorm"`` or ``"rmsnorm"``).
       adaln: condition on ``cond`` through adaLN-zero.
       dropout_rate: dropout on each branch output before the residual add.
+      attention_implementation / attention_chunk_size: ``MultiHeadAttention``'s
+        ``implementation`` (None: chunked query blocks for long sequences) and
+        ``query_chunk_size``.
     """
 
     num_heads: int
@@ -65,6 +74,8 @@ class TransformerBlock(nn.Module):
     attention_dropout_rate: float = 0.0
     kernel_init: Initializer = default_kernel_init
     qkv_kernel_init: Initializer | None = None
+    attention_implementation: str | None = None
+    attention_chunk_size: int = QUERY_CHUNK_SIZE
     dtype: Any = None
     param_dtype: Any = jnp.float32
     precision: Any = None
@@ -82,7 +93,9 @@ class TransformerBlock(nn.Module):
             qk_norm_eps=self.qk_norm_eps, scale=self.attn_scale, use_rope=self.use_rope,
             rope_axes_dims=self.rope_axes_dims, rope_theta=self.rope_theta,
             rope_interleaved=self.rope_interleaved, dropout_rate=self.attention_dropout_rate,
-            kernel_init=self.kernel_init, qkv_kernel_init=self.qkv_kernel_init, dtype=self.dtype,
+            kernel_init=self.kernel_init, qkv_kernel_init=self.qkv_kernel_init,
+            implementation=self.attention_implementation,
+            query_chunk_size=self.attention_chunk_size, dtype=self.dtype,
             param_dtype=self.param_dtype, precision=self.precision, name="attn")
         mlp = MLP(hidden_dim=self.mlp_dim or int(self.mlp_ratio * features),
                   activation=self.activation, use_bias=self.mlp_bias,
@@ -99,16 +112,17 @@ class TransformerBlock(nn.Module):
         elif cond is not None:
             raise ValueError("`cond` given but adaln=False")
 
+        x = constrain(x, BTD)
         h = make_norm(self.norm_type, name="ln_1", **norm)(x)
         if self.adaln:
             h = modulate(h, s1, c1)
         h = attn(h, mask=mask, positions=positions, deterministic=deterministic, bias=bias)
         h = drop(h, deterministic=deterministic)
-        x = x + (gate(h, g1) if self.adaln else h)
+        x = constrain(x + (gate(h, g1) if self.adaln else h), BTD)
 
         h = make_norm(self.norm_type, name="ln_2", **norm)(x)
         if self.adaln:
             h = modulate(h, s2, c2)
         h = mlp(h, deterministic=deterministic)
         h = drop(h, deterministic=deterministic)
-        return x + (gate(h, g2) if self.adaln else h)
+        return constrain(x + (gate(h, g2) if self.adaln else h), BTD)

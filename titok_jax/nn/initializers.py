@@ -20,7 +20,7 @@ Names = tuple[str | None, ...]
 # Names the package uses; anything else in a `names` tuple is a bug.
 LOGICAL_AXES = frozenset(
     {"embed", "heads", "kv", "mlp", "vocab", "patch", "tokens", "conv_in", "conv_out", "norm",
-     "codebook"})
+     "codebook", "layers"})
 
 
 def boxed(init: Initializer, names: Sequence[str | None]) -> Initializer:

@@ -86,6 +86,7 @@ class FlowMoTask(FlowTokenizerTask):
         if self.image_size != self.model.image_size:
             raise ValueError(f"data.image_size {self.image_size} != model.image_size {self.model.image_size}")
         self._loaded: tuple[Any, Any] | None = None
+        self.perceptual_dtype = config.compute_dtype  # the frozen trunks run in the compute dtype
         if inference:  # the run's own checkpoint holds every weight; the recipe is training-only
             return
         fc = config.flowmo  # every key has its default in configs/flowmo.py
@@ -178,9 +179,11 @@ class FlowMoTask(FlowTokenizerTask):
     # ------------------------------------------------------------------ training
     def _reward(self, constants: dict, sample: jax.Array, x: jax.Array) -> jax.Array:
         if self.post_reward == "lpips":
-            return L.lpips_loss(constants["lpips"], sample, x, input_range=(-1.0, 1.0))
+            return L.lpips_loss(constants["lpips"], sample, x, input_range=(-1.0, 1.0),
+                                dtype=self.perceptual_dtype)
         if self.post_reward == "convnext":
-            return L.convnext_loss(constants["convnext"], sample, x, input_range=(-1.0, 1.0))
+            return L.convnext_loss(constants["convnext"], sample, x, input_range=(-1.0, 1.0),
+                                   dtype=self.perceptual_dtype)
         return jnp.mean(jnp.square(sample - x))
 
     def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
@@ -221,7 +224,8 @@ class FlowMoTask(FlowTokenizerTask):
                 total = total + value
             if self.lpips_weight > 0:
                 metrics["perceptual"] = L.lpips_loss(constants["lpips"], aux.x0_pred, x,
-                                                     input_range=(-1.0, 1.0))
+                                                     input_range=(-1.0, 1.0),
+                                                     dtype=self.perceptual_dtype)
                 total = total + self.lpips_weight * metrics["perceptual"]
             if self.stage == "post":
                 times = posttrain_times(k_times, b, self.post_k)

@@ -54,6 +54,7 @@ class TokenizerTask(TokenizerTaskBase):
         self.lpips_path = lc.perceptual_weights
         self.convnext_weight = float(lc.convnext_weight)
         self.convnext_path = lc.convnext_weights
+        self.perceptual_dtype = config.compute_dtype  # the frozen trunks run in the compute dtype
         self.gan_weight = float(lc.gan_weight)
         self.gan_start = int(lc.gan_start_step)
         self.gan_kind = lc.gan_loss
@@ -109,10 +110,12 @@ class TokenizerTask(TokenizerTaskBase):
             metrics[f"quantizer/{name}"] = value
             total = total + value
         if self.lpips_weight > 0:
-            metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images)
+            metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images,
+                                                 dtype=self.perceptual_dtype)
             total = total + self.lpips_weight * metrics["perceptual"]
         if self.convnext_weight > 0:
-            metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], rec, images)
+            metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], rec, images,
+                                                             dtype=self.perceptual_dtype)
             total = total + self.convnext_weight * metrics["perceptual_convnext"]
         new_state = dict(state, model={**state["model"], **dict(new_vars)})
         objective = total

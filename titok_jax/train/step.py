@@ -5,7 +5,10 @@ one optimizer update of every parameter group, the EMA, and the logged scalars.
 the tests call it): ``jax.jit`` with the state's shardings in and out, the batch split over the
 mesh's batch axes, the frozen constants sharded like params (``sharding.constant_shardings``), and
 the state donated. With a bfloat16 compute dtype the gradients are summed - across devices too -
-in float32 (``optimizer.grad_reduce_dtype``, ``precision.float32_reductions``)."""
+in float32 (``optimizer.grad_reduce_dtype``, ``precision.float32_reductions``). The step is traced
+under the mesh and the logical-axis rules (``nn.activation_sharding.activation_rules``), so the
+activations the models constrain by name (``batch``, ``tokens``, ``act_embed``) are placed by the
+same rules table as the params."""
 from __future__ import annotations
 
 import math
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from titok_jax.nn.activation_sharding import activation_rules
 from titok_jax.train import sharding as sharding_lib
 from titok_jax.train.optimizer import ema_update, learning_rates
 from titok_jax.train.precision import float32_reductions
@@ -138,34 +142,45 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 def step_options(config: Any, abstract_params: Any) -> dict:
     """``build_step``'s keyword options from a run config: EMA decay, accumulation steps, the
-    learning rates to log (``abstract_params``: the params tree, for the per-group schedules) and
-    the dtype gradients are summed in (``optimizer.grad_reduce_dtype``, default ``"float32"``)."""
+    learning rates to log (``abstract_params``: the params tree, for the per-group schedules), the
+    dtype gradients are summed in (``optimizer.grad_reduce_dtype``, default ``"float32"``) and the
+    logical-axis rules that place the activations (``logical_axis_rules``, as the params')."""
     opt = config.optimizer
     return {"ema_decay": float(opt.get("ema_decay", 0.0) or 0.0),
             "accumulation_steps": int(opt.get("accumulation_steps", 1) or 1),
             "lr_fn": lambda st: learning_rates(config, st, abstract_params),
-            "grad_reduce_dtype": str(opt.get("grad_reduce_dtype", "float32") or "float32")}
+            "grad_reduce_dtype": str(opt.get("grad_reduce_dtype", "float32") or "float32"),
+            "rules": sharding_lib.rules_from_config(config.get("logical_axis_rules"))}
 
 
 def build_step(task: Any, optimizer: optax.GradientTransformation, shardings: Any = None,
                mesh: Any = None, *, donate: bool = True, constants: Any = None,
-               **options: Any) -> Callable:
+               rules: Any = None, **options: Any) -> Callable:
     """The jitted training step ``(state, batch, constants) -> (state, metrics)`` of ``task``.
 
     With a ``mesh`` the state keeps ``shardings`` (a ``TrainState`` of shardings) and the batch is
     split over the mesh's batch axes. ``constants`` (the tree the step will be called with, arrays
     or ``ShapeDtypeStruct`` s) fixes the constants' shardings to ``sharding.constant_shardings``
     (sharded over ``fsdp`` like params; place them with ``sharding.place_constants``); without it
-    the step takes the constants as they are placed. Without a mesh, plain ``jax.jit``.
-    ``options``: ``ema_decay``, ``accumulation_steps``, ``lr_fn``, ``grad_reduce_dtype``
-    (``step_options`` gives them from a config)."""
+    the step takes the constants as they are placed. The step is traced under ``mesh`` and
+    ``rules`` (default ``sharding.DEFAULT_RULES``; ``()`` turns the activation constraints off), so
+    ``nn.activation_sharding.constrain`` places the models' activations. Without a mesh, plain
+    ``jax.jit`` (the constraints are the identity). ``options``: ``ema_decay``,
+    ``accumulation_steps``, ``lr_fn``, ``grad_reduce_dtype`` (``step_options`` gives them, and
+    ``rules``, from a config)."""
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(make_train_step(task.loss, optimizer, **options), donate_argnums=donate_argnums)
     if shardings is None:
         raise ValueError("build_step with a mesh needs the state's shardings")
+    rules = sharding_lib.DEFAULT_RULES if rules is None else tuple(rules)
     const_sh = None if constants is None else sharding_lib.constant_shardings(constants, mesh)
     batch_sh = sharding_lib.batch_sharding(mesh)
     step_fn = make_train_step(task.loss, optimizer, batch_sharding=batch_sh, **options)
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sh, const_sh),
+
+    def step(state, batch, constants):          # traced under the trainer's mesh and rules
+        with activation_rules(mesh, rules):
+            return step_fn(state, batch, constants)
+
+    return jax.jit(step, in_shardings=(shardings, batch_sh, const_sh),
                    out_shardings=(shardings, None), donate_argnums=donate_argnums)
