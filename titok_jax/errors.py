@@ -51,6 +51,11 @@ class ConfigMismatchError(CheckpointError):
     """Resuming a workdir with a config whose model differs from the one its checkpoints hold."""
 
 
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot go on (a non-finite loss or train state, bad data); nothing of it was
+    saved. Raised by the trainer (``titok_jax.train.loop``, which re-exports it)."""
+
+
 class CheckpointWarning(UserWarning):
     """Something about a checkpoint the user should know that does not stop the run (a step saved
     without its content hash, corrupt steps moved aside); the command line shows it as one line."""

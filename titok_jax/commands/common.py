@@ -220,10 +220,7 @@ def _run_command(handler: Callable[[Sequence[str]], int | None], argv: Sequence[
 
 def is_user_error(e: BaseException) -> bool:
     """Whether ``e`` is the user's to fix (shown as one line) rather than a bug in titok_jax."""
-    if isinstance(e, (UserError, ValueError, OSError, MemoryError)):
-        return True
-    loop = sys.modules.get("titok_jax.train.loop")  # its TrainingError: only if the trainer ran
-    if loop is not None and isinstance(e, getattr(loop, "TrainingError", ())):
+    if isinstance(e, (UserError, ValueError, OSError, MemoryError)):  # TrainingError is a UserError
         return True
     # XLA's out-of-memory (jaxlib's XlaRuntimeError is a RuntimeError): a batch too large for the device
     return type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(e)

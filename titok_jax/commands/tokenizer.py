@@ -1,5 +1,10 @@
 """``titok-jax reconstruct``, ``tokenize`` and ``detokenize``: a tokenizer workdir applied to image
-files, token files or a data source (``titok_jax.api`` and ``titok_jax.data.tokens``)."""
+files, token files or a data source (``titok_jax.api`` and ``titok_jax.data.tokens``).
+
+A directory input skips the images that cannot be read (one warning line with their count and
+names, as training does); a single image that cannot be read is an error. Outputs are written
+under temporary names and renamed into place when the whole command has succeeded
+(``outputs.staging``), so a failure leaves no partial output."""
 from __future__ import annotations
 
 import os
@@ -7,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from titok_jax.commands.common import (UsageError, check_npz_input, check_output_dir, check_workdir,
                                        parse, require)
-from titok_jax.commands.outputs import check_new_outputs, define_overwrite, npz_path, replacing
+from titok_jax.commands.outputs import (check_new_outputs, define_overwrite, npz_path, replacing,
+                                        staging)
 
 if TYPE_CHECKING:  # numpy and titok_jax.data (which imports JAX) load after the flags are checked
     import numpy as np
@@ -39,21 +45,56 @@ def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help
     return fv
 
 
-def _image_batches(paths: Sequence[str], image_size: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, uint8 [b, S, S, 3])`` batches of decoded, resized and centre-cropped images;
-    an unreadable file raises ValueError naming it."""
+def _image_batches(paths: Sequence[str], image_size: int, batch_size: int,
+                   skipped: list[int] | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
+    """``(indices into paths, uint8 [b, S, S, 3])`` batches of decoded, resized and centre-cropped
+    images (``b = batch_size`` but for the last). An unreadable file raises ValueError naming it;
+    with ``skipped`` (a directory input) it is left out and its index appended to ``skipped``."""
     import numpy as np
 
     from titok_jax.api import load_image
-    for start in range(0, len(paths), batch_size):
-        yield start, np.stack([load_image(p, image_size) for p in paths[start:start + batch_size]])
+    kept: list[int] = []
+    images: list[np.ndarray] = []
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path, image_size))
+        except (ValueError, OSError):
+            if skipped is None:
+                raise
+            skipped.append(i)
+            continue
+        kept.append(i)
+        if len(kept) == batch_size:
+            yield kept, np.stack(images)
+            kept, images = [], []
+    if kept:
+        yield kept, np.stack(images)
+
+
+def _report_skipped(source: str, names: Sequence[str], skipped: Sequence[int]) -> None:
+    """After a directory input: a one-line ``CorruptImageWarning`` with the count and names of the
+    skipped images; a ValueError when every image was skipped."""
+    if not skipped:
+        return
+    shown = [names[i] for i in skipped[:20]]
+    more = len(skipped) - len(shown)
+    listed = ", ".join(shown) + (f" and {more} more" if more else "")
+    if len(skipped) == len(names):
+        raise ValueError(f"no readable image in {source}: all {len(names)} image file(s) are "
+                         f"unreadable ({listed})")
+    import warnings
+
+    from titok_jax.data.sources import CorruptImageWarning
+    warnings.warn(CorruptImageWarning(f"skipped {len(skipped)} unreadable image(s) of {len(names)} "
+                                      f"in {source}: {listed}"), stacklevel=2)
 
 
 def reconstruct(argv: Sequence[str]) -> int:
     """encode + decode: a single image -> a PNG at --output; a directory -> a PNG per image under
-    --output/ (relative names kept, extension .png). An unreadable image is an error naming it.
-    Every output path is checked (inside --output, no two alike, none existing unless
-    --overwrite) before the model is loaded."""
+    --output/ (relative names kept, extension .png). An unreadable image is an error naming it (in
+    a directory: skipped, and reported in one warning line). Every output path is checked (inside
+    --output, no two alike, none existing unless --overwrite) before the model is loaded; the
+    PNGs are renamed into place once every image went through."""
     fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images",
                          "PATH: the PNG to write (a directory when --input is one)")
     from titok_jax.api import list_images, load_tokenizer, png_names
@@ -69,11 +110,15 @@ def reconstruct(argv: Sequence[str]) -> int:
         outputs = [fv.output]
     check_new_outputs(outputs, fv.overwrite)
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
-    for start, images in _image_batches(paths, tok.image_size, fv.batch_size):
-        for i, rec in enumerate(tok.decode(tok.encode(images))):
-            with replacing(outputs[start + i]) as tmp:
-                save_png(tmp, rec)
-    print(f"reconstructed {len(paths)} image(s) -> {fv.output if is_dir else outputs[0]}")
+    skipped: list[int] | None = [] if is_dir else None
+    written = 0
+    with staging() as stage:  # nothing is renamed into place unless every image went through
+        for kept, images in _image_batches(paths, tok.image_size, fv.batch_size, skipped):
+            for i, rec in zip(kept, tok.decode(tok.encode(images))):
+                save_png(stage.path(outputs[i]), rec)
+                written += 1
+        _report_skipped(fv.input, names, skipped or [])
+    print(f"reconstructed {written} image(s) -> {fv.output if is_dir else outputs[0]}")
     return 0
 
 
@@ -106,15 +151,20 @@ def tokenize(argv: Sequence[str]) -> int:
     import numpy as np
 
     from titok_jax.api import list_images, load_tokenizer
-    paths, names, _ = list_images(fv.input)
+    paths, names, is_dir = list_images(fv.input)
     out = npz_path(fv.output)  # np.savez would add the extension
     check_new_outputs([out], fv.overwrite)
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
-    tokens = np.concatenate([tok.encode(images) for _, images in
-                             _image_batches(paths, tok.image_size, fv.batch_size)])
+    skipped: list[int] | None = [] if is_dir else None
+    encoded, rows = [], []
+    for kept, images in _image_batches(paths, tok.image_size, fv.batch_size, skipped):
+        encoded.append(tok.encode(images))
+        rows.extend(kept)
+    _report_skipped(fv.input, names, skipped or [])
+    tokens = np.concatenate(encoded)
     with replacing(out) as tmp:
-        np.savez(tmp, tokens=tokens, files=np.asarray(names, dtype=str))
-    print(f"tokenized {len(paths)} image(s) -> {out} (tokens {tokens.dtype} {list(tokens.shape)})")
+        np.savez(tmp, tokens=tokens, files=np.asarray([names[i] for i in rows], dtype=str))
+    print(f"tokenized {len(rows)} image(s) -> {out} (tokens {tokens.dtype} {list(tokens.shape)})")
     return 0
 
 
@@ -167,9 +217,9 @@ def detokenize(argv: Sequence[str]) -> int:
     tokens, names = read_token_file(fv.input, tok)
     outputs = paths_inside(fv.output, names, f"{fv.input}: files")
     check_new_outputs(outputs, fv.overwrite)
-    for start in range(0, len(names), fv.batch_size):
-        for i, image in enumerate(tok.decode(tokens[start:start + fv.batch_size])):
-            with replacing(outputs[start + i]) as tmp:
-                save_png(tmp, image)
+    with staging() as stage:  # renamed into place once every row is decoded
+        for start in range(0, len(names), fv.batch_size):
+            for i, image in enumerate(tok.decode(tokens[start:start + fv.batch_size])):
+                save_png(stage.path(outputs[start + i]), image)
     print(f"decoded {len(names)} token row(s) -> {fv.output}")
     return 0

@@ -37,8 +37,7 @@ def read_state_dict(path: str | os.PathLike, state_keys: Iterable[str] = ("state
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return _read_npz(path)
     if path.endswith(TORCH_SUFFIXES):
         try:
             import torch
@@ -65,6 +64,25 @@ def read_state_dict(path: str | os.PathLike, state_keys: Iterable[str] = ("state
         return out
     raise ValueError(f"{path}: unsupported file type; expected .safetensors, .npz or "
                      f"{'/'.join(TORCH_SUFFIXES)}")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` archive; a one-line ValueError naming ``path`` when it is not one
+    (a ``.npy`` renamed, other bytes, a damaged zip, a pickled entry)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise ValueError(f"{path} is a .npy array file renamed to .npz (np.save writes .npy; a state "
+                         "dict .npz comes from np.savez)")
+    if head[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first entry, or an empty zip
+        raise ValueError(f"{path} is not an .npz archive (its first bytes are not a zip header)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as e:  # noqa: BLE001 - zipfile / numpy raise many types for a damaged file
+        text = str(e).strip().splitlines()
+        raise ValueError(f"{path} is not a readable .npz archive: "
+                         f"{text[0] if text else type(e).__name__}") from None
 
 
 # ----------------------------------------------------------------------------- layouts

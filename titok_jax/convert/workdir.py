@@ -68,16 +68,29 @@ def read_input(input_dir: str) -> tuple[dict[str, np.ndarray], str, dict[str, An
         raise FileNotFoundError(f"input {input_dir} does not exist or is not a directory")
     cfg_path = os.path.join(input_dir, "config.json")
     has_config = os.path.isfile(cfg_path)
+    hf_config = read_release_config(cfg_path) if has_config else None  # before the (large) weights
     weights = _weights_file(input_dir, has_config)
     sd = read_state_dict(weights)
-    hf_config = None
-    if has_config:
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                hf_config = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
     return sd, weights, hf_config, cfg_path
+
+
+# JSON's names for the Python types json.load gives.
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def read_release_config(path: str) -> dict[str, Any]:
+    """A release's ``config.json`` as a dict; a one-line ValueError when it is not valid JSON or
+    not a JSON object (a list, a number ...), before any converter indexes into it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        kind = _JSON_TYPES.get(type(config), type(config).__name__)
+        raise ValueError(f"{path} is not a release config: a JSON {kind}, not an object")
+    return config
 
 
 def model_from_input(input_dir: str, image_size: int | None = None, read: Any = None

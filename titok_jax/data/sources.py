@@ -352,8 +352,9 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         rec = self._source[index]
-        if self.image_key not in rec:
-            raise KeyError(f"TFDS record of {self.name!r} has no {self.image_key!r} (keys: {sorted(rec)})")
+        if self.image_key not in rec:  # another data set's layout: the user's to fix, not a bug
+            raise ValueError(f"TFDS record {index} of {self.name!r} (split {self.split!r}) has no "
+                             f"{self.image_key!r} feature (its features: {sorted(rec)})")
         label = rec.get(self.label_key, -1)
         label = int(np.asarray(label)) if np.ndim(label) == 0 else -1
         file = rec.get("file_name", None)

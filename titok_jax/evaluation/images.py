@@ -17,8 +17,10 @@ Cells past the last image (when ``ncol`` does not divide ``N``) are left at ``pa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import uuid
 from typing import Any
 
 import numpy as np
@@ -81,7 +83,9 @@ def tile_grid(images: Any, ncol: int = 8, padding: int = 2, pad_value: int = 255
 
 def save_png(path: str | os.PathLike, image: Any) -> None:
     """Write one ``[H, W, C]`` (C in 1, 3, 4) or ``[H, W]`` image as PNG (float in [0, 1] is
-    converted with ``to_uint8``); creates the parent directory."""
+    converted with ``to_uint8``); creates the parent directory. The PNG is written under a
+    temporary name in that directory and renamed over ``path`` when complete, so a failed write
+    (a full disk) leaves no half file and an existing ``path`` as it was."""
     from PIL import Image
 
     arr = to_uint8(image)
@@ -89,10 +93,18 @@ def save_png(path: str | os.PathLike, image: Any) -> None:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
         raise ValueError(f"expected an image [H, W], [H, W, 1|3|4], got shape {arr.shape}")
-    parent = os.path.dirname(os.fspath(path))
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(arr)).save(path, format="PNG")
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_png(path: str | os.PathLike) -> np.ndarray:

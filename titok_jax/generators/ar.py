@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from titok_jax.generators.ar_sampling import ar_sample
 from titok_jax.nn import (MLP, Dropout, HeadsDense, HeadsOutDense, apply_rope, boxed,
                           dot_product_attention, make_norm, rope_angles)
+from titok_jax.nn.attention import module_path, split_heads
 
 Dtype = Any
 Cache = tuple  # tuple over layers of {"k": [B, L, H, d], "v": [B, L, H, d]}
@@ -70,7 +71,7 @@ class CausalSelfAttention(nn.Module):
                  index: jax.Array | int = 0, deterministic: bool = True
                  ) -> tuple[jax.Array, dict | None]:
         width = x.shape[-1]
-        head_dim = width // self.num_heads
+        head_dim = split_heads(width, self.num_heads, module_path(self))
         qkv = HeadsDense(self.num_heads, head_dim, lead=(3,), use_bias=self.use_bias,
                          kernel_init=init_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="qkv")(x)
@@ -170,14 +171,13 @@ class ARTransformer(nn.Module):
 
     @property
     def head_dim(self) -> int:
-        return self.width // self.num_heads
+        return split_heads(self.width, self.num_heads, module_path(self))
 
     def setup(self) -> None:
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"unknown position_embedding {self.position_embedding!r}; expected "
                              f"one of {POSITION_EMBEDDINGS}")
-        if self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        split_heads(self.width, self.num_heads, module_path(self))
         w = self.width
         self.class_embedding = self.param("class_embedding", boxed(init_normal, (None, "embed")),
                                           (self.num_classes + 1, w), self.param_dtype)

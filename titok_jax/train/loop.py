@@ -1,32 +1,41 @@
 """The one training loop: mesh, task, sharded state (fresh or resumed from the workdir), the grain
-iterator, the jitted step, logging, periodic evaluation, checkpoints, preemption and SIGTERM."""
+iterator, the jitted step, logging, periodic evaluation, checkpoints, preemption, SIGTERM and Ctrl-C.
+
+Nothing non-finite is saved: every step folds "the loss and the parameter norm are finite" into a
+device scalar (the first step where they were not; no host sync), read at each log, evaluation and
+checkpoint step; before every save the whole train state (params, optimizer state, EMA, model
+state) is checked with one jitted reduction (``state.first_non_finite``). A non-finite state stops
+the run with a one-line ``TrainingError`` naming the first non-finite array and the step; the last
+good checkpoint stays the latest.
+
+SIGTERM and the first Ctrl-C (SIGINT) end the run after the current step with a checkpoint; a
+second Ctrl-C aborts at once (``KeyboardInterrupt``, no checkpoint). The previous handlers are
+restored when the loop ends."""
 from __future__ import annotations
 
 import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from titok_jax import data as data_lib
 from titok_jax.checkpoint import Checkpointer, write_config
-from titok_jax.errors import WriteWarning
+from titok_jax.errors import TrainingError, WriteWarning
 from titok_jax.evaluation.images import save_png
 from titok_jax.tasks import EvalContext
 from titok_jax.train import memory
 from titok_jax.train import sharding as sharding_lib
 from titok_jax.train.metrics_writer import MetricWriter
 from titok_jax.train.parts import build_parts
-from titok_jax.train.state import create_state
+from titok_jax.train.state import create_state, first_non_finite
 from titok_jax.train.step import build_step, step_options
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, bad data); the message is one line for the user."""
 
 
 class Trainer:
@@ -137,6 +146,70 @@ def _check_finite(metrics: dict, step: int) -> None:
                             f"rate or check the data.")
 
 
+# The step's metrics whose finiteness is tracked at every step (the parameter norm is non-finite
+# exactly when some model parameter is, short of an overflow of the sum of squares).
+WATCHED_METRICS = ("loss", "param_norm/model")
+
+
+@jax.jit
+def _first_bad_step(first: jax.Array, step: jax.Array, values: tuple) -> jax.Array:
+    """``first`` (-1 while every watched value was finite) becomes ``step`` the first time one of
+    ``values`` is not finite; it never changes after that."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in values]))
+    return jnp.where((first < 0) & ~finite, step.astype(jnp.int32), first)
+
+
+def _watched(metrics: dict) -> tuple:
+    return tuple(metrics[k] for k in WATCHED_METRICS if k in metrics)
+
+
+def _check_state(state: Any, step: int, first_bad: int, latest: int | None) -> None:
+    """A ``TrainingError`` (one line) when ``state`` holds a non-finite array: names the first one,
+    the step where the watched metrics first went non-finite (``first_bad``, or -1) and the last
+    good checkpoint (``latest``)."""
+    path = first_non_finite(state)
+    if path is None:
+        return
+    when = (f"at step {step}" if first_bad < 0 or first_bad == step
+            else f"at step {first_bad} (found at step {step})")
+    kept = (f"the latest checkpoint (step {latest}) is the last good one" if latest is not None
+            else "no checkpoint was written")
+    raise TrainingError(f"the train state became non-finite {when}: the first non-finite array is "
+                        f"{path}; it was not saved and {kept}. Lower the learning rate or check "
+                        f"the data.")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while the loop runs: the first one sets ``signal`` (the loop saves a
+    checkpoint after the current step and ends); a second SIGINT (Ctrl-C twice) raises
+    ``KeyboardInterrupt`` at once. ``restore`` puts the previous handlers back. Outside the main
+    thread (where Python cannot set handlers) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a third one too
+            raise KeyboardInterrupt
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+
 def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | None = None) -> dict:
     """Train until ``config.total_steps``; returns a summary with the paths a person looks at.
 
@@ -160,15 +233,15 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
                         **step_options(cfg, t.abstract.params))
     batch_keys = tuple(t.task.batch_keys)
 
-    stop = {"signal": None}
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    stop = StopSignals()
     bar = _progress(start, total, progress)
     last_eval, grid_path, last_metrics = None, None, {}
     log_every, eval_every = int(cfg.log_every_steps), int(cfg.eval_every_steps)
     t0, steps_since = time.perf_counter(), 0
     config_dict = cfg.to_dict()
+    first_bad = jnp.asarray(-1, jnp.int32)  # on device: the first step with a non-finite loss / params
     try:
+        stop.install()
         step = start
         while step < total:
             batch = next(data_iter)
@@ -182,14 +255,23 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
                 except Exception as e:  # noqa: BLE001 - the report is advice; the run goes on
                     _say(f"[titok_jax] no memory report of the compiled step ({type(e).__name__}: {e})")
             state, metrics = jitted(state, inputs, constants)
+            first_bad = _first_bad_step(first_bad, state.step, _watched(metrics))
             step += 1
             steps_since += 1
             at_log = step % log_every == 0 or step == total
+            at_eval = bool(eval_every) and (step % eval_every == 0 or step == total)
+            if stop_at_step is not None and step >= stop_at_step and step < total:
+                stop.signal = stop.signal or "stop_at_step"
             will_save = (t.checkpointer.manager.should_save(step) or step == total
-                         or stop["signal"] is not None or step == stop_at_step)
-            if at_log or will_save:
+                         or stop.signal is not None)
+            if at_log or will_save or at_eval:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad_at = int(first_bad)
+                if will_save or bad_at >= 0:  # the whole state, before anything is saved
+                    _check_state(state, step, bad_at, t.checkpointer.latest_step())
                 _check_finite(host, step)
+                if bad_at >= 0:  # the state is finite after all (the norm overflowed): watch on
+                    first_bad = jnp.asarray(-1, jnp.int32)
                 if at_log:
                     elapsed = time.perf_counter() - t0
                     host["steps_per_s"] = steps_since / max(elapsed, 1e-9)
@@ -198,16 +280,16 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
                     last_metrics = host
                     bar.set_postfix(loss=f"{host['loss']:.4f}", steps_s=f"{host['steps_per_s']:.2f}")
             bar.update(1)
-            if eval_every and (step % eval_every == 0 or step == total):
+            if at_eval:
                 last_eval, grid_path = t.run_eval(state, step)
                 _say(f"[titok_jax] step {step}: eval {eval_summary(last_eval)}")
-            if stop_at_step is not None and step >= stop_at_step and step < total:
-                stop["signal"] = "stop_at_step"
-            if stop["signal"] is not None:
+            if stop.signal is not None:
+                if not will_save:  # the signal came after the check above
+                    _check_state(state, step, int(first_bad), t.checkpointer.latest_step())
                 t.checkpointer.save(step, state, data_iter, config_dict, force=True)
                 t.checkpointer.wait()
-                _say(f"[titok_jax] stopped by signal {stop['signal']} at step {step}; "
-                          f"checkpoint saved, rerun the same command to resume")
+                _say(f"[titok_jax] stopped by signal {stop.signal} at step {step}; "
+                     f"checkpoint saved, rerun the same command to resume")
                 break
             if will_save:  # the policy decided above; no per-step host work otherwise
                 t.checkpointer.save(step, state, data_iter, config_dict, force=step == total)
@@ -216,8 +298,8 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
                 _say(f"[titok_jax] preempted at step {step}; checkpoint saved")
                 break
     finally:
+        stop.restore()
         bar.close()
-        signal.signal(signal.SIGTERM, previous)
         t.checkpointer.wait()
         ckpt_path = t.checkpointer.step_path()
         t.checkpointer.close()

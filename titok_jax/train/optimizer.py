@@ -10,6 +10,9 @@ back to the model's values):
   after every update, FlowMo's weight normalisation),
   frozen (regex; matching parameters get no update at all; with frozen_from_step = N > 0 they train
   for the first N updates and are frozen from then on), ema_decay (0 = no EMA).
+Values that cannot train (a negative or non-finite rate, betas outside [0, 1), a negative step
+count, a regex that does not compile) are a one-line ``ConfigError`` naming the key
+(:func:`check_group_config`), raised when the optimizer is built, before the run starts.
 
 The ``disc`` group starts at ``config.losses.gan_start_step`` (the step from which the task gives
 the discriminator a gradient): before it the group gets no update and its optimizer state does not
@@ -19,12 +22,16 @@ optimizer's first update.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from titok_jax.errors import ConfigError
 
 # Norm scales/biases, biases, embeddings, position tables, latent and mask tokens, codebooks.
 DEFAULT_NO_DECAY = (r"(^|/)(bias|scale)$|norm|ln_|embed|posemb|pos_emb|position|latent_tokens|"
@@ -172,9 +179,73 @@ def group_config(config: Any, group: str) -> dict:
     return base
 
 
+def config_key(config: Any, group: str, key: str) -> str:
+    """The dotted config key a group's setting comes from: ``optimizers.G.key`` when the group
+    sets it itself, else ``optimizer.key``."""
+    if group != "model":
+        own = (config.get("optimizers", {}) or {}).get(group, {}) or {}
+        if key in own:
+            return f"optimizers.{group}.{key}"
+    return f"optimizer.{key}"
+
+
+# (key, what it is, lowest, highest, whether the highest is allowed): rates, decays and clips that
+# must be finite numbers in [lowest, highest]; None = unbounded. eps > 0: Adam divides by it where
+# a parameter has no gradient yet.
+_NUMBERS = (("lr", "the learning rate", 0.0, None, False),
+            ("end_lr", "the final learning rate", 0.0, None, False),
+            ("weight_decay", "the weight decay", 0.0, None, False),
+            ("grad_clip", "the gradient-norm clip (0 = off)", 0.0, None, False),
+            ("b1", "Adam's b1", 0.0, 1.0, False),
+            ("b2", "Adam's b2", 0.0, 1.0, False),
+            ("ema_decay", "the EMA decay (0 = no EMA)", 0.0, 1.0, True))
+_COUNTS = (("warmup_steps", "the warm-up length in steps"),
+           ("frozen_from_step", "the step from which `frozen` applies (0 = always)"))
+_REGEXES = ("no_decay", "frozen", "fix_norms")
+
+
+def check_group_config(cfg: Mapping[str, Any], key: Callable[[str], str]) -> None:
+    """A one-line ``ConfigError`` for a setting of one group's optimizer (``cfg``, as
+    :func:`group_config` gives it) that cannot train; ``key(name)`` is the dotted config key the
+    message names. ``lr`` must be given; the other settings are checked when present."""
+    if cfg.get("lr") is None:
+        raise ConfigError(f"config {key('lr')} is missing: the learning rate must be given")
+    for name, what, low, high, high_ok in _NUMBERS:
+        value = cfg.get(name)
+        if value is None:
+            continue
+        fine = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        fine = fine and value >= low and (high is None or value < high or (high_ok and value == high))
+        if not fine:
+            bound = (f">= {low:g}" if high is None
+                     else f"in [{low:g}, {high:g}{']' if high_ok else ')'}")
+            raise ConfigError(f"config {key(name)} = {value!r}: {what} must be a finite number {bound}")
+    eps = cfg.get("eps")
+    if eps is not None and not (isinstance(eps, numbers.Real) and not isinstance(eps, bool)
+                                and math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"config {key('eps')} = {eps!r}: Adam's eps must be a finite number > 0 "
+                          "(it divides by it)")
+    for name, what in _COUNTS:
+        value = cfg.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                  or value < 0):
+            raise ConfigError(f"config {key(name)} = {value!r}: {what} must be an integer >= 0")
+    for name in _REGEXES:
+        value = cfg.get(name)
+        if not value:
+            continue
+        try:
+            re.compile(str(value))
+        except re.error as e:
+            raise ConfigError(f"config {key(name)} = {value!r} is not a regular expression: {e}") from None
+
+
 def make_optimizer(config: Any, params: Mapping[str, Any]) -> optax.GradientTransformation:
-    """One optimizer per top-level group of ``params`` (``{'model': ..., 'disc': ...}``)."""
+    """One optimizer per top-level group of ``params`` (``{'model': ..., 'disc': ...}``); every
+    group's settings are checked first (:func:`check_group_config`)."""
     total = int(config.total_steps)
+    for g in params:
+        check_group_config(group_config(config, g), lambda name, g=g: config_key(config, g, name))
     transforms = {}
     for g in params:
         start = group_start(config, g)

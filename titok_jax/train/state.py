@@ -1,5 +1,6 @@
 """The train state and how it is built sharded: ``eval_shape(init)`` -> shardings from the logical
-names -> ``jit(init, out_shardings=...)``, so no full copy of the params ever lives on one device."""
+names -> ``jit(init, out_shardings=...)``, so no full copy of the params ever lives on one device;
+and the check that a state is finite before it is saved (:func:`first_non_finite`)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -12,7 +13,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from titok_jax.train import sharding as sharding_lib
-from titok_jax.train.optimizer import path_keys
+from titok_jax.train.optimizer import path_keys, path_str
 
 
 @flax.struct.dataclass
@@ -94,3 +95,24 @@ def create_state(init_fn: Callable[[jax.Array], tuple[Any, Any]], optimizer: opt
 
     key_data = jax.random.key_data(jax.random.key(seed))
     return jax.jit(make, out_shardings=shardings)(key_data)
+
+
+def first_non_finite(state: Any) -> str | None:
+    """The '/'-joined path of the first array of ``state`` (in tree order: ``params``, ``opt_state``,
+    ``ema_params``, ``model_state``) holding a NaN or an infinity, or None when every floating array
+    is finite. One jitted reduction over the whole tree on the devices, where the arrays live;
+    only its result, one int32 scalar, comes to the host. Integer leaves (step, counts, the rng
+    key data) are skipped."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return None
+    index = int(_first_non_finite_leaf([x for _, x in leaves]))
+    return None if index < 0 else path_str(leaves[index][0])
+
+
+@jax.jit
+def _first_non_finite_leaf(leaves: list[jax.Array]) -> jax.Array:
+    """The index of the first of ``leaves`` with a non-finite element, or -1."""
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+    return jnp.where(jnp.all(finite), -1, jnp.argmin(finite.astype(jnp.int32))).astype(jnp.int32)
