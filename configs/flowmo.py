@@ -73,12 +73,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict({"name": "flowmo"})
     c.seed = 0
     # Published sizes rematerialise every double-stream block, saving nothing ("full": 4,352 tokens
-    # per image). Their blocks stay unrolled (block_{i}) for now: `optimizer.fix_norms` keeps each
-    # kernel's whole norm, which for a scanned stack (layers/block/..., one leading layer axis) would
-    # be the norm of all layers together, not FlowMo's per-layer norm. scan_layers=True works for
-    # the model, the importer and checkpoints; switch it on once fix_norms normalises per layer.
+    # per image), and scan their blocks (layers/block/..., one leading layer axis; the readout-only
+    # last block stays block_{depth-1}); `optimizer.fix_norms` keeps each layer's own norm.
     c.model = ml_collections.ConfigDict({"name": "flowmo", **MODELS[size], "remat": not tiny,
-                                         "remat_policy": "" if tiny else "full", "scan_layers": False})
+                                         "remat_policy": "" if tiny else "full",
+                                         "scan_layers": not tiny})
     c.compute_dtype = "float32" if tiny else "bfloat16"
     c.init_from = ""   # post stages: the main-stage workdir (its raw, non-EMA params)
 
@@ -114,8 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # The encoder freeze (tasks/flowmo.py): no updates from `frozen_from_step` on (post: always).
         "frozen": r"^model/encoder/", "frozen_from_step": 0,
         # FlowMo's fix_initial_norms (l2): every linear weight of the double-stream blocks is
-        # rescaled to its initial Frobenius norm after each update.
-        "fix_norms": r"^model/(encoder|decoder)/block_\d+/.+/kernel$",
+        # rescaled to its initial Frobenius norm after each update (per layer in a scanned stack).
+        "fix_norms": r"^model/(encoder|decoder)/(block_\d+|layers/block)/.+/kernel$",
     })
     if not post:
         c.optimizer.frozen_from_step = c.flowmo.get_ref("freeze_encoder_after")

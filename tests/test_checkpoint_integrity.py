@@ -211,3 +211,22 @@ def test_eval_on_a_read_only_workdir_still_prints_its_metrics(micro_tokenizer_di
     metrics = json.loads(captured.out.strip().splitlines()[-1])
     assert metrics["step"] == 2 and "psnr" in metrics
     assert "warning" in captured.err and "Traceback" not in captured.err
+
+
+def test_checkpoint_of_another_layout_is_one_line_not_abstract_params(vq_release_dir, tmp_path):
+    """An unrolled checkpoint read by a config that scans its stacks: a partial restore would hand
+    back placeholders for the stacked params (and fail later with a raw TypeError); it is one
+    line naming the missing array instead (load_tokenizer's ValueError)."""
+    import titok_jax
+    work = str(tmp_path / "scanned")
+    shutil.copytree(vq_release_dir, work)
+    path = os.path.join(work, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["model"]["scan_layers"] = True
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError) as err:
+        titok_jax.load_tokenizer(work, batch_size=2)
+    msg = str(err.value)
+    assert "\n" not in msg and "layers/transformer" in msg and "scan_layers" in msg, msg

@@ -49,3 +49,37 @@ def test_config_switch_in_make_optimizer():
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
     assert abs(float(jnp.linalg.norm(params["model"]["block_0"]["fc"]["kernel"])) - n0) < 1e-4
+
+
+def test_stacked_layers_keep_per_layer_norms_and_skip_decay_like_unrolled_blocks():
+    """A scanned stack (``layers/block/...``, leading layer axis) gets exactly the unrolled blocks'
+    update: each layer keeps its own initial norm, and a stacked bias [L, d] is not decayed."""
+    from titok_jax.nn.scan import match_layers
+    from titok_jax.train.optimizer import decay_mask
+    rng = np.random.default_rng(1)
+    unrolled = {"model": {f"block_{i}": {"fc": {
+        "kernel": jnp.asarray(rng.normal(size=(6, 5)) * (i + 1), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=5), jnp.float32)}} for i in range(3)}}
+    stacked = {"model": match_layers(unrolled["model"], {"layers": {"block": {"fc": {
+        "kernel": jnp.zeros((3, 6, 5)), "bias": jnp.zeros((3, 5))}}}})}
+    assert stacked["model"]["layers"]["block"]["fc"]["kernel"].shape == (3, 6, 5)
+    mask = decay_mask(stacked, no_decay="")
+    assert mask["model"]["layers"]["block"]["fc"] == {"kernel": True, "bias": False}
+
+    def run(params, pattern):
+        tx = optax.chain(optax.adamw(0.1, weight_decay=0.5, mask=decay_mask(params, no_decay="")),
+                         fix_initial_norms(pattern))
+        state, p = tx.init(params), params
+        for i in range(2):
+            grads = jax.tree.map(lambda x: jnp.sin(x * (i + 2)), p)
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    pu = run(unrolled, r"block_\d+/.*/kernel$")
+    ps = run(stacked, r"(block_\d+|layers/block)/.*/kernel$")
+    for a, b in zip(jax.tree.leaves(match_layers(pu["model"], ps["model"])), jax.tree.leaves(ps["model"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    norms = np.linalg.norm(np.asarray(ps["model"]["layers"]["block"]["fc"]["kernel"]).reshape(3, -1), axis=1)
+    want = [np.linalg.norm(np.asarray(unrolled["model"][f"block_{i}"]["fc"]["kernel"])) for i in range(3)]
+    np.testing.assert_allclose(norms, want, rtol=1e-5)

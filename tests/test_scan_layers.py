@@ -260,8 +260,7 @@ def test_published_configs_scan_and_remat(family, published, tiny):
     m = load_config_module(family)
     for v in published:
         model = m.get_config(v).model
-        # FlowMo's blocks stay unrolled until optimizer.fix_norms normalises per layer (configs/flowmo.py)
-        assert model.scan_layers == (family != "flowmo") and model.remat, v
+        assert model.scan_layers and model.remat, v
         assert resolve_remat(model.remat, model.remat_policy) != "none", v
     for v in tiny:
         model = m.get_config(v).model

@@ -232,10 +232,20 @@ def _grain_restore(it: Any) -> Any:
 
 
 def _check_tree(abstract: Any, restored: Any, step: int, directory: str) -> None:
+    """Every leaf of ``abstract`` came back as an array of its shape: a partial restore hands back
+    the abstract leaf itself for a name the checkpoint lacks (e.g. a scanned ``layers`` stack asked
+    of a checkpoint written unrolled), which is a ``CheckpointError`` naming the first one."""
     try:
         check_tree_matches(restored, abstract, source=f"checkpoint {step} in {directory}", what="array")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    missing = [path for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        name = jax.tree_util.keystr(missing[0], simple=True, separator="/")
+        raise CheckpointError(f"checkpoint {step} in {directory} holds no {name} ({len(missing)} arrays "
+                              f"missing): it was written with another parameter layout than this "
+                              f"config's (model.scan_layers or the model's sizes differ)")
 
 
 _IO_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system",

@@ -8,6 +8,8 @@ back to the model's values):
   no_decay (regex on the '/'-joined parameter path; plus every parameter with ndim < 2),
   fix_norms (regex; matching weights (ndim >= 2) are rescaled to their initial Frobenius norm
   after every update, FlowMo's weight normalisation),
+  where "ndim" and "norm" are per layer for the stacked params of a scanned stack (a path through
+  the ``nn.scan`` submodule ``layers``, leading layer axis; ``layer_ndim``),
   frozen (regex; matching parameters get no update at all; with frozen_from_step = N > 0 they train
   for the first N updates and are frozen from then on), ema_decay (0 = no EMA).
 Values that cannot train (a negative or non-finite rate, betas outside [0, 1), a negative step
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from titok_jax.errors import ConfigError
+from titok_jax.nn.scan import SCAN_NAME
 
 # Norm scales/biases, biases, embeddings, position tables, latent and mask tokens, codebooks.
 DEFAULT_NO_DECAY = (r"(^|/)(bias|scale)$|norm|ln_|embed|posemb|pos_emb|position|latent_tokens|"
@@ -56,11 +59,24 @@ def path_str(path: tuple) -> str:
     return "/".join(path_keys(path))
 
 
+def is_stacked(path: tuple) -> bool:
+    """Whether a param sits in a scanned layer stack (``nn.scan.layer_stack``: its leading axis
+    is the layer)."""
+    return SCAN_NAME in path_keys(path)
+
+
+def layer_ndim(path: tuple, x: Any) -> int:
+    """The rank of one layer's slice of a param: ``ndim`` less the layer axis of a stacked one."""
+    return int(jnp.ndim(x)) - (1 if is_stacked(path) else 0)
+
+
 def decay_mask(params: Any, no_decay: str = DEFAULT_NO_DECAY) -> Any:
-    """True where weight decay applies: ndim >= 2 and the path does not match ``no_decay``."""
+    """True where weight decay applies: ndim >= 2 per layer and the path does not match
+    ``no_decay``."""
     pattern = re.compile(no_decay) if no_decay else None
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: bool(jnp.ndim(x) >= 2 and not (pattern and pattern.search(path_str(path)))),
+        lambda path, x: bool(layer_ndim(path, x) >= 2
+                             and not (pattern and pattern.search(path_str(path)))),
         params)
 
 
@@ -76,16 +92,22 @@ def fix_initial_norms(pattern: str) -> optax.GradientTransformation:
     """After each update, rescale every parameter matching ``pattern`` (path regex, ndim >= 2) to
     its Frobenius norm at initialisation: ``p_new <- p_new * |p_0| / |p_new|`` (FlowMo's
     ``fix_initial_norms`` with ``fix_norm_mode: l2``, EDM2-style). Chain it last: it turns the
-    update into ``rescaled(p + u) - p``. State: the initial norms (one float32 scalar per leaf)."""
+    update into ``rescaled(p + u) - p``. A stacked param of a scanned stack keeps each layer's norm
+    (the same update as the unrolled blocks). State: the initial norms (a float32 scalar per leaf,
+    ``[layers]`` for a stacked one)."""
     rx = re.compile(pattern)
 
     def matched(path, x) -> bool:
-        return getattr(x, "ndim", 0) >= 2 and bool(rx.search(path_str(path)))
+        return layer_ndim(path, x) >= 2 and bool(rx.search(path_str(path)))
+
+    def norm(path, x) -> jax.Array:
+        axes = tuple(range(1, x.ndim)) if is_stacked(path) else None
+        return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes))
 
     def init(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: jnp.linalg.norm(x.astype(jnp.float32)) if matched(path, x)
-            else jnp.zeros((), jnp.float32), params)
+            lambda path, x: norm(path, x) if matched(path, x) else jnp.zeros((), jnp.float32),
+            params)
 
     def update(updates, state, params=None):
         if params is None:
@@ -95,7 +117,8 @@ def fix_initial_norms(pattern: str) -> optax.GradientTransformation:
             if not matched(path, p):
                 return u
             new = p.astype(jnp.float32) + u.astype(jnp.float32)
-            scale = n / jnp.maximum(jnp.linalg.norm(new), 1e-12)
+            scale = n / jnp.maximum(norm(path, new), 1e-12)
+            scale = jnp.reshape(scale, scale.shape + (1,) * (new.ndim - scale.ndim))
             return (new * scale - p.astype(jnp.float32)).astype(u.dtype)
 
         return jax.tree_util.tree_map_with_path(fix, updates, params, state), state
