@@ -188,10 +188,13 @@ def test_command_errors_are_one_line(trained, image_dir, tmp_path, capsys):
     args = ["--workdir", trained, "--output", str(tmp_path / "o.npz")]
     assert cli.main(["tokenize", "--input", str(bad), *args]) == 1
     assert str(bad) in one_line_error(capsys)
-    (image_dir / "zz.png").write_bytes(b"not a png")
-    assert cli.main(["reconstruct", "--workdir", trained, "--input", str(image_dir),
+    only_bad = tmp_path / "only_bad"     # a directory skips bad images; none readable is an error
+    only_bad.mkdir()
+    (only_bad / "zz.png").write_bytes(b"not a png")
+    assert cli.main(["reconstruct", "--workdir", trained, "--input", str(only_bad),
                      "--output", str(tmp_path / "r")]) == 1
     assert "zz.png" in one_line_error(capsys)
+    assert not (tmp_path / "r").exists() or not os.listdir(tmp_path / "r")
     assert cli.main(["tokenize", "--input", str(tmp_path / "nope.png"), *args]) == 1
     assert "does not exist" in one_line_error(capsys)
     assert cli.main(["tokenize", "--input", str(bad), "--workdir", str(tmp_path / "nowork"),

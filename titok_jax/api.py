@@ -3,9 +3,11 @@
 ```python
 import titok_jax
 tok = titok_jax.load_tokenizer(DIR)   # latest checkpoint of a workdir (EMA params if present)
+tok = titok_jax.load_tokenizer("hf:yucornetto/tokenizer_titok_l32_imagenet")  # local HF cache
 tok.num_tokens, tok.codebook_size, tok.image_size
 tokens = tok.encode(images)           # uint8 [B,H,W,3] or float32 in [0,1] -> int32 [B, num_tokens]
 images = tok.decode(tokens)           # -> float32 [B,H,W,3] in [0,1]
+tok.reconstruct_files("photos/", "out/")   # what `titok-jax reconstruct` does: a PNG per image
 ```
 
 Only what inference needs is read from the checkpoint (the EMA params, or ``params["model"]`` when
@@ -13,13 +15,17 @@ the run kept no EMA, and the model's non-param collections); it lives on one dev
 ``decode`` are jitted and run in chunks of ``batch_size`` images (the last chunk is padded, so at
 most two shapes are compiled per batch size).
 
-Also here, for the command line: ``list_images`` (an image file or a directory of them) and
-``load_image`` (decode + resize the shorter side + centre crop to the tokenizer's size).
+Also here, for the command line: ``list_images`` (an image file or a directory of them),
+``load_image`` (decode + resize the shorter side + centre crop to the tokenizer's size),
+``image_batches`` (decoded batches that skip unreadable files of a directory) and
+``write_reconstructions`` (the PNGs of ``reconstruct``, renamed into place only when all are done).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Sequence
+import uuid
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -134,6 +140,40 @@ class Tokenizer:
         """``decode(encode(images))``."""
         return self.decode(self.encode(images))
 
+    def reconstruct_files(self, paths: str | os.PathLike | Sequence[str | os.PathLike],
+                          output_dir: str | os.PathLike, overwrite: bool = False) -> list[str]:
+        """``titok-jax reconstruct`` from Python: encode + decode image files into PNGs under
+        ``output_dir``. ``paths``: an image file, a directory (every image under it, names relative
+        to it) or a list of image files (named by their basenames); the extension becomes ``.png``
+        (:func:`png_names`). Images are resized and centre-cropped to ``image_size`` as ``reconstruct``
+        does. In a directory or a list, an unreadable image is skipped with one
+        ``CorruptImageWarning`` naming it (a ValueError when none is readable); a single file that
+        cannot be read is a ValueError. Every output path is checked first (inside ``output_dir``,
+        no two alike, none existing unless ``overwrite``: FileExistsError) and the PNGs are renamed
+        into place only once every image went through, so a failure leaves none. Returns the paths
+        written, in input order."""
+        from titok_jax.data.paths import file_kind, is_regular_file, paths_inside
+        output_dir = os.fspath(output_dir)
+        if isinstance(paths, (str, os.PathLike)):
+            source = os.fspath(paths)
+            full, names, skip = list_images(source)
+        else:
+            full = [os.fspath(p) for p in paths]
+            if not full:
+                raise ValueError("reconstruct_files got no image paths")
+            for p in full:
+                if not os.path.exists(p):
+                    raise FileNotFoundError(f"image {p} does not exist")
+                if not is_regular_file(p):
+                    raise ValueError(f"input {p} is a {file_kind(p)}, not an image file")
+            names, skip, source = [os.path.basename(p) for p in full], True, f"the {len(full)} files given"
+        if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+            raise FileExistsError(f"output {output_dir} is a file; expected an output directory")
+        outputs = paths_inside(output_dir, png_names(names), f"{source}: images", source=names)
+        check_new_files(outputs, overwrite)
+        return write_reconstructions(self, full, outputs, names=names, source=source,
+                                     skip_unreadable=skip)
+
     # ------------------------------------------------------------------ helpers
     def _batched(self, fn, x: np.ndarray, *extra: np.ndarray) -> np.ndarray:
         """``fn(params, state, chunk, *extra_chunks)`` over chunks of ``batch_size`` rows of ``x``
@@ -205,9 +245,17 @@ def load_tokenizer(workdir: str | os.PathLike, step: int | None = None,
     """The tokenizer of a workdir (written by ``train`` or ``import-torch``) at its latest
     checkpoint (or ``step``): EMA params when the run kept them, else ``params["model"]``, on one
     device (``device``, default the first). The run's own task (``config.task.name``) says how to
-    build, encode and decode it. Errors (one line): FileNotFoundError for a missing workdir /
-    config / checkpoint, ValueError for a run that is not a tokenizer or a checkpoint that cannot
-    be read."""
+    build, encode and decode it.
+
+    ``workdir`` may also be ``"hf:ORG/NAME[@REVISION][/FILE]"``: that release in the local Hugging
+    Face cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``; never
+    downloaded), converted by the ``import-torch`` importer on first use into
+    ``~/.cache/titok_jax/hf/ORG--NAME/COMMIT/`` (``TITOK_JAX_CACHE`` moves it) and reused after
+    (:mod:`titok_jax.convert.hub`).
+
+    Errors (one line): FileNotFoundError for a missing workdir / config / checkpoint (or a
+    repository, revision or file missing from the Hugging Face cache, with how to get it),
+    ValueError for a run that is not a tokenizer or a checkpoint that cannot be read."""
     from titok_jax.tasks.runs import restore_run
 
     run = restore_run(workdir, kind="tokenizer", step=step, device=device)
@@ -265,6 +313,118 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     if image.ndim != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"cannot read image {path}: empty image of shape {image.shape}")
     return np.ascontiguousarray(center_crop(resize_shorter_side(image, image_size), image_size))
+
+
+def image_batches(paths: Sequence[str], image_size: int, batch_size: int,
+                  skipped: list[int] | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
+    """``(indices into paths, uint8 [b, S, S, 3])`` batches of decoded, resized and centre-cropped
+    images (``b = batch_size`` but for the last). An unreadable file raises ValueError naming it;
+    with ``skipped`` (a directory input) it is left out and its index appended to ``skipped``."""
+    kept: list[int] = []
+    images: list[np.ndarray] = []
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path, image_size))
+        except (ValueError, OSError):
+            if skipped is None:
+                raise
+            skipped.append(i)
+            continue
+        kept.append(i)
+        if len(kept) == batch_size:
+            yield kept, np.stack(images)
+            kept, images = [], []
+    if kept:
+        yield kept, np.stack(images)
+
+
+def report_skipped(source: str, names: Sequence[str], skipped: Sequence[int]) -> None:
+    """After a directory input: a one-line ``CorruptImageWarning`` with the count and names of the
+    skipped images; a ValueError when every image was skipped."""
+    if not skipped:
+        return
+    shown = [names[i] for i in skipped[:20]]
+    more = len(skipped) - len(shown)
+    listed = ", ".join(shown) + (f" and {more} more" if more else "")
+    if len(skipped) == len(names):
+        raise ValueError(f"no readable image in {source}: all {len(names)} image file(s) are "
+                         f"unreadable ({listed})")
+    import warnings
+
+    from titok_jax.data.sources import CorruptImageWarning
+    warnings.warn(CorruptImageWarning(f"skipped {len(skipped)} unreadable image(s) of {len(names)} "
+                                      f"in {source}: {listed}"), stacklevel=2)
+
+
+def check_new_files(paths: Sequence[str], overwrite: bool = False) -> None:
+    """FileExistsError (one line) if any of ``paths`` exists, unless ``overwrite``; a directory
+    where a file goes is refused either way (as ``commands.outputs.check_new_outputs``)."""
+    for p in paths:
+        if os.path.isdir(p):
+            raise FileExistsError(f"output {p} is a directory; expected a file path")
+    existing = [p for p in paths if os.path.lexists(p)]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more output file(s))" if len(existing) > 1 else ""
+        raise FileExistsError(f"output {existing[0]} already exists{more}; not overwriting it "
+                              "(pass overwrite=True / --overwrite to replace it)")
+
+
+def write_reconstructions(tokenizer: Tokenizer, paths: Sequence[str], outputs: Sequence[str], *,
+                          names: Sequence[str], source: str, skip_unreadable: bool) -> list[str]:
+    """Reconstruct image file ``paths[i]`` into the PNG ``outputs[i]`` (checked by the caller), in
+    batches of ``tokenizer.batch_size``. With ``skip_unreadable`` an image that cannot be read is
+    left out (:func:`report_skipped`: one warning line naming it, by ``names``, in ``source``).
+    Each PNG is written under a temporary name beside its target and all are renamed into place
+    once every image went through; on any failure they are removed (and the folders made for
+    them), so nothing partial is left. Returns the written outputs, in input order."""
+    from titok_jax.evaluation.images import save_png
+    skipped: list[int] | None = [] if skip_unreadable else None
+    written: list[str] = []
+    with _staged_files() as stage:
+        for kept, images in image_batches(paths, tokenizer.image_size, tokenizer.batch_size, skipped):
+            for i, rec in zip(kept, tokenizer.reconstruct(images)):
+                save_png(stage(outputs[i]), rec)
+                written.append(outputs[i])
+        report_skipped(source, names, skipped or [])
+    return written
+
+
+@contextlib.contextmanager
+def _staged_files() -> Iterator[Any]:
+    """``stage(target) -> temporary path`` beside ``target`` (same extension, folder created):
+    renamed over their targets when the block ends normally, removed with the folders made for
+    them otherwise. (The same contract as ``commands.outputs.staging``, which this floor cannot
+    import.)"""
+    pending: list[tuple[str, str]] = []
+    made: list[str] = []
+
+    def stage(target: str) -> str:
+        parent = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(parent):
+            top = parent
+            while not os.path.isdir(os.path.dirname(top)):
+                top = os.path.dirname(top)
+            os.makedirs(parent, exist_ok=True)
+            made.append(top)
+        base = os.path.basename(target)
+        tmp = os.path.join(parent, f".{base}.{uuid.uuid4().hex[:8]}.tmp{os.path.splitext(base)[1]}")
+        pending.append((tmp, target))
+        return tmp
+
+    try:
+        yield stage
+        for tmp, target in pending:
+            if os.path.lexists(tmp):
+                os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        for top in reversed(made):  # the folders made for the outputs, while empty
+            for root, _, _ in sorted(os.walk(top, topdown=False)):
+                with contextlib.suppress(OSError):
+                    os.rmdir(root)
+        raise
 
 
 def png_names(names: Sequence[str]) -> list[str]:

@@ -2,6 +2,11 @@
 for a bad flag or config key, and ``run_command`` (user errors -> one line on stderr + exit status;
 bugs -> the traceback and a line saying so).
 
+Every flag of :data:`WORKDIR_FLAGS` (``--workdir``, ``generate``'s ``--tokenizer``) also takes
+``hf:ORG/NAME[@REVISION][/FILE]``: :func:`parse` replaces it with the workdir converted once from
+that release in the local Hugging Face cache (:mod:`titok_jax.convert.hub`; never a download), so
+every command that reads a workdir accepts one. ``train``, which writes its workdir, refuses it.
+
 Nothing here imports JAX: a usage error is reported before any model code is loaded.
 """
 from __future__ import annotations
@@ -19,6 +24,12 @@ from titok_jax.errors import UserError
 # Exit statuses of run_command.
 EXIT_ERROR, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 1, 2, 70, 130  # 70: EX_SOFTWARE (sysexits.h)
 
+# Flags naming a workdir a command reads: an ``hf:`` name there is resolved by ``parse``.
+WORKDIR_FLAGS = ("workdir", "tokenizer")
+# Commands (their ``prog``) whose --workdir is written: an ``hf:`` name there is a usage error.
+WRITES_WORKDIR = ("titok-jax train",)
+HF_PREFIXES = ("hf:", "hf://")  # titok_jax.convert.hub.PREFIXES, without importing it
+
 
 class UsageError(UserError):
     """Bad command-line input; the message is shown as one line (exit status 2)."""
@@ -35,7 +46,22 @@ def parse(prog: str, argv: Sequence[str], define: Callable[[Any], None]) -> Any:
         fv([prog, *argv])
     except Exception as e:  # absl flags.Error, config-file errors, unknown --config.KEY
         raise UsageError(flag_error(e, argv)) from e
+    resolve_hf_flags(prog, fv)
     return fv
+
+
+def resolve_hf_flags(prog: str, fv: Any) -> None:
+    """Replace an ``hf:ORG/NAME`` value of a :data:`WORKDIR_FLAGS` flag by its cached workdir
+    (converted on first use); :class:`UsageError` for one where ``prog`` writes the workdir."""
+    for flag in WORKDIR_FLAGS:
+        value = getattr(fv, flag) if flag in fv else None
+        if not (isinstance(value, str) and value.startswith(HF_PREFIXES)):
+            continue
+        if prog in WRITES_WORKDIR:
+            raise UsageError(f"--{flag} {value}: {prog.split()[-1]} writes its workdir, and an hf: name "
+                             "is a release read from the Hugging Face cache; choose a directory")
+        from titok_jax.convert.hub import resolve_workdir
+        setattr(fv, flag, resolve_workdir(value))
 
 
 def _underscored(arg: str, fv: Any) -> str:
@@ -82,6 +108,39 @@ def flag_error(e: BaseException, argv: Sequence[str]) -> str:
 
 def missing_config_file(path: str) -> str:
     return f"config file {path!r} not found (expected configs/<family>.py:<variant>)"
+
+
+def load_config(spec: str) -> Any:
+    """``configs/<family>.py[:<variant>[,key=value...]]`` -> the ConfigDict its ``get_config``
+    returns, as ``train --config`` loads it. One-line FileNotFoundError / ValueError."""
+    path, colon, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(missing_config_file(path))
+    from ml_collections import config_flags
+    try:
+        module = config_flags.config_flags._LoadConfigModule("titok_jax_config", path)
+        return module.get_config(*([arg] if colon else []))
+    except Exception as e:  # noqa: BLE001 - an unknown variant, a bad ,key=value, a broken file
+        raise ValueError(f"config {spec!r}: {message(e)}") from None
+
+
+def override_config(config: Any, overrides: Any) -> Any:
+    """Set ``{"dotted.key": value}`` in ``config`` (what ``--config.KEY=VALUE`` does); a one-line
+    ``ConfigError`` for a key the config lacks or a value of the wrong type. Returns ``config``."""
+    from titok_jax.errors import ConfigError
+    for key, value in dict(overrides or {}).items():
+        missing = missing_key(config, key)
+        if missing:
+            raise ConfigError(missing)
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"config {key} = {value!r}: {message(e)}") from None
+    return config
 
 
 def config_spec(argv: Sequence[str]) -> str | None:

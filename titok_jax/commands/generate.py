@@ -1,4 +1,7 @@
-"""``titok-jax generate``: a generator workdir + a tokenizer workdir -> images (and gFID / IS)."""
+"""``titok-jax generate``: a generator workdir + a tokenizer workdir -> images (and gFID / IS).
+
+Both ``--workdir`` and ``--tokenizer`` take ``hf:ORG/NAME`` (a release in the local Hugging Face
+cache, converted once): ``common.parse`` resolves them (``common.WORKDIR_FLAGS``)."""
 from __future__ import annotations
 
 import json
@@ -16,8 +19,10 @@ _IMAGE_NAME = re.compile(r"^(\d{6,})_class-?\d+\.png$")
 def _flags(fv: Any) -> None:
     from absl import flags
     flags.DEFINE_string("workdir", None, "GEN_DIR: a generator workdir (configs/maskgit.py or "
-                        "configs/ar.py)", flag_values=fv)
-    flags.DEFINE_string("tokenizer", None, "TOK_DIR: the tokenizer workdir whose tokens it learned", flag_values=fv)
+                        "configs/ar.py, or an imported generator; hf:ORG/NAME: a release in the "
+                        "local Hugging Face cache)", flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "TOK_DIR: the tokenizer workdir whose tokens it learned "
+                        "(or hf:ORG/NAME)", flag_values=fv)
     flags.DEFINE_string("output", None, "OUT_DIR: where the PNGs go", flag_values=fv)
     flags.DEFINE_integer("class_id", None, "class to sample (default: cycle through the classes; "
                          "num_classes = unconditional)", flag_values=fv)

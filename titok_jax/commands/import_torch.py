@@ -1,4 +1,7 @@
-"""``titok-jax import-torch``: an official PyTorch release -> a workdir (``titok_jax.convert.workdir``)."""
+"""``titok-jax import-torch``: an official PyTorch release -> a workdir (``titok_jax.convert.workdir``).
+
+``--input hf:ORG/NAME[@REVISION][/FILE]`` reads the release from the local Hugging Face cache
+(``titok_jax.convert.hub``; never a download)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +17,9 @@ def _flags(fv: Any) -> None:
                         "(or pytorch_model.bin), a MaskGIT-VQGAN state dict, a TiTok MaskGIT "
                         "generator (generator_titok_*.bin, config.json optional), a FlexTok "
                         "model.safetensors (its config in the metadata), or a FlowMo checkpoint "
-                        "(flowmo_lo.pth / flowmo_hi.pth, its training yaml optional)", flag_values=fv)
+                        "(flowmo_lo.pth / flowmo_hi.pth, its training yaml optional); or "
+                        "hf:ORG/NAME[@REVISION][/FILE]: such a release in the local Hugging Face "
+                        "cache", flag_values=fv)
     flags.DEFINE_string("output", None, "DIR: the workdir to create (must not exist or be empty)",
                         flag_values=fv)
     flags.DEFINE_integer("image_size", None, "image side of a MaskGIT-VQGAN imported without "
@@ -29,12 +34,18 @@ def import_torch(argv: Sequence[str]) -> int:
     fv = parse("titok-jax import-torch", argv, _flags)
     if not fv.input or not fv.output:
         raise UsageError("import-torch needs --input HF_DIR and --output DIR")
-    _check_release_config(fv.input)
-    from titok_jax.convert.workdir import import_torch as run
-    try:
-        summary = run(fv.input, fv.output, image_size=fv.image_size)
-    except ImportError as e:  # a .bin without torch installed: one line, not an internal error
-        raise ValueError(message(e)) from None
+    from titok_jax.convert.hub import find_snapshot, import_snapshot, is_hf_name
+    if is_hf_name(fv.input):  # a release in the local Hugging Face cache
+        snapshot = find_snapshot(fv.input)
+        _check_release_config(snapshot.path)
+        summary = import_snapshot(snapshot, fv.output, image_size=fv.image_size)
+    else:
+        _check_release_config(fv.input)
+        from titok_jax.convert.workdir import import_torch as run
+        try:
+            summary = run(fv.input, fv.output, image_size=fv.image_size)
+        except ImportError as e:  # a .bin without torch installed: one line, not an internal error
+            raise ValueError(message(e)) from None
     print(f"imported {summary['model']} ({summary['num_params']:,} params) from {summary['weights']}")
     print(f"workdir:    {os.path.abspath(fv.output)}")
     print(f"checkpoint: {summary['checkpoint']}")

@@ -4,24 +4,25 @@ files, token files or a data source (``titok_jax.api`` and ``titok_jax.data.toke
 A directory input skips the images that cannot be read (one warning line with their count and
 names, as training does); a single image that cannot be read is an error. Outputs are written
 under temporary names and renamed into place when the whole command has succeeded
-(``outputs.staging``), so a failure leaves no partial output."""
+(``outputs.staging``; ``reconstruct`` through ``api.write_reconstructions``, which
+``Tokenizer.reconstruct_files`` shares), so a failure leaves no partial output. ``--workdir`` may be
+``hf:ORG/NAME``: a release in the local Hugging Face cache (``common.parse`` resolves it)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from titok_jax.commands.common import (UsageError, check_npz_input, check_output_dir, check_workdir,
                                        parse, require)
 from titok_jax.commands.outputs import (check_new_outputs, define_overwrite, npz_path, replacing,
                                         staging)
 
-if TYPE_CHECKING:  # numpy and titok_jax.data (which imports JAX) load after the flags are checked
-    import numpy as np
-
 
 def _tokenizer_flags(fv: Any, input_help: str, output_help: str) -> None:
     from absl import flags
-    flags.DEFINE_string("workdir", None, "a tokenizer workdir (train or import-torch output)", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "a tokenizer workdir (train or import-torch output), or "
+                        "hf:ORG/NAME[@REVISION][/FILE]: a release in the local Hugging Face cache "
+                        "(converted once, never downloaded)", flag_values=fv)
     flags.DEFINE_string("input", None, input_help, flag_values=fv)
     flags.DEFINE_string("output", None, output_help, flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "images per encode/decode call", flag_values=fv)
@@ -45,50 +46,6 @@ def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help
     return fv
 
 
-def _image_batches(paths: Sequence[str], image_size: int, batch_size: int,
-                   skipped: list[int] | None = None) -> Iterator[tuple[list[int], np.ndarray]]:
-    """``(indices into paths, uint8 [b, S, S, 3])`` batches of decoded, resized and centre-cropped
-    images (``b = batch_size`` but for the last). An unreadable file raises ValueError naming it;
-    with ``skipped`` (a directory input) it is left out and its index appended to ``skipped``."""
-    import numpy as np
-
-    from titok_jax.api import load_image
-    kept: list[int] = []
-    images: list[np.ndarray] = []
-    for i, path in enumerate(paths):
-        try:
-            images.append(load_image(path, image_size))
-        except (ValueError, OSError):
-            if skipped is None:
-                raise
-            skipped.append(i)
-            continue
-        kept.append(i)
-        if len(kept) == batch_size:
-            yield kept, np.stack(images)
-            kept, images = [], []
-    if kept:
-        yield kept, np.stack(images)
-
-
-def _report_skipped(source: str, names: Sequence[str], skipped: Sequence[int]) -> None:
-    """After a directory input: a one-line ``CorruptImageWarning`` with the count and names of the
-    skipped images; a ValueError when every image was skipped."""
-    if not skipped:
-        return
-    shown = [names[i] for i in skipped[:20]]
-    more = len(skipped) - len(shown)
-    listed = ", ".join(shown) + (f" and {more} more" if more else "")
-    if len(skipped) == len(names):
-        raise ValueError(f"no readable image in {source}: all {len(names)} image file(s) are "
-                         f"unreadable ({listed})")
-    import warnings
-
-    from titok_jax.data.sources import CorruptImageWarning
-    warnings.warn(CorruptImageWarning(f"skipped {len(skipped)} unreadable image(s) of {len(names)} "
-                                      f"in {source}: {listed}"), stacklevel=2)
-
-
 def reconstruct(argv: Sequence[str]) -> int:
     """encode + decode: a single image -> a PNG at --output; a directory -> a PNG per image under
     --output/ (relative names kept, extension .png). An unreadable image is an error naming it (in
@@ -97,9 +54,8 @@ def reconstruct(argv: Sequence[str]) -> int:
     PNGs are renamed into place once every image went through."""
     fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images",
                          "PATH: the PNG to write (a directory when --input is one)")
-    from titok_jax.api import list_images, load_tokenizer, png_names
+    from titok_jax.api import list_images, load_tokenizer, png_names, write_reconstructions
     from titok_jax.data.paths import paths_inside
-    from titok_jax.evaluation.images import save_png
     paths, names, is_dir = list_images(fv.input)
     if is_dir:
         check_output_dir(fv.output, "a directory input needs an output directory")
@@ -110,15 +66,10 @@ def reconstruct(argv: Sequence[str]) -> int:
         outputs = [fv.output]
     check_new_outputs(outputs, fv.overwrite)
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
-    skipped: list[int] | None = [] if is_dir else None
-    written = 0
-    with staging() as stage:  # nothing is renamed into place unless every image went through
-        for kept, images in _image_batches(paths, tok.image_size, fv.batch_size, skipped):
-            for i, rec in zip(kept, tok.decode(tok.encode(images))):
-                save_png(stage.path(outputs[i]), rec)
-                written += 1
-        _report_skipped(fv.input, names, skipped or [])
-    print(f"reconstructed {written} image(s) -> {fv.output if is_dir else outputs[0]}")
+    # renamed into place once every image went through (Tokenizer.reconstruct_files: the same)
+    written = write_reconstructions(tok, paths, outputs, names=names, source=fv.input,
+                                    skip_unreadable=is_dir)
+    print(f"reconstructed {len(written)} image(s) -> {fv.output if is_dir else outputs[0]}")
     return 0
 
 
@@ -150,17 +101,17 @@ def tokenize(argv: Sequence[str]) -> int:
                          "tokens.npz: the file to write")
     import numpy as np
 
-    from titok_jax.api import list_images, load_tokenizer
+    from titok_jax.api import image_batches, list_images, load_tokenizer, report_skipped
     paths, names, is_dir = list_images(fv.input)
     out = npz_path(fv.output)  # np.savez would add the extension
     check_new_outputs([out], fv.overwrite)
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
     skipped: list[int] | None = [] if is_dir else None
     encoded, rows = [], []
-    for kept, images in _image_batches(paths, tok.image_size, fv.batch_size, skipped):
+    for kept, images in image_batches(paths, tok.image_size, fv.batch_size, skipped):
         encoded.append(tok.encode(images))
         rows.extend(kept)
-    _report_skipped(fv.input, names, skipped or [])
+    report_skipped(fv.input, names, skipped or [])
     tokens = np.concatenate(encoded)
     with replacing(out) as tmp:
         np.savez(tmp, tokens=tokens, files=np.asarray([names[i] for i in rows], dtype=str))

@@ -4,7 +4,9 @@
 (``load_tokenizer`` / ``load_generator``), the frozen tokenizer of a generator, a stage-2 or
 post-training run's ``init_from``, FlexTok's VAE workdir. The abstract param tree comes from the
 run's task (``TASKS[config.task.name](config, inference=True).init``), so there is no second copy of
-any family's init and no list of task names here.
+any family's init and no list of task names here. A workdir may also be an ``hf:ORG/NAME`` name: the
+release in the local Hugging Face cache, converted once into a cached workdir
+(:func:`titok_jax.convert.hub.resolve_workdir`).
 """
 from __future__ import annotations
 
@@ -75,17 +77,19 @@ def run_task(workdir: str | os.PathLike, kind: str | None = None, config: Any = 
 def restore_run(workdir: str | os.PathLike, *, kind: str | None = None, expect_task: str | None = None,
                 step: int | None = None, ema: bool | None = None, device: Any = None,
                 host: bool = False) -> Run:
-    """The run of ``workdir`` at its latest checkpoint (or ``step``): model params (the EMA when the
-    run kept one, unless ``ema=False``) and model state on ``device`` (default: the first), or as
-    host numpy arrays (``host=True``). FileNotFoundError for a missing workdir / checkpoint,
-    ValueError for anything that cannot be read; both one line."""
+    """The run of ``workdir`` (a directory, or ``hf:ORG/NAME`` from the local Hugging Face cache) at
+    its latest checkpoint (or ``step``): model params (the EMA when the run kept one, unless
+    ``ema=False``) and model state on ``device`` (default: the first), or as host numpy arrays
+    (``host=True``). FileNotFoundError for a missing workdir / checkpoint / cached repository,
+    ValueError for anything that cannot be read; all one line."""
     import flax.linen as nn
     import jax
     import numpy as np
 
     from titok_jax.checkpoint import CheckpointError, checkpoint_dir, restore_model
+    from titok_jax.convert.hub import resolve_workdir
 
-    workdir = os.fspath(workdir)
+    workdir = os.fspath(resolve_workdir(workdir))
     config = read_run_config(workdir)
     task = run_task(workdir, kind, config, expect_task)
     try:
