@@ -1,13 +1,16 @@
 """Activation sharding constraints (``titok_jax.nn.activation_sharding``): logical names through the
 trainer's rules onto its mesh, the identity outside a mesh and rules, a dimension the mesh does not
-divide left to XLA, Auto and Explicit meshes; and the compiled training step of a TiTok micro model
-at one image per device keeps the FSDP pattern inside its transformer blocks.
+divide left to XLA, Auto and Explicit meshes; the compiled training step of a TiTok micro model at
+one image per device keeps the FSDP pattern everywhere, and so does a scanned FlowMo micro model.
 
 Measured on the TiTok case below (width 384, 6 heads, 64 px / 8 px patches, one block a side, VQ-32,
-8 images on ``fsdp`` 8), collectives of the compiled step, without -> with the block constraints:
-all-to-alls 22 (10 of them in the blocks) -> 5 (0 in the blocks; the rest sit at the model's own
-``ln_pre`` / ``ln_post`` / concatenations in ``models/titok.py``, which constrains nothing yet);
-all-reduces of ``[B, ...]`` activations 5 -> 0; activation all-gathers 10 -> 2 (0 in the blocks).
+8 images on ``fsdp`` 8), collectives of the compiled step: without constraints 22 all-to-alls (10 in
+the blocks), 5 all-reduces and 10 all-gathers of ``[B, ...]`` activations; with the block
+constraints (``nn.TransformerBlock``) 5 all-to-alls (at ``ln_pre`` / ``ln_post`` / the
+concatenations of ``models/titok.py``) and 2 activation all-gathers; with the model's own
+boundaries constrained too, none of either. The FlowMo case below (width 128, scanned MMDiTs, the
+loss's gradients): unconstrained 31 all-to-alls, 33 activation all-reduces and 33 activation
+all-gathers; constrained (``models/mmdit.py``, ``models/flowmo.py``) none.
 """
 import re
 
@@ -20,6 +23,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from titok_jax import nn as tnn
 from titok_jax.nn.activation_sharding import BTD, activation_rules, activation_spec, constrain
+from titok_jax.tasks.titok_stages import random_params
 from titok_jax.train import sharding as sharding_lib
 from titok_jax.train.step import build_step, step_options
 
@@ -164,13 +168,64 @@ def test_step_at_one_image_per_device_keeps_activations_in_place(titok_step):
     assert ops.get("collective-permute", 0) == 0, ops
 
 
-@pytest.mark.xfail(reason="models/titok.py does not constrain its embeddings, ln_pre and ln_post yet "
-                          "(issue 12): all-to-alls remain at those block boundaries", strict=False)
 def test_step_at_one_image_per_device_has_no_all_to_all(titok_step):
+    """The model's own boundaries (embeddings, concatenations, ln_pre / ln_post, read-outs) are
+    constrained too: no all-to-all and no activation all-gather anywhere in the step."""
     ops = _collectives(titok_step[0], 8)
     assert sum(v for k, v in ops.items() if k.startswith("all-to-all")) == 0, ops
+    assert not [k for k in ops if ":act" in k], ops
 
 
 def test_sharded_step_loss_equals_the_single_device_loss(titok_step):
     _, loss, single = titok_step
+    np.testing.assert_allclose(loss, single, rtol=2e-6)
+
+
+# ---- a scanned FlowMo (MMDiT) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flowmo_grads():
+    """A FlowMo micro model (width 128, scanned MMDiTs: the constraints run inside the scan body),
+    its loss and gradients jitted on ``fsdp`` 8 (params sharded by the rules, 8 images) under the
+    rules (the compiled HLO and the loss), and the loss jitted on one device, from the same weights.
+    XLA's heavy passes are off: they cost seconds here and do not change the partitioning."""
+    from titok_jax.models.flowmo import FlowMo
+    model = FlowMo(image_size=16, patch_size=4, code_length=4, token_bits=8, id_bits=8,
+                   entropy_group_bits=4, encoder_width=128, encoder_depth=2, encoder_heads=2,
+                   decoder_width=128, decoder_depth=3, decoder_heads=2, scan_layers=True)
+    images = np.random.default_rng(0).uniform(size=(8, 16, 16, 3)).astype(np.float32)
+    boxed = jax.eval_shape(lambda k: model.init({"params": k, "quantizer": k}, images),
+                           jax.random.key(0))
+    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         nn.unbox({k: v for k, v in boxed.items() if k != "params"}))
+    params = random_params(model, 16, seed=0)
+    mesh = sharding_lib.make_mesh({"fsdp": 8})
+    shardings = sharding_lib.logical_shardings(boxed["params"], mesh, RULES)
+
+    def loss(p, x):
+        v, aux = model.apply({"params": p, **state}, x, t=jnp.full((8,), 0.3))
+        return jnp.mean((v - aux["x"]) ** 2)
+
+    def sharded(p, x):
+        with activation_rules(mesh, RULES):
+            return loss(p, x)
+
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        batch = sharding_lib.batch_sharding(mesh)
+        compiled = jax.jit(jax.value_and_grad(sharded), in_shardings=(shardings, batch)).lower(
+            jax.device_put(params, shardings), jax.device_put(images, batch)).compile()
+        value, _ = compiled(jax.device_put(params, shardings), jax.device_put(images, batch))
+        single = jax.jit(loss)(params, images)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", old)
+    return compiled.as_text(), float(value), float(single)
+
+
+def test_scanned_flowmo_keeps_activations_in_place(flowmo_grads):
+    text, loss, single = flowmo_grads
+    ops = _collectives(text, 8)
+    assert sum(v for k, v in ops.items() if k.startswith("all-to-all")) == 0, ops
+    assert not [k for k in ops if ":act" in k], ops
+    assert ops.get("all-gather:block", 0) >= 10, ops         # the scanned blocks' weights, gathered
     np.testing.assert_allclose(loss, single, rtol=2e-6)

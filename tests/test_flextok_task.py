@@ -108,7 +108,9 @@ def test_train_then_load_tokenizer_decodes_prefixes(tmp_path):
     shape = tok.noise_shape(2)
     assert shape == (2, 4, 4, 4)                      # 32 px / VAE f8, micro VAE latent channels
     drawn = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 0), shape))
-    np.testing.assert_array_equal(tok.decode(ids[:, :1], steps=2, guidance=1.5, noise=drawn), a)
+    # (another compiled program than the seeded one: equal to float32 round-off)
+    np.testing.assert_allclose(tok.decode(ids[:, :1], steps=2, guidance=1.5, noise=drawn), a,
+                               rtol=0, atol=2e-5)
     other = tok.decode(ids[:, :1], steps=2, guidance=1.5, noise=drawn[::-1].copy())
     assert np.abs(other - a).max() > 1e-4
     with pytest.raises(ValueError, match="noise must be"):

@@ -24,6 +24,12 @@ COUNTS = (("total_steps", 0, "the number of training steps"), ("batch_size", 1, 
           ("checkpoint.keep", 1, "how many checkpoints are kept"),
           ("checkpoint.keep_every_steps", 0, "the interval of checkpoints kept for good (0 = none)"),
           ("optimizer.accumulation_steps", 1, "micro-batches per step"))
+# Model keys a resume may change: they change how the step computes (rematerialisation), not the
+# param tree the checkpoints hold.
+RESUMABLE_MODEL_KEYS = ("remat", "remat_policy")
+# Model keys added after workdirs were first written, with the value an older config.json meant:
+# its blocks unrolled (``transformer_{i}``, not one scanned ``layers`` node).
+MODEL_KEY_DEFAULTS = {"scan_layers": False}
 
 
 def dry_run(config: Any, workdir: str | None) -> int:
@@ -115,10 +121,24 @@ def check_counts(config: Any) -> None:
             raise ConfigError(f"config {key} = {node!r}: {what} must be an integer >= {least}")
 
 
+def _resume_view(old: dict, new: dict) -> tuple[dict, dict]:
+    """``(old, new)`` as :func:`check_same_model` compares them: the stored model section with
+    :data:`MODEL_KEY_DEFAULTS` filled in where it lacks a key the new one has, and both without
+    :data:`RESUMABLE_MODEL_KEYS`."""
+    om, nm = old.get("model"), new.get("model")
+    if not isinstance(om, dict) or not isinstance(nm, dict):
+        return old, new
+    om = {**{k: v for k, v in MODEL_KEY_DEFAULTS.items() if k in nm}, **om}
+    om, nm = ({k: v for k, v in m.items() if k not in RESUMABLE_MODEL_KEYS} for m in (om, nm))
+    return {**old, "model": om}, {**new, "model": nm}
+
+
 def check_same_model(workdir: str, config: Any) -> None:
     """When ``workdir`` already holds checkpoints: a one-line ``ConfigMismatchError`` naming the
     keys of ``family``, ``task.name`` and ``model`` whose values differ between its
-    ``config.json`` and ``config`` (the checkpoints cannot be resumed into another model)."""
+    ``config.json`` and ``config`` (the checkpoints cannot be resumed into another model). A stored
+    model section without ``scan_layers`` (an older workdir) reads as unrolled (``false``);
+    ``remat`` / ``remat_policy`` may change (:data:`RESUMABLE_MODEL_KEYS`)."""
     from titok_jax.checkpoint_integrity import checkpoint_dir, config_differences, steps_on_disk
     path = os.path.join(workdir, "config.json")
     if not steps_on_disk(checkpoint_dir(workdir)) or not os.path.isfile(path):
@@ -131,6 +151,7 @@ def check_same_model(workdir: str, config: Any) -> None:
     if not isinstance(old, dict):
         raise ValueError(f"{path} is not a valid config: not a JSON object")
     new = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    old, new = _resume_view(old, new)
     diffs = config_differences(old, new)
     if diffs and isinstance(old.get("model"), dict) and isinstance(new.get("model"), dict):
         from titok_jax.models.registry import translate_legacy_quantizer  # an older workdir's layout

@@ -31,6 +31,10 @@ registers nulled with probability ``cfg_dropout``. Decoding (``decode_tokens``):
 momentum -0.5, norm threshold 2.5, eta 0), then the VAE decoder to pixels in ~[0, 1]. Decode cost
 does not depend on ``k`` (always ``R`` register slots), as in the reference.
 
+Activations are constrained to "batch split, features whole" (``nn.activation_sharding``) in
+every ``FlexBlock`` and at the stacks' boundaries (embeddings, the patch/register concatenation,
+the final norms and heads, the VAE latents), so XLA keeps the FSDP pattern at one image per device.
+
 Param tree: ``vae/...`` (frozen; loaded by the task), ``encoder/...``, ``decoder/...``,
 ``repa_projector/...`` (training only). Published sizes: ``FLEXTOK_VARIANTS`` (configs/flextok.py).
 """
@@ -47,18 +51,20 @@ import jax.numpy as jnp
 
 from titok_jax.flow import GuidanceConfig, guidance_preset, match_batch, rectified_flow_loss, sample
 from titok_jax.flow import start_noise, time_grid
-from titok_jax.models.flextok_blocks import (NESTED_MODES, decoder_layer, encoder_layer, encoder_mask,
-                                             is_power_of_two, keep_lengths, keep_mask,
+from titok_jax.models.flextok_blocks import (BD, NESTED_MODES, decoder_layer, encoder_layer,
+                                             encoder_mask, is_power_of_two, keep_lengths, keep_mask,
                                              patch_embed_with_posemb)
 from titok_jax.models.kl_vae import KLVAE
-from titok_jax.nn import (AdaLNModulation, TimestepEmbedder, boxed, layer_stack, make_norm,
-                          resolve_remat, unpatchify)
+from titok_jax.nn import (AdaLNModulation, TimestepEmbedder, boxed, constrain, layer_stack,
+                          make_norm, resolve_remat, unpatchify)
+from titok_jax.nn.activation_sharding import BTD
 from titok_jax.nn.attention import heads_of, module_path
 from titok_jax.quantizers import FSQ, QuantizerOutput
 
 Dtype = Any
 token_init = nn.initializers.truncated_normal(0.02)
 NULL_CONDS = ("learned", "zeros", "single_token")
+BHWC = ("batch", None, None, None)   # a latent grid [B, h, w, C]: the batch split, the rest free
 
 
 class _TracedGuidance(GuidanceConfig):
@@ -107,16 +113,17 @@ class FlexTokEncoder(nn.Module):
         b, p, w = x.shape
         regs = self.param("registers", boxed(token_init, ("tokens", "embed")),
                           (self.num_registers, w), self.param_dtype)
-        x = jnp.concatenate([x, jnp.broadcast_to(regs.astype(x.dtype)[None], (b,) + regs.shape)], 1)
+        x = constrain(jnp.concatenate(
+            [x, jnp.broadcast_to(regs.astype(x.dtype)[None], (b,) + regs.shape)], 1), BTD)
         mask = encoder_mask(p, self.num_registers)
         layer = functools.partial(encoder_layer, num_heads=heads_of(w, self.head_dim, module_path(self)),
                                   head_dim=self.head_dim, **kw)
         x = layer_stack(layer, x, mask, depth=self.depth, scan=self.scan_layers,
                         remat_policy=resolve_remat(self.remat, self.remat_policy))
-        r = _ln("norm_out", **kw)(x[:, p:])
+        r = constrain(_ln("norm_out", **kw)(x[:, p:]), BTD)
         r = nn.Dense(self.token_dim, kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", None)),
                      bias_init=boxed(nn.initializers.zeros_init(), (None,)), name="to_codes", **kw)(r)
-        return r.astype(jnp.float32)
+        return constrain(r.astype(jnp.float32), BTD)
 
 
 class FlexTokDecoder(nn.Module):
@@ -145,11 +152,11 @@ class FlexTokDecoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w_lat, c = x_t.shape
         d, p = self.width, self.patch_size
-        x = patch_embed_with_posemb(x_t, p, d, "patch_embed", **kw)
+        x = patch_embed_with_posemb(constrain(x_t, BHWC), p, d, "patch_embed", **kw)
         num_patches = x.shape[1]
         r = nn.Dense(d, kernel_init=boxed(nn.initializers.xavier_uniform(), (None, "embed")),
                      bias_init=boxed(nn.initializers.zeros_init(), ("embed",)), name="from_codes",
-                     **kw)(codes.astype(self.dtype or jnp.float32))
+                     **kw)(constrain(codes.astype(self.dtype or jnp.float32), BTD))
         mask_token = self.param("mask_token", boxed(token_init, ("embed",)), (d,), self.param_dtype)
         pos = self.param("register_posemb", boxed(token_init, ("tokens", "embed")),
                          (self.num_registers, d), self.param_dtype)
@@ -164,7 +171,7 @@ class FlexTokDecoder(nn.Module):
             null = jnp.zeros((d,), r.dtype)
         else:
             null = self.param("null_token", boxed(token_init, ("embed",)), (d,), self.param_dtype)
-        r = jnp.where(cond[:, None, None], r, null.astype(r.dtype))
+        r = constrain(jnp.where(cond[:, None, None], r, null.astype(r.dtype)), BTD)
         mask = None
         if self.null_cond == "single_token":
             visible = jnp.concatenate([jnp.ones((b, num_patches + 1), bool),
@@ -174,22 +181,26 @@ class FlexTokDecoder(nn.Module):
         temb = TimestepEmbedder(d, frequency_dim=256, max_period=256.0,
                                 time_scale=1000.0 / float(self.max_timestep), name="time_embed",
                                 **kw)(t)
-        x = jnp.concatenate([x.astype(r.dtype), r], axis=1)
+        temb = constrain(temb, BD)
+        x = constrain(jnp.concatenate([x.astype(r.dtype), r], axis=1), BTD)
         layer = functools.partial(decoder_layer, num_heads=heads_of(d, self.head_dim, module_path(self)),
                                   head_dim=self.head_dim, split=num_patches,
                                   repa_layer=self.repa_layer, **kw)
         # scanned: the REPA features are carried through the scan (zeros until block repa_layer)
-        feats = jnp.zeros_like(x[:, :num_patches]) if self.scan_layers and self.repa_layer >= 0 else None
+        feats = (constrain(jnp.zeros_like(x[:, :num_patches]), BTD)
+                 if self.scan_layers and self.repa_layer >= 0 else None)
         x, feats = layer_stack(layer, (x, feats), temb, mask, depth=self.depth, scan=self.scan_layers,
                                remat_policy=resolve_remat(self.remat, self.remat_policy))
-        y = _ln("norm_out", **kw)(x[:, :num_patches])
+        y = constrain(_ln("norm_out", **kw)(x[:, :num_patches]), BTD)
         if self.head_adaln:
-            shift, scale = AdaLNModulation(2, d, name="head_adaln", **kw)(temb)
-            y = y * (1 + scale[:, None]) + shift[:, None]
+            shift, scale = (constrain(m, BD) for m in AdaLNModulation(2, d, name="head_adaln", **kw)(temb))
+            y = constrain(y * (1 + scale[:, None]) + shift[:, None], BTD)
         y = nn.Dense(p * p * c, kernel_init=boxed(nn.initializers.zeros_init(), ("embed", None)),
                      bias_init=boxed(nn.initializers.zeros_init(), (None,)), name="head", **kw)(y)
-        v = unpatchify(y, p, h, w_lat, c, channel_order="hwc")
-        return v.astype(jnp.float32), feats
+        v = unpatchify(constrain(y, BTD), p, h, w_lat, c, channel_order="hwc")
+        if feats is not None:
+            feats = constrain(feats, BTD)
+        return constrain(v.astype(jnp.float32), BHWC), feats
 
 
 class RepaProjector(nn.Module):
@@ -207,7 +218,7 @@ class RepaProjector(nn.Module):
                   bias_init=boxed(nn.initializers.zeros_init(), ("mlp",)))
         x = nn.silu(nn.Dense(self.hidden_dim, name="fc_0", **kw)(x))
         x = nn.silu(nn.Dense(self.hidden_dim, name="fc_1", **kw)(x))
-        return nn.Dense(self.out_dim, name="fc_2", **kw)(x).astype(jnp.float32)
+        return constrain(nn.Dense(self.out_dim, name="fc_2", **kw)(x).astype(jnp.float32), BTD)
 
 
 class FlexTok(nn.Module):
@@ -347,7 +358,7 @@ class FlexTok(nn.Module):
         """Frozen VAE: images in [0, 1] -> scaled latents ``[B, h, w, C]`` (the posterior mean, or a
         sample when ``key`` is given and ``vae_sample_posterior``), gradient stopped."""
         key = key if self.vae_sample_posterior else None
-        return jax.lax.stop_gradient(self.vae.encode_latents(images, key))
+        return constrain(jax.lax.stop_gradient(self.vae.encode_latents(images, key)), BHWC)
 
     def encode_latents(self, latents: jax.Array, train: bool = False
                        ) -> tuple[jax.Array, QuantizerOutput]:

@@ -14,6 +14,10 @@ FlexTok's order ``(gate_msa, gate_mlp, shift_msa, scale_msa, shift_mlp, scale_ml
 
     x = x + g1 * attn(ln(x) (1 + a1) + b1);  x = x + g2 * mlp(ln(x) (1 + a2) + b2)
 
+The residual stream is constrained to ``("batch", "tokens", "act_embed")`` on entry, after the
+attention branch and on exit (``nn.activation_sharding``, as ``nn.TransformerBlock`` does), the
+condition and its adaLN chunks to ``("batch", "act_embed")``.
+
 The modulation is zero at init, so each block starts as the identity. Params per block:
 ``4 D^2 + 3 D h`` (= ``12 D^2`` with ``h = 8D/3``), plus ``6 S (D^2 + D)`` with adaLN
 (= ``24 D^2 + 12 D`` total for ``S = 2``): the reference's d12 / d18 / d28 arithmetic.
@@ -28,9 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from titok_jax.nn import (AdaLNModulation, LayerContext, MLP, MultiHeadAttention, PatchEmbed,
-                          make_norm, prefix_causal_mask, sincos_2d)
+                          constrain, make_norm, prefix_causal_mask, sincos_2d)
+from titok_jax.nn.activation_sharding import BTD
 
 Dtype = Any
+BD = ("batch", "act_embed")   # one vector per example [B, D] (a condition, an adaLN chunk)
 NESTED_MODES = ("uniform", "pow2", "uniform_pow2", "none")
 ADALN_ORDER = ("gate_msa", "gate_mlp", "shift_msa", "scale_msa", "shift_mlp", "scale_mlp")
 
@@ -108,12 +114,14 @@ class FlexBlock(nn.Module):
                                   qk_norm_eps=self.norm_eps, qk_norm_affine=False,
                                   scale=8.0 / self.head_dim, name="attn", **kw)
         mlp = MLP(hidden_dim=swiglu_hidden(d), activation="swiglu", use_bias=False, name="mlp", **kw)
+        x = constrain(x, BTD)
         if not self.num_subseqs:
-            x = x + attn(norm("norm1")(x), mask=mask)
-            return x + mlp(norm("norm2")(x))
+            x = constrain(x + attn(norm("norm1")(x), mask=mask), BTD)
+            return constrain(x + mlp(norm("norm2")(x)), BTD)
         if cond is None or split is None:
             raise ValueError("an adaLN FlexBlock needs `cond` [B, D] and `split`")
-        chunks = AdaLNModulation(6 * self.num_subseqs, d, name="adaln", **kw)(cond)   # [B, D] each
+        chunks = [constrain(c, BD) for c in AdaLNModulation(6 * self.num_subseqs, d, name="adaln",
+                                                             **kw)(constrain(cond, BD))]   # [B, D] each
         t = x.shape[1]
         sizes = (split, t - split) if self.num_subseqs == 2 else (t,)
 
@@ -123,8 +131,8 @@ class FlexBlock(nn.Module):
             return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
         g1, g2, b1, a1, b2, a2 = (per_token(k) for k in range(6))
-        x = x + g1 * attn(norm("norm1")(x) * (1 + a1) + b1, mask=mask)
-        return x + g2 * mlp(norm("norm2")(x) * (1 + a2) + b2)
+        x = constrain(x + g1 * attn(norm("norm1")(x) * (1 + a1) + b1, mask=mask), BTD)
+        return constrain(x + g2 * mlp(norm("norm2")(x) * (1 + a2) + b2), BTD)
 
 
 def encoder_layer(ctx: LayerContext, x: jax.Array, mask: jax.Array, *, num_heads: int,
@@ -157,7 +165,7 @@ def patch_embed_with_posemb(latents: jax.Array, patch_size: int, width: int, nam
     x = PatchEmbed(patch_size, width, channel_order="hwc", dtype=dtype, param_dtype=param_dtype,
                    name=name)(latents.astype(dtype or latents.dtype))
     gh, gw = latents.shape[1] // patch_size, latents.shape[2] // patch_size
-    return x + sincos_2d(gh, gw, width, row_first=True).astype(x.dtype)[None]
+    return constrain(x + sincos_2d(gh, gw, width, row_first=True).astype(x.dtype)[None], BTD)
 
 
 # ----------------------------------------------------------------------------- REPA teacher

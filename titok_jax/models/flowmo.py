@@ -29,6 +29,9 @@ sub-tokens; sub-token ``h`` holds the bits ``h, h + G, h + 2G, ...`` (FlowMo's e
 The LFQ entropy loss is FlowMo's: T = 0.1, weights 0.0025 (entropy) and 0.000625 (commitment),
 batch entropy over ``entropy_group_bits``-bit sub-tokens (9 for Lo, 14 for Hi) laid out as above.
 
+Activations are constrained to "batch split, features whole" (``nn.activation_sharding``) at the
+MMDiTs' boundaries (patch tokens, codes, velocities; the blocks constrain their own streams).
+
 ``remat`` / ``remat_policy`` / ``scan_layers`` go to both MMDiTs (``models.mmdit``: with
 ``scan_layers`` their blocks but the last are one ``nn.scan``, params ``layers/block/...``).
 """
@@ -44,11 +47,13 @@ import numpy as np
 from titok_jax.flow import GuidanceConfig, match_batch, sample, start_noise, time_grid
 from titok_jax.flow.interpolation import edm_sigma_to_t
 from titok_jax.models.mmdit import MMDiT, flowmo_position_ids
-from titok_jax.nn import check_images, patchify, unpatchify
+from titok_jax.nn import check_images, constrain, patchify, unpatchify
+from titok_jax.nn.activation_sharding import BTD
 from titok_jax.quantizers.base import QuantizerOutput
 from titok_jax.quantizers.lfq import LFQ
 
 FLOWMO_GUIDANCE_INTERVAL = (edm_sigma_to_t(0.17), edm_sigma_to_t(1.02))   # t in [0.1453, 0.5050]
+BHWC = ("batch", None, None, None)   # pixels [B, S, S, 3]: the batch split, the rest free
 
 
 # ----------------------------------------------------------------------------- bit layout
@@ -180,8 +185,8 @@ class FlowMo(nn.Module):
         """Images ``[B, S, S, 3]`` in [0, 1] -> pre-quantization codes ``[B, L, token_bits]``."""
         self._check_images(images)
         img_pos, txt_pos = self._ids()
-        tokens = patchify(2.0 * images - 1.0, self.patch_size, "hwc")
-        return self.encoder(tokens, None, img_pos, txt_pos, num_txt=self.code_length)
+        tokens = constrain(patchify(constrain(2.0 * images - 1.0, BHWC), self.patch_size, "hwc"), BTD)
+        return constrain(self.encoder(tokens, None, img_pos, txt_pos, num_txt=self.code_length), BTD)
 
     def quantize(self, z: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
         """``z [B, L, b]`` -> (codes in {-1, +1} ``[B, L, b]`` (straight-through), output with int32
@@ -212,8 +217,9 @@ class FlowMo(nn.Module):
             cond = cond * jnp.asarray(keep, jnp.float32)[:, None, None]
         img_pos, txt_pos = self._ids()
         s, p = self.image_size, self.patch_size
-        v = self.decoder(patchify(x_t, p, "hwc"), cond, img_pos, txt_pos, jnp.asarray(t, jnp.float32))
-        return unpatchify(v, p, s, s, 3, "hwc")
+        tokens = constrain(patchify(constrain(x_t, BHWC), p, "hwc"), BTD)
+        v = self.decoder(tokens, constrain(cond, BTD), img_pos, txt_pos, jnp.asarray(t, jnp.float32))
+        return constrain(unpatchify(v, p, s, s, 3, "hwc"), BHWC)
 
     def decode_codes(self, codes: jax.Array, *, key: jax.Array | None = None,
                      noise: jax.Array | None = None, steps: int = 25,

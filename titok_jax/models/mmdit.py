@@ -19,6 +19,10 @@ RoPE (``titok_jax.nn.posemb``): 3 position axes, interleaved channel pairs, per-
 dim ``d``); image token ``(r, c)`` has ids ``(0, r, c)``, latent token ``i`` has ``(i, i, i)``
 (:func:`flowmo_position_ids`).
 
+Both streams are constrained to ``("batch", "tokens", "act_embed")`` (``nn.activation_sharding``)
+on entry to and exit from every block and at the stack's boundaries (input embeddings, read-out),
+so XLA keeps the FSDP pattern at one image per device.
+
 With identical weights in both streams a block is exactly one single-stream pre-LN adaLN block
 (``titok_jax.nn.TransformerBlock``) over the concatenated sequence (tested).
 
@@ -41,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from titok_jax.nn import (AdaLNModulation, HeadsDense, HeadsOutDense, LayerContext, MLP,
-                          TimestepEmbedder, apply_rope, boxed, dot_product_attention, layer_stack,
-                          make_norm, modulate, resolve_remat, rope_angles)
+                          TimestepEmbedder, apply_rope, boxed, constrain, dot_product_attention,
+                          layer_stack, make_norm, modulate, resolve_remat, rope_angles)
+from titok_jax.nn.activation_sharding import BTD
 from titok_jax.nn.adaln import gate
 from titok_jax.nn.attention import module_path, split_heads
 from titok_jax.nn.initializers import Initializer, zeros_init
@@ -50,6 +55,7 @@ from titok_jax.nn.initializers import Initializer, zeros_init
 # PyTorch nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_init: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 UPDATES = ("both", "img", "txt")
+BD = ("batch", "act_embed")   # one vector per example [B, D]: the time embedding, its adaLN chunks
 
 
 def gates_zero_init(base: Initializer, num_chunks: int, gate_chunks: Sequence[int]) -> Initializer:
@@ -105,10 +111,11 @@ class DoubleStreamBlock(nn.Module):
         if vec is None:
             return [None] * (6 if full else 2)
         k = 6 if full else 2
-        return AdaLNModulation(k, width, zero_init=False,
-                               kernel_init=gates_zero_init(self.kernel_init, k, (2, 5) if full else ()),
-                               dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
-                               name=f"{name}_mod")(vec)
+        chunks = AdaLNModulation(k, width, zero_init=False,
+                                 kernel_init=gates_zero_init(self.kernel_init, k, (2, 5) if full else ()),
+                                 dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+                                 name=f"{name}_mod")(constrain(vec, BD))
+        return [constrain(c, BD) for c in chunks]
 
     @nn.compact
     def __call__(self, img: jax.Array, txt: jax.Array, vec: jax.Array | None, img_pos: jax.Array,
@@ -122,7 +129,7 @@ class DoubleStreamBlock(nn.Module):
         ln = dict(epsilon=1e-6, use_scale=False, use_bias=False, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         qk = dict(epsilon=1e-6, use_scale=True, dtype=self.dtype, param_dtype=self.param_dtype)
-        streams = {"txt": txt, "img": img}
+        streams = {"txt": constrain(txt, BTD), "img": constrain(img, BTD)}
         updated = {"txt": self.update in ("both", "txt"), "img": self.update in ("both", "img")}
         mods, qs, ks, vs = {}, [], [], []
         for s, x in streams.items():   # txt first: the joint sequence is [txt || img]
@@ -152,14 +159,14 @@ class DoubleStreamBlock(nn.Module):
             a = HeadsOutDense(width, kernel_init=self.kernel_init, dtype=self.dtype,
                               param_dtype=self.param_dtype, precision=self.precision,
                               name=f"{s}_out")(outs[s])
-            x = x + (gate(a, m[2]) if vec is not None else a)
+            x = constrain(x + (gate(a, m[2]) if vec is not None else a), BTD)
             h = make_norm("layernorm", name=f"{s}_norm2", **ln)(x)
             if vec is not None:
                 h = modulate(h, m[3], m[4])
             h = MLP(int(width * self.mlp_ratio), activation="gelu_tanh", kernel_init=self.kernel_init,
                     dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                     name=f"{s}_mlp")(h)
-            streams[s] = x + (gate(h, m[5]) if vec is not None else h)
+            streams[s] = constrain(x + (gate(h, m[5]) if vec is not None else h), BTD)
         return streams["img"], streams["txt"]
 
 
@@ -180,9 +187,9 @@ class OutputHead(nn.Module):
         norm = make_norm("layernorm", epsilon=1e-6, use_scale=False, use_bias=False, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="norm")
         if vec is not None:
-            shift, scale = AdaLNModulation(2, x.shape[-1], zero_init=False, kernel_init=self.kernel_init,
-                                           dtype=self.dtype, param_dtype=self.param_dtype,
-                                           precision=self.precision, name="mod")(vec)
+            shift, scale = (constrain(m, BD) for m in AdaLNModulation(
+                2, x.shape[-1], zero_init=False, kernel_init=self.kernel_init, dtype=self.dtype,
+                param_dtype=self.param_dtype, precision=self.precision, name="mod")(constrain(vec, BD)))
             x = modulate(norm(x), shift, scale)
             if self.double_norm:
                 x = norm(x)
@@ -245,6 +252,7 @@ class MMDiT(nn.Module):
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
         x_img = nn.Dense(self.width, kernel_init=boxed(self.kernel_init, ("patch", "embed")),
                          bias_init=boxed(zeros_init, ("embed",)), name="img_in", **dense)(img)
+        x_img = constrain(x_img, BTD)
         b = img.shape[0]
         if txt is None:
             if num_txt is None:
@@ -255,11 +263,13 @@ class MMDiT(nn.Module):
         else:
             x_txt = nn.Dense(self.width, kernel_init=boxed(self.kernel_init, (None, "embed")),
                              bias_init=boxed(zeros_init, ("embed",)), name="txt_in", **dense)(txt)
+        x_txt = constrain(x_txt, BTD)
         vec = None
         if t is not None:
             vec = TimestepEmbedder(self.width, frequency_dim=256, time_scale=1000.0,
                                    kernel_init=self.kernel_init, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="time_in")(jnp.asarray(t, jnp.float32))
+            vec = constrain(vec, BD)
         block = dict(mlp_ratio=self.mlp_ratio, rope_axes_dims=self.rope_axes_dims,
                      rope_theta=self.rope_theta, kernel_init=self.kernel_init, **dense)
         policy = resolve_remat(self.remat, self.remat_policy)
@@ -272,5 +282,5 @@ class MMDiT(nn.Module):
             self.num_heads, update=self.readout, name=last.name("block"), **block)(
             x_img, x_txt, vec, img_pos, txt_pos)
         x = x_img if self.readout == "img" else x_txt
-        return OutputHead(self.out_features, double_norm=self.double_norm, kernel_init=self.kernel_init,
-                          name="final", **dense)(x, vec)
+        return constrain(OutputHead(self.out_features, double_norm=self.double_norm,
+                                    kernel_init=self.kernel_init, name="final", **dense)(x, vec), BTD)

@@ -29,6 +29,10 @@ Decoder (width ``Wd``)::
     legacy head: logits = ffn_2(tanh(ffn_0(h)))  [B, g, g, 1024]  (Wd -> 2Wd -> 1024 per cell)
 
 Blocks are open_clip ``ResidualAttentionBlock``s (pre-LN, eps 1e-5, exact GELU, MLP 4x, biases).
+Every boundary between the stages above (embeddings, concatenations, ``ln_pre`` / ``ln_post``, the
+read-outs) is constrained to "batch split, features whole" (``nn.activation_sharding``; ``BTD`` for
+``[B, T, D]``, ``BHWC`` for images), as the blocks are: without them XLA keeps these activations
+feature-sharded at one image per device and moves them with all-to-alls.
 Images are NHWC float in **[0, 1]**, fed as they are: the official single-stage models apply no
 mean/std normalisation, so neither does this module. Reconstructions are returned as float32.
 
@@ -49,8 +53,9 @@ import jax
 import jax.numpy as jnp
 
 from titok_jax.nn import (check_images, LearnedPositionEmbedding, LayerContext, PatchEmbed,
-                          TransformerBlock, boxed, layer_stack, make_norm, resolve_remat, unpatchify,
-                          width_scaled_normal)
+                          TransformerBlock, boxed, constrain, layer_stack, make_norm, resolve_remat,
+                          unpatchify, width_scaled_normal)
+from titok_jax.nn.activation_sharding import BTD
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
 from titok_jax.models.token_prior import TokenPriorBias, prior_distances
@@ -58,6 +63,9 @@ from titok_jax.models.token_prior import TokenPriorBias, prior_distances
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 8192}   # TiTok-BL-64-VQ's
 HEADS = ("pixels", "legacy")   # decoder heads: RGB patches, or the two-stage proxy-code logits
+# An image-shaped activation [B, H, W, C]: the batch split as the residual stream's, the rest
+# left to XLA (``nn.activation_sharding``).
+BHWC = ("batch", None, None, None)
 
 # TiTok initialisation: Linear/Conv weights N(0, 0.02) (PyTorch ``trunc_normal_(std=.02)`` cuts at
 # +-2 absolute, i.e. 100 std: a plain normal), zero biases; LayerNorm 1/0; tokens and position
@@ -142,28 +150,29 @@ class TiTokEncoder(nn.Module):
                        kernel_init=_kernel_inits(self.init_scheme)[0],
                        dtype=self.dtype, param_dtype=self.param_dtype,
                        name="patch_embed")(images.astype(self.dtype))
+        x = constrain(x, BTD)
         cls = self.param("class_embedding", boxed(width_scaled_normal(w), (None, "embed")),
                          (1, w), self.param_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)), x], 1)
-        x = LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
-                                     dtype=self.dtype, name="positional_embedding")(x)
+        x = constrain(LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
+                                               dtype=self.dtype, name="positional_embedding")(x), BTD)
         lat = jnp.broadcast_to(latent_tokens.astype(self.dtype)[None], (b, n, w))
-        lat = LearnedPositionEmbedding(n, w, param_dtype=self.param_dtype, dtype=self.dtype,
-                                       name="latent_token_positional_embedding")(lat)
-        x = jnp.concatenate([x, lat], axis=1)
+        lat = constrain(LearnedPositionEmbedding(n, w, param_dtype=self.param_dtype, dtype=self.dtype,
+                                                 name="latent_token_positional_embedding")(lat), BTD)
+        x = constrain(jnp.concatenate([x, lat], axis=1), BTD)
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = make_norm("layernorm", name="ln_pre", **norm)(x)
+        x = constrain(make_norm("layernorm", name="ln_pre", **norm)(x), BTD)
         x = _blocks(x, self.depth, self.num_heads, resolve_remat(self.remat, self.remat_policy),
                     self.dtype, self.param_dtype, self.init_scheme, self.token_prior,
                     prior_distances(n, g), self.scan_layers)
-        x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + g * g:])
+        x = constrain(make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + g * g:]), BTD)
         if self.is_legacy:
             # PyTorch ``latent.reshape(B, W, N, 1)`` of a [B, N, W] tensor: memory is reinterpreted,
             # not transposed; the 1x1 conv then mixes over the scrambled "W" axis.
             x = x.reshape(b, w, n).swapaxes(1, 2)
         x = _dense(self.out_dim, ("embed", None), self.dtype, self.param_dtype, "conv_out",
                    self.init_scheme)(x)
-        return x.astype(jnp.float32)
+        return constrain(x.astype(jnp.float32), BTD)
 
 
 class TiTokDecoder(nn.Module):
@@ -197,42 +206,47 @@ class TiTokDecoder(nn.Module):
         if n > self.num_latent_tokens:
             raise ValueError(f"{n} tokens but the decoder has {self.num_latent_tokens} positions")
         t = _dense(w, (None, "embed"), self.dtype, self.param_dtype, "decoder_embed",
-                   self.init_scheme)(
-            z.astype(self.dtype))
+                   self.init_scheme)(constrain(z.astype(self.dtype), BTD))
+        t = constrain(t, BTD)
         cls = self.param("class_embedding", boxed(width_scaled_normal(w), (None, "embed")),
                          (1, w), self.param_dtype)
         mask = self.param("mask_token", boxed(width_scaled_normal(w), (None, None, "embed")),
                           (1, 1, w), self.param_dtype)
         m = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)),
                              jnp.broadcast_to(mask.astype(self.dtype), (b, g * g, w))], axis=1)
-        m = LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
-                                     dtype=self.dtype, name="positional_embedding")(m)
-        t = LearnedPositionEmbedding(self.num_latent_tokens, w, param_dtype=self.param_dtype,
-                                     dtype=self.dtype, name="latent_token_positional_embedding")(t)
-        x = jnp.concatenate([m, t], axis=1)
+        m = constrain(LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
+                                               dtype=self.dtype, name="positional_embedding")(m), BTD)
+        t = constrain(LearnedPositionEmbedding(
+            self.num_latent_tokens, w, param_dtype=self.param_dtype, dtype=self.dtype,
+            name="latent_token_positional_embedding")(t), BTD)
+        x = constrain(jnp.concatenate([m, t], axis=1), BTD)
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-        x = make_norm("layernorm", name="ln_pre", **norm)(x)
+        x = constrain(make_norm("layernorm", name="ln_pre", **norm)(x), BTD)
         distances = prior_distances(self.num_latent_tokens, g)[:1 + g * g + n, :1 + g * g + n]
         x = _blocks(x, self.depth, self.num_heads, resolve_remat(self.remat, self.remat_policy),
                     self.dtype, self.param_dtype, self.init_scheme, self.token_prior, distances,
                     self.scan_layers)
-        x = make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g])
+        x = constrain(make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g]), BTD)
         if self.head == "legacy":
             # Two-stage head: Conv1x1(W -> 2W), tanh, Conv1x1(2W -> K) per grid cell (row-major).
             x = _dense(2 * w, ("embed", "mlp"), self.dtype, self.param_dtype, "ffn_0",
                        self.init_scheme)(x)
+            x = constrain(x, ("batch", "tokens", "act_mlp"))
             x = _dense(self.proxy_codebook_size, ("mlp", None), self.dtype, self.param_dtype,
                        "ffn_2", self.init_scheme)(jnp.tanh(x))
-            return x.reshape(b, g, g, self.proxy_codebook_size).astype(jnp.float32)
+            x = x.reshape(b, g, g, self.proxy_codebook_size).astype(jnp.float32)
+            return constrain(x, BHWC)
         # Conv1x1(W -> p*p*3) then Rearrange('b (p1 p2 c) h w -> b c (h p1) (w p2)'): "hwc".
         x = _dense(p * p * 3, ("embed", None), self.dtype, self.param_dtype, "ffn",
                    self.init_scheme)(x)
-        x = unpatchify(x, p, self.image_size, self.image_size, 3, channel_order="hwc")
+        x = constrain(x, BTD)
+        x = constrain(unpatchify(x, p, self.image_size, self.image_size, 3, channel_order="hwc"),
+                      BHWC)
         x = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=boxed(_kernel_inits(self.init_scheme)[0],
                                       (None, None, None, None)),
                     bias_init=boxed(zeros, (None,)), name="conv_out")(x)
-        return x.astype(jnp.float32)
+        return constrain(x.astype(jnp.float32), BHWC)
 
 
 class TiTok(QuantizedModel, nn.Module):

@@ -34,9 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.models.titok import TiTokDecoder, TiTokEncoder
+from titok_jax.models.titok import BHWC, TiTokDecoder, TiTokEncoder
 from titok_jax.models.vqgan import MaskGITDecoder
-from titok_jax.nn import check_images, boxed, width_scaled_normal
+from titok_jax.nn import check_images, boxed, constrain, width_scaled_normal
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.vq import uniform_codebook_init
 
@@ -168,7 +168,8 @@ class TiTokTwoStage(QuantizedModel, nn.Module):
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         soft = jnp.einsum("bhwk,kd->bhwd", probs, self.pixel_quantize().astype(jnp.float32),
                           precision=jax.lax.Precision.HIGHEST)
-        return self.pixel_decoder(soft)
+        # batch split, as the ViT's boundaries are (models.titok)
+        return constrain(self.pixel_decoder(constrain(soft, BHWC)), BHWC)
 
     def decode(self, codes: jax.Array) -> jax.Array:
         """Codes ``[B, N, C]`` -> pixels ``[B, H, W, 3]`` f32 (unclamped; stage 2 only)."""

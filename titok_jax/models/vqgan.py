@@ -27,7 +27,8 @@ Quantizer: ``titok_jax.quantizers.VectorQuantizer`` named ``quantize`` (param ``
 ``commitment = beta * mean((sg(q) - z)^2)`` and ``codebook = codebook_weight * mean((q - sg(z))^2)``
 (the JAX MaskGIT convention; the PyTorch port of the official repo swaps the two weights, which
 ``quantizer={"name": "vq", ..., "commitment_weight": 1, "codebook_weight": beta}`` reproduces).
-Only inference weights exist officially.
+Only inference weights exist officially. Feature maps are constrained at every block boundary to
+"batch split, channels whole" (``nn.activation_sharding``), as the transformers' residual streams are.
 
 Param names follow the PyTorch ``state_dict`` (``encoder.down.2.block.0.nin_shortcut.weight`` ->
 ``encoder/down_2/block_0/nin_shortcut/kernel``; see ``titok_jax.convert.vqgan``).
@@ -41,13 +42,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.nn import check_images
+from titok_jax.nn import check_images, constrain
 from titok_jax.nn.conv import Conv2dSame, avg_pool_2x2, check_channels, group_norm, upsample_nearest
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
 
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 1024}   # the published f16 model's
+# A feature map [B, H, W, C] at a block boundary: the batch split (``nn.activation_sharding``), the
+# channels whole, the grid left to XLA.
+FMAP = ("batch", None, None, "act_embed")
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -65,12 +69,13 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         norm = lambda n: group_norm(n, self.dtype, self.param_dtype)  # noqa: E731
+        x = constrain(x, FMAP)
         h = self._conv(3, "conv1")(nn.silu(norm("norm1")(x)))
-        h = self._conv(3, "conv2")(nn.silu(norm("norm2")(h)))
+        h = self._conv(3, "conv2")(nn.silu(norm("norm2")(constrain(h, FMAP))))
         residual = x
         if x.shape[-1] != self.out_channels:
             residual = self._conv(1, "nin_shortcut")(h)   # the quirk: on h, not on x
-        return h + residual
+        return constrain(h + residual, FMAP)
 
 
 class DownBlock(nn.Module):
@@ -86,7 +91,7 @@ class DownBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_res_blocks):
             x = ResnetBlock(self.out_channels, self.dtype, self.param_dtype, name=f"block_{j}")(x)
-        return avg_pool_2x2(x) if self.downsample else x
+        return constrain(avg_pool_2x2(x) if self.downsample else x, FMAP)
 
 
 class UpBlock(nn.Module):
@@ -105,7 +110,7 @@ class UpBlock(nn.Module):
         if self.upsample:
             x = Conv2dSame(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="upsample_conv")(upsample_nearest(x))
-        return x
+        return constrain(x, FMAP)
 
 
 class MaskGITEncoder(nn.Module):
@@ -124,7 +129,7 @@ class MaskGITEncoder(nn.Module):
         check_channels(self.hidden_channels, mult)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Conv2dSame(self.hidden_channels, 3, use_bias=False, name="conv_in", **kw)(
-            images.astype(self.dtype))
+            constrain(images.astype(self.dtype), FMAP))
         for i, m in enumerate(mult):
             x = DownBlock(self.hidden_channels * m, self.num_res_blocks, i != len(mult) - 1,
                           name=f"down_{i}", **kw)(x)
@@ -132,7 +137,7 @@ class MaskGITEncoder(nn.Module):
             x = ResnetBlock(self.hidden_channels * mult[-1], name=f"mid_{j}", **kw)(x)
         x = nn.silu(group_norm("norm_out", self.dtype, self.param_dtype)(x))
         x = Conv2dSame(self.z_channels, 1, name="conv_out", **kw)(x)
-        return x.astype(jnp.float32)
+        return constrain(x.astype(jnp.float32), FMAP)
 
 
 class MaskGITDecoder(nn.Module):
@@ -154,7 +159,7 @@ class MaskGITDecoder(nn.Module):
                              f"got shape {z.shape}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_in = self.hidden_channels * mult[-1]
-        x = Conv2dSame(block_in, 3, name="conv_in", **kw)(z.astype(self.dtype))
+        x = Conv2dSame(block_in, 3, name="conv_in", **kw)(constrain(z.astype(self.dtype), FMAP))
         for j in range(self.num_res_blocks):
             x = ResnetBlock(block_in, name=f"mid_{j}", **kw)(x)
         for i in reversed(range(len(mult))):
@@ -162,7 +167,7 @@ class MaskGITDecoder(nn.Module):
                         name=f"up_{i}", **kw)(x)
         x = nn.silu(group_norm("norm_out", self.dtype, self.param_dtype)(x))
         x = Conv2dSame(3, 3, name="conv_out", **kw)(x)
-        return x.astype(jnp.float32)
+        return constrain(x.astype(jnp.float32), FMAP)
 
 
 # ----------------------------------------------------------------------------- the tokenizer

@@ -9,6 +9,10 @@ tokens ``[B, (S/p)^2, width]`` (DINOv2's ``x_norm_patchtokens``; ``all_tokens=Tr
 
     x = x + ls1 * proj(attn(qkv(norm1(x))));  x = x + ls2 * fc2(gelu(fc1(norm2(x))))
 
+The token stream is constrained to ``("batch", "tokens", "act_embed")`` (``nn.activation_sharding``)
+at every block boundary (entry, after attention, exit) and at the embeddings and final norm, so the
+frozen teacher keeps the trainer's batch split.
+
 ``ls1`` / ``ls2`` are DINOv2's LayerScale ``gamma [width]`` (``layerscale=True``; the released
 ``dinov2_vit{s,b,l}14`` all have it); attention scale ``head_dim ** -0.5``; GELU exact (erf).
 
@@ -44,7 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.nn import MLP, MultiHeadAttention, PatchEmbed, boxed, make_norm
+from titok_jax.nn import MLP, MultiHeadAttention, PatchEmbed, boxed, constrain, make_norm
+from titok_jax.nn.activation_sharding import BTD
 
 Dtype = Any
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,13 +121,14 @@ class DinoBlock(nn.Module):
             g = self.param(name, boxed(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
             return h * g.astype(h.dtype)
 
+        x = constrain(x, BTD)
         h = make_norm("layernorm", epsilon=LN_EPS, name="ln_1", **kw)(x)
         h = MultiHeadAttention(num_heads=self.num_heads, fused_qkv=True, qkv_bias=True, out_bias=True,
                                name="attn", **kw)(h)
-        x = x + scaled(h, "ls1")
+        x = constrain(x + scaled(h, "ls1"), BTD)
         h = make_norm("layernorm", epsilon=LN_EPS, name="ln_2", **kw)(x)
         h = MLP(hidden_dim=4 * d, activation="gelu", use_bias=True, name="mlp", **kw)(h)
-        return x + scaled(h, "ls2")
+        return constrain(x + scaled(h, "ls2"), BTD)
 
 
 class ViTFeatures(nn.Module):
@@ -161,16 +167,17 @@ class ViTFeatures(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls[None].astype(x.dtype), (b, 1, w)), x], 1)
         pos = self.param("pos_embed", boxed(nn.initializers.normal(0.02), ("tokens", "embed")),
                          (pos_grid * pos_grid + 1, w), self.param_dtype)
-        x = x + interpolate_pos_embed(pos, grid, pos_grid).astype(x.dtype)[None]
+        x = constrain(x + interpolate_pos_embed(pos, grid, pos_grid).astype(x.dtype)[None], BTD)
         r = self.num_registers
         if r:
             reg = self.param("register_tokens", boxed(nn.initializers.normal(1e-6), (None, "embed")),
                              (r, w), self.param_dtype)
-            x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg[None].astype(x.dtype), (b, r, w)),
-                                 x[:, 1:]], 1)
+            x = constrain(jnp.concatenate([x[:, :1], jnp.broadcast_to(reg[None].astype(x.dtype), (b, r, w)),
+                                           x[:, 1:]], 1), BTD)
         for i in range(self.depth):
             x = DinoBlock(self.num_heads, self.layerscale, name=f"block_{i}", **kw)(x)
-        x = make_norm("layernorm", epsilon=LN_EPS, name="norm", **kw)(x).astype(jnp.float32)
+        x = constrain(make_norm("layernorm", epsilon=LN_EPS, name="norm", **kw)(x).astype(jnp.float32),
+                      BTD)
         if all_tokens:
             return {"cls": x[:, 0], "registers": x[:, 1:r + 1], "patch": x[:, r + 1:]}
         return x[:, r + 1:]

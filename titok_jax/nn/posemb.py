@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from titok_jax.nn.activation_sharding import constrain
 from titok_jax.nn.initializers import Initializer, boxed, width_scaled_normal
 
 # --------------------------------------------------------------------------- learned
@@ -202,7 +203,7 @@ class TimestepEmbedder(nn.Module):
         h = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=boxed(self.kernel_init, (None, "mlp")),
                      bias_init=boxed(zeros, ("mlp",)), name="fc_in")(emb)
-        h = nn.silu(h)
+        h = constrain(nn.silu(h), ("batch", "act_mlp"))  # features whole (no all-to-all)
         return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=boxed(self.kernel_init, ("mlp", "embed")),
                         bias_init=boxed(zeros, ("embed",)), name="fc_out")(h)

@@ -17,7 +17,8 @@ is exactly zero) and the optimizer gives it no update (``optimizer.frozen`` matc
 ``model/encoder/`` with ``optimizer.frozen_from_step = N``; the config ties the two).
 
 Stage ``"post"`` (FlowMo stage 1B; start it with ``config.init_from = MAIN_WORKDIR``: that run's raw,
-non-EMA params; the optimizer and EMA start afresh). The encoder is frozen throughout. Besides the
+non-EMA params, its blocks scanned or unrolled whatever this run's ``model.scan_layers``; the
+optimizer and EMA start afresh). The encoder is frozen throughout. Besides the
 main stage's loss, a ``k``-step Euler chain runs from noise with random per-sample times
 (``s_0 = 0, s_j = s_{j-1} + U(0, 1)``, ``t_j = 1 - s_j / s_k``: ``1 = t_0 > ... > t_k = 0``)::
 
@@ -46,6 +47,7 @@ from jax import lax
 from titok_jax import losses as L
 from titok_jax.flow import rectified_flow_loss, time_sampler_preset
 from titok_jax.models.registry import build_model
+from titok_jax.nn.scan import match_layers
 from titok_jax.tasks.base import register_task
 from titok_jax.tasks.flow_tokenizer import FlowTokenizerTask
 from titok_jax.tasks.host_params import overwrite_from_host
@@ -141,8 +143,10 @@ class FlowMoTask(FlowTokenizerTask):
         if not os.path.isfile(os.path.join(self.init_from, "config.json")):
             raise FileNotFoundError(f"init_from {self.init_from} is not a titok_jax workdir (no config.json)")
         run = restore_run(self.init_from, expect_task="flowmo", ema=False, host=True)
-        params, state = run.params, run.model_state
         fresh_params, fresh_state = nn.unbox(jax.eval_shape(self._fresh_init, jax.random.key(0)))
+        # the main run may hold its blocks in the other layer layout (model.scan_layers): ours
+        params = match_layers(run.params, fresh_params["model"])
+        state = match_layers(run.model_state, fresh_state["model"])
         check_tree_matches(params, fresh_params["model"], source=f"init_from {self.init_from}")
         check_tree_matches(state, fresh_state["model"], source=f"init_from {self.init_from} (model state)")
         self._loaded = (params, state)

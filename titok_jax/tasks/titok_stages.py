@@ -9,8 +9,9 @@ decoder predicts logits ``l [B, g, g, K]`` over them::
 Evaluation reconstructs through ``argmax`` proxy codes and the teacher's decoder.
 
 Stage 2 (``titok_stage2``; ``finetune_decoder=True``): initialised from a stage-1 workdir
-(``config.init_from``: its EMA params when it kept them) plus the teacher's codebook and decoder as
-``pixel_quantize`` / ``pixel_decoder``; the encoder, quantizer and latent tokens are frozen (the
+(``config.init_from``: its EMA params when it kept them; its blocks scanned or unrolled, whatever
+this run's ``model.scan_layers``: ``nn.scan.match_layers``) plus the teacher's codebook and decoder
+as ``pixel_quantize`` / ``pixel_decoder``; the encoder, quantizer and latent tokens are frozen (the
 model stops their gradients; ``optimizer.frozen`` keeps weight decay off them too). The loss on
 pixels through the soft code mixture is the tokenizer task's (L2, perceptual, GAN + LeCam), reused
 by subclassing it.
@@ -37,6 +38,7 @@ import optax
 
 from titok_jax.trees import check_tree_matches
 from titok_jax.models.registry import build_model, resolved_quantizer
+from titok_jax.nn.scan import match_layers
 from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 from titok_jax.tasks.host_params import overwrite_from_host
 from titok_jax.tasks.runs import restore_run
@@ -257,9 +259,13 @@ class TiTokStage2Task(TokenizerTask):
             if key in m1 and key in m2 and m1[key] != m2[key]:
                 raise ValueError(f"init_from {self.init_from}: stage 1 has model.{key}={m1[key]!r}, "
                                  f"this config {m2[key]!r}")
-        # Read now, outside any trace: the init reads these host arrays through callbacks.
+        # Read now, outside any trace: the init reads these host arrays through callbacks. Stage 1
+        # may hold its blocks in the other layer layout (``model.scan_layers``): put them in ours.
         params, state = self.loaded()
         fresh_params, fresh_state = nn.unbox(jax.eval_shape(super().init, jax.random.key(0)))
+        params = match_layers(params, fresh_params["model"])
+        state = match_layers(state, fresh_state["model"])
+        self._loaded = (params, state)
         source = f"init_from {self.init_from} + teacher"
         check_tree_matches(params, fresh_params["model"], source=source)
         check_tree_matches(state, fresh_state["model"], source=f"{source} (model state)")
