@@ -61,7 +61,7 @@ def _train(config: Any, workdir: str | os.PathLike, *, overrides: Mapping[str, A
     import ml_collections
 
     from titok_jax.commands.common import load_config, override_config
-    from titok_jax.commands.train import check_counts, check_same_model
+    from titok_jax.commands.train import run_training
     from titok_jax.convert.hub import is_hf_name
 
     if isinstance(config, (str, os.PathLike)):
@@ -80,14 +80,7 @@ def _train(config: Any, workdir: str | os.PathLike, *, overrides: Mapping[str, A
                          "read from the Hugging Face cache; choose a directory")
     workdir = os.fspath(workdir)
     override_config(cfg, overrides)
-    check_counts(cfg)
-    check_same_model(workdir, cfg)
-    from titok_jax.train.distributed import maybe_init_distributed
-    maybe_init_distributed()
-    from titok_jax.checkpoint import check_resume
-    check_resume(workdir, from_intact=resume_from_intact)  # a corrupt latest step: one line
-    from titok_jax.train.loop import train as run
-    return run(cfg, workdir, progress=progress)
+    return run_training(cfg, workdir, progress=progress, resume_from_intact=resume_from_intact)
 
 
 class _CallableTrainPackage(types.ModuleType):
@@ -114,50 +107,11 @@ def evaluate(workdir: str | os.PathLike, data: str | None = None, *, split: str 
     ``WORKDIR/eval.jsonl`` and writes the sample grid, as the command does. ``workdir`` may be
     ``hf:ORG/NAME`` (a release in the local Hugging Face cache, converted once). Returns the line
     the command prints, as a dict: ``{"step": int, "psnr": float, ...}``."""
-    import warnings
-
-    from titok_jax.commands.common import check_npz_input
+    from titok_jax.commands.train import evaluate_workdir
     from titok_jax.convert.hub import resolve_workdir
-    from titok_jax.errors import WriteWarning
-    from titok_jax.tasks.runs import read_run_config
-
-    workdir = os.fspath(resolve_workdir(workdir))
-    check_npz_input(inception_weights, "inception_weights")
-    check_npz_input(fid_reference, "fid_reference")
-    config = read_run_config(workdir)
-    if split:
-        config.data.eval_split = split
-    if data:
-        config.data.source = data
-    if data_dir:
-        config.data.data_dir = data_dir
-    if num_images is not None:
-        if int(num_images) < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
-        config.data.eval_num_images = int(num_images)
-    if inception_weights or fid_reference:
-        import ml_collections
-        if "eval" not in config:
-            config.eval = ml_collections.ConfigDict()
-        if inception_weights:
-            config.eval.inception_weights = inception_weights
-        if fid_reference:
-            config.eval.fid_reference = fid_reference
-    from titok_jax.train.distributed import maybe_init_distributed
-    maybe_init_distributed()
-    from titok_jax.train.loop import Trainer
-    t = Trainer(config, workdir, inference=True)
-    try:
-        if t.checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {t.checkpointer.directory}")
-        step, metrics, _ = t.evaluate_checkpoint()
-    finally:
-        t.checkpointer.close()
-    try:
-        t.writer.close()
-    except OSError as e:  # a read-only workdir: the metrics are what was asked for
-        warnings.warn(WriteWarning(f"could not write TensorBoard events in {workdir}: {e.strerror or e}"))
-    return {"step": step, **metrics}
+    return evaluate_workdir(os.fspath(resolve_workdir(workdir)), data=data, split=split,
+                            data_dir=data_dir, num_images=num_images,
+                            inception_weights=inception_weights, fid_reference=fid_reference)
 
 
 __all__ = ["load_tokenizer", "load_generator", "train", "evaluate", "__version__"]

@@ -89,13 +89,9 @@ def train(argv: Sequence[str]) -> int:
     check_counts(fv.config)
     if fv.dry_run:
         return dry_run(fv.config, fv.workdir)
-    check_same_model(fv.workdir, fv.config)
-    from titok_jax.train.distributed import maybe_init_distributed
-    maybe_init_distributed()
-    from titok_jax.checkpoint import check_resume
-    check_resume(fv.workdir, from_intact=fv.resume_from_intact)  # a corrupt latest step: one line
-    from titok_jax.train.loop import eval_summary, train as run
-    summary = run(fv.config, fv.workdir, progress=fv.progress)
+    summary = run_training(fv.config, fv.workdir, progress=fv.progress,
+                           resume_from_intact=fv.resume_from_intact)
+    from titok_jax.train.loop import eval_summary
     print(f"trained to step {summary['step']}")
     if summary.get("last_metrics"):  # printed by every process: multi-host runs can be compared
         print(f"last loss:  {summary['last_metrics']['loss']:.8g}")
@@ -106,6 +102,21 @@ def train(argv: Sequence[str]) -> int:
     if summary.get("grid"):
         print(f"grid:       {summary['grid']}")
     return 0
+
+
+def run_training(config: Any, workdir: str, *, progress: bool = True,
+                 resume_from_intact: bool = False) -> dict:
+    """What ``train`` (the command and ``titok_jax.train``) does once the config is read: the
+    checks (counts, the same model as the workdir's, an intact latest checkpoint), then the loop.
+    Returns the loop's summary."""
+    check_counts(config)
+    check_same_model(workdir, config)
+    from titok_jax.train.distributed import maybe_init_distributed
+    maybe_init_distributed()
+    from titok_jax.checkpoint import check_resume
+    check_resume(workdir, from_intact=resume_from_intact)  # a corrupt latest step: one line
+    from titok_jax.train.loop import train as run
+    return run(config, workdir, progress=progress)
 
 
 def check_counts(config: Any) -> None:
@@ -188,40 +199,61 @@ def evaluate(argv: Sequence[str]) -> int:
     fv = parse("titok-jax eval", argv, _eval_flags)
     if not fv.workdir:
         raise UsageError("eval needs --workdir DIR")
-    check_npz_input(fv.inception_weights, "inception_weights")
-    check_npz_input(fv.fid_reference, "fid_reference")
-    config = load_run_config(fv.workdir)
-    if fv.split:
-        config.data.eval_split = fv.split
-    if fv.data:
-        config.data.source = fv.data
-    if fv.data_dir:
-        config.data.data_dir = fv.data_dir
-    if fv.num_images is not None:
-        if fv.num_images < 1:
-            raise UsageError(f"--num_images must be >= 1, got {fv.num_images}")
-        config.data.eval_num_images = fv.num_images
-    if fv.inception_weights or fv.fid_reference:
+    if fv.num_images is not None and fv.num_images < 1:
+        raise UsageError(f"--num_images must be >= 1, got {fv.num_images}")
+    try:
+        metrics = evaluate_workdir(fv.workdir, data=fv.data, split=fv.split, data_dir=fv.data_dir,
+                                   num_images=fv.num_images, inception_weights=fv.inception_weights,
+                                   fid_reference=fv.fid_reference)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(metrics))
+    return 0
+
+
+def evaluate_workdir(workdir: str, *, data: str | None = None, split: str | None = None,
+                     data_dir: str | None = None, num_images: int | None = None,
+                     inception_weights: str | None = None, fid_reference: str | None = None) -> dict:
+    """What ``eval`` (the command and ``titok_jax.evaluate``) does: the workdir's latest checkpoint
+    evaluated on its held-out data (or ``data`` / ``split`` / ``data_dir``, at most ``num_images``
+    images; rFID / IS with ``inception_weights``), appended to ``eval.jsonl``. Returns
+    ``{"step": ..., **metrics}``; a workdir without a checkpoint is a ``FileNotFoundError``."""
+    check_npz_input(inception_weights, "inception_weights")
+    check_npz_input(fid_reference, "fid_reference")
+    config = load_run_config(workdir)
+    if split:
+        config.data.eval_split = split
+    if data:
+        config.data.source = data
+    if data_dir:
+        config.data.data_dir = data_dir
+    if num_images is not None:
+        if int(num_images) < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        config.data.eval_num_images = int(num_images)
+    if inception_weights or fid_reference:
         import ml_collections
         if "eval" not in config:
             config.eval = ml_collections.ConfigDict()
-        if fv.inception_weights:
-            config.eval.inception_weights = fv.inception_weights
-        if fv.fid_reference:
-            config.eval.fid_reference = fv.fid_reference
+        if inception_weights:
+            config.eval.inception_weights = inception_weights
+        if fid_reference:
+            config.eval.fid_reference = fid_reference
     from titok_jax.train.distributed import maybe_init_distributed
     maybe_init_distributed()
     from titok_jax.train.loop import Trainer
-    t = Trainer(config, fv.workdir, inference=True)
-    if t.checkpointer.latest_step() is None:
-        raise UsageError(f"no checkpoint in {t.checkpointer.directory}")
-    step, metrics, _ = t.evaluate_checkpoint()
+    t = Trainer(config, workdir, inference=True)
+    try:
+        if t.checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {t.checkpointer.directory}")
+        step, metrics, _ = t.evaluate_checkpoint()
+    finally:
+        t.checkpointer.close()
     try:
         t.writer.close()
-    except OSError as e:  # a read-only workdir: the metrics below are what the user asked for
+    except OSError as e:  # a read-only workdir: the metrics are what the user asked for
         import warnings
 
         from titok_jax.errors import WriteWarning
-        warnings.warn(WriteWarning(f"could not write TensorBoard events in {fv.workdir}: {e.strerror or e}"))
-    print(json.dumps({"step": step, **metrics}))
-    return 0
+        warnings.warn(WriteWarning(f"could not write TensorBoard events in {workdir}: {e.strerror or e}"))
+    return {"step": step, **metrics}
