@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    "matplotlib>=3.8",   # the plots of titok_jax.evaluation.plots (Agg, imported lazily)
 ]
 
 EXTRAS_REQUIRE = {

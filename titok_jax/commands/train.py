@@ -101,6 +101,8 @@ def train(argv: Sequence[str]) -> int:
         print(f"eval:       {summary['eval']} ({eval_summary(summary['last_eval'])})")
     if summary.get("grid"):
         print(f"grid:       {summary['grid']}")
+    for name, path in (summary.get("pictures") or {}).items():
+        print(f"{name + ':':<12}{path}")
     return 0
 
 
@@ -249,6 +251,8 @@ def evaluate_workdir(workdir: str, *, data: str | None = None, split: str | None
         step, metrics, _ = t.evaluate_checkpoint()
     finally:
         t.checkpointer.close()
+    for name, path in t.pictures.items():  # stderr: stdout stays one JSON line
+        print(f"[titok_jax] {name}: {path}", file=sys.stderr)
     try:
         t.writer.close()
     except OSError as e:  # a read-only workdir: the metrics are what the user asked for

@@ -21,12 +21,13 @@ import contextlib
 import math
 import os
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["to_uint8", "make_grid", "tile_grid", "save_png", "load_png", "log_image", "log_reconstructions",
-           "save_reconstruction_grid"]
+__all__ = ["to_uint8", "make_grid", "tile_grid", "caption_grid", "save_png", "load_png", "log_image",
+           "log_reconstructions", "save_reconstruction_grid"]
 
 
 def to_uint8(x: Any) -> np.ndarray:
@@ -79,6 +80,43 @@ def tile_grid(images: Any, ncol: int = 8, padding: int = 2, pad_value: int = 255
         r, col = divmod(i, ncol)
         grid[p + r * (h + p):p + r * (h + p) + h, p + col * (w + p):p + col * (w + p) + w] = a[i]
     return grid
+
+
+def caption_grid(grid: Any, cell: tuple[int, int], columns: Sequence[str] = (), rows: Sequence[str] = (),
+                 padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """A ``tile_grid`` of ``cell = (H, W)`` images with its captions: ``columns[c]`` centred above
+    grid column ``c`` in a band added on top, ``rows[r]`` left of grid row ``r`` in a band added on
+    the left (black text, PIL's default font, about ``min(12, max(8, W // 4))`` pixels high; a
+    caption wider than its cell is clipped at the band's edge). RGB uint8 ``[H_grid + top,
+    W_grid + left, 3]``; no captions returns ``grid`` as uint8."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    g = to_uint8(grid)
+    if not columns and not rows:
+        return g
+    if g.ndim != 3 or g.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected a grid [H, W, 1|3|4], got shape {g.shape}")
+    h, w = (int(v) for v in cell)
+    p = padding
+    size = min(12, max(8, w // 4))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    width = lambda text: font.getbbox(text)[2] if text else 0  # noqa: E731
+    top = size + 4 if columns else 0
+    left = (max(width(t) for t in rows) + 2 * p + 2) if rows else 0
+    canvas = Image.new("RGB", (g.shape[1] + left, g.shape[0] + top), (pad_value,) * 3)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(g[..., 0] if g.shape[-1] == 1 else g)).convert("RGB"),
+                 (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(columns):
+        x = left + p + c * (w + p) + (w - width(text)) / 2
+        draw.text((max(left, x), 1), str(text), fill=(0, 0, 0), font=font)
+    for r, text in enumerate(rows):
+        y = top + p + r * (h + p) + (h - size) / 2
+        draw.text((p, y), str(text), fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def save_png(path: str | os.PathLike, image: Any) -> None:

@@ -55,6 +55,7 @@ class ARTask(TokenGeneratorTask):
 
     model_class = ARTransformer
     sampler_keys = SAMPLER_KEYS
+    causal = True
 
     def __init__(self, config: Any, *, inference: bool = False):
         super().__init__(config, inference=inference)

@@ -10,9 +10,18 @@ rFID and Inception Score (optional, ``config.eval``; configs without an ``eval``
 
 Images (originals and clipped reconstructions) are rounded to the uint8 grid before the pytorch-fid
 InceptionV3; ``rfid`` is the Fréchet distance of the 2048-d pool features, ``inception_score`` the
-one-split IS of the reconstructions' unbiased 1008-way logits (as the TiTok evaluator)."""
+one-split IS of the reconstructions' unbiased 1008-way logits (as the TiTok evaluator).
+
+Pictures (``EvalResult.images``, written by the trainer as ``samples/{name}_{step:09d}.png``):
+``reconstructions`` (originals over reconstructions), ``codebook_histogram`` (discrete tokenizers:
+the per-code counts of the whole split, sorted; drawn from the counts the usage metric needs, so
+at every evaluation) and, when the task passes a ``prefix_decode`` (FlexTok in ``titok-jax eval``),
+``coarse_to_fine`` (the first ``samples.num_images`` held-out images decoded from their first
+1, 2, 4, ..., K tokens, one row per image) and ``psnr_vs_tokens``, with the metrics
+``psnr_tokens_{k}`` (mean PSNR of those images from k tokens)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -21,6 +30,8 @@ import numpy as np
 
 from titok_jax import data as data_lib
 from titok_jax import evaluation as ev
+from titok_jax.evaluation import plots
+from titok_jax.evaluation.images import caption_grid, tile_grid
 from titok_jax.evaluation.thumbnail import choose_thumbnail, thumbnail_psnr
 from titok_jax.nets.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
 from titok_jax.tasks.types import EvalContext, EvalResult
@@ -44,27 +55,101 @@ def eval_fn(task: Any) -> Callable:
     return fn[1]
 
 
-def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx: EvalContext) -> EvalResult:
-    """``TokenizerTaskBase.evaluate``: metrics over the held-out split and the grid of the first
-    batch's originals over their reconstructions (``images["reconstructions"]``)."""
+def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx: EvalContext,
+                            prefix_decode: Callable | None = None) -> EvalResult:
+    """``TokenizerTaskBase.evaluate``: metrics over the held-out split, the grid of the first
+    batch's originals over their reconstructions (``images["reconstructions"]``) and the sorted
+    codebook histogram (``images["codebook_histogram"]``, discrete tokenizers). With
+    ``prefix_decode`` (``(model_params, model_state, ids [B, k]) -> images``, a variable-length
+    tokenizer's evaluation decode) also the coarse-to-fine pictures (``coarse_to_fine``)."""
     spec = task.token_spec
     bits = (spec.num_tokens * float(np.log2(spec.codebook_size)) if spec.codebook_size else None)
-    metrics, originals, recs = reconstruction_metrics(
-        eval_fn(task), model_params, model_state, ctx.config, ctx.mesh,
-        spec.codebook_size, ctx.max_images, bits_per_image=bits)
-    images = {}
-    if originals is not None:
-        num = int(ctx.config.get("samples", {}).get("num_images", 8))
-        images["reconstructions"] = ev.make_grid(originals[:num], recs[:num])
+    r = reconstruction_pass(eval_fn(task), model_params, model_state, ctx.config, ctx.mesh,
+                            spec.codebook_size, ctx.max_images, bits_per_image=bits)
+    metrics, images = r.metrics, {}
+    num = int(ctx.config.get("samples", {}).get("num_images", 8))
+    if r.originals is not None:
+        images["reconstructions"] = ev.make_grid(r.originals[:num], r.reconstructions[:num])
+    if jax.process_index() == 0 and r.counts is not None:  # only process 0 writes pictures
+        hist = plots.try_plot("the codebook histogram", plots.render_codebook_histogram, r.counts)
+        if hist is not None:
+            images["codebook_histogram"] = hist
+    if prefix_decode is not None and r.originals is not None and r.indices is not None:
+        more_metrics, more_images = coarse_to_fine(prefix_decode, model_params, model_state,
+                                                   r.originals[:num], r.indices[:num],
+                                                   r.reconstructions[:num])
+        metrics.update(more_metrics)
+        images.update(more_images)
     return EvalResult(metrics=metrics, images=images)
+
+
+def prefix_lengths(num_tokens: int) -> list[int]:
+    """``[1, 2, 4, ..., num_tokens]``: the powers of two below ``num_tokens``, then ``num_tokens``."""
+    ks = [1 << i for i in range(max(int(num_tokens), 1).bit_length()) if (1 << i) < num_tokens]
+    return ks + [int(num_tokens)]
+
+
+def coarse_to_fine(decode: Callable, model_params: Any, model_state: Any, images: np.ndarray,
+                   ids: np.ndarray, full: np.ndarray) -> tuple[dict, dict]:
+    """``images`` ``[n, H, W, 3]`` decoded from the first ``k`` of their token ids ``[n, K]`` for
+    each ``k`` of ``prefix_lengths(K)``: ``decode(model_params, model_state, ids[:, :k])`` (jitted
+    here) for ``k < K``, and ``full`` (evaluation's own reconstructions) for ``k = K``. Returns
+    ``({"psnr_tokens_{k}": mean PSNR over the images}, {"coarse_to_fine": the strip,
+    "psnr_vs_tokens": the plot})``: the strip is one row per image, the original then its decodes
+    from 1, 2, 4, ..., K tokens, captioned."""
+    images = np.asarray(images, np.float32)
+    ids = np.asarray(ids)
+    ks = prefix_lengths(ids.shape[1])
+    decode_fn = jax.jit(decode)
+    decoded, metrics = [], {}
+    for k in ks:
+        rec = (np.asarray(full, np.float32) if k == ids.shape[1] else
+               np.asarray(jax.device_get(decode_fn(model_params, model_state, ids[:, :k])), np.float32))
+        decoded.append(rec)
+        metrics[f"psnr_tokens_{k}"] = float(np.mean(np.asarray(ev.psnr(rec, images, max_db=100.0))))
+    pictures: dict = {}
+    if jax.process_index() == 0:
+        h, w = images.shape[1:3]
+        cells = np.stack([images, *decoded], axis=1).reshape(-1, *images.shape[1:])  # row = one image
+        strip = tile_grid(cells, ncol=len(ks) + 1)
+        pictures["coarse_to_fine"] = caption_grid(
+            strip, (h, w), columns=["input", *(f"k={k}" for k in ks)])
+        plot = plots.try_plot("the PSNR-vs-tokens plot", plots.render_psnr_vs_tokens, ks,
+                              [metrics[f"psnr_tokens_{k}"] for k in ks], len(images))
+        if plot is not None:
+            pictures["psnr_vs_tokens"] = plot
+    return metrics, pictures
+
+
+@dataclasses.dataclass
+class ReconstructionPass:
+    """What one pass over the held-out split gives: the metrics, the first batch's originals,
+    reconstructions and token ids (or None) and the per-code counts (``[K]`` / ``[F, K]`` int, or
+    None)."""
+
+    metrics: dict
+    originals: np.ndarray | None
+    reconstructions: np.ndarray | None
+    indices: np.ndarray | None
+    counts: np.ndarray | None
 
 
 def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: Any, config: Any,
                            mesh: Any, codebook_size: Any, max_images: int = 0,
                            bits_per_image: float | None = None
                            ) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
-    """Metrics over the held-out split, plus the first batch's originals and reconstructions.
-    The eval batch is rounded up to a multiple of the data shards (padding is masked out).
+    """``reconstruction_pass`` as ``(metrics, originals, reconstructions)``."""
+    r = reconstruction_pass(eval_fn, model_params, model_state, config, mesh, codebook_size,
+                            max_images, bits_per_image)
+    return r.metrics, r.originals, r.reconstructions
+
+
+def reconstruction_pass(eval_fn: Callable, model_params: Any, model_state: Any, config: Any,
+                        mesh: Any, codebook_size: Any, max_images: int = 0,
+                        bits_per_image: float | None = None) -> ReconstructionPass:
+    """Metrics over the held-out split, plus the first batch's originals and reconstructions and
+    the codebook counts. The eval batch is rounded up to a multiple of the data shards (padding is
+    masked out).
 
     With ``bits_per_image`` (a discrete tokenizer: tokens x log2 codebook) the same-bit thumbnail
     baseline is measured on the same images (``evaluation.thumbnail``; its size and bit depth
@@ -81,7 +166,7 @@ def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: An
     thumb = None   # (side, bits per channel) of the same-bit thumbnail baseline
     fid = InceptionEval.from_config(config, mesh)
     counter = ev.CodebookCounter(codebook_size) if codebook_size else None
-    first = (None, None)
+    first = (None, None, None)
     for batch in it:
         mask = _gather(np.asarray(batch["mask"], bool))
         if max_images:  # count exactly max_images: drop the surplus rows of the last batch
@@ -100,7 +185,8 @@ def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: An
         if first[0] is None or bits_per_image:
             originals = _gather(np.asarray(batch["image"]))[np.nonzero(mask)[0]]
         if first[0] is None:
-            first = (originals, _gather(rec)[np.nonzero(mask)[0]])
+            rows = np.nonzero(mask)[0]
+            first = (originals, _gather(rec)[rows], None if indices is None else _gather(indices)[rows])
             if bits_per_image:
                 thumb = choose_thumbnail(originals[:16], bits_per_image)
         if thumb is not None:
@@ -113,12 +199,14 @@ def reconstruction_metrics(eval_fn: Callable, model_params: Any, model_state: An
     if thumb is not None:
         metrics.update(bits_per_image=float(bits_per_image), thumbnail_psnr=thumb_sum / count,
                        thumbnail_side=thumb[0], thumbnail_bits=thumb[1])
+    counts = None
     if counter is not None and counter.num_updates:
         result = counter.result(prefix="codebook_")
         metrics.update({k: float(v) for k, v in result.items()})
+        counts = np.asarray(jax.device_get(counter.counts))
     if fid is not None:
         metrics.update(fid.result())
-    return metrics, first[0], first[1]
+    return ReconstructionPass(metrics, *first, counts)
 
 
 _INCEPTION_CACHE: dict = {}

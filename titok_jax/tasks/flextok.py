@@ -22,7 +22,9 @@ empty is an error unless ``allow_random`` (tests and tiny runs). Its patch featu
 the decoder's patch grid (``losses.repa.match_grid``).
 
 ``reconstruct`` encodes, then decodes all ``R`` tokens with the sampler of ``config.sampler``
-(``steps``, ``guidance``, ``seed``): a fixed key, so evaluation is deterministic.
+(``steps``, ``guidance``, ``seed``): a fixed key, so evaluation is deterministic. ``titok-jax
+eval`` also decodes the first ``samples.num_images`` held-out images from their first 1, 2, 4, ...,
+R tokens: ``samples/coarse_to_fine_*.png``, ``samples/psnr_vs_tokens_*.png``, ``psnr_tokens_{k}``.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from titok_jax.models.flextok_blocks import ViTFeatures
 from titok_jax.nets.files import load_frozen_params
 from titok_jax.trees import check_tree_matches, flatten, unflatten
 from titok_jax.models.registry import build_model
-from titok_jax.tasks.base import register_task
+from titok_jax.tasks.base import EvalContext, EvalResult, register_task
+from titok_jax.tasks.eval_reconstruction import evaluate_reconstruction
 from titok_jax.tasks.flow_tokenizer import FlowTokenizerTask
 from titok_jax.tasks.host_params import overwrite_from_host
 from titok_jax.tasks.runs import restore_run
@@ -207,6 +210,17 @@ class FlexTokTask(FlowTokenizerTask):
     def reconstruct(self, model_params: Any, model_state: Any, images: jax.Array) -> tuple[jax.Array, Any]:
         """Encode, then decode all tokens with ``config.sampler`` from its fixed seed (deterministic)."""
         ids = self.encode(model_params, model_state, images)
-        rec = self.decode(model_params, model_state, ids, key=jax.random.key(self.eval_seed),
-                          steps=self.steps, guidance=self.guidance)
-        return rec, ids
+        return self.eval_decode(model_params, model_state, ids), ids
+
+    def eval_decode(self, model_params: Any, model_state: Any, ids: jax.Array) -> jax.Array:
+        """Any prefix ``[B, k]`` of ids -> images, with evaluation's sampler (``config.sampler``)
+        from its fixed seed: ``reconstruct``'s decode."""
+        return self.decode(model_params, model_state, ids, key=jax.random.key(self.eval_seed),
+                           steps=self.steps, guidance=self.guidance)
+
+    def evaluate(self, model_params: Any, model_state: Any, ctx: EvalContext) -> EvalResult:
+        """``evaluate_reconstruction``; a task built for inference (``titok-jax eval``) adds the
+        coarse-to-fine strip, the PSNR-vs-tokens plot and ``psnr_tokens_{k}`` (their decodes from
+        1, 2, 4, ..., K tokens are extra work that training's evaluations skip)."""
+        return evaluate_reconstruction(self, model_params, model_state, ctx,
+                                       prefix_decode=self.eval_decode if self.inference else None)

@@ -13,11 +13,13 @@ Tokens come either from pre-tokenized shards (``data.source = "tokens:DIR"``, wr
 ``config.tokenizer.workdir`` (any other ``data.source``; its params are a constant of the step).
 Evaluation reports the task's token metrics (MaskGIT: loss and accuracy on a fixed, seeded mask) on
 the first eval batch and samples one image per class (or per null label) for the grid, decoded by
-the tokenizer of ``config.tokenizer.workdir`` or of the token shards.
+the tokenizer of ``config.tokenizer.workdir`` or of the token shards; ``titok-jax eval`` also
+draws a few samples of a few classes (and, for AR on FlexTok tokens, each at 1, 2, 4, ..., N
+tokens: ``tasks/eval_generation.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,9 @@ import numpy as np
 from titok_jax.generators import masking
 from titok_jax.generators.maskgit import MaskGITTransformer, generate_tokens
 from titok_jax.models.registry import DTYPES
-from titok_jax.tasks.base import GeneratorSpec, GeneratorTaskBase, register_task
-from titok_jax.tasks.eval_generation import TOKENS_PREFIX, tokenizer_workdir
+from titok_jax.tasks.base import EvalContext, EvalResult, GeneratorSpec, GeneratorTaskBase, register_task
+from titok_jax.tasks.eval_generation import TOKENS_PREFIX, evaluate_generation, tokenizer_workdir
+from titok_jax.tasks.eval_reconstruction import prefix_lengths
 
 DROPOUT_RNG = "dropout"
 # MaskGIT's sampler settings (``sample`` / ``titok-jax generate`` overrides).
@@ -46,6 +49,8 @@ class TokenGeneratorTask(GeneratorTaskBase):
 
     model_class: Any = None
     sampler_keys: tuple[str, ...] = ()
+    # A causal generator (AR): the first k tokens of a sample are a sample of k tokens.
+    causal: ClassVar[bool] = False
 
     def __init__(self, config: Any, *, inference: bool = False):
         super().__init__(config, inference=inference)
@@ -65,6 +70,7 @@ class TokenGeneratorTask(GeneratorTaskBase):
         self.tokenizer_workdir = str(config.tokenizer.workdir or "")
         self._tokenizer: Any = None
         self._decoder: Any = None
+        self._decodes_prefixes = False  # the decoder's tokenizer decodes any prefix (FlexTok)
         if self.on_the_fly and not self.tokenizer_workdir and not inference:
             raise ValueError(f"data.source={config.data.source!r} is images, so the generator needs "
                              "--config.tokenizer.workdir=DIR (a tokenizer workdir), or pre-tokenized data: "
@@ -110,7 +116,21 @@ class TokenGeneratorTask(GeneratorTaskBase):
                 run = restore_run(workdir, kind="tokenizer")
                 fn = jax.jit(lambda p, s, t: run.task.decode(p, s, t, key=jax.random.key(0)))
                 self._decoder = lambda ids: np.asarray(fn(run.params, run.model_state, jnp.asarray(ids)))
+                self._decodes_prefixes = bool(run.task.token_spec.variable_length)
         return self._decoder or None
+
+    def sample_lengths(self) -> list[int]:
+        """The token counts ``1, 2, 4, ..., N`` evaluation shows a sample at: a causal generator
+        whose tokenizer decodes prefixes (AR on FlexTok tokens); ``[]`` otherwise."""
+        if not self.causal or self.decoder() is None or not self._decodes_prefixes:
+            return []
+        return prefix_lengths(self.model.num_tokens)
+
+    def evaluate(self, model_params: Any, model_state: Any, ctx: EvalContext) -> EvalResult:
+        """``evaluate_generation``; a task built for inference (``titok-jax eval``) adds the
+        per-class sample grid and, where ``sample_lengths`` allows, the grid over token counts."""
+        return evaluate_generation(self, model_params, ctx, pictures=self.inference,
+                                   lengths=self.sample_lengths() if self.inference else ())
 
     def _check_vocab(self, codebook_size: Any, num_tokens: Any, what: str) -> None:
         if codebook_size is None:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from titok_jax import data as data_lib
 from titok_jax.checkpoint import Checkpointer, write_config
 from titok_jax.errors import TrainingError, WriteWarning
+from titok_jax.evaluation import plots
 from titok_jax.evaluation.images import save_png
 from titok_jax.tasks import EvalContext
 from titok_jax.train import memory
@@ -56,6 +57,7 @@ class Trainer:
                                          ck.get("keep_every_steps", 0), ck.get("async_save", True))
         self.writer = MetricWriter(self.workdir)
         self._constants = None  # the task's host constants, computed once
+        self.pictures: dict[str, str] = {}  # name -> path of the last evaluation's pictures
 
     # ------------------------------------------------------------------ state
     def abstract_with_shardings(self) -> Any:
@@ -102,14 +104,17 @@ class Trainer:
 
     def evaluate(self, model_params: Any, model_state: Any, step: int) -> tuple[dict, str | None]:
         """``task.evaluate`` on the held-out data; writes ``eval.jsonl`` and every image the task
-        returns as ``samples/{name}_{step:09d}.png`` (and to TensorBoard). Returns ``(metrics, path
-        of the first image or None)``."""
+        returns as ``samples/{name}_{step:09d}.png`` (and to TensorBoard), then refreshes
+        ``curves.png`` from ``metrics.jsonl`` and ``eval.jsonl`` (``evaluation.plots``; a failed
+        plot is a warning). ``self.pictures``: ``{name: path}`` of what was written. Returns
+        ``(metrics, path of the first image or None)``."""
         cfg = self.config
         ctx = EvalContext(config=cfg, mesh=self.mesh, step=int(step),
                           max_images=int(cfg.data.get("eval_num_images", 0) or 0),
                           constants=self._constants)  # None: the task reads what it needs
         result = self.task.evaluate(model_params, model_state, ctx)
         first_path = None
+        self.pictures = {}
         try:  # a read-only or full workdir costs the grid and the log line, not the metrics
             if jax.process_index() == 0:
                 for name, image in result.images.items():
@@ -117,11 +122,17 @@ class Trainer:
                     save_png(path, image)
                     self.writer.image(name, image, step)
                     first_path = first_path or path
+                    self.pictures[name] = path
             self.writer.write("eval.jsonl", step, result.metrics, prefix="eval/")
             self.writer.flush()
         except OSError as e:
             warnings.warn(WriteWarning(f"could not write the evaluation of step {step} to "
                                        f"{self.workdir}: {e.strerror or e}"))
+        if jax.process_index() == 0:
+            curves = plots.try_plot(f"the training curves in {self.workdir}", plots.write_curves,
+                                    self.workdir)
+            if curves:
+                self.pictures["curves"] = curves
         return result.metrics, first_path
 
 
@@ -311,6 +322,7 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
         "metrics": os.path.join(t.workdir, "metrics.jsonl"),
         "eval": os.path.join(t.workdir, "eval.jsonl"),
         "grid": grid_path,
+        "pictures": dict(t.pictures),   # the last evaluation's: {name: path}
         "last_eval": last_eval,
         "last_metrics": last_metrics,
     }
