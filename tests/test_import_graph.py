@@ -23,6 +23,7 @@ FLOORS = {
     "nets": 8,                                                 # frozen feature networks
     "checkpoint_integrity": 8, "checkpoint_quiet": 8,          # checkpoint's file checks, Orbax's noise
     "nn": 9, "trees": 9,                                       # layers; flat param trees
+    "outputs": 9,                                              # output files: refuse, stage, rename
     "errors": 10,                                              # user errors vs bugs (imports nothing)
 }
 

@@ -22,12 +22,12 @@ Also here, for the command line: ``list_images`` (an image file or a directory o
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from titok_jax.outputs import check_new_outputs, staging
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_BATCH_SIZE = 32
@@ -170,7 +170,7 @@ class Tokenizer:
         if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
             raise FileExistsError(f"output {output_dir} is a file; expected an output directory")
         outputs = paths_inside(output_dir, png_names(names), f"{source}: images", source=names)
-        check_new_files(outputs, overwrite)
+        check_new_outputs(outputs, overwrite)
         return write_reconstructions(self, full, outputs, names=names, source=source,
                                      skip_unreadable=skip)
 
@@ -356,19 +356,6 @@ def report_skipped(source: str, names: Sequence[str], skipped: Sequence[int]) ->
                                       f"in {source}: {listed}"), stacklevel=2)
 
 
-def check_new_files(paths: Sequence[str], overwrite: bool = False) -> None:
-    """FileExistsError (one line) if any of ``paths`` exists, unless ``overwrite``; a directory
-    where a file goes is refused either way (as ``commands.outputs.check_new_outputs``)."""
-    for p in paths:
-        if os.path.isdir(p):
-            raise FileExistsError(f"output {p} is a directory; expected a file path")
-    existing = [p for p in paths if os.path.lexists(p)]
-    if existing and not overwrite:
-        more = f" (and {len(existing) - 1} more output file(s))" if len(existing) > 1 else ""
-        raise FileExistsError(f"output {existing[0]} already exists{more}; not overwriting it "
-                              "(pass overwrite=True / --overwrite to replace it)")
-
-
 def write_reconstructions(tokenizer: Tokenizer, paths: Sequence[str], outputs: Sequence[str], *,
                           names: Sequence[str], source: str, skip_unreadable: bool) -> list[str]:
     """Reconstruct image file ``paths[i]`` into the PNG ``outputs[i]`` (checked by the caller), in
@@ -380,51 +367,13 @@ def write_reconstructions(tokenizer: Tokenizer, paths: Sequence[str], outputs: S
     from titok_jax.evaluation.images import save_png
     skipped: list[int] | None = [] if skip_unreadable else None
     written: list[str] = []
-    with _staged_files() as stage:
+    with staging() as stage:
         for kept, images in image_batches(paths, tokenizer.image_size, tokenizer.batch_size, skipped):
             for i, rec in zip(kept, tokenizer.reconstruct(images)):
-                save_png(stage(outputs[i]), rec)
+                save_png(stage.path(outputs[i]), rec)
                 written.append(outputs[i])
         report_skipped(source, names, skipped or [])
     return written
-
-
-@contextlib.contextmanager
-def _staged_files() -> Iterator[Any]:
-    """``stage(target) -> temporary path`` beside ``target`` (same extension, folder created):
-    renamed over their targets when the block ends normally, removed with the folders made for
-    them otherwise. (The same contract as ``commands.outputs.staging``, which this floor cannot
-    import.)"""
-    pending: list[tuple[str, str]] = []
-    made: list[str] = []
-
-    def stage(target: str) -> str:
-        parent = os.path.dirname(os.path.abspath(target))
-        if not os.path.isdir(parent):
-            top = parent
-            while not os.path.isdir(os.path.dirname(top)):
-                top = os.path.dirname(top)
-            os.makedirs(parent, exist_ok=True)
-            made.append(top)
-        base = os.path.basename(target)
-        tmp = os.path.join(parent, f".{base}.{uuid.uuid4().hex[:8]}.tmp{os.path.splitext(base)[1]}")
-        pending.append((tmp, target))
-        return tmp
-
-    try:
-        yield stage
-        for tmp, target in pending:
-            if os.path.lexists(tmp):
-                os.replace(tmp, target)
-    except BaseException:
-        for tmp, _ in pending:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        for top in reversed(made):  # the folders made for the outputs, while empty
-            for root, _, _ in sorted(os.walk(top, topdown=False)):
-                with contextlib.suppress(OSError):
-                    os.rmdir(root)
-        raise
 
 
 def png_names(names: Sequence[str]) -> list[str]:

@@ -29,7 +29,7 @@ COMMANDS = {
 }
 
 # Every command that writes user-named files refuses to replace one unless given --overwrite
-# (titok_jax.commands.outputs); import-torch and `tokenize --data` never replace anything.
+# (titok_jax.outputs); import-torch and `tokenize --data` never replace anything.
 
 # Commands with an implementation: name -> (module of titok_jax.commands, function).
 HANDLERS: dict[str, tuple[str, str]] = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from titok_jax.commands.common import UsageError, check_npz_input, parse, require
-from titok_jax.commands.outputs import check_new_outputs, define_overwrite, npz_path, replacing
+from titok_jax.outputs import check_new_outputs, define_overwrite, npz_path, replacing
 
 if TYPE_CHECKING:  # numpy loads after the flags are checked
     import numpy as np

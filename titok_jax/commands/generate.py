@@ -10,7 +10,7 @@ import re
 from typing import Any, Sequence
 
 from titok_jax.commands.common import UsageError, check_npz_input, check_output_dir, parse, require
-from titok_jax.commands.outputs import check_new_outputs, define_overwrite
+from titok_jax.outputs import check_new_outputs, define_overwrite
 
 # The PNG names ``generation.generate_images`` writes: ``{index:06d}_class{K}.png``.
 _IMAGE_NAME = re.compile(r"^(\d{6,})_class-?\d+\.png$")

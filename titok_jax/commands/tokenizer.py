@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from titok_jax.commands.common import (UsageError, check_npz_input, check_output_dir, check_workdir,
                                        parse, require)
-from titok_jax.commands.outputs import (check_new_outputs, define_overwrite, npz_path, replacing,
+from titok_jax.outputs import (check_new_outputs, define_overwrite, npz_path, replacing,
                                         staging)
 
 
