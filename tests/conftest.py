@@ -47,3 +47,14 @@ def vq_release_dir(tmp_path_factory):
     assert cli.main(["import-torch", "--input", os.path.join(root, "tests", "data", "titok", "vq"),
                      "--output", out]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA's heavy optimisation passes off for a module of tiny programs (they cost more than the
+    programs run); restored afterwards."""
+    import jax
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

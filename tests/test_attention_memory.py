@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from titok_jax.losses.perceptual import LPIPS, convnext_loss, lpips_distance, lpips_loss
-from titok_jax.nets.convnext import ConvNeXt
+from titok_jax.losses.perceptual import convnext_loss, lpips_distance, lpips_loss
 from titok_jax.nn import MultiHeadAttention, causal_mask, dot_product_attention, padding_mask
 from titok_jax.nn.attention import CHUNKED_MIN_LOGITS, attention_implementation
 
-from test_perceptual_sharding import TINY_CONVNEXT, _images, _random_params
+from test_perceptual_sharding import _images, convnext_params, lpips_params  # noqa: F401 (fixtures)
 
 
 def _qkv(b, q, k, h, d, seed=0):
@@ -117,16 +116,6 @@ def test_chunked_attention_plans_less_temporary_memory(grad):
 
 
 # ---- perceptual nets in the compute dtype ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def lpips_params():
-    x = jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)
-    return _random_params(jax.eval_shape(LPIPS().init, jax.random.key(0), x, x)["params"], 0)
-
-
-@pytest.fixture(scope="module")
-def convnext_params():
-    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    return _random_params(jax.eval_shape(ConvNeXt(**TINY_CONVNEXT).init, jax.random.key(0), x)["params"], 1)
 
 
 def _conv_types(fn, *args):

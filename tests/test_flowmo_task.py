@@ -161,9 +161,5 @@ def test_load_tokenizer_after_two_steps_and_post_init_from(tmp_path):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA's heavy optimisation passes cost more than these tiny programs run; restored afterwards."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+def _fast_compile(fast_compile):
+    """Every test here runs with XLA's heavy optimisation passes off (conftest ``fast_compile``)."""

@@ -22,12 +22,8 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA's heavy optimisation passes cost more than these tiny programs run; restored afterwards."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+def _fast_compile(fast_compile):
+    """Every test here runs with XLA's heavy optimisation passes off (conftest ``fast_compile``)."""
 
 
 def _max_diff(a, b):
