@@ -68,7 +68,7 @@ def test_two_processes_train_one_run(tmp_path):
     # left half-written (orbax's tmp dirs) by the second process
     assert sorted(os.listdir(workdir)) == sorted(
         n for n in os.listdir(workdir) if n in {"checkpoints", "config.json", "metrics.jsonl", "eval.jsonl",
-                                                "samples", "tb"})
+                                                "curves.png", "samples", "tb"})
     steps = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     assert steps == ["000000002", "000000004"], steps
     for root, dirs, _ in os.walk(os.path.join(workdir, "checkpoints")):

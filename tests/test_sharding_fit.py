@@ -87,3 +87,30 @@ def test_logical_shardings_place_and_name_the_params(fsdp4):
     abstract = jax.eval_shape(_Net(odd_table=True).init, jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"params/table \(1025, 1025\)"):
         logical_shardings(abstract, fsdp4, RULES)
+
+
+def test_fsdp_factored_into_two_mesh_axes_places_arrays_on_every_device():
+    # fsdp 8 as 4 x 2 (the mesh spec's fsdp_sub override; beyond 128 devices it is automatic)
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 8, "fsdp_sub": 2})
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "fsdp_sub": 2, "tensor": 1}
+    # 12 = 4 x 3: fsdp splits it and fsdp_sub the other dimension; 16 takes the whole group
+    assert _fit(P("fsdp", None), (12, 6), mesh) == P("fsdp", "fsdp_sub")
+    assert _fit(P("fsdp", None), (16, 6), mesh) == P(("fsdp", "fsdp_sub"), None)
+    split = jax.sharding.NamedSharding(mesh, P("fsdp", "fsdp_sub"))
+    x = jax.device_put(jnp.arange(72.0).reshape(12, 6), split)
+    assert {s.data.shape for s in x.addressable_shards} == {(3, 3)}
+    # the whole group on one dimension is the layout of one fsdp axis of size 8
+    one = sharding_lib.make_mesh({"data": 1, "fsdp": 8})
+    grouped = jax.sharding.NamedSharding(mesh, P(("fsdp", "fsdp_sub"), None))
+    single = jax.sharding.NamedSharding(one, P("fsdp", None))
+    assert grouped.devices_indices_map((16, 6)) == single.devices_indices_map((16, 6))
+    # the batch is split over all 8 devices
+    batch = jax.device_put(jnp.zeros((16, 3)), sharding_lib.batch_sharding(mesh))
+    assert {s.data.shape for s in batch.addressable_shards} == {(2, 3)}
+
+
+def test_unnamed_large_leaves_are_split_over_fsdp(fsdp4):
+    # a leaf its names leave unsplit (a codebook, an unnamed statistic) goes on its largest dimension
+    assert _fit(P(None, None), (64, 64), fsdp4) == P("fsdp", None)
+    assert _fit(P(), (6, 128), fsdp4) == P(None, "fsdp")
+    assert _fit(P(None, "tensor"), (64, 64), fsdp4) == P("fsdp", "tensor")

@@ -1,5 +1,8 @@
 """Processes and devices: each process's share of a global batch, and host NumPy batches ->
-global ``jax.Array`` s sharded over the mesh's batch axes (the one ``batch_sharding`` of the package)."""
+global ``jax.Array`` s sharded over the mesh's batch axes (the one ``batch_sharding`` of the package).
+
+The batch is split over every device of ``data`` x ``fsdp`` (``fsdp_sub`` is the second factor of the
+config's ``fsdp``, see ``train.sharding.fsdp_split``); ``tensor`` devices share their examples."""
 from __future__ import annotations
 
 import math
@@ -10,7 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     from jax.sharding import Mesh, NamedSharding
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "fsdp_sub")
 
 
 def process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -37,6 +40,12 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     return int(global_batch_size) // process_count
 
 
+def batch_shards(mesh: Mesh, data_axes: Sequence[str] = BATCH_AXES) -> int:
+    """How many ways ``batch_sharding`` splits the batch: the product of the mesh's ``data_axes``
+    (a global batch must be a multiple of it)."""
+    return math.prod(mesh.shape[a] for a in data_axes if a in mesh.axis_names)
+
+
 def batch_sharding(mesh: Mesh, data_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
     """``NamedSharding(mesh, P(axes))``: the batch dimension split over the mesh's ``data_axes``
     (axes the mesh lacks are ignored), every other dimension replicated."""
@@ -53,7 +62,7 @@ def to_global_array(local_batch: Any, mesh: Mesh, data_axes: Sequence[str] = BAT
     import jax
 
     sharding = batch_sharding(mesh, data_axes)
-    shards = math.prod(mesh.shape[a] for a in data_axes if a in mesh.axis_names)
+    shards = batch_shards(mesh, data_axes)
     count = jax.process_count()
 
     def one(x):

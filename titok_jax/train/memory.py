@@ -11,8 +11,12 @@ and ``JAX_PLATFORMS=cpu`` set before JAX is imported it sizes a pod's mesh on on
 
 Every number is per device and per step except ``device_count``. ``collective_bytes_per_step`` is
 the sum of the operand sizes of every all-reduce / all-gather / reduce-scatter / all-to-all /
-collective-permute in the compiled program, each counted once (one inside a loop body, e.g. the
-gradient-accumulation scan, counts once, not once per iteration)."""
+collective-permute the compiled program runs: one inside a loop body (a scan over layers, the
+gradient-accumulation scan) counts once per iteration of the loop.
+
+``plan_report(config, n)`` is the part that needs no compile and no devices: the train state's
+shardings on a ``jax.sharding.AbstractMesh`` of ``n`` devices (``sharding.abstract_mesh``), hence
+its per-device bytes against the ideal, for any pod size on any host in seconds."""
 from __future__ import annotations
 
 import math
@@ -20,10 +24,13 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from titok_jax.train import sharding as sharding_lib
+from titok_jax.train.optimizer import make_optimizer
 from titok_jax.train.parts import RunParts, build_parts, with_shardings
+from titok_jax.train.state import TrainState, abstract_and_shardings
 from titok_jax.train.step import build_step, step_options
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -32,6 +39,9 @@ _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
           "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_CALLED = re.compile(r"\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)")
 
 
 def _dtype_bytes(name: str) -> float:
@@ -53,30 +63,61 @@ def shape_bytes(text: str) -> int:
 
 
 def collective_bytes(hlo_text: str) -> int:
-    """Sum of the operand sizes of the collectives (``COLLECTIVES``, sync or ``-start``) of a
-    compiled HLO module's text; operands printed by name are looked up in the module."""
+    """Bytes the collectives (``COLLECTIVES``, sync or ``-start``) of a compiled HLO module's text
+    move in one execution: the sum of their operand sizes (operands printed by name are looked up
+    in the module), each counted as often as it runs - a collective in the body of a ``while`` with
+    a ``known_trip_count`` (a scan over layers, the accumulation scan) counts that many times, one in
+    any other called computation once per call (every branch of a conditional counts)."""
     shapes: dict[str, str] = {}
-    calls = []
+    own: dict[str | None, list[str]] = {None: []}
+    called: dict[str | None, list[tuple[str, int]]] = {None: []}
+    entry, current = None, None
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
         if not m:
+            header = _COMPUTATION.match(line)
+            if header:
+                current = header.group(2)
+                own[current], called[current] = [], []
+                if header.group(1):
+                    entry = current
             continue
         name, shape, op, rest = m.groups()
         shapes[name] = shape
         base = op[:-len("-start")] if op.endswith("-start") else op
         if base in COLLECTIVES:
-            calls.append(rest)
-    total = 0
-    for rest in calls:
-        args = _operands(rest)
-        for arg in args:
+            own[current].append(rest)
+        trips = _TRIP.search(rest) if op == "while" else None
+        for key, value in _CALLED.findall(rest):
+            if key == "condition":
+                continue
+            times = int(trips.group(1)) if trips and key == "body" else 1
+            for callee in re.findall(r"%?([\w.\-]+)", value):
+                called[current].append((callee, times))
+
+    def operand_bytes(rest: str) -> int:
+        total = 0
+        for arg in _operands(rest):
             inline = _SHAPE.search(arg)
             ref = re.search(r"%?([\w.\-]+)\s*$", arg)
             if inline:
                 total += shape_bytes(arg[:ref.start()] if ref else arg)
             elif ref and ref.group(1) in shapes:
                 total += shape_bytes(shapes[ref.group(1)])
-    return total
+        return total
+
+    memo: dict[str | None, int] = {}
+
+    def computation_bytes(comp: str | None) -> int:
+        if comp not in memo:
+            memo[comp] = 0   # a cycle (never in valid HLO) counts once
+            memo[comp] = (sum(operand_bytes(r) for r in own.get(comp, ())) +
+                          sum(t * computation_bytes(c) for c, t in called.get(comp, ()) if c in own))
+        return memo[comp]
+
+    if entry is None:   # a fragment without an ENTRY computation: every collective once
+        return sum(operand_bytes(r) for rests in own.values() for r in rests)
+    return computation_bytes(entry)
 
 
 def _operands(rest: str) -> list[str]:
@@ -207,7 +248,7 @@ def abstract_batch(config: Any, task: Any, mesh: Any) -> dict:
     if missing:
         raise ValueError(f"no abstract batch entry for {missing} (data source {source!r})")
     sh = sharding_lib.batch_sharding(mesh)
-    shards = math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES if a in mesh.axis_names)
+    shards = sharding_lib.batch_shards(mesh)
     if b % shards:
         raise ValueError(f"global batch {b} is not divisible by the {shards} shards of mesh axes "
                          f"{sharding_lib.BATCH_AXES}")
@@ -236,3 +277,45 @@ def dry_run(config: Any, workdir: str | None = None) -> dict:
     run's name here: nothing is read from or written to it."""
     del workdir  # the dry run never touches the workdir
     return step_report(build_parts(config))
+
+
+def abstract_variables(task: Any) -> Any:
+    """``jax.eval_shape(task.init)``: the boxed (logically named) abstract ``(params, model_state)``
+    of a task - the one expensive step of a sharding plan, shared by every mesh size."""
+    return jax.eval_shape(task.init, jax.random.key(0))
+
+
+def plan_state(config: Any, num_devices: int, task: Any = None, variables: Any = None
+               ) -> tuple[TrainState, TrainState]:
+    """The abstract train state of ``config`` and its shardings on an ``AbstractMesh`` of
+    ``num_devices`` devices laid out as ``config.mesh`` (``sharding.abstract_mesh``): what the
+    trainer would build, without devices or a compile. ``task`` / ``variables``
+    (``abstract_variables(task)``) may be passed in to plan several mesh sizes from one trace."""
+    if task is None:
+        from titok_jax.tasks import get_task
+        task = get_task(config)
+    if variables is None:
+        variables = abstract_variables(task)
+    mesh = sharding_lib.abstract_mesh(dict(config.mesh), num_devices)
+    rules = sharding_lib.rules_from_config(config.get("logical_axis_rules"))
+    use_ema = float(config.optimizer.get("ema_decay", 0.0) or 0.0) > 0
+
+    def init(key):
+        del key
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+    abstract, shardings, _ = abstract_and_shardings(init, lambda p: make_optimizer(config, p), use_ema,
+                                                    mesh, rules)
+    return abstract, shardings
+
+
+def plan_report(config: Any, num_devices: int, task: Any = None, variables: Any = None) -> dict:
+    """The sharding plan's numbers (``plan_state``): ``device_count``, ``state_bytes_per_device``,
+    ``ideal_state_bytes_per_device`` (total / devices) and ``largest_leaf_bytes_per_device`` (the
+    biggest shard one device holds of any state leaf)."""
+    abstract, shardings = plan_state(config, num_devices, task, variables)
+    largest = max((int(math.prod(sh.shard_shape(tuple(np.shape(x)))) * np.dtype(x.dtype).itemsize)
+                   for x, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))), default=0)
+    return {"device_count": int(num_devices),
+            "state_bytes_per_device": bytes_per_device(abstract, shardings),
+            "ideal_state_bytes_per_device": tree_bytes(abstract) / num_devices,
+            "largest_leaf_bytes_per_device": largest}
