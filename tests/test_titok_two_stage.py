@@ -153,6 +153,10 @@ def test_stage2_needs_a_stage1_workdir(tmp_path):
     c.init_from = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         get_task(c)
+    (tmp_path / "config.json").write_text("[1, 2]")   # not a JSON object: one line, not a traceback
+    with pytest.raises(ValueError) as err:
+        get_task(c)
+    assert "config.json" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("variant", load_config_module("titok").STAGES)

@@ -25,7 +25,6 @@ stage-1 run's teacher section unless its own ``teacher.weights`` is set.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Mapping
@@ -41,7 +40,7 @@ from titok_jax.models.registry import build_model, resolved_quantizer
 from titok_jax.nn.scan import match_layers
 from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 from titok_jax.tasks.host_params import overwrite_from_host
-from titok_jax.tasks.runs import restore_run
+from titok_jax.tasks.runs import read_run_config, restore_run
 from titok_jax.tasks.tokenizer import (MODEL_COLLECTIONS, QUANTIZER_RNG, SAMPLE_RNG, TokenizerTask,
                                        model_token_spec)
 
@@ -243,12 +242,11 @@ class TiTokStage2Task(TokenizerTask):
             return
         if not self.init_from:
             raise ValueError("titok_stage2 needs --config.init_from=STAGE1_WORKDIR (a titok_stage1 run)")
-        path = os.path.join(self.init_from, "config.json")
-        if not os.path.isfile(path):
+        if not os.path.isfile(os.path.join(self.init_from, "config.json")):
             raise FileNotFoundError(f"init_from {self.init_from} is not a titok_jax workdir (no "
                                     "config.json); the stage-1 workdir must stay available")
-        with open(path, encoding="utf-8") as f:
-            self.stage1_config = json.load(f)
+        # one-line errors for a config.json that is not a JSON object
+        self.stage1_config = read_run_config(self.init_from).to_dict()
         if self.stage1_config.get("task", {}).get("name") != "titok_stage1":
             raise ValueError(f"init_from {self.init_from} is a "
                              f"{self.stage1_config.get('task', {}).get('name')!r} run, not titok_stage1")
