@@ -102,7 +102,8 @@ def train(argv: Sequence[str]) -> int:
     if summary.get("grid"):
         print(f"grid:       {summary['grid']}")
     for name, path in (summary.get("pictures") or {}).items():
-        print(f"{name + ':':<12}{path}")
+        if path != summary.get("grid"):  # the grid is printed above
+            print(f"{name + ':':<11} {path}")
     return 0
 
 
