@@ -231,6 +231,18 @@ def table(cache: dict, names: list[str], devices: list[int], accumulations: list
     return "\n".join(rows + [""] + [f"[{i + 1}] {note}" for i, note in enumerate(notes)])
 
 
+def _commit() -> str:
+    """The checkout's commit (``+`` when the tree has changes), recorded with each cell."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+" if dirty else "")
+
+
 def run_cell(name: str, devices: int, accumulation: int) -> dict:
     """One cell: the compiled dry run up to ``--compile_max`` devices, else (or when the compile
     fails) the sharding plan; with the batch, the mesh size and the host it ran on."""
@@ -245,7 +257,8 @@ def run_cell(name: str, devices: int, accumulation: int) -> dict:
         if failed is not None:   # the compile's failure stays on record
             result["compile_error"] = failed["error"]
     result.update(batch=batch_for(config, devices), accumulation=accumulation, devices=devices,
-                  machine=f"{platform.node()} ({os.cpu_count()} CPUs)")
+                  machine=f"{platform.node()} ({os.cpu_count()} CPUs)",
+                  when=time.strftime("%Y-%m-%d %H:%M:%S"), commit=_commit())
     return result
 
 

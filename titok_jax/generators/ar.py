@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from titok_jax.generators.ar_sampling import ar_sample
 from titok_jax.nn import (MLP, Dropout, HeadsDense, HeadsOutDense, apply_rope, boxed,
                           dot_product_attention, make_norm, rope_angles)
+from titok_jax.nn.activation_sharding import BTD, constrain, gathered
 from titok_jax.nn.attention import module_path, split_heads
 
 Dtype = Any
@@ -125,16 +126,17 @@ class ARBlock(nn.Module):
         norm = dict(epsilon=self.norm_eps, use_bias=self.use_bias, dtype=self.dtype,
                     param_dtype=self.param_dtype)
         drop = Dropout(self.dropout)
+        x = constrain(x, BTD)   # batch-sharded activations: FSDP gathers weights, not activations
         h, new_cache = CausalSelfAttention(
             self.num_heads, self.use_rope, self.rope_theta, self.qk_norm, self.use_bias,
             self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
             make_norm(self.norm_type, name="norm_1", **norm)(x), positions, cache, index,
             deterministic)
-        x = x + drop(h, deterministic=deterministic)
+        x = constrain(x + drop(h, deterministic=deterministic), BTD)
         h = MLP(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
                 kernel_init=init_normal, dtype=self.dtype, param_dtype=self.param_dtype,
                 name="mlp")(make_norm(self.norm_type, name="norm_2", **norm)(x))
-        return x + drop(h, deterministic=deterministic), new_cache
+        return constrain(x + drop(h, deterministic=deterministic), BTD), new_cache
 
 
 class ARTransformer(nn.Module):
@@ -223,15 +225,15 @@ class ARTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, c = block(x, positions, None if cache is None else cache[i], index, not train)
             new_cache.append(c)
-        logits = self.head(self.norm(x)).astype(jnp.float32)
+        logits = constrain(self.head(self.norm(x)).astype(jnp.float32), ("batch", "tokens", None))
         return logits, (None if cache is None else tuple(new_cache))
 
     def _embed(self, token_ids: jax.Array, labels: jax.Array, is_class: jax.Array) -> jax.Array:
         """``E_cls[labels]`` where ``is_class [T]`` else ``E_tok[token_ids]`` -> ``[B, T, D]``."""
-        cls = jnp.take(self.class_embedding, labels.astype(jnp.int32), axis=0)[:, None]
-        tok = jnp.take(self.token_embedding, jnp.clip(token_ids.astype(jnp.int32), 0,
+        cls = jnp.take(gathered(self.class_embedding), labels.astype(jnp.int32), axis=0)[:, None]
+        tok = jnp.take(gathered(self.token_embedding), jnp.clip(token_ids.astype(jnp.int32), 0,
                                                       self.codebook_size - 1), axis=0)
-        return jnp.where(is_class[None, :, None], cls, tok).astype(self.dtype)
+        return constrain(jnp.where(is_class[None, :, None], cls, tok).astype(self.dtype), BTD)
 
     # ------------------------------------------------------------------ entry points
     def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from titok_jax.generators.maskgit_sampling import maskgit_sample
 from titok_jax.nn import (MLP, Dropout, LearnedPositionEmbedding, MultiHeadAttention,
                           TransformerBlock, boxed, make_norm)
+from titok_jax.nn.activation_sharding import BTD, constrain, gathered
 from titok_jax.quantizers.base import take_rows   # jnp.take that names its sharding (Explicit meshes)
 
 Dtype = Any
@@ -52,14 +53,16 @@ class BertLayer(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         norm = dict(epsilon=1e-12, dtype=self.dtype, param_dtype=self.param_dtype)
         drop = Dropout(self.dropout)
+        x = constrain(x, BTD)   # batch-sharded activations: FSDP gathers weights, not activations
         h = MultiHeadAttention(num_heads=self.num_heads, fused_qkv=False,
                                dropout_rate=self.attention_dropout, kernel_init=init_normal,
                                dtype=self.dtype, param_dtype=self.param_dtype,
                                name="attn")(x, deterministic=deterministic)
-        x = make_norm("layernorm", name="attn_ln", **norm)(x + drop(h, deterministic))
+        x = constrain(make_norm("layernorm", name="attn_ln", **norm)(x + drop(h, deterministic)), BTD)
         h = MLP(self.mlp_dim, activation="gelu", kernel_init=init_normal, dtype=self.dtype,
                 param_dtype=self.param_dtype, name="mlp")(x)
-        return make_norm("layernorm", name="mlp_ln", **norm)(x + drop(h, deterministic))
+        return constrain(make_norm("layernorm", name="mlp_ln", **norm)(x + drop(h, deterministic)),
+                         BTD)
 
 
 class _UViTBlock(TransformerBlock):
@@ -127,7 +130,7 @@ class MaskGITTransformer(nn.Module):
                                tokens.astype(jnp.int32)], axis=1)
         table = self.param("word_embeddings", boxed(init_normal, ("vocab", "embed")),
                            (self.vocab_size, w), self.param_dtype)
-        x = take_rows(table, ids).astype(self.dtype)
+        x = constrain(take_rows(gathered(table), ids).astype(self.dtype), BTD)
         x = LearnedPositionEmbedding(self.num_tokens + 1, w, embedding_init=init_normal,
                                      dtype=self.dtype, param_dtype=self.param_dtype,
                                      name="position_embeddings")(x)
@@ -138,8 +141,8 @@ class MaskGITTransformer(nn.Module):
             x = self._uvit(x, mlp_dim, det)
         logits = nn.Dense(self.codebook_size, dtype=self.dtype, param_dtype=self.param_dtype,
                           kernel_init=boxed(init_normal, ("embed", "vocab")),
-                          bias_init=boxed(zeros, ("vocab",)), name="lm_head")(x[:, 1:])
-        return logits.astype(jnp.float32)
+                          bias_init=boxed(zeros, ("vocab",)), name="lm_head")(constrain(x[:, 1:], BTD))
+        return constrain(logits.astype(jnp.float32), ("batch", "tokens", None))
 
     def _bert(self, x: jax.Array, mlp_dim: int, det: bool) -> jax.Array:
         type_emb = self.param("token_type_embeddings", boxed(init_normal, (None, "embed")),
@@ -166,11 +169,11 @@ class MaskGITTransformer(nn.Module):
             skips.append(x)
         x = block(name="mid_block")(x, det)
         for i in range(self.depth // 2):
-            x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                         kernel_init=boxed(init_normal, ("mlp", "embed")),
-                         bias_init=boxed(zeros, ("embed",)),
-                         name=f"out_blocks_{i}_skip_linear")(
-                jnp.concatenate([x, skips.pop()], axis=-1))
+            x = constrain(nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   kernel_init=boxed(init_normal, ("mlp", "embed")),
+                                   bias_init=boxed(zeros, ("embed",)),
+                                   name=f"out_blocks_{i}_skip_linear")(
+                jnp.concatenate([x, skips.pop()], axis=-1)), BTD)
             x = block(name=f"out_blocks_{i}")(x, det)
         return make_norm("layernorm", epsilon=1e-5, dtype=self.dtype,
                          param_dtype=self.param_dtype, name="norm")(x)

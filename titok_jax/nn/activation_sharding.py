@@ -110,3 +110,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         spec = P(*(c if e is P.UNCONSTRAINED else e for e, c in zip(spec, current)))
         return jax.sharding.reshard(x, spec)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def gathered(table: jax.Array) -> jax.Array:
+    """A weight (an embedding table before a row lookup) gathered whole onto every device under the
+    active rules and mesh, as FSDP gathers weights; the identity outside them. Without it XLA may
+    gather rows from the ``embed``-sharded table and move the ``[B, T, D]`` result by all-to-all."""
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty or AxisType.Manual in tuple(mesh.axis_types):
+        return table
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(table, P())
+    return jax.lax.with_sharding_constraint(table, NamedSharding(mesh, P()))
