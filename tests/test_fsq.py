@@ -175,6 +175,7 @@ def test_symmetric_grid_and_reference():
 @pytest.mark.parametrize("kwargs", [
     dict(levels=(2, 5)), dict(levels=(1, 5), symmetric=True), dict(levels=()),
     dict(levels=(3.0, 5)), dict(levels=5), dict(levels=(2 ** 16, 2 ** 16)), dict(levels=(5,), eps=-0.1),
+    dict(levels=(5,), saturation_weight=-0.1), dict(levels=(5,), saturation_weight=float("nan")),
 ])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -184,6 +185,34 @@ def test_bad_arguments(kwargs):
 def test_wrong_input_dim_is_clear_error():
     with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 3\]"):
         run(FSQ((3, 5, 4)), jnp.zeros((2, 4)))
+
+
+# ---- saturation: the metric and the optional penalty --------------------------------------------
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_saturation_metric_and_penalty_match_reference(symmetric):
+    """``saturated`` = mean(|u| > 2) and ``saturation`` = w mean(relu(|u| - 2)^2) over the tanh's
+    arguments u (z + shift; z when symmetric); its gradient is 2 w relu(|u| - 2) sign(u) / n, zero
+    wherever |u| <= 2 (only saturated values are pulled back)."""
+    levels = (8, 5, 4, 3)
+    z = (np.random.default_rng(3).standard_normal((64, 4)) * 3).astype(np.float64)
+    L = np.asarray(levels, np.float64)
+    half = (L - 1) * (1 + EPS) / 2
+    u = z if symmetric else z + np.arctanh(np.where(L % 2 == 0, 0.5, 0.0) / half)
+    excess = np.maximum(np.abs(u) - 2, 0)
+    assert 0.2 < (excess > 0).mean() < 0.8            # the case holds both kinds of values
+    w = 0.3
+    q = FSQ(levels, symmetric=symmetric, saturation_weight=w)
+    _, out = run(q, jnp.asarray(z, jnp.float32))
+    np.testing.assert_allclose(float(out.metrics["saturated"]), (np.abs(u) > 2).mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(out.losses["saturation"]), w * np.mean(excess ** 2), rtol=1e-5)
+    variables = jax.jit(q.init)(jax.random.key(0), jnp.asarray(z, jnp.float32))
+    g = jax.jit(jax.grad(lambda z: q.apply(variables, z)[1].losses["saturation"]))(
+        jnp.asarray(z, jnp.float32))
+    np.testing.assert_allclose(np.asarray(g), 2 * w * excess * np.sign(u) / z.size, rtol=1e-5,
+                               atol=1e-9)
+    # off by default: the metric is still logged, no loss term
+    _, off = run(FSQ(levels, symmetric=symmetric), jnp.asarray(z, jnp.float32))
+    assert off.losses == {} and float(off.metrics["saturated"]) == float(out.metrics["saturated"])
 
 
 # ---- dtypes and round trips --------------------------------------------------------------------
@@ -259,7 +288,7 @@ def test_shard_map_metrics_are_global():
     got = jax.jit(fn)(jax.device_put(z, jax.sharding.NamedSharding(mesh, P("data"))))
     local = run(FSQ(levels, track_usage=False), z[:2])[1].metrics
     assert float(local["usage"]) < float(ref.metrics["usage"])  # the test can tell local from global
-    for name in ("perplexity", "usage"):
+    for name in ("perplexity", "usage", "saturated"):
         np.testing.assert_allclose(float(got[name]), float(ref.metrics[name]), rtol=1e-6)
 
 

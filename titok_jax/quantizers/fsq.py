@@ -68,6 +68,11 @@ class FSQ(nn.Module):
       levels: number of levels per dimension; the input's last dimension must be ``len(levels)``.
       symmetric: use the symmetric variant (allows L = 2).
       eps: the ``(1 + eps)`` margin of the bound.
+      saturation_weight: weight of ``mean(relu(|u| - 2)^2)`` over the tanh's arguments ``u``
+        (loss ``saturation``; 0 = off). Past |u| = 2 tanh' < 0.07: a value pushed there early in
+        training keeps its extreme level and its gradient is lost (a dead dimension). The penalty
+        pulls such values back where the reconstruction's gradient reaches them again. The metric
+        ``saturated`` (the fraction of |u| > 2) is logged either way.
       track_usage: keep cumulative code counts in ``quantizer_stats`` (``cumulative_usage`` metric).
       axis_name: mesh axis to sum statistics over when run inside ``shard_map``.
     """
@@ -75,6 +80,7 @@ class FSQ(nn.Module):
     levels: Sequence[int]
     symmetric: bool = False
     eps: float = 1e-3
+    saturation_weight: float = 0.0
     track_usage: bool = True
     axis_name: Any = None
 
@@ -92,6 +98,9 @@ class FSQ(nn.Module):
             raise ValueError(f"FSQ codebook size prod{levels} = {math.prod(levels)} does not fit int32")
         if not 0.0 <= float(self.eps) < 1.0:
             raise ValueError(f"FSQ eps must be in [0, 1), got {self.eps}")
+        if not (math.isfinite(float(self.saturation_weight)) and float(self.saturation_weight) >= 0):
+            raise ValueError(f"FSQ saturation_weight must be finite and >= 0, got "
+                             f"{self.saturation_weight}")
         super().__post_init__()
 
     @classmethod
@@ -116,6 +125,14 @@ class FSQ(nn.Module):
         return np.cumprod(np.concatenate([[1], self._levels()[:-1]])).astype(np.int32)
 
     # ---- the quantizer ------------------------------------------------------------------------
+    def _tanh_argument(self, z: jax.Array) -> jax.Array:
+        """``u``, the argument of the bound's tanh: ``z`` (symmetric) or ``z + shift``."""
+        if self.symmetric:
+            return z
+        levels = self._levels()
+        half = (levels - 1) * (1.0 + float(self.eps)) / 2.0
+        return z + jnp.asarray(np.arctanh(np.where(levels % 2 == 0, 0.5, 0.0) / half), jnp.float32)
+
     def _quantize(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         """float32 ``z`` -> (float32 codes with straight-through gradient, int32 levels k)."""
         levels = self._levels()
@@ -145,11 +162,19 @@ class FSQ(nn.Module):
         if z.ndim < 1 or z.shape[-1] != self.dim:
             raise ValueError(f"FSQ with levels {tuple(self.levels)} expects inputs [..., {self.dim}], "
                              f"got shape {z.shape} (project to {self.dim} dims before quantizing)")
-        codes, k = self._quantize(z.astype(jnp.float32))
+        dtype, z = z.dtype, z.astype(jnp.float32)
+        codes, k = self._quantize(z)
         indices = self.levels_to_indices(k)
         metrics = quantizer_metrics(self, indices, self.codebook_size, train,
                                     axis_name=self.axis_name, track_usage=self.track_usage)
-        return codes.astype(z.dtype), QuantizerOutput(indices=indices, losses={}, metrics=metrics)
+        excess = jnp.abs(self._tanh_argument(z)) - 2.0
+        saturated = jnp.mean((excess > 0).astype(jnp.float32))
+        metrics["saturated"] = (saturated if self.axis_name is None
+                                else jax.lax.pmean(saturated, self.axis_name))
+        losses = {}
+        if self.saturation_weight > 0:
+            losses["saturation"] = self.saturation_weight * jnp.mean(jnp.square(jax.nn.relu(excess)))
+        return codes.astype(dtype), QuantizerOutput(indices=indices, losses=losses, metrics=metrics)
 
     # ---- index <-> code maps (pure; callable through ``apply(..., method=...)`` or unbound) -----
     def levels_to_indices(self, k: jax.Array) -> jax.Array:
