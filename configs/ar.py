@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      token_dropout=0.1, dropout=0.1)
     model.update(remat=not tiny)
     c.model = ml_collections.ConfigDict({"name": "ar", **model})
-    c.compute_dtype = "float32" if tiny else "bfloat16"
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     # data.source: "tokens:DIR" (pre-tokenized shards) or an image source tokenized on the fly by
     # the frozen tokenizer of tokenizer.workdir.
     c.data = ml_collections.ConfigDict({

@@ -49,7 +49,7 @@ FROZEN_VAE = r"^model/vae/"
 
 def _common(c: ml_collections.ConfigDict, tiny: bool, image_size: int) -> None:
     c.seed = 0
-    c.compute_dtype = "float32" if tiny else "bfloat16"
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     c.data = ml_collections.ConfigDict({
         "source": "sample", "image_size": image_size, "data_dir": "", "worker_count": 0,
         "eval_batch_size": 8 if tiny else 64, "eval_num_images": 8 if tiny else 0,

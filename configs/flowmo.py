@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"name": "flowmo", **MODELS[size], "remat": not tiny,
                                          "remat_policy": "" if tiny else "full",
                                          "scan_layers": not tiny})
-    c.compute_dtype = "float32" if tiny else "bfloat16"
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     c.init_from = ""   # post stages: the main-stage workdir (its raw, non-EMA params)
 
     c.data = ml_collections.ConfigDict({

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         model.update(codebook_size=256, num_tokens=32, num_classes=6, width=128, depth=4, num_heads=4,
                      dropout=0.1, attention_dropout=0.1)
     c.model = ml_collections.ConfigDict({"name": "maskgit", **model})
-    c.compute_dtype = "float32" if tiny else "bfloat16"
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     # data.source: "tokens:DIR" (pre-tokenized shards) or an image source tokenized on the fly by
     # the frozen tokenizer of tokenizer.workdir.
     c.data = ml_collections.ConfigDict({

@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         model = _COMMON["quantizer_option"](model, options.get("quantizer", model["quantizer"]["name"]),
                                             bits)
     c.model = ml_collections.ConfigDict({"name": "titok", **model})
-    c.compute_dtype = "float32" if tiny else "bfloat16"
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
 
     c.data = ml_collections.ConfigDict({
         "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,
@@ -166,7 +166,7 @@ def _two_stage(variant: str) -> ml_collections.ConfigDict:
     model.update(_layers(tiny))
     model["pixel_channel_mult"] = list(model.get("pixel_channel_mult", MASKGIT_F16_256["channel_mult"]))
     c.model = ml_collections.ConfigDict({"name": "titok_two_stage", **model})
-    c.compute_dtype = "float32" if tiny else "bfloat16"
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     teacher = (dict(name="maskgit_vqgan", image_size=32, hidden_channels=32, channel_mult=[1, 1, 2, 2],
                     num_res_blocks=1, z_channels=32, quantizer={"name": "vq", "codebook_size": 64})
                if tiny else

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      quantizer={"name": "vq", "codebook_size": 256, "use_ema": True,
                                 "kmeans_init": True, "dead_code_threshold": 0.5})
     c.model = ml_collections.ConfigDict({"name": "maskgit_vqgan", **model})
-    c.compute_dtype = "float32" if tiny else "bfloat16"
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
 
     c.data = ml_collections.ConfigDict({
         "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,

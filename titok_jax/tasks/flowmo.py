@@ -46,7 +46,7 @@ from jax import lax
 
 from titok_jax import losses as L
 from titok_jax.flow import rectified_flow_loss, time_sampler_preset
-from titok_jax.models.registry import build_model
+from titok_jax.models.registry import build_model, resolve_compute_dtype
 from titok_jax.nn.scan import match_layers
 from titok_jax.tasks.base import register_task
 from titok_jax.tasks.flow_tokenizer import FlowTokenizerTask
@@ -88,7 +88,8 @@ class FlowMoTask(FlowTokenizerTask):
         if self.image_size != self.model.image_size:
             raise ValueError(f"data.image_size {self.image_size} != model.image_size {self.model.image_size}")
         self._loaded: tuple[Any, Any] | None = None
-        self.perceptual_dtype = config.compute_dtype  # the frozen trunks run in the compute dtype
+        # the frozen trunks run in the compute dtype
+        self.perceptual_dtype = resolve_compute_dtype(config.compute_dtype)
         if inference:  # the run's own checkpoint holds every weight; the recipe is training-only
             return
         fc = config.flowmo  # every key has its default in configs/flowmo.py

@@ -27,7 +27,7 @@ import numpy as np
 
 from titok_jax.generators import masking
 from titok_jax.generators.maskgit import MaskGITTransformer, generate_tokens
-from titok_jax.models.registry import DTYPES
+from titok_jax.models.registry import DTYPES, resolve_compute_dtype
 from titok_jax.tasks.base import EvalContext, EvalResult, GeneratorSpec, GeneratorTaskBase, register_task
 from titok_jax.tasks.eval_generation import TOKENS_PREFIX, evaluate_generation, tokenizer_workdir
 from titok_jax.tasks.eval_reconstruction import prefix_lengths
@@ -56,9 +56,7 @@ class TokenGeneratorTask(GeneratorTaskBase):
         super().__init__(config, inference=inference)
         kwargs = dict(config.model)
         kwargs.pop("name", None)
-        dtype = config.compute_dtype
-        if dtype not in DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = resolve_compute_dtype(config.compute_dtype)
         try:
             self.model = self.model_class(**kwargs, dtype=DTYPES[dtype])
         except TypeError as e:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from titok_jax import losses as L
 from titok_jax.models.discriminator import build_discriminator
-from titok_jax.models.registry import build_model
+from titok_jax.models.registry import build_model, resolve_compute_dtype
 from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 
 MODEL_COLLECTIONS = ("quantizer_stats",)
@@ -54,7 +54,8 @@ class TokenizerTask(TokenizerTaskBase):
         self.lpips_path = lc.perceptual_weights
         self.convnext_weight = float(lc.convnext_weight)
         self.convnext_path = lc.convnext_weights
-        self.perceptual_dtype = config.compute_dtype  # the frozen trunks run in the compute dtype
+        # the frozen trunks run in the compute dtype
+        self.perceptual_dtype = resolve_compute_dtype(config.compute_dtype)
         self.gan_weight = float(lc.gan_weight)
         self.gan_start = int(lc.gan_start_step)
         self.gan_kind = lc.gan_loss

@@ -30,6 +30,7 @@ from titok_jax.checkpoint import Checkpointer, write_config
 from titok_jax.errors import TrainingError, WriteWarning
 from titok_jax.evaluation import plots
 from titok_jax.evaluation.images import save_png
+from titok_jax.models.registry import resolve_compute_dtype
 from titok_jax.tasks import EvalContext
 from titok_jax.train import memory
 from titok_jax.train import sharding as sharding_lib
@@ -235,8 +236,11 @@ def train(config: Any, workdir: str, progress: bool = True, stop_at_step: int | 
         write_config(t.workdir, cfg.to_dict())
     start = int(jax.device_get(state.step))
     total = int(cfg.total_steps)
+    wanted = cfg.get("compute_dtype", "float32")
+    dtype = resolve_compute_dtype(wanted) + (" (auto)" if wanted == "auto" else "")
     print(f"[titok_jax] {cfg.family}:{cfg.variant} on {jax.device_count()} {jax.devices()[0].platform} "
-          f"device(s), mesh {dict(t.mesh.shape)}: {how}; training steps {start} -> {total}", file=sys.stderr)
+          f"device(s), mesh {dict(t.mesh.shape)}, compute {dtype}: {how}; training steps {start} -> "
+          f"{total}", file=sys.stderr)
 
     # frozen constants sharded over fsdp like params (sharding.constant_shardings)
     constants = sharding_lib.place_constants(host_constants, t.mesh)

@@ -37,8 +37,10 @@ def simulate_devices_arg(argv: Sequence[str]) -> int | None:
 def simulate_devices(n: int) -> None:
     """Make JAX start on ``n`` simulated CPU devices: ``XLA_FLAGS`` gets
     ``--xla_force_host_platform_device_count=n`` (replacing any other count) and ``JAX_PLATFORMS``
-    becomes ``cpu``. Once JAX is imported that is too late: a one-line ``RuntimeError``, unless the
-    environment already says exactly this (e.g. a test session that set it first)."""
+    becomes ``cpu``; ``compute_dtype: "auto"`` then resolves to bfloat16, as on the accelerators the
+    simulated pod stands for (``TITOK_JAX_AUTO_DTYPE``, unless set). Once JAX is imported that is
+    too late: a one-line ``RuntimeError``, unless the environment already says exactly this (e.g. a
+    test session that set it first)."""
     if n < 1:
         raise ValueError(f"--simulate_devices must be a positive integer, got {n}")
     flag = f"{DEVICE_COUNT_FLAG}={n}"
@@ -51,3 +53,6 @@ def simulate_devices(n: int) -> None:
     rest = re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", current).split()
     os.environ["XLA_FLAGS"] = " ".join(rest + [flag])
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # compute_dtype "auto" resolves as on the accelerators the simulated pod stands for
+    # (models.registry.AUTO_DTYPE_ENV; a value the user set wins)
+    os.environ.setdefault("TITOK_JAX_AUTO_DTYPE", "bfloat16")
