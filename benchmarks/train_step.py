@@ -4,7 +4,8 @@
     python benchmarks/train_step.py --config configs/titok.py:tiny --batch 16 --steps 10 [--config.KEY=VALUE ...]
 
 Random images; the step time is the median of ``--steps`` calls after compilation and ``--warmup``
-calls. Last line: {"images_per_s", "step_time_s", "peak_memory_mb", "mfu", "device"}."""
+calls. Last line: {"images_per_s", "step_time_s", "peak_memory_mb", "mfu", "device", "gflops_step",
+"compile_s", "batch"}."""
 from __future__ import annotations
 
 import os
@@ -110,7 +111,8 @@ def main(argv):
            "loss": float(jax.device_get(metrics["loss"]))}
     print_table([row], list(row))
     print_json_last({"images_per_s": row["images_per_s"], "step_time_s": step_s,
-                     "peak_memory_mb": row["peak_memory_mb"], "mfu": mfu, "device": device_name()})
+                     "peak_memory_mb": row["peak_memory_mb"], "mfu": mfu, "device": device_name(),
+                     "gflops_step": row["gflops_step"], "compile_s": compile_s, "batch": batch})
 
 
 if __name__ == "__main__":
