@@ -25,6 +25,8 @@ EXTRAS_REQUIRE = {
     # Reading official `.bin` checkpoints in `import-torch`; `.safetensors` loads without it.
     # 2.13.0 is the CPU build that ships on the development machines; any >= works elsewhere.
     "torch": ["torch>=2.5"],
+    # benchmarks/vs_reference.py: building the official PyTorch models from their checkouts.
+    "reference": ["torch>=2.5", "omegaconf>=2.3"],
 }
 
 setup(

@@ -67,3 +67,56 @@ def _fmt(v: Any) -> str:
 
 def print_json_last(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
+
+
+class StepBench:
+    """One training step exactly as the trainer builds it, compiled once; ``time(n)`` runs ``n``
+    more steps and returns their wall times (so a side-by-side benchmark can alternate blocks)."""
+
+    def __init__(self, cfg, batch: int):
+        import jax
+        import numpy as np
+
+        from titok_jax import data as data_lib
+        from titok_jax.tasks import get_task
+        from titok_jax.train import sharding as sharding_lib
+        from titok_jax.train.optimizer import make_optimizer
+        from titok_jax.train.state import abstract_and_shardings, create_state
+        from titok_jax.train.step import build_step, step_options
+
+        with cfg.unlocked():
+            cfg.batch_size = batch
+        self.cfg, self.batch = cfg, batch
+        mesh = sharding_lib.make_mesh(dict(cfg.mesh))
+        rules = sharding_lib.rules_from_config(cfg.get("logical_axis_rules"))
+        task = get_task(cfg)
+        use_ema = float(cfg.optimizer.get("ema_decay", 0.0)) > 0
+        self.abstract, shardings, optimizer = abstract_and_shardings(
+            task.init, lambda p: make_optimizer(cfg, p), use_ema, mesh, rules)
+        self.state = create_state(task.init, optimizer, use_ema, shardings, int(cfg.seed))
+        jitted = build_step(task, optimizer, shardings, mesh, **step_options(cfg, self.abstract.params))
+        self.constants = jax.device_put(task.constants(), sharding_lib.replicated(mesh))
+        size = self.image_size = int(cfg.data.image_size)
+        rng = np.random.default_rng(0)
+        local = batch // jax.process_count()
+        self.images = data_lib.to_global_array(
+            {"image": rng.uniform(0, 1, (local, size, size, 3)).astype(np.float32)}, mesh)
+        t0 = time.perf_counter()
+        self.compiled = jitted.lower(self.state, self.images, self.constants).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.metrics = None
+
+    def time(self, n: int) -> list[float]:
+        import jax
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.state, self.metrics = self.compiled(self.state, self.images, self.constants)
+            jax.block_until_ready((self.state, self.metrics))
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def params_millions(self) -> float:
+        import jax
+        import numpy as np
+        return sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract.params)) / 1e6

@@ -54,65 +54,30 @@ def step_flops(compiled) -> float | None:
 def main(argv):
     del argv
     import jax
-    import numpy as np
 
-    from common import compiled_memory_mb, device_name, print_json_last, print_table
-    from titok_jax import data as data_lib
-    from titok_jax.tasks import get_task
-    from titok_jax.train import sharding as sharding_lib
-    from titok_jax.train.optimizer import make_optimizer
-    from titok_jax.train.state import abstract_and_shardings, create_state
-    from titok_jax.train.step import build_step, step_options
+    from common import StepBench, compiled_memory_mb, device_name, print_json_last, print_table
 
     cfg = flags.FLAGS.config
     batch, steps = int(flags.FLAGS.batch), int(flags.FLAGS.steps)
-    with cfg.unlocked():
-        cfg.batch_size = batch
-
-    mesh = sharding_lib.make_mesh(dict(cfg.mesh))
-    rules = sharding_lib.rules_from_config(cfg.get("logical_axis_rules"))
-    task = get_task(cfg)
-    use_ema = float(cfg.optimizer.get("ema_decay", 0.0)) > 0
-    abstract, shardings, optimizer = abstract_and_shardings(
-        task.init, lambda p: make_optimizer(cfg, p), use_ema, mesh, rules)
-    state = create_state(task.init, optimizer, use_ema, shardings, int(cfg.seed))
-    jitted = build_step(task, optimizer, shardings, mesh, **step_options(cfg, abstract.params))
-    constants = jax.device_put(task.constants(), sharding_lib.replicated(mesh))
-
-    size = int(cfg.data.image_size)
-    rng = np.random.default_rng(0)
-    local = batch // jax.process_count()
-    images = data_lib.to_global_array(
-        {"image": rng.uniform(0, 1, (local, size, size, 3)).astype(np.float32)}, mesh)
-
-    t0 = time.perf_counter()
-    compiled = jitted.lower(state, images, constants).compile()
-    compile_s = time.perf_counter() - t0
-    for _ in range(int(flags.FLAGS.warmup)):
-        state, metrics = compiled(state, images, constants)
-    jax.block_until_ready((state, metrics))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, images, constants)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    bench = StepBench(cfg, batch)
+    bench.time(int(flags.FLAGS.warmup))
+    times = bench.time(steps)
     step_s = sorted(times)[len(times) // 2]
-
+    compiled = bench.compiled
     flops = step_flops(compiled)
     peak = peak_flops_per_device(jax.devices()[0])
     # cost_analysis counts the partitioned (per-device) SPMD program: per-device FLOPs / per-device peak
     mfu = flops / (step_s * peak) if flops and peak else None
-    row = {"config": f"{cfg.family}:{cfg.variant}", "batch": batch, "image": size,
-           "params_M": sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params)) / 1e6,
-           "compile_s": compile_s, "step_time_s": step_s, "images_per_s": batch / step_s,
+    row = {"config": f"{cfg.family}:{cfg.variant}", "batch": batch, "image": bench.image_size,
+           "params_M": bench.params_millions(),
+           "compile_s": bench.compile_s, "step_time_s": step_s, "images_per_s": batch / step_s,
            "gflops_step": flops / 1e9 if flops else None,
            "peak_memory_mb": compiled_memory_mb(compiled), "mfu": mfu,
-           "loss": float(jax.device_get(metrics["loss"]))}
+           "loss": float(jax.device_get(bench.metrics["loss"]))}
     print_table([row], list(row))
     print_json_last({"images_per_s": row["images_per_s"], "step_time_s": step_s,
                      "peak_memory_mb": row["peak_memory_mb"], "mfu": mfu, "device": device_name(),
-                     "gflops_step": row["gflops_step"], "compile_s": compile_s, "batch": batch})
+                     "gflops_step": row["gflops_step"], "compile_s": bench.compile_s, "batch": batch})
 
 
 if __name__ == "__main__":
