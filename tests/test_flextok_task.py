@@ -74,7 +74,7 @@ def test_optimizer_freezes_the_vae():
     assert all(float(jnp.abs(u).max()) > 0.0 for u in jax.tree.leaves(updates["model"]["decoder"]))
 
 
-def test_train_then_load_tokenizer_decodes_prefixes(tmp_path):
+def test_train_then_load_tokenizer_decodes_prefixes(tmp_path, fast_compile):
     """3 steps of the trainer (finite losses, or it raises), then the API on the workdir."""
     import json
     from titok_jax.api import load_tokenizer

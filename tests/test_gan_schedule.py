@@ -109,7 +109,7 @@ def test_logged_disc_learning_rate_counts_from_the_start_step():
                                    rtol=1e-6, atol=1e-12)
 
 
-def test_trainer_leaves_the_discriminator_alone_until_gan_start_step():
+def test_trainer_leaves_the_discriminator_alone_until_gan_start_step(fast_compile):
     """Through the task and the train step: D's params are bit-identical for steps 0..2, and its
     first update (step 3) is a fresh optimizer's first update on the same gradient."""
     config = micro_config(**{"model.quantizer.use_ema": False, "model.quantizer.kmeans_init": False,

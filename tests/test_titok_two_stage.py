@@ -191,7 +191,7 @@ def test_published_stage_configs():
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, fast_compile):
     from titok_jax.train.loop import train
     root = tmp_path_factory.mktemp("two_stage")
     m = load_config_module("titok")
