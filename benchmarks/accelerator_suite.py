@@ -31,6 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from scale import _stand_ins, load_config_module  # noqa: E402  (benchmarks/scale.py)
+
 # (family:variant) per kind; the smoke suite mirrors the real one with the tiny configs.
 SUITES = {
     "full": {"train": ("titok:l32_stage1", "titok:bl64_vq", "flextok:d18_d18", "flowmo:lo"),
@@ -47,15 +49,6 @@ SETTINGS = {  # steps / repetitions / batch sizes of the non-training benchmarks
               "dec_batch": "2", "dec_steps": "1", "reps": 1},
 }
 HOSTS_PER_PUBLISHED_BATCH = 8
-
-
-def _load(family: str) -> Any:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"configs_{family}",
-                                                  os.path.join(ROOT, "configs", f"{family}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(cmd: list[str], timeout: float) -> dict:
@@ -80,9 +73,8 @@ def _run(cmd: list[str], timeout: float) -> dict:
 
 def _overrides(name: str, work: str) -> list[str]:
     """``--config.KEY=VALUE`` stand-ins for the weight files a config needs (``scale._stand_ins``)."""
-    from scale import _stand_ins
     family, variant = name.split(":")
-    config = _load(family).get_config(variant)
+    config = load_config_module(family).get_config(variant)
     return [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}"
             for k, v in _stand_ins(name, config, work).items()]
 
@@ -115,9 +107,9 @@ def main() -> int:
     py, rows = sys.executable, []
     for name in suite["train"]:
         family, variant = name.split(":")
+        published = int(load_config_module(family).get_config(variant).batch_size)
         per_device = args.batch_per_device or (
-            1 if args.smoke else max(1, int(_load(family).get_config(variant).batch_size)
-                                     // HOSTS_PER_PUBLISHED_BATCH))
+            1 if args.smoke else max(1, published // HOSTS_PER_PUBLISHED_BATCH))
         cmd = [py, os.path.join(HERE, "train_step.py"), "--config",
                os.path.join(ROOT, "configs", f"{family}.py") + f":{variant}",
                "--batch", str(per_device * count), "--steps", str(s["train_steps"]),

@@ -26,6 +26,7 @@ and a token data set of the generator's vocabulary with no shards (the dry run r
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -231,6 +232,7 @@ def table(cache: dict, names: list[str], devices: list[int], accumulations: list
     return "\n".join(rows + [""] + [f"[{i + 1}] {note}" for i, note in enumerate(notes)])
 
 
+@functools.lru_cache(maxsize=None)
 def _commit() -> str:
     """The checkout's commit (``+`` when the tree has changes), recorded with each cell."""
     try:

@@ -57,7 +57,8 @@ def activation_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Iterator[N
         yield
 
 
-def _axes_tuple(axes: Any) -> tuple[str, ...]:
+def axes_tuple(axes: Any) -> tuple[str, ...]:
+    """A spec entry's mesh axis names as a tuple (None -> (), a name -> (name,))."""
     if axes is None:
         return ()
     return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
@@ -82,7 +83,7 @@ def activation_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Any
         if name is None:
             entries.append(P.UNCONSTRAINED)
             continue
-        axes = tuple(a for a in _axes_tuple(axes) if sizes.get(a, 1) > 1)
+        axes = tuple(a for a in axes_tuple(axes) if sizes.get(a, 1) > 1)
         size = math.prod(sizes[a] for a in axes)
         if not axes:
             entries.append(None)
@@ -93,18 +94,19 @@ def activation_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Any
     return P(*entries)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """``x`` constrained to the sharding its logical ``names`` (one per dimension, see
-    ``ACTIVATION_AXES``) have under the active rules and mesh; the identity outside them."""
-    rules = nn.get_logical_axis_rules()
+def _active_mesh() -> Any:
+    """The abstract mesh ``constrain`` / ``gathered`` place onto: set, with logical rules active, and
+    not inside ``shard_map`` (Manual axes); None otherwise (both are then the identity)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return x
-    types = tuple(mesh.axis_types)
-    if AxisType.Manual in types:
-        return x
-    spec = activation_spec(names, x.shape, mesh, rules)
-    if all(t == AxisType.Explicit for t in types):
+    if not nn.get_logical_axis_rules() or mesh.empty or AxisType.Manual in tuple(mesh.axis_types):
+        return None
+    return mesh
+
+
+def _place(x: jax.Array, spec: P, mesh: Any) -> jax.Array:
+    """``x`` resharded to ``spec`` on an Explicit mesh (``UNCONSTRAINED`` entries keep ``x``'s
+    current ones), constrained to it on an Auto mesh."""
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
         current = tuple(jax.typeof(x).sharding.spec)
         current += (None,) * (x.ndim - len(current))
         spec = P(*(c if e is P.UNCONSTRAINED else e for e, c in zip(spec, current)))
@@ -112,14 +114,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` constrained to the sharding its logical ``names`` (one per dimension, see
+    ``ACTIVATION_AXES``) have under the active rules and mesh; the identity outside them."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return x
+    return _place(x, activation_spec(names, x.shape, mesh, nn.get_logical_axis_rules()), mesh)
+
+
 def gathered(table: jax.Array) -> jax.Array:
     """A weight (an embedding table before a row lookup) gathered whole onto every device under the
     active rules and mesh, as FSDP gathers weights; the identity outside them. Without it XLA may
     gather rows from the ``embed``-sharded table and move the ``[B, T, D]`` result by all-to-all."""
-    rules = nn.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty or AxisType.Manual in tuple(mesh.axis_types):
-        return table
-    if all(t == AxisType.Explicit for t in mesh.axis_types):
-        return jax.sharding.reshard(table, P())
-    return jax.lax.with_sharding_constraint(table, NamedSharding(mesh, P()))
+    mesh = _active_mesh()
+    return table if mesh is None else _place(table, P(), mesh)

@@ -144,13 +144,10 @@ class FSQ(nn.Module):
             codes = (2.0 * k - lm1) / lm1
             k_int = jnp.floor(y).astype(jnp.int32)
         else:
-            half_np = (levels - 1) * (1.0 + float(self.eps)) / 2.0
-            offset_np = np.where(levels % 2 == 0, 0.5, 0.0)
-            shift = jnp.asarray(np.arctanh(offset_np / half_np), jnp.float32)
-            half = jnp.asarray(half_np, jnp.float32)
-            offset = jnp.asarray(offset_np, jnp.float32)
+            half = jnp.asarray((levels - 1) * (1.0 + float(self.eps)) / 2.0, jnp.float32)
+            offset = jnp.asarray(np.where(levels % 2 == 0, 0.5, 0.0), jnp.float32)
             width = jnp.asarray(levels // 2, jnp.float32)
-            bounded = jnp.tanh(z + shift) * half - offset
+            bounded = jnp.tanh(self._tanh_argument(z)) * half - offset
             r = straight_through(bounded, jnp.round(bounded))
             codes = r / width
             k_int = jnp.round(bounded).astype(jnp.int32) + (levels // 2).astype(np.int32)

@@ -31,6 +31,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 # the one batch sharding of the package
 from titok_jax.data.hosts import BATCH_AXES, batch_shards, batch_sharding  # noqa: F401
+from titok_jax.nn.activation_sharding import axes_tuple
 
 # The config's mesh spec: {data, fsdp, tensor} sizes (plus an optional ``fsdp_sub`` override).
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -165,17 +166,11 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str,
                                             is_leaf=lambda x: isinstance(x, P))
 
 
-def _names(axes: Any) -> tuple[str, ...]:
-    if axes is None:
-        return ()
-    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-
-
 def _group(axes: Any, sizes: Mapping[str, int]) -> tuple[str, ...]:
     """The mesh axes of a spec entry with ``fsdp`` expanded to ``FSDP_AXES`` (``fsdp_sub`` only
     where the mesh has it) and axes of size 1 dropped."""
     out: list[str] = []
-    for a in _names(axes):
+    for a in axes_tuple(axes):
         for g in (FSDP_AXES if a == "fsdp" else (a,)):
             if g == "fsdp_sub" and g not in sizes:
                 continue
@@ -283,7 +278,7 @@ def _fits(spec: P, shape: tuple[int, ...], sizes: Mapping[str, int]) -> bool:
 
 def _shard_elements(spec: P, shape: tuple[int, ...], sizes: Mapping[str, int]) -> int:
     """Elements of one device's shard of a ``shape`` leaf placed by ``spec``."""
-    split = math.prod(sizes[a] for e in spec for a in _names(e))
+    split = math.prod(sizes[a] for e in spec for a in axes_tuple(e))
     return math.prod(shape) // split
 
 
