@@ -25,8 +25,9 @@ EXTRAS_REQUIRE = {
     # Reading official `.bin` checkpoints in `import-torch`; `.safetensors` loads without it.
     # 2.13.0 is the CPU build that ships on the development machines; any >= works elsewhere.
     "torch": ["torch>=2.5"],
-    # benchmarks/vs_reference.py: building the official PyTorch models from their checkouts.
-    "reference": ["torch>=2.5", "omegaconf>=2.3"],
+    # benchmarks/vs_reference.py: building the official PyTorch models from their checkouts;
+    # einops + einx: lucidrains/vector-quantize-pytorch in benchmarks/vs_quantizers.py.
+    "reference": ["torch>=2.5", "omegaconf>=2.3", "einops>=0.8.0", "einx>=0.3.0"],
 }
 
 setup(

@@ -253,6 +253,37 @@ def test_train_transform_deterministic_in_seed_and_index():
             D.TrainTransform(seed=0, **{"image_size": 32, **bad})
 
 
+def test_rotate_hue_keeps_luminance_and_rotates_chroma():
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 200, (16, 16, 3), dtype=np.uint8)   # mid-range: little clipping
+    np.testing.assert_array_equal(D.rotate_hue(img, 0.0, 1.0), img)
+    lum = np.array([0.299, 0.587, 0.114])
+    for angle, sat in [(0.7, 1.0), (np.pi, 0.5), (2.0, 1.4)]:
+        out = D.rotate_hue(img, angle, sat)
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        unclipped = (out > 0).all(-1) & (out < 255).all(-1)
+        assert unclipped.mean() > 0.8
+        np.testing.assert_allclose((out @ lum)[unclipped], (img @ lum)[unclipped], atol=1.0)
+    # a full turn is the identity; saturation 0 gives the grey of equal luminance
+    np.testing.assert_allclose(D.rotate_hue(img, 2 * np.pi), img, atol=1)
+    grey = D.rotate_hue(img, 1.0, 0.0).astype(float)
+    np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1)
+    np.testing.assert_allclose(grey[..., 0], img @ lum, atol=1)
+    # half a turn maps a colour's chroma to its negative: red -> cyan-ish, luminance kept
+    red = np.array([[[180, 60, 60]]], np.uint8)
+    cyan = D.rotate_hue(red, np.pi)[0, 0].astype(int)
+    assert cyan[0] < 100 and cyan[1] > 100 and cyan[2] > 100
+    # the transform applies it with probability `hue`: same seed and index, same colours
+    rec = {"image": D.load_sample_image("coffee")}
+    plain, hued = D.TrainTransform(32, seed=1), D.TrainTransform(32, seed=1, hue=1.0)
+    a, b = plain(5, rec)["image"], hued(5, rec)["image"]
+    np.testing.assert_array_equal(b, hued(5, rec)["image"])
+    assert np.abs(a - b).mean() > 0.01
+    np.testing.assert_allclose((a @ lum).mean(), (b @ lum).mean(), atol=0.01)
+    with pytest.raises(ValueError, match="hue"):
+        D.TrainTransform(32, seed=0, hue=1.5)
+
+
 def test_eval_transform_center_crop_and_padding():
     img = D.load_sample_image("chelsea")  # 300 x 451
     t = D.EvalTransform(64, value_range=(-1.0, 1.0))

@@ -194,6 +194,17 @@ def test_train_iterator_from_config():
     _assert_batches_equal([a], [b])
     e = list(D.eval_iterator_from_config(cfg, **SINGLE))
     assert len(e) == 1 and e[0]["mask"].tolist() == [True, True, True, False]
+    # hue augmentation from the config: same crops, other colours; eval never augments
+    cfg.data.hue = 1.0
+    h = next(D.train_iterator_from_config(cfg, read_threads=0, **SINGLE))
+    assert not np.array_equal(h["image"], a["image"])
+    np.testing.assert_array_equal(list(D.eval_iterator_from_config(cfg, **SINGLE))[0]["image"],
+                                  e[0]["image"])
+    # the trainer's tasks and metrics expect [0, 1]: another range is a one-line config error
+    cfg.data.value_range = (-1.0, 1.0)
+    for make in (D.train_iterator_from_config, D.eval_iterator_from_config):
+        with pytest.raises(ValueError, match=r"data.value_range must be \(0, 1\)"):
+            make(cfg, **SINGLE)
 
 
 def test_train_dataset_pickles_for_spawned_workers():

@@ -31,6 +31,7 @@ from titok_jax.data.transforms import (
     random_crop,
     random_resized_square_crop,
     resize_shorter_side,
+    rotate_hue,
     to_float,
 )
 
@@ -40,6 +41,6 @@ __all__ = [
     "decode_image_file", "eval_iterator_from_config", "horizontal_flip", "load_sample_image",
     "local_batch_size", "make_eval_dataset", "make_eval_iterator", "make_global_batch",
     "make_source", "make_train_dataset", "make_train_iterator", "parse_source_spec",
-    "random_crop", "random_resized_square_crop", "resize_shorter_side", "to_float",
+    "random_crop", "random_resized_square_crop", "resize_shorter_side", "rotate_hue", "to_float",
     "to_global_array", "to_rgb_uint8", "train_iterator_from_config",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 from titok_jax.data.hosts import local_batch_size, process_info
 from titok_jax.data.sources import make_source
 from titok_jax.data.transforms import EvalTransform, TrainTransform, _check_size
+from titok_jax.errors import ConfigError
 
 
 def _check_seed(seed: int) -> int:
@@ -68,6 +69,7 @@ def make_train_dataset(
     crop_scale: tuple[float, float] | None = None,
     flip: bool = True,
     value_range: tuple[float, float] = (0.0, 1.0),
+    hue: float = 0.0,
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
@@ -93,7 +95,7 @@ def make_train_dataset(
     if crop_scale is None:
         crop_scale = getattr(src, "default_crop_scale", (1.0, 1.0))
     transform = TrainTransform(image_size, seed, crop_scale=crop_scale, flip=flip,
-                               value_range=value_range)
+                               value_range=value_range, hue=hue)
     ds = grain.MapDataset.source(src)
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -118,8 +120,8 @@ def make_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
 
     Signature: ``make_train_iterator(source, image_size, global_batch_size, seed, *, split="train",
     data_dir=None, num_epochs=None, shuffle=True, crop_scale=None, flip=True, value_range=(0, 1),
-    process_index=None, process_count=None, worker_count=0, worker_buffer_size=2, read_threads=4,
-    prefetch_buffer_size=4)``.
+    hue=0.0, process_index=None, process_count=None, worker_count=0, worker_buffer_size=2,
+    read_threads=4, prefetch_buffer_size=4)``.
     """
     return iter(make_train_dataset(*args, **kwargs))
 
@@ -192,10 +194,22 @@ def _cfg_get(cfg, key, default):
         return getattr(cfg, key, default)
 
 
+def _config_value_range(data) -> tuple[float, float]:
+    """``data.value_range`` of a run config: the trainer's tasks, metrics, thumbnails and sample
+    grids all work on images in [0, 1] (the models map to their own range inside), so any other
+    range would train and then report garbage PSNR; a one-line ``ConfigError`` instead."""
+    value_range = tuple(float(v) for v in _cfg_get(data, "value_range", (0.0, 1.0)))
+    if value_range != (0.0, 1.0):
+        raise ConfigError(f"data.value_range must be (0, 1) in a run config (the tasks, metrics and "
+                          f"pictures expect images in [0, 1]; models rescale inside), got "
+                          f"{value_range}")
+    return value_range
+
+
 def train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
     """``make_train_iterator`` from a run config: ``data.source``, ``data.image_size``,
     ``batch_size`` (global), ``seed``; optional ``data.{data_dir, worker_count, crop_scale, flip,
-    value_range, train_split}``. Keyword ``overrides`` win."""
+    value_range, hue, train_split}``. Keyword ``overrides`` win."""
     data = config.data
     if str(data.source).startswith("tokens:"):  # pre-tokenized shards for generators
         from titok_jax.data.tokens import make_token_train_dataset
@@ -207,7 +221,8 @@ def train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
         worker_count=_cfg_get(data, "worker_count", 0),
         crop_scale=_cfg_get(data, "crop_scale", None),
         flip=_cfg_get(data, "flip", True),
-        value_range=tuple(_cfg_get(data, "value_range", (0.0, 1.0))),
+        value_range=_config_value_range(data),
+        hue=_cfg_get(data, "hue", 0.0),
     )
     kwargs.update(overrides)
     return make_train_iterator(data.source, data.image_size, config.batch_size, config.seed, **kwargs)
@@ -220,7 +235,7 @@ def eval_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
     kwargs = dict(
         split=_cfg_get(data, "eval_split", "eval"),
         data_dir=_cfg_get(data, "data_dir", None),
-        value_range=tuple(_cfg_get(data, "value_range", (0.0, 1.0))),
+        value_range=_config_value_range(data),
     )
     kwargs.update(overrides)
     batch = _cfg_get(data, "eval_batch_size", None) or config.batch_size

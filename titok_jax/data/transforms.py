@@ -18,13 +18,18 @@ def _check_size(size: int) -> int:
     return int(size)
 
 
-def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic resize with PIL (antialiased when shrinking: the kernel widens with the scale)."""
+def _pil_resize(image: np.ndarray, height: int, width: int,
+                reducing_gap: float | None = None) -> np.ndarray:
+    """Bicubic resize with PIL (antialiased when shrinking: the kernel widens with the scale).
+    ``reducing_gap`` (PIL's): shrink by whole factors with a box filter first while the image stays
+    at least that many times the target (training crops use 3: 4x faster from a 1000 px crop to
+    64 px, at most 2/255 from the exact resize)."""
     from PIL import Image
 
     if image.shape[0] == height and image.shape[1] == width:
         return image
-    out = Image.fromarray(image).resize((width, height), resample=Image.Resampling.BICUBIC)
+    out = Image.fromarray(image).resize((width, height), resample=Image.Resampling.BICUBIC,
+                                        reducing_gap=reducing_gap)
     return np.asarray(out)
 
 
@@ -63,7 +68,8 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
 def random_resized_square_crop(
     image: np.ndarray, size: int, rng: np.random.Generator, scale: tuple[float, float]
 ) -> np.ndarray:
-    """A random square of side ``s * min(H, W)``, ``s ~ U[scale]``, at a random place, resized to ``size``."""
+    """A random square of side ``s * min(H, W)``, ``s ~ U[scale]``, at a random place, resized to
+    ``size`` (PIL ``reducing_gap=3``: see ``_pil_resize``)."""
     size = _check_size(size)
     h, w = image.shape[:2]
     short = min(h, w)
@@ -71,12 +77,30 @@ def random_resized_square_crop(
     side = min(max(side, 1), short)
     top = int(rng.integers(0, h - side + 1))
     left = int(rng.integers(0, w - side + 1))
-    return _pil_resize(image[top : top + side, left : left + side], size, size)
+    return _pil_resize(image[top : top + side, left : left + side], size, size, reducing_gap=3.0)
 
 
 def horizontal_flip(image: np.ndarray) -> np.ndarray:
     """Mirror left-right: ``out[:, j] = image[:, W - 1 - j]``."""
     return image[:, ::-1]
+
+
+# RGB -> YIQ (NTSC): Y the luminance, (I, Q) the chroma plane.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
+                        [0.595716, -0.274453, -0.321263],
+                        [0.211456, -0.522591, 0.311135]], np.float32)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+
+
+def rotate_hue(image: np.ndarray, angle: float, saturation: float = 1.0) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` with its chroma rotated by ``angle`` radians and scaled by
+    ``saturation`` in the YIQ plane, luminance kept: ``rgb' = M^-1 diag(1, sR) M rgb`` (clipped
+    to [0, 255]). ``angle = 0, saturation = 1`` is the identity up to rounding."""
+    c, s = np.cos(angle) * saturation, np.sin(angle) * saturation
+    chroma = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]], np.float32)
+    m = _YIQ_TO_RGB @ chroma @ _RGB_TO_YIQ
+    out = image.astype(np.float32) @ m.T
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def to_float(image: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
@@ -112,7 +136,9 @@ class TrainTransform:
 
     Crop: with ``crop_scale == (1, 1)`` resize the shorter side to ``S`` then take a random
     ``S x S`` crop; otherwise a random square of ``s * min(H, W)`` (``s ~ U[crop_scale]``) resized
-    to ``S``. Then a horizontal flip with probability 1/2 (``flip=True``), then ``to_float``.
+    to ``S``. Then a horizontal flip with probability 1/2 (``flip=True``); with probability
+    ``hue`` a hue rotation by a uniform angle and a saturation factor ``~ U[0.5, 1.5]``
+    (``rotate_hue``: luminance kept, so a few photographs cover every colour); then ``to_float``.
     """
 
     def __init__(
@@ -122,7 +148,11 @@ class TrainTransform:
         crop_scale: tuple[float, float] = (1.0, 1.0),
         flip: bool = True,
         value_range: tuple[float, float] = (0.0, 1.0),
+        hue: float = 0.0,
     ):
+        if not 0.0 <= float(hue) <= 1.0:
+            raise ValueError(f"hue (a probability) must be in [0, 1], got {hue!r}")
+        self.hue = float(hue)
         self.image_size = _check_size(image_size)
         self.seed = int(seed)
         self.crop_scale = _check_scale(crop_scale)
@@ -138,6 +168,8 @@ class TrainTransform:
             image = random_resized_square_crop(image, self.image_size, rng, self.crop_scale)
         if self.flip and rng.random() < 0.5:
             image = horizontal_flip(image)
+        if self.hue and rng.random() < self.hue:
+            image = rotate_hue(image, rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.5, 1.5))
         return {
             "image": to_float(image, self.value_range),
             "label": np.int32(record.get("label", -1)),
