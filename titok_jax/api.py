@@ -64,6 +64,8 @@ class Tokenizer:
             p, s, t, key=key, steps=steps, guidance=guidance), static_argnames=("steps",))
         self._decode_noise = jax.jit(lambda p, s, t, noise, guidance, steps: task.decode(
             p, s, t, noise=noise, steps=steps, guidance=guidance), static_argnames=("steps",))
+        self._decode_visible = jax.jit(lambda p, s, t, images, mask: task.decode(
+            p, s, t, visible=images, visible_mask=mask))
 
     @property
     def model(self) -> Any:
@@ -83,8 +85,9 @@ class Tokenizer:
         return self._batched(self._encode, x)
 
     def features(self, images: Any, num_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(tokens [B, k, D], pooled [B, D])``: the continuous codes the decoder reads (quantized
-        code vectors, or a VAE's posterior means) of ``images`` (as for ``encode``) and their mean
+        """``(tokens [B, k, D], pooled [B, D])``: the task's features of ``images`` (as for
+        ``encode``): the continuous codes the decoder reads (quantized code vectors, or a VAE's
+        posterior means; the extractor: its pre-quantisation tokens), and their mean
         over the ``k`` tokens. ``num_tokens=k`` keeps the first ``k`` (ordered, variable-length
         tokenizers such as FlexTok; others take only ``k = num_tokens``)."""
         k = self.num_tokens if num_tokens is None else int(num_tokens)
@@ -102,7 +105,8 @@ class Tokenizer:
         return (int(batch), *self.spec.noise_shape)
 
     def decode(self, tokens: Any, steps: int | None = None, guidance: float | None = None,
-               seed: int = 0, noise: Any = None) -> np.ndarray:
+               seed: int = 0, noise: Any = None, visible: Any = None,
+               visible_mask: Any = None) -> np.ndarray:
         """``tokens``: int ``[B, num_tokens]`` ids in ``[0, codebook_size)`` (VQ) or float
         ``[B, num_tokens, token_dim]`` (VAE) -> float32 ``[B, S, S, 3]`` in [0, 1].
 
@@ -110,7 +114,27 @@ class Tokenizer:
         sampler) and either ``noise`` (float32 ``noise_shape(B)``: the sampler's initial noise, so a
         decode is reproducible against any implementation given the same noise) or ``seed`` (chunk
         ``i`` of ``batch_size`` rows draws its noise from ``fold_in(key(seed), i)``, so the same call
-        gives the same pixels); FlexTok accepts any prefix ``[B, k]``, ``1 <= k <= N``."""
+        gives the same pixels); FlexTok accepts any prefix ``[B, k]``, ``1 <= k <= N``.
+
+        Tokenizers whose decoder takes visible patches (``spec.decoder_visible``: the extractor)
+        also take ``visible`` (images as for ``encode``) with ``visible_mask`` (bool ``[B, g, g]``
+        or ``[B, g*g]``, one entry per patch): those patches are given to the decoder and the
+        rest is completed from the tokens."""
+        if visible is not None or visible_mask is not None:
+            if not self.spec.decoder_visible:
+                raise ValueError("visible/visible_mask apply to tokenizers whose decoder takes "
+                                 "visible patches (the extractor) only")
+            if visible is None or visible_mask is None:
+                raise ValueError("decode needs both visible (images) and visible_mask, or neither")
+            t = self._check_tokens(tokens)
+            mask = np.asarray(visible_mask)
+            if mask.dtype != bool or mask.ndim < 2 or mask.shape[0] != t.shape[0]:
+                raise ValueError(f"visible_mask must be bool with one row per token row ({t.shape[0]}), "
+                                 f"got {mask.dtype} {mask.shape}")
+            images = self._check_images(visible)
+            if images.shape[0] != t.shape[0]:
+                raise ValueError(f"visible has {images.shape[0]} images for {t.shape[0]} token rows")
+            return self._batched(self._decode_visible, t, images, mask)
         if not self.flow_decoder:
             if steps is not None or guidance is not None or noise is not None:
                 raise ValueError("steps/guidance/noise apply to flow-decoder tokenizers (FlexTok, FlowMo) only")

@@ -15,6 +15,8 @@ COMMANDS = {
     "reconstruct": "encode + decode images: --workdir DIR --input IMG_OR_DIR --output PATH [--overwrite]",
     "tokenize": "images to token ids: --workdir DIR --input IMG_OR_DIR --output tokens.npz "
                 "(or --data SOURCE --output DIR: token shards for generator training)",
+    "features": "images to feature vectors: --workdir DIR --input IMG_OR_DIR --output feats.npz "
+                "[--num_tokens K]",
     "detokenize": "token ids to images: --workdir DIR --input tokens.npz --output OUT_DIR [--overwrite]",
     "generate": "sample images: --workdir GEN_DIR --tokenizer TOK_DIR --output OUT_DIR "
                 "[--class-id K] [--num N] [--seed S]",
@@ -35,7 +37,8 @@ COMMANDS = {
 HANDLERS: dict[str, tuple[str, str]] = {
     "train": ("train", "train"), "eval": ("train", "evaluate"),
     "reconstruct": ("tokenizer", "reconstruct"), "tokenize": ("tokenizer", "tokenize"),
-    "detokenize": ("tokenizer", "detokenize"), "generate": ("generate", "generate"),
+    "detokenize": ("tokenizer", "detokenize"), "features": ("tokenizer", "features"),
+    "generate": ("generate", "generate"),
     "import-torch": ("import_torch", "import_torch"),
     "convert-lpips": ("convert", "convert_lpips"), "convert-convnext": ("convert", "convert_convnext"),
     "convert-dinov2": ("convert", "convert_dinov2"),

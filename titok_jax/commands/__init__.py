@@ -4,7 +4,7 @@ their command runs):
 
 - ``common``: flag parsing, one-line errors, ``run_command`` (exit statuses);
 - ``train``: ``train``, ``eval``;
-- ``tokenizer``: ``reconstruct``, ``tokenize``, ``detokenize``;
+- ``tokenizer``: ``reconstruct``, ``tokenize``, ``features``, ``detokenize``;
 - ``generate``: ``generate``;
 - ``import_torch``: ``import-torch``;
 - ``convert``: ``convert-lpips``, ``convert-convnext``, ``convert-dinov2``, ``convert-inception``, ``fid-reference``.

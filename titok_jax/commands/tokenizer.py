@@ -1,5 +1,5 @@
-"""``titok-jax reconstruct``, ``tokenize`` and ``detokenize``: a tokenizer workdir applied to image
-files, token files or a data source (``titok_jax.api`` and ``titok_jax.data.tokens``).
+"""``titok-jax reconstruct``, ``tokenize``, ``features`` and ``detokenize``: a tokenizer workdir
+applied to image files, token files or a data source (``titok_jax.api`` and ``titok_jax.data.tokens``).
 
 A directory input skips the images that cannot be read (one warning line with their count and
 names, as training does); a single image that cannot be read is an error. Outputs are written
@@ -33,6 +33,11 @@ def _tokenizer_args(name: str, argv: Sequence[str], input_help: str, output_help
     fv = parse(f"titok-jax {name}", argv, lambda fv: _tokenizer_flags(fv, input_help, output_help))
     require(fv, ("workdir", "input", "output"), name, f"{name} --workdir DIR --input "
             f"{input_help.split(':')[0]} --output {output_help.split(':')[0]}")
+    return _tokenizer_args_checks(fv)
+
+
+def _tokenizer_args_checks(fv: Any) -> Any:
+    """The checks every image-file command makes of its parsed flags (batch size, workdir, input)."""
     if fv.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {fv.batch_size}")
     if not os.path.isdir(fv.workdir):
@@ -116,6 +121,46 @@ def tokenize(argv: Sequence[str]) -> int:
     with replacing(out) as tmp:
         np.savez(tmp, tokens=tokens, files=np.asarray([names[i] for i in rows], dtype=str))
     print(f"tokenized {len(rows)} image(s) -> {out} (tokens {tokens.dtype} {list(tokens.shape)})")
+    return 0
+
+
+def features(argv: Sequence[str]) -> int:
+    """images -> ``feats.npz`` with ``tokens`` (float32 ``[N, k, D]``: ``Tokenizer.features``, the
+    first ``--num_tokens`` tokens; all when 0), ``pooled`` (float32 ``[N, D]``, their mean) and
+    ``files`` (as ``tokenize`` writes them)."""
+    def define(fv: Any) -> None:
+        from absl import flags
+        _tokenizer_flags(fv, "IMG_OR_DIR: an image file or a directory of images",
+                         "feats.npz: the file to write")
+        flags.DEFINE_integer("num_tokens", 0, "keep the first k tokens (ordered tokenizers: any "
+                             "1..N; 0 = all)", flag_values=fv)
+
+    fv = parse("titok-jax features", argv, define)
+    require(fv, ("workdir", "input", "output"), "features",
+            "features --workdir DIR --input IMG_OR_DIR --output feats.npz")
+    _tokenizer_args_checks(fv)
+    import numpy as np
+
+    from titok_jax.api import image_batches, list_images, load_tokenizer, report_skipped
+    paths, names, is_dir = list_images(fv.input)
+    out = npz_path(fv.output)
+    check_new_outputs([out], fv.overwrite)
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    k = fv.num_tokens or None
+    skipped: list[int] | None = [] if is_dir else None
+    tokens, pooled, rows = [], [], []
+    for kept, images in image_batches(paths, tok.image_size, fv.batch_size, skipped):
+        t, p = tok.features(images, num_tokens=k)
+        tokens.append(t)
+        pooled.append(p)
+        rows.extend(kept)
+    report_skipped(fv.input, names, skipped or [])
+    tokens_arr, pooled_arr = np.concatenate(tokens), np.concatenate(pooled)
+    with replacing(out) as tmp:
+        np.savez(tmp, tokens=tokens_arr, pooled=pooled_arr,
+                 files=np.asarray([names[i] for i in rows], dtype=str))
+    print(f"features of {len(rows)} image(s) -> {out} (tokens {list(tokens_arr.shape)}, "
+          f"pooled {list(pooled_arr.shape)})")
     return 0
 
 

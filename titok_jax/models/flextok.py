@@ -51,9 +51,9 @@ import jax.numpy as jnp
 
 from titok_jax.flow import GuidanceConfig, guidance_preset, match_batch, rectified_flow_loss, sample
 from titok_jax.flow import start_noise, time_grid
-from titok_jax.models.flextok_blocks import (BD, NESTED_MODES, decoder_layer, encoder_layer,
-                                             encoder_mask, is_power_of_two, keep_lengths, keep_mask,
-                                             patch_embed_with_posemb)
+from titok_jax.models.flextok_blocks import (BD, NESTED_MODES, RepaProjector, decoder_layer,
+                                             encoder_layer, encoder_mask, is_power_of_two,
+                                             keep_lengths, keep_mask, patch_embed_with_posemb)
 from titok_jax.models.kl_vae import KLVAE
 from titok_jax.nn import (AdaLNModulation, TimestepEmbedder, boxed, constrain, layer_stack,
                           make_norm, resolve_remat, unpatchify)
@@ -201,24 +201,6 @@ class FlexTokDecoder(nn.Module):
         if feats is not None:
             feats = constrain(feats, BTD)
         return constrain(v.astype(jnp.float32), BHWC), feats
-
-
-class RepaProjector(nn.Module):
-    """REPA's projector ``Dense(H) -> SiLU -> Dense(H) -> SiLU -> Dense(out)`` per token."""
-
-    hidden_dim: int
-    out_dim: int
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
-                  bias_init=boxed(nn.initializers.zeros_init(), ("mlp",)))
-        x = nn.silu(nn.Dense(self.hidden_dim, name="fc_0", **kw)(x))
-        x = nn.silu(nn.Dense(self.hidden_dim, name="fc_1", **kw)(x))
-        return constrain(nn.Dense(self.out_dim, name="fc_2", **kw)(x).astype(jnp.float32), BTD)
 
 
 class FlexTok(nn.Module):

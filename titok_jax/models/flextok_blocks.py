@@ -1,5 +1,6 @@
 """FlexTok building blocks: the transformer block (optionally adaLN-zero per sub-sequence), the
-attention masks, nested-dropout keep lengths; the REPA teacher (DINOv2) is ``nets.dinov2.ViTFeatures``.
+attention masks, nested-dropout keep lengths, REPA's projector (``RepaProjector``, shared with the
+extractor); the REPA teacher (DINOv2) is ``nets.dinov2.ViTFeatures``.
 
 Block (FlexTok ``FlexBlock``): pre-norm LayerNorm **without** scale/bias (eps 1e-5), separate
 bias-free q/k/v/out projections, per-head LayerNorm qk-norm (no affine), the muP attention scale
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from titok_jax.nn import (AdaLNModulation, LayerContext, MLP, MultiHeadAttention, PatchEmbed,
-                          constrain, make_norm, prefix_causal_mask, sincos_2d)
+                          boxed, constrain, make_norm, prefix_causal_mask, sincos_2d)
 from titok_jax.nn.activation_sharding import BTD
 
 Dtype = Any
@@ -166,6 +167,25 @@ def patch_embed_with_posemb(latents: jax.Array, patch_size: int, width: int, nam
                    name=name)(latents.astype(dtype or latents.dtype))
     gh, gw = latents.shape[1] // patch_size, latents.shape[2] // patch_size
     return constrain(x + sincos_2d(gh, gw, width, row_first=True).astype(x.dtype)[None], BTD)
+
+
+# ----------------------------------------------------------------------------- REPA
+class RepaProjector(nn.Module):
+    """REPA's projector ``Dense(H) -> SiLU -> Dense(H) -> SiLU -> Dense(out)`` per token."""
+
+    hidden_dim: int
+    out_dim: int
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                  bias_init=boxed(nn.initializers.zeros_init(), ("mlp",)))
+        x = nn.silu(nn.Dense(self.hidden_dim, name="fc_0", **kw)(x))
+        x = nn.silu(nn.Dense(self.hidden_dim, name="fc_1", **kw)(x))
+        return constrain(nn.Dense(self.out_dim, name="fc_2", **kw)(x).astype(jnp.float32), BTD)
 
 
 # ----------------------------------------------------------------------------- REPA teacher

@@ -98,6 +98,14 @@ def _flextok(**kwargs: Any) -> Any:
 MODELS["flextok"] = _flextok
 
 
+def _extractor(**kwargs: Any) -> Any:
+    from titok_jax.models.extractor import Extractor
+    return Extractor(**kwargs)
+
+
+MODELS["extractor"] = _extractor
+
+
 def _kl_vae(**kwargs: Any) -> Any:
     from titok_jax.models.kl_vae import KLVAE
     if "channel_mult" in kwargs:

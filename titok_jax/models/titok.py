@@ -42,6 +42,12 @@ Parameter names follow the PyTorch ``state_dict`` (``latent_tokens``, ``encoder/
 ``decoder/conv_out``, ``quantize/codebook``), so weight import is a table. With ``scan_layers`` the
 blocks of each ViT are one ``nn.scan`` instead: ``encoder/layers/transformer/...`` (and
 ``.../layers/token_prior/scale``) with a leading layer axis (``titok_jax.nn.scan``).
+
+Optional inputs the extractor (``models.extractor``) uses, off by default (TiTok never sets them):
+``TiTokEncoder(..., keep)`` runs on the kept patches only (MAE input masking) and with
+``feature_layer`` also returns one block's patch tokens (REPA); ``TiTokDecoder(z, images,
+visible)`` puts the visible patches' embeddings (``visible_embed``) in their grid slots instead of
+the mask token (MaskGIT-style decoder masking).
 """
 from __future__ import annotations
 
@@ -58,7 +64,7 @@ from titok_jax.nn import (check_images, LearnedPositionEmbedding, LayerContext, 
 from titok_jax.nn.activation_sharding import BTD
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
-from titok_jax.models.token_prior import TokenPriorBias, prior_distances
+from titok_jax.models.token_prior import TokenPriorBias, kept_distances, prior_distances
 
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 8192}   # TiTok-BL-64-VQ's
@@ -90,30 +96,48 @@ def _kernel_inits(init: str):
 zeros = nn.initializers.zeros_init()
 
 
-def _layer(ctx: LayerContext, x: jax.Array, distances: Any, *, num_heads: int, dtype: Dtype,
-           param_dtype: Dtype, init: str, prior: float) -> jax.Array:
+def _layer(ctx: LayerContext, carry: Any, distances: Any, *, num_heads: int, dtype: Dtype,
+           param_dtype: Dtype, init: str, prior: float, feature_layer: int = -1,
+           feature_slice: tuple[int, int] = (0, 0)) -> Any:
     """One open_clip block ``transformer`` (with ``prior > 0``: after its token prior bias
-    ``token_prior``); ``nn.scan`` layer contract (``titok_jax.nn.scan``)."""
+    ``token_prior``); ``nn.scan`` layer contract (``titok_jax.nn.scan``). The carry is ``x``, or
+    ``(x, feats)`` with ``feature_layer >= 0``: ``feats`` becomes ``x[:, lo:hi]`` (``feature_slice``)
+    after block ``feature_layer``."""
+    x, feats = carry if feature_layer >= 0 else (carry, None)
     k_init, qkv_init = _kernel_inits(init)
     bias = (TokenPriorBias(num_heads, prior, param_dtype=param_dtype,
                            name=ctx.name("token_prior"))(distances) if prior > 0 else None)
-    return ctx.module(TransformerBlock)(
+    x = ctx.module(TransformerBlock)(
         num_heads=num_heads, mlp_ratio=4.0, activation="gelu", norm_eps=1e-5, kernel_init=k_init,
         qkv_kernel_init=qkv_init, dtype=dtype, param_dtype=param_dtype,
         name=ctx.name("transformer"))(x, bias=bias)
+    if feature_layer < 0:
+        return x
+    lo, hi = feature_slice
+    return x, ctx.keep_at(feature_layer, x[:, lo:hi], feats)
 
 
 def _blocks(x: jax.Array, depth: int, num_heads: int, remat_policy: str, dtype: Dtype,
             param_dtype: Dtype, init: str = "titok", prior: float = 0.0,
-            distances: Any = None, scan: bool = False) -> jax.Array:
+            distances: Any = None, scan: bool = False, feature_layer: int = -1,
+            feature_slice: tuple[int, int] = (0, 0)) -> Any:
     """``depth`` open_clip blocks named ``transformer_{i}`` (call from a compact method); with
     ``prior > 0`` each block's attention adds the learnable token-patch bias ``token_prior_{i}``
-    (``models.token_prior``) over ``distances`` ``[T, T]`` (``prior_distances``). ``scan``: one
-    ``nn.scan`` over the layers instead, params ``layers/{transformer,token_prior}/... [depth, ...]``."""
+    (``models.token_prior``) over ``distances`` ``[T, T]`` or per example ``[B, T, T]``
+    (``prior_distances``). ``scan``: one ``nn.scan`` over the layers instead, params
+    ``layers/{transformer,token_prior}/... [depth, ...]``. With ``feature_layer >= 0`` returns
+    ``(x, x[:, lo:hi] after block feature_layer)`` (``feature_slice = (lo, hi)``), else ``x``."""
+    if feature_layer >= depth:
+        raise ValueError(f"feature layer {feature_layer} of a stack of {depth} blocks")
     layer = functools.partial(_layer, num_heads=num_heads, dtype=dtype, param_dtype=param_dtype,
-                              init=init, prior=prior)
+                              init=init, prior=prior, feature_layer=feature_layer,
+                              feature_slice=tuple(feature_slice))
     distances = None if prior <= 0 else (jnp.asarray(distances) if scan else distances)
-    return layer_stack(layer, x, distances, depth=depth, scan=scan, remat_policy=remat_policy)
+    carry = x
+    if feature_layer >= 0:   # scanned: carried as zeros until block feature_layer
+        lo, hi = feature_slice
+        carry = (x, constrain(jnp.zeros_like(x[:, lo:hi]), BTD) if scan else None)
+    return layer_stack(layer, carry, distances, depth=depth, scan=scan, remat_policy=remat_policy)
 
 
 def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
@@ -124,7 +148,13 @@ def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype,
 
 
 class TiTokEncoder(nn.Module):
-    """``images [B, H, W, 3]``, ``latent_tokens [N, W]`` -> ``[B, N, out_dim]`` float32."""
+    """``images [B, H, W, 3]``, ``latent_tokens [N, W]`` -> ``[B, N, out_dim]`` float32.
+
+    ``keep`` (int ``[B, n]``, optional): MAE input masking - only patches ``keep[b]`` (row-major
+    indices, each with its own position embedding) enter the sequence ``[cls, kept, latents]``, so
+    the cost falls with the number removed (``n = 0``: class and latent tokens only).
+    ``feature_layer >= 0``: returns ``(z, feats)`` with ``feats [B, n, W]`` the patch tokens after
+    that block (REPA's alignment input)."""
 
     image_size: int
     patch_size: int
@@ -139,11 +169,13 @@ class TiTokEncoder(nn.Module):
     scan_layers: bool = False
     init_scheme: str = "titok"
     token_prior: float = 0.0
+    feature_layer: int = -1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, latent_tokens: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, latent_tokens: jax.Array,
+                 keep: jax.Array | None = None) -> Any:
         g = self.image_size // self.patch_size
         b, n, w = images.shape[0], self.num_latent_tokens, self.width
         x = PatchEmbed(self.patch_size, w, channel_order="chw",
@@ -156,6 +188,14 @@ class TiTokEncoder(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)), x], 1)
         x = constrain(LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
                                                dtype=self.dtype, name="positional_embedding")(x), BTD)
+        distances = prior_distances(n, g) if self.token_prior > 0 else None
+        if keep is not None:   # MAE: the kept patches (with their positions) only
+            x = constrain(jnp.concatenate(
+                [x[:, :1], jnp.take_along_axis(x[:, 1:], keep[..., None].astype(jnp.int32), 1)], 1),
+                BTD)
+            if distances is not None:
+                distances = kept_distances(distances, keep, n)
+        p = x.shape[1] - 1   # patches in the sequence
         lat = jnp.broadcast_to(latent_tokens.astype(self.dtype)[None], (b, n, w))
         lat = constrain(LearnedPositionEmbedding(n, w, param_dtype=self.param_dtype, dtype=self.dtype,
                                                  name="latent_token_positional_embedding")(lat), BTD)
@@ -164,15 +204,17 @@ class TiTokEncoder(nn.Module):
         x = constrain(make_norm("layernorm", name="ln_pre", **norm)(x), BTD)
         x = _blocks(x, self.depth, self.num_heads, resolve_remat(self.remat, self.remat_policy),
                     self.dtype, self.param_dtype, self.init_scheme, self.token_prior,
-                    prior_distances(n, g), self.scan_layers)
-        x = constrain(make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + g * g:]), BTD)
+                    distances, self.scan_layers, self.feature_layer, (1, 1 + p))
+        x, feats = x if self.feature_layer >= 0 else (x, None)
+        x = constrain(make_norm("layernorm", name="ln_post", **norm)(x[:, 1 + p:]), BTD)
         if self.is_legacy:
             # PyTorch ``latent.reshape(B, W, N, 1)`` of a [B, N, W] tensor: memory is reinterpreted,
             # not transposed; the 1x1 conv then mixes over the scrambled "W" axis.
             x = x.reshape(b, w, n).swapaxes(1, 2)
         x = _dense(self.out_dim, ("embed", None), self.dtype, self.param_dtype, "conv_out",
                    self.init_scheme)(x)
-        return constrain(x.astype(jnp.float32), BTD)
+        x = constrain(x.astype(jnp.float32), BTD)
+        return x if feats is None else (x, constrain(feats, BTD))
 
 
 class TiTokDecoder(nn.Module):
@@ -195,9 +237,13 @@ class TiTokDecoder(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, images: jax.Array | None = None,
+                 visible: jax.Array | None = None) -> jax.Array:
         """``head="pixels"``: pixels ``[B, H, W, 3]``; ``head="legacy"``: proxy-code logits
-        ``[B, g, g, proxy_codebook_size]`` (both float32)."""
+        ``[B, g, g, proxy_codebook_size]`` (both float32). With ``visible`` (bool ``[B, g*g]``,
+        MaskGIT-style decoder masking) the grid slots of the visible patches hold
+        ``visible_embed(images)`` (a patch embedding, param ``visible_embed``) instead of the mask
+        token; all False is the plain decoder."""
         if self.head not in HEADS:
             raise ValueError(f"decoder head must be one of {HEADS}, got {self.head!r}")
         p, w = self.patch_size, self.width
@@ -212,8 +258,13 @@ class TiTokDecoder(nn.Module):
                          (1, w), self.param_dtype)
         mask = self.param("mask_token", boxed(width_scaled_normal(w), (None, None, "embed")),
                           (1, 1, w), self.param_dtype)
-        m = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)),
-                             jnp.broadcast_to(mask.astype(self.dtype), (b, g * g, w))], axis=1)
+        grid = jnp.broadcast_to(mask.astype(self.dtype), (b, g * g, w))
+        if visible is not None:
+            seen = PatchEmbed(p, w, channel_order="chw", kernel_init=_kernel_inits(self.init_scheme)[0],
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="visible_embed")(images.astype(self.dtype))
+            grid = jnp.where(visible[..., None], constrain(seen, BTD), grid)
+        m = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)), grid], axis=1)
         m = constrain(LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
                                                dtype=self.dtype, name="positional_embedding")(m), BTD)
         t = constrain(LearnedPositionEmbedding(

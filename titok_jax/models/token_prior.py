@@ -51,8 +51,23 @@ def prior_distances(num_tokens: int, grid: int, num_prefix: int = 1) -> np.ndarr
     return out
 
 
+def kept_distances(distances: np.ndarray, keep: jax.Array, num_tokens: int,
+                   num_prefix: int = 1) -> jax.Array:
+    """``prior_distances`` of the sequence ``[prefix, patches keep[b], tokens]`` (MAE input
+    masking: only the patches ``keep [B, n]`` are in it): ``[B, T', T']``, ``T' = prefix + n +
+    num_tokens``, each row and column that of its patch or token in the full table."""
+    d = jnp.asarray(distances)
+    p = d.shape[0] - num_prefix - num_tokens
+    b = keep.shape[0]
+    idx = jnp.concatenate([jnp.broadcast_to(jnp.arange(num_prefix), (b, num_prefix)),
+                           num_prefix + keep.astype(jnp.int32),
+                           jnp.broadcast_to(num_prefix + p + jnp.arange(num_tokens), (b, num_tokens))], 1)
+    return jax.vmap(lambda i: d[i][:, i])(idx)
+
+
 class TokenPriorBias(nn.Module):
-    """``[1, H, T, T]`` additive attention logits ``-s_h * distances`` (``s`` param ``[H]``)."""
+    """``[1, H, T, T]`` additive attention logits ``-s_h * distances`` (``s`` param ``[H]``);
+    ``[B, H, T, T]`` for per-example ``distances [B, T, T]`` (``kept_distances``)."""
 
     num_heads: int
     init_scale: float
@@ -62,4 +77,6 @@ class TokenPriorBias(nn.Module):
     def __call__(self, distances: np.ndarray) -> jax.Array:
         s = self.param("scale", boxed(nn.initializers.constant(self.init_scale), ("heads",)),
                        (self.num_heads,), self.param_dtype)
-        return -s.astype(jnp.float32)[None, :, None, None] * jnp.asarray(distances)[None, None]
+        d = jnp.asarray(distances)
+        d = d[None, None] if d.ndim == 2 else d[:, None]
+        return -s.astype(jnp.float32)[None, :, None, None] * d

@@ -96,17 +96,33 @@ class TokenizerTask(TokenizerTaskBase):
         return out
 
     # ------------------------------------------------------------------ training
-    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
-        images = batch["image"].astype(jnp.float32)
+    def forward(self, params: dict, state: dict, images: jax.Array, key: jax.Array,
+                constants: dict) -> tuple[jax.Array, Any, Any, dict]:
+        """The model's training forward: ``(reconstructions, QuantizerOutput, updated model
+        collections, extra)``. ``extra`` (empty here) is how a family changes the objective:
+        ``"reconstruction"`` (a scalar that replaces the plain pixel loss), ``"terms"`` (name ->
+        ``(weight, scalar)``, added to the loss and logged) and ``"metrics"`` (logged)."""
+        del constants
         k_sample, k_quant = jax.random.split(key)
         rngs = {SAMPLE_RNG: k_sample, QUANTIZER_RNG: k_quant}
         variables = {"params": params["model"], **state["model"]}
         (rec, qout), new_vars = self.model.apply(variables, images, train=True, rngs=rngs,
                                                  mutable=list(MODEL_COLLECTIONS))
+        return rec, qout, new_vars, {}
+
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
+        images = batch["image"].astype(jnp.float32)
+        rec, qout, new_vars, extra = self.forward(params, state, images, key, constants)
         rec = rec.astype(jnp.float32)
-        metrics = {"reconstruction": L.reconstruction_loss(rec, images, self.recon_kind)}
+        recon = extra.get("reconstruction")
+        metrics = {"reconstruction": (L.reconstruction_loss(rec, images, self.recon_kind)
+                                      if recon is None else recon)}
         total = self.recon_weight * metrics["reconstruction"]
+        for name, (weight, value) in extra.get("terms", {}).items():
+            metrics[name] = value
+            total = total + weight * value
+        metrics.update(extra.get("metrics", {}))
         for name, value in qout.losses.items():
             metrics[f"quantizer/{name}"] = value
             total = total + value

@@ -33,7 +33,8 @@ class TokenSpec:
     """What a tokenizer's tokens are. ``codebook_size`` is None for continuous tokens (then
     ``token_dim`` is their channel count); ``flow_decoder`` tokenizers decode with a sampler
     (``default_steps`` / ``default_guidance``) from noise of shape ``(B, *noise_shape)`` (NHWC;
-    t = 1 is noise); ``variable_length`` ones decode any prefix."""
+    t = 1 is noise); ``variable_length`` ones decode any prefix; ``decoder_visible`` ones also decode
+    with some patches given (``decode(..., visible=images, visible_mask=bool [B, P])``)."""
 
     image_size: int
     num_tokens: int
@@ -45,6 +46,7 @@ class TokenSpec:
     default_steps: int = 0
     default_guidance: float = 1.0
     noise_shape: tuple[int, ...] | None = None  # one example's initial sampler noise (flow decoders)
+    decoder_visible: bool = False   # decode also takes visible patches (completion from tokens)
 
     @property
     def continuous(self) -> bool:
