@@ -74,9 +74,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif tiny:
         # 64x64 crops of the sample photographs, 8x8 patches, 16 tokens of FSQ [8,8,8,5,5,5]
         # (64,000 codes: 16 x 15.97 = 255.5 bits per image, the budget of a 4x4 5-bit thumbnail).
+        # saturation_weight: from some seeds the FSQ inputs ran into tanh's flat tails within a
+        # few hundred steps and stayed there (5 of 6 dimensions constant over 256 images, 13.8 dB
+        # held-out); the penalty keeps them in range (seed 1 at 2300 steps: 17.3 -> 18.6 dB).
         model.update(image_size=64, patch_size=8, encoder_width=128, encoder_depth=2, encoder_heads=4,
                      decoder_width=128, decoder_depth=2, decoder_heads=4, num_latent_tokens=16,
-                     token_size=6, quantizer={"name": "fsq", "levels": [8, 8, 8, 5, 5, 5]},
+                     token_size=6, quantizer={"name": "fsq", "levels": [8, 8, 8, 5, 5, 5],
+                                              "saturation_weight": 0.1},
                      # From scratch every latent token first reads the same average of the patches
                      # (one global descriptor, a flat-colour reconstruction); the token prior gives
                      # each token a home region (models/token_prior.py). Measured held-out at 1500
@@ -98,6 +102,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,
         "eval_batch_size": 8 if tiny else 64, "eval_num_images": 0,  # 0 = the whole held-out split
     })
+    if variant == "tiny":
+        # Hue rotations (luminance kept) on 80% of the crops: the six training photographs are
+        # reds, browns and blacks, and without them a blue sky came back grey-brown (held-out
+        # rocket 17.4 -> 19.8 dB at 1500 steps). With the FSQ penalty below, held-out PSNR at
+        # 1500 steps: 18.35 / 18.14 dB from seeds 0 / 1 (2300 steps: 18.45 / 18.60 / 18.58 from
+        # seeds 0 / 1 / 2, not worth 50% more of the main job's time).
+        c.data.hue = 0.8
     c.total_steps = 1500 if tiny else 1_000_000
     c.batch_size = 16 if tiny else 256
 
