@@ -243,7 +243,8 @@ def test_sigint_from_outside_saves_and_exits_cleanly(tmp_path):
          "--config.total_steps=100000", "--config.log_every_steps=1", "--config.eval_every_steps=0",
          "--config.checkpoint.every_steps=100000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})  # one device: quick
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",   # one device: quick
+             "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})                # (and a quick compile)
     metrics = os.path.join(workdir, "metrics.jsonl")
     try:
         for _ in range(1200):  # at most ~5 min until two steps are logged

@@ -27,7 +27,8 @@ def _run_cluster(workdir: str) -> list[tuple[int, str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "SLURM_", "OMPI_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                TITOK_MULTIHOST="1", JAX_COORDINATOR_ADDRESS=address,
-               JAX_NUM_PROCESSES=str(NUM_PROCESSES), PYTHONPATH=ROOT)
+               JAX_NUM_PROCESSES=str(NUM_PROCESSES), PYTHONPATH=ROOT,
+               JAX_DISABLE_MOST_OPTIMIZATIONS="true")   # tiny programs: a quick compile
     cmd = [sys.executable, "-m", "titok_jax", "train", "--config", CONFIG, "--workdir", workdir, *MICRO]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)

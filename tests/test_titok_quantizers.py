@@ -23,21 +23,22 @@ def test_variant_string_selects_the_quantizer(name, codes, token_size):
     model = build_model(c.model)
     assert model.codebook_size == codes and model.quantizer_name == name
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
-    variables = nn.unbox(model.init({"params": jax.random.key(1), "sample": jax.random.key(2)}, images))
+    # jitted: op-by-op dispatch of the un-jitted model took 7-20 s per quantizer
+    variables = nn.unbox(jax.jit(model.init)({"params": jax.random.key(1),
+                                              "sample": jax.random.key(2)}, images))
 
     def loss(params):
         (rec, out), _ = model.apply({**variables, "params": params}, images, train=True,
                                     mutable=True, rngs={"sample": jax.random.key(3), "quantizer": jax.random.key(4)})
         return jnp.mean((rec - images) ** 2) + sum(out.losses.values())
 
-    value, grads = jax.value_and_grad(loss)(variables["params"])
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
     assert np.isfinite(float(value))
     assert float(jnp.abs(grads["encoder"]["conv_out"]["kernel"]).sum()) > 0   # gradient reaches the encoder
-    (_, out), _ = model.apply(variables, images, method="encode", mutable=True)
-    assert out.indices is not None
-    ids = np.asarray(out.indices)
+    encode = jax.jit(lambda v, x: model.apply(v, x, method="encode", mutable=True)[0][1].indices)
+    ids = np.asarray(encode(variables, images))
     assert ids.shape == (2, 8) and ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < codes
-    pixels = model.apply(variables, jnp.asarray(ids), method="decode_tokens")
+    pixels = jax.jit(lambda v, t: model.apply(v, t, method="decode_tokens"))(variables, jnp.asarray(ids))
     assert pixels.shape == (2, 32, 32, 3)
 
 
@@ -61,3 +62,8 @@ def test_factory_refuses_a_token_size_the_quantizer_cannot_take(spec, match):
     dim = 40 if spec.get("bits") == 40 else 4
     with pytest.raises(ValueError, match=match):
         build_quantizer(spec, dim, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """Every test here runs with XLA's heavy optimisation passes off (conftest ``fast_compile``)."""

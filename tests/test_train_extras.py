@@ -69,7 +69,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
             "--config.total_steps=100000", "--config.log_every_steps=1", "--config.eval_every_steps=0",
             "--config.checkpoint.every_steps=100000", "--config.batch_size=8", "--progress=false"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                            env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                 "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"})   # quick compile
     metrics = os.path.join(workdir, "metrics.jsonl")
     try:
         for _ in range(600):  # wait (at most ~5 min) until a few steps are logged
