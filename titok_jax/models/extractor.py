@@ -38,10 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from titok_jax.models.flextok_blocks import RepaProjector
-from titok_jax.models.titok import TiTokDecoder, TiTokEncoder
-from titok_jax.nn import boxed, check_images, width_scaled_normal
-from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
-from titok_jax.quantizers.factory import input_dim
+from titok_jax.models.titok import setup_titok_parts
+from titok_jax.nn import boxed, check_images
+from titok_jax.quantizers import QuantizedModel, QuantizerOutput, freeze_spec
 
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "fsq", "levels": [8, 8, 8, 5, 5, 5]}
@@ -99,28 +98,10 @@ class Extractor(QuantizedModel, nn.Module):
         return self.repa_dim > 0 and self.repa_layer >= 0
 
     def setup(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
-                             f"{self.patch_size}")
         if self.repa_dim > 0 and not 0 <= self.repa_layer < self.encoder_depth:
             raise ValueError(f"repa_layer {self.repa_layer} is not a block of the "
                              f"{self.encoder_depth}-block encoder (repa_dim > 0 needs one)")
-        common = dict(image_size=self.image_size, patch_size=self.patch_size,
-                      num_latent_tokens=self.num_latent_tokens, remat=self.remat,
-                      remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-                      init_scheme=self.init_scheme, token_prior=float(self.token_prior),
-                      dtype=self.dtype, param_dtype=self.param_dtype)
-        self.latent_tokens = self.param(
-            "latent_tokens", boxed(width_scaled_normal(self.encoder_width), ("tokens", "embed")),
-            (self.num_latent_tokens, self.encoder_width), self.param_dtype)
-        self.encoder = TiTokEncoder(
-            width=self.encoder_width, depth=self.encoder_depth, num_heads=self.encoder_heads,
-            out_dim=input_dim(self.quantizer, self.token_size),
-            feature_layer=self.repa_layer if self.repa else -1, **common)
-        self.quantize = build_quantizer(self.quantizer, self.token_size, dtype=jnp.float32,
-                                        param_dtype=self.param_dtype)
-        self.decoder = TiTokDecoder(width=self.decoder_width, depth=self.decoder_depth,
-                                    num_heads=self.decoder_heads, **common)
+        setup_titok_parts(self, feature_layer=self.repa_layer if self.repa else -1)
         # what the decoder reads in a token slot dropped by nested dropout (or past a prefix)
         self.dropped_code = self.param("dropped_code", boxed(nn.initializers.zeros_init(), (None,)),
                                        (self.token_size,), self.param_dtype)

@@ -300,6 +300,30 @@ class TiTokDecoder(nn.Module):
         return constrain(x.astype(jnp.float32), BHWC)
 
 
+def setup_titok_parts(m: nn.Module, **encoder_kwargs: Any) -> None:
+    """In ``m.setup()``: TiTok's parts on ``m`` (from the fields TiTok and the extractor share):
+    ``latent_tokens`` ``[N, encoder_width]``, ``encoder`` (``TiTokEncoder``, plus
+    ``encoder_kwargs``), ``quantize`` (float32, like the official quantizer) and ``decoder``."""
+    if m.image_size % m.patch_size:
+        raise ValueError(f"image_size {m.image_size} is not a multiple of patch_size "
+                         f"{m.patch_size}")
+    common = dict(image_size=m.image_size, patch_size=m.patch_size,
+                  num_latent_tokens=m.num_latent_tokens, remat=m.remat,
+                  remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+                  init_scheme=m.init_scheme, token_prior=float(m.token_prior),
+                  dtype=m.dtype, param_dtype=m.param_dtype)
+    m.latent_tokens = m.param(
+        "latent_tokens", boxed(width_scaled_normal(m.encoder_width), ("tokens", "embed")),
+        (m.num_latent_tokens, m.encoder_width), m.param_dtype)
+    m.encoder = TiTokEncoder(width=m.encoder_width, depth=m.encoder_depth,
+                             num_heads=m.encoder_heads, out_dim=input_dim(m.quantizer, m.token_size),
+                             **encoder_kwargs, **common)
+    m.quantize = build_quantizer(m.quantizer, m.token_size, dtype=jnp.float32,
+                                 param_dtype=m.param_dtype)
+    m.decoder = TiTokDecoder(width=m.decoder_width, depth=m.decoder_depth,
+                             num_heads=m.decoder_heads, **common)
+
+
 class TiTok(QuantizedModel, nn.Module):
     """Single-stage TiTok (see the module docstring): ``TiTok(**titok_variant(name))``.
 
@@ -358,25 +382,7 @@ class TiTok(QuantizedModel, nn.Module):
         return self.image_size // self.patch_size
 
     def setup(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
-                             f"{self.patch_size}")
-        common = dict(image_size=self.image_size, patch_size=self.patch_size,
-                      num_latent_tokens=self.num_latent_tokens, remat=self.remat,
-                      remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-                      init_scheme=self.init_scheme, token_prior=float(self.token_prior),
-                      dtype=self.dtype, param_dtype=self.param_dtype)
-        self.latent_tokens = self.param(
-            "latent_tokens", boxed(width_scaled_normal(self.encoder_width), ("tokens", "embed")),
-            (self.num_latent_tokens, self.encoder_width), self.param_dtype)
-        self.encoder = TiTokEncoder(
-            width=self.encoder_width, depth=self.encoder_depth, num_heads=self.encoder_heads,
-            out_dim=input_dim(self.quantizer, self.token_size), is_legacy=self.is_legacy, **common)
-        # Forced to float32 like the official quantizer (inputs arrive as float32).
-        self.quantize = build_quantizer(self.quantizer, self.token_size, dtype=jnp.float32,
-                                        param_dtype=self.param_dtype)
-        self.decoder = TiTokDecoder(width=self.decoder_width, depth=self.decoder_depth,
-                                    num_heads=self.decoder_heads, **common)
+        setup_titok_parts(self, is_legacy=self.is_legacy)
 
     def _check_images(self, images: jax.Array) -> None:
         check_images(images, self.image_size, "TiTok")
