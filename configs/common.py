@@ -22,6 +22,8 @@ TOKENIZER_LOSSES = {
     "lecam_weight": 0.0,
     "lecam_decay": 0.999,
     "discriminator": {},             # name: patchgan (default) | maskbit, and its arguments
+    "adaptive_weight_layer": "",     # "" = fixed gan_weight; a model param path (taming:
+                                     # "decoder/conv_out/kernel") = taming's adaptive GAN weight
 }
 
 
@@ -59,12 +61,14 @@ def split_variant(arg: str | None, default: str) -> tuple[str, dict[str, str]]:
 QUANTIZER_NAMES = ("vq", "fsq", "lfq", "bsq", "vae")
 
 
-def quantizer_option(model: dict, name: str, bits: int | None = None) -> dict:
-    """``model`` (a model section with a ``quantizer`` sub-config and ``token_size``) with its
+def quantizer_option(model: dict, name: str, bits: int | None = None,
+                     dim_key: str = "token_size") -> dict:
+    """``model`` (a model section with a ``quantizer`` sub-config and its code dim under
+    ``dim_key``: ``token_size`` for TiTok, ``z_channels`` for the CNN tokenizers) with its
     quantizer swapped for ``name`` at about the same bits per token (``bits``: override):
     vq keeps its sub-config (``codebook_size = 2**bits`` when ``bits`` is given); fsq takes the FSQ
-    paper's recommended levels for ``2**bits`` codes and ``token_size = len(levels)``; lfq / bsq
-    take ``bits`` binary channels (``token_size = bits``); vae keeps ``token_size`` continuous
+    paper's recommended levels for ``2**bits`` codes and a code dim of ``len(levels)``; lfq / bsq
+    take ``bits`` binary channels (code dim ``bits``); vae keeps the code dim's continuous
     channels."""
     import math
     from titok_jax.quantizers.fsq import fsq_levels
@@ -83,9 +87,29 @@ def quantizer_option(model: dict, name: str, bits: int | None = None) -> dict:
         out["quantizer"] = q
     elif name == "fsq":
         levels = list(fsq_levels(2 ** bits))
-        out["quantizer"], out["token_size"] = {"name": "fsq", "levels": levels}, len(levels)
+        out["quantizer"], out[dim_key] = {"name": "fsq", "levels": levels}, len(levels)
     elif name in ("lfq", "bsq"):
-        out["quantizer"], out["token_size"] = {"name": name, "bits": bits}, bits
+        out["quantizer"], out[dim_key] = {"name": name, "bits": bits}, bits
     else:
         out["quantizer"] = {"name": "vae"}
     return out
+
+
+QUANTIZER_OPTIONS = ("quantizer", "bits")
+
+
+def quantizer_options(model: dict, options: dict[str, str], family: str,
+                      dim_key: str = "token_size") -> dict:
+    """The variant string's options (:func:`split_variant`) applied to ``model``: ``quantizer=NAME``
+    and / or ``bits=N`` -> :func:`quantizer_option` (the current quantizer's name when only
+    ``bits`` is given); no options -> ``model`` unchanged; any other option is a ``ValueError``
+    naming ``family``'s known ones."""
+    unknown = set(options) - set(QUANTIZER_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown {family} config option(s) {sorted(unknown)}; known: "
+                         f"{', '.join(QUANTIZER_OPTIONS)}")
+    if not options:
+        return model
+    bits = int(options["bits"]) if "bits" in options else None
+    return quantizer_option(model, options.get("quantizer", model["quantizer"]["name"]), bits,
+                            dim_key)

@@ -49,9 +49,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if options:
             raise ValueError(f"the two-stage recipes take no options, got {sorted(options)}")
         return _two_stage(variant)
-    unknown = set(options) - {"quantizer", "bits"}
-    if unknown:
-        raise ValueError(f"unknown titok config option(s) {sorted(unknown)}; known: quantizer, bits")
     tiny = variant in ("tiny", "tiny_vq")
     c = ml_collections.ConfigDict()
     c.family = "titok"
@@ -91,10 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      # the decoder of this small model within the first few hundred steps.
                      init_scheme="xavier")
     model.update(_layers(tiny))
-    if "quantizer" in options or "bits" in options:
-        bits = int(options["bits"]) if "bits" in options else None
-        model = _COMMON["quantizer_option"](model, options.get("quantizer", model["quantizer"]["name"]),
-                                            bits)
+    model = _COMMON["quantizer_options"](model, options, "titok")
     c.model = ml_collections.ConfigDict({"name": "titok", **model})
     c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
 

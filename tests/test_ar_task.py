@@ -24,6 +24,11 @@ AR_MICRO = ["--config.model.codebook_size=32", "--config.model.num_tokens=8", "-
             "--config.data.eval_batch_size=8", "--config.samples.num_images=4", "--progress=false"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """Every test here runs with XLA's heavy optimisation passes off (conftest ``fast_compile``)."""
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(micro_tokenizer_dir):
     return micro_tokenizer_dir

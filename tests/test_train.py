@@ -48,7 +48,7 @@ def test_sharded_step_equals_single_device(mesh_spec):
     # lr-sized steps, so only the losses, which average over everything, are a stable comparison)
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path):
+def test_stop_and_resume_equals_uninterrupted(tmp_path, fast_compile):
     config = micro_config()
     full = tmp_path / "full"
     train(config, str(full), progress=False)

@@ -1,7 +1,8 @@
 """Shared machinery of the PyTorch -> titok_jax converters.
 
 - :func:`read_state_dict`: a flat ``{name: float32 numpy}`` from ``.safetensors`` / ``.npz`` (no torch
-  needed) or a torch pickle (``.bin`` / ``.pth`` / ``.pt`` / ``.ckpt``, needs the ``torch`` extra).
+  needed) or a torch pickle (``.bin`` / ``.pth`` / ``.pt`` / ``.ckpt``, needs the ``torch`` extra;
+  always a weights-only load, a Lightning ``last.ckpt`` included).
 - :class:`StateDictReader`: takes tensors by name with a shape check and a layout transform, records
   what it consumed, and :meth:`StateDictReader.finish` fails on the first tensor left over, so a
   name table is complete in both directions (every param filled, every tensor consumed).
@@ -45,7 +46,7 @@ def read_state_dict(path: str | os.PathLike, state_keys: Iterable[str] = ("state
             raise ImportError(f"reading {path} needs PyTorch (pip install 'titok_jax[torch]'), "
                               "or convert it to .safetensors first") from e
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(torch, path)
         except Exception as e:
             raise ValueError(f"{path} is not a readable torch state dict: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
@@ -64,6 +65,34 @@ def read_state_dict(path: str | os.PathLike, state_keys: Iterable[str] = ("state
         return out
     raise ValueError(f"{path}: unsupported file type; expected .safetensors, .npz or "
                      f"{'/'.join(TORCH_SUFFIXES)}")
+
+
+def _inert_class(qualified: str) -> type:
+    """A do-nothing class standing in for the global ``qualified`` (``module.Name``) of a pickle:
+    it accepts any constructor arguments and any state, and runs no code of the original."""
+    module, _, name = qualified.rpartition(".")
+    return type(name or qualified, (), {"__module__": module, "__init__": lambda self, *a, **k: None,
+                                        "__setstate__": lambda self, state: None})
+
+
+def _torch_load(torch, path: str):
+    """``torch.load(weights_only=True)``; a training checkpoint that pickles other classes by
+    reference (a Lightning ``last.ckpt`` keys ``callbacks`` by ``ModelCheckpoint``, so plain
+    ``torch.load`` needs ``pytorch_lightning`` importable) is read again with each such global
+    replaced by an inert stand-in (:func:`_inert_class`) - still a weights-only load, nothing of
+    the original classes imported or run; the tensors are unaffected."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint: report the first error
+            names = []
+        if not names:
+            raise
+        with torch.serialization.safe_globals([(_inert_class(n), n) for n in names]):
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:

@@ -9,6 +9,10 @@
   and no ``config.json``: recognised by its keys (``encoder.conv_in.weight``,
   ``decoder.conv_in.weight``, ``quantize.embedding.weight``), shapes read from the tensors,
   ``image_size`` 256 unless given; converted by ``convert.vqgan``; or
+- a taming-transformers VQGAN (its Lightning ``last.ckpt``, weights under ``state_dict``, ``loss.*``
+  dropped; or a bare state dict), recognised by ``quant_conv`` / ``post_quant_conv`` around the
+  codebook, shapes read from the tensors, ``image_size`` 256 unless given; converted by
+  ``convert.taming`` into a ``taming_vqgan`` tokenizer workdir; or
 - a TiTok MaskGIT generator (``generator_titok_{l32,b64,s128}.bin``: ``ImageBert`` / ``UViTBert``,
   or its HF folder), recognised by its tensor names, with its ``config.json`` where the release has
   one; converted by ``convert.maskgit_generator`` into a generator workdir (task ``maskgit``) that
@@ -52,14 +56,14 @@ def _weights_file(input_dir: str, has_config: bool) -> str:
             return path
     # otherwise a bare state dict (MaskGIT-VQGAN, generator_titok_*.bin): the only weights file
     found = sorted(n for n in os.listdir(input_dir)
-                   if n.endswith((".safetensors", ".bin", ".pth", ".pt")))
+                   if n.endswith((".safetensors", ".bin", ".pth", ".pt", ".ckpt")))
     if len(found) == 1:
         return os.path.join(input_dir, found[0])
     if len(found) > 1 and not has_config:
         raise ValueError(f"{input_dir} holds several weight files ({', '.join(found)}) and no "
                          "config.json; keep only the one to import")
     raise FileNotFoundError(f"{input_dir} has no {' or '.join(WEIGHT_FILES)}"
-                            + ("" if has_config else " (nor any .safetensors/.bin/.pth state dict)"))
+                            + ("" if has_config else " (nor any .safetensors/.bin/.pth/.ckpt state dict)"))
 
 
 def read_input(input_dir: str) -> tuple[dict[str, np.ndarray], str, dict[str, Any] | None, str]:
@@ -97,17 +101,22 @@ def model_from_input(input_dir: str, image_size: int | None = None, read: Any = 
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """``(model section, params, weights path)`` of a tokenizer converted from ``input_dir``
     (``read``: :func:`read_input`'s result, when already read)."""
+    from titok_jax.convert import taming as taming_conv
     from titok_jax.convert import titok as titok_conv
     from titok_jax.convert import vqgan as vqgan_conv
 
     sd, weights, hf_config, cfg_path = read or read_input(input_dir)
     if hf_config is not None:
         if image_size is not None:
-            raise ValueError("--image_size is only for a MaskGIT-VQGAN state dict without "
-                             "config.json; the TiTok config.json sets crop_size")
+            raise ValueError("--image_size is only for a MaskGIT-VQGAN or taming VQGAN state dict "
+                             "without config.json; the TiTok config.json sets crop_size")
         model = titok_conv.titok_model_from_hf_config(hf_config, sd, source=cfg_path)
         params = titok_conv.titok_params_from_state_dict(sd, model, source=weights)
         return model, params, weights
+    if taming_conv.is_taming(sd):   # a taming VQGAN (last.ckpt): quant_conv around the quantizer
+        kw = taming_conv.infer_taming_kwargs(sd, int(image_size or 256), source=weights)
+        params = taming_conv.taming_params_from_state_dict(sd, kw, source=weights)
+        return taming_conv.taming_model_section(kw), params, weights
     if not all(k in sd for k in VQGAN_KEYS):
         hint = " (it looks like TiTok weights: config.json is missing)" if "latent_tokens" in sd else ""
         raise ValueError(f"{input_dir} has no config.json and {os.path.basename(weights)} is not a "

@@ -40,21 +40,12 @@ import jax.numpy as jnp
 
 from titok_jax.nn import check_images, boxed
 from titok_jax.nn.conv import check_channels, group_norm, torch_conv_init, upsample_nearest
+from titok_jax.nn.conv import torch_conv as conv
 from titok_jax.quantizers import QuantizerOutput
 from titok_jax.quantizers.gaussian import SAMPLE_RNG, gaussian_posterior
 
 Dtype = Any
 zeros = nn.initializers.zeros_init()
-
-
-def conv(features: int, k: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1,
-         padding: Any = "SAME") -> nn.Conv:
-    """A ``k x k`` conv with bias (PyTorch default init), logical names ``(., ., conv_in, conv_out)``."""
-    pad = ((k // 2, k // 2), (k // 2, k // 2)) if padding == "SAME" else padding
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=pad, dtype=dtype,
-                   param_dtype=param_dtype,
-                   kernel_init=boxed(torch_conv_init, (None, None, "conv_in", "conv_out")),
-                   bias_init=boxed(zeros, ("conv_out",)), name=name)
 
 
 class VAEResnet(nn.Module):

@@ -116,6 +116,25 @@ def _kl_vae(**kwargs: Any) -> Any:
 MODELS["kl_vae"] = _kl_vae
 
 
+def _taming_vqgan(**kwargs: Any) -> Any:
+    from titok_jax.models.taming import TamingVQGAN
+    for key in ("ch_mult", "attn_resolutions"):  # a JSON round trip turns tuples into lists
+        if key in kwargs:
+            kwargs[key] = tuple(int(m) for m in kwargs[key])
+    return TamingVQGAN(**kwargs)
+
+
+MODELS["taming_vqgan"] = _taming_vqgan
+
+
+def _vqvae(**kwargs: Any) -> Any:
+    from titok_jax.models.vqvae import VQVAE
+    return VQVAE(**kwargs)
+
+
+MODELS["vqvae"] = _vqvae
+
+
 # Flat keys of workdirs written before ``model.quantizer`` was a sub-config -> the sub-config's
 # argument names (``"vq"``: VectorQuantizer's; ``"vae"``: GaussianPosterior's).
 LEGACY_QUANTIZER_KEYS = {

@@ -35,16 +35,16 @@ Param names follow the PyTorch ``state_dict`` (``encoder.down.2.block.0.nin_shor
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.nn import check_images, constrain
+from titok_jax.models.grid_tokenizer import GridTokenizer
+from titok_jax.nn import constrain
 from titok_jax.nn.conv import Conv2dSame, avg_pool_2x2, check_channels, group_norm, upsample_nearest
-from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
+from titok_jax.quantizers import build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
 
 Dtype = Any
@@ -171,8 +171,9 @@ class MaskGITDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-class MaskGITVQGAN(QuantizedModel, nn.Module):
-    """MaskGIT-VQGAN tokenizer with TiTok's interface (``quantizer_name``, ``codebook_size``...).
+class MaskGITVQGAN(GridTokenizer):
+    """MaskGIT-VQGAN tokenizer with TiTok's interface (``quantizer_name``, ``codebook_size``...;
+    ``models.grid_tokenizer``).
 
     ``encode(images, train)`` -> ``(codes [B, N, z] f32, QuantizerOutput)`` with ``N = (S/f)**2``
     tokens row-major and ``out.indices`` int32 ``[B, N]``; ``decode(codes [B, N, z])`` and
@@ -200,28 +201,15 @@ class MaskGITVQGAN(QuantizedModel, nn.Module):
     quantizer: Any = freeze_spec(DEFAULT_QUANTIZER)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    NAME = "MaskGIT-VQGAN"
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.downsample_factor
-
-    @property
-    def num_latent_tokens(self) -> int:
-        return self.grid_size ** 2
-
-    @property
-    def token_size(self) -> int:
-        return self.z_channels
-
     def setup(self) -> None:
         check_channels(self.hidden_channels, self.channel_mult)
-        if self.image_size % self.downsample_factor:
-            raise ValueError(f"MaskGIT-VQGAN: image_size {self.image_size} is not a multiple of the "
-                             f"downsampling factor {self.downsample_factor}")
+        self.check_grid()
         cnn = dict(hidden_channels=self.hidden_channels, channel_mult=tuple(self.channel_mult),
                    num_res_blocks=self.num_res_blocks, z_channels=self.z_channels,
                    dtype=self.dtype, param_dtype=self.param_dtype)
@@ -230,42 +218,6 @@ class MaskGITVQGAN(QuantizedModel, nn.Module):
         self.quantize = build_quantizer(self.quantizer, self.z_channels, dtype=jnp.float32,
                                         param_dtype=self.param_dtype)
         self.decoder = MaskGITDecoder(**cnn)
-
-    def _check_images(self, images: jax.Array) -> None:
-        check_images(images, self.image_size, "MaskGIT-VQGAN")
-
-    def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
-        """``images [B, S, S, 3]`` in [0, 1] -> ``(codes [B, N, z] f32, QuantizerOutput)``."""
-        self._check_images(images)
-        z = self.encoder(images)
-        b, h, w, c = z.shape
-        return self.quantize(z.reshape(b, h * w, c), train=train)
-
-    def decode(self, codes: jax.Array) -> jax.Array:
-        """Codes ``[B, N, z]`` (``N`` a square, row-major) -> pixels ``[B, S, S, 3]`` f32."""
-        if codes.ndim != 3 or codes.shape[-1] != self.z_channels:
-            raise ValueError(f"decode expects codes [B, N, {self.z_channels}], got {codes.shape}")
-        g = math.isqrt(codes.shape[1])
-        if g * g != codes.shape[1]:
-            raise ValueError(f"decode expects a square number of tokens, got {codes.shape[1]}")
-        return self.decoder(codes.reshape(codes.shape[0], g, g, self.z_channels))
-
-    def decode_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Int indices ``[B, N]`` (or ``[B, 1, N]`` / ``[B, h, w]``) -> codebook -> ``decode``;
-        continuous codes ``[B, N, z]`` (a VAE bottleneck) -> ``decode``."""
-        if self.continuous:
-            return self.decode(tokens)
-        if tokens.ndim == 3:
-            tokens = tokens.reshape(tokens.shape[0], -1)
-        if tokens.ndim != 2:
-            raise ValueError(f"decode_tokens expects indices [B, N], got shape {tokens.shape}")
-        return self.decode(self.quantize.indices_to_codes(tokens, dtype=jnp.float32))
-
-    def __call__(self, images: jax.Array, train: bool = False
-                 ) -> tuple[jax.Array, QuantizerOutput]:
-        """``images`` -> ``(reconstruction [B, S, S, 3] f32, QuantizerOutput)``."""
-        codes, out = self.encode(images, train=train)
-        return self.decode(codes), out
 
 
 # Published shape (HF ``fun-research/TiTok: maskgit-vqgan-imagenet-f16-256.bin``).

@@ -11,6 +11,13 @@ step, added to the objective with the reconstructions stop-gradiented (and the d
 params stop-gradiented inside L_G), so that the one gradient the trainer takes is
 ``{'model': d(model loss), 'disc': d(discriminator loss)}``; every group is updated by its own
 optimizer. The logged ``loss`` is the model's. Images are float32 in [0, 1].
+
+With ``config.losses.adaptive_weight_layer`` a ``/``-path of a model param (taming's VQGAN:
+``decoder/conv_out/kernel``), ``w_gan`` becomes taming's adaptive weight
+``w_gan * clip(||dnll/dW|| / (||dL_G/dW|| + 1e-4), 0, 1e4)`` (no gradient through it;
+``losses.gan.adaptive_weight``; logged as ``gan/weight``), where ``nll`` is the weighted pixel +
+perceptual terms above and ``W`` that param: one VJP of the forward w.r.t. ``W`` alone turns the
+two losses' gradients w.r.t. ``x_hat`` into theirs w.r.t. ``W``.
 """
 from __future__ import annotations
 
@@ -63,6 +70,10 @@ class TokenizerTask(TokenizerTaskBase):
         self.lecam_decay = float(lc.lecam_decay)
         # losses.discriminator.name: "patchgan" (default, NLayerDiscriminator) or "maskbit".
         self.disc = build_discriminator(lc.discriminator) if self.gan_weight > 0 else None
+        # "" = the fixed gan_weight; "decoder/conv_out/kernel" = taming's adaptive weight on it
+        # (a key older configs lack: they read "")
+        layer = str(lc.get("adaptive_weight_layer", "") or "")
+        self.adaptive_layer = tuple(p for p in layer.split("/") if p)
 
     # ------------------------------------------------------------------ setup
     def _dummy(self) -> jax.Array:
@@ -110,22 +121,37 @@ class TokenizerTask(TokenizerTaskBase):
                                                  mutable=list(MODEL_COLLECTIONS))
         return rec, qout, new_vars, {}
 
-    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
-             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
-        images = batch["image"].astype(jnp.float32)
-        rec, qout, new_vars, extra = self.forward(params, state, images, key, constants)
-        rec = rec.astype(jnp.float32)
-        recon = extra.get("reconstruction")
-        metrics = {"reconstruction": (L.reconstruction_loss(rec, images, self.recon_kind)
-                                      if recon is None else recon)}
+    def _forward_last_layer(self, params: dict, state: dict, images: jax.Array, key: jax.Array,
+                            constants: dict) -> tuple[jax.Array, Any, Any, dict, Any]:
+        """:meth:`forward` as a function of the ``adaptive_weight_layer`` param alone (``jax.vjp``):
+        ``(reconstructions, QuantizerOutput, collections, extra, vjp)``, where ``vjp(dx_hat)``
+        is ``(dW,)``."""
+        path, tree = self.adaptive_layer, params["model"]
+        node = tree
+        for part in path:
+            if not hasattr(node, "keys") or part not in node:
+                raise ValueError(f"losses.adaptive_weight_layer {'/'.join(path)!r} is not a param of "
+                                 f"model {self.config.model.name!r}")
+            node = node[part]
+
+        def put(t: Any, rest: tuple[str, ...], w: jax.Array) -> Any:
+            return w if not rest else {**dict(t), rest[0]: put(t[rest[0]], rest[1:], w)}
+
+        def fwd(w):
+            p = dict(params, model=put(tree, path, w))
+            rec, qout, new_vars, extra = self.forward(p, state, images, key, constants)
+            return rec.astype(jnp.float32), (qout, new_vars, extra)
+
+        rec, vjp, (qout, new_vars, extra) = jax.vjp(fwd, node, has_aux=True)
+        return rec, qout, new_vars, extra, vjp
+
+    def _nll(self, rec: jax.Array, images: jax.Array, constants: dict, metrics: dict,
+             recon: Any = None) -> jax.Array:
+        """``w_rec * recon + w_lpips * LPIPS + w_cnx * ConvNeXt`` (taming's ``nll``); the unweighted
+        terms go into ``metrics``."""
+        metrics["reconstruction"] = (L.reconstruction_loss(rec, images, self.recon_kind)
+                                     if recon is None else recon)
         total = self.recon_weight * metrics["reconstruction"]
-        for name, (weight, value) in extra.get("terms", {}).items():
-            metrics[name] = value
-            total = total + weight * value
-        metrics.update(extra.get("metrics", {}))
-        for name, value in qout.losses.items():
-            metrics[f"quantizer/{name}"] = value
-            total = total + value
         if self.lpips_weight > 0:
             metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images,
                                                  dtype=self.perceptual_dtype)
@@ -134,29 +160,66 @@ class TokenizerTask(TokenizerTaskBase):
             metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], rec, images,
                                                              dtype=self.perceptual_dtype)
             total = total + self.convnext_weight * metrics["perceptual_convnext"]
+        return total
+
+    def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
+             constants: dict) -> tuple[jax.Array, tuple[dict, dict]]:
+        images = batch["image"].astype(jnp.float32)
+        adaptive = self.disc is not None and bool(self.adaptive_layer)
+        if adaptive:
+            rec, qout, new_vars, extra, vjp = self._forward_last_layer(params, state, images, key,
+                                                                       constants)
+            if extra.get("reconstruction") is not None:
+                raise ValueError("losses.adaptive_weight_layer needs the pixel loss as a function "
+                                 "of the reconstruction; this family replaces it")
+        else:
+            rec, qout, new_vars, extra = self.forward(params, state, images, key, constants)
+            vjp = None
+        rec = rec.astype(jnp.float32)
+        metrics: dict = {}
+        total = self._nll(rec, images, constants, metrics, extra.get("reconstruction"))
+        for name, (weight, value) in extra.get("terms", {}).items():
+            metrics[name] = value
+            total = total + weight * value
+        metrics.update(extra.get("metrics", {}))
+        for name, value in qout.losses.items():
+            metrics[f"quantizer/{name}"] = value
+            total = total + value
         new_state = dict(state, model={**state["model"], **dict(new_vars)})
         objective = total
         if self.disc is not None:
+            nll_of = (lambda r: self._nll(r, images, constants, {})) if adaptive else None
             objective = objective + self._gan_terms(params["disc"], state["lecam"], images, rec, step,
-                                                    metrics, new_state)
-            total = total + self.gan_weight * metrics["gan/generator"]
+                                                    metrics, new_state, vjp, nll_of)
+            total = total + metrics["gan/weight"] * metrics["gan/generator"]
         for name, value in qout.metrics.items():
             metrics[f"quantizer/{name}"] = value
         metrics["loss"] = total
         return objective, (new_state, metrics)
 
     def _gan_terms(self, disc_params: Any, lecam_state: Any, images: jax.Array, rec: jax.Array,
-                   step: jax.Array, metrics: dict, new_state: dict) -> jax.Array:
+                   step: jax.Array, metrics: dict, new_state: dict, vjp: Any = None,
+                   nll_of: Any = None) -> jax.Array:
         """``w_gan * L_G(D_sg(rec)) + L_D(D(images), D(sg(rec))) + w_lecam * LeCam``: the first term
-        moves only the model, the rest only the discriminator. Before ``gan_start_step`` neither runs
-        (``lax.cond``): the terms read 0 and so do both gradients; the LeCam EMAs stay."""
+        moves only the model, the rest only the discriminator (``w_gan``: ``gan_weight``, or the
+        adaptive weight from ``vjp`` and ``nll_of`` when given). Before ``gan_start_step`` neither
+        runs (``lax.cond``): the terms read 0 and so do both gradients; the LeCam EMAs stay."""
         frozen_disc = jax.lax.stop_gradient(disc_params)
 
-        def generator_term(r):
+        def g_loss(r):
             return L.generator_loss(self.disc.apply({"params": frozen_disc}, r), self.gan_kind)
 
-        metrics["gan/generator"] = self._after_start(step, generator_term,
-                                                     lambda r: jnp.zeros((), jnp.float32), rec)
+        def generator_term(r):
+            g = g_loss(r)
+            if vjp is None:
+                return g, jnp.asarray(self.gan_weight, jnp.float32)
+            r0 = jax.lax.stop_gradient(r)
+            (d_nll,), (d_gan,) = vjp(jax.grad(nll_of)(r0)), vjp(jax.grad(g_loss)(r0))
+            return g, L.adaptive_weight(d_nll, d_gan, disc_weight=self.gan_weight)
+
+        zero = jnp.zeros((), jnp.float32)
+        metrics["gan/generator"], metrics["gan/weight"] = self._after_start(
+            step, generator_term, lambda r: (zero, zero), rec)
         fake = jax.lax.stop_gradient(rec)
 
         def disc_terms(p):
@@ -173,7 +236,7 @@ class TokenizerTask(TokenizerTaskBase):
 
         d, lecam, new_state["lecam"] = self._after_start(step, disc_terms, no_disc, disc_params)
         metrics.update({"gan/discriminator": d, "gan/lecam": lecam})
-        return self.gan_weight * metrics["gan/generator"] + d + self.lecam_weight * lecam
+        return metrics["gan/weight"] * metrics["gan/generator"] + d + self.lecam_weight * lecam
 
     def _after_start(self, step: jax.Array, on: Any, off: Any, operand: Any) -> Any:
         """``on(operand)`` once ``step >= gan_start_step``, else ``off(operand)``; only the chosen
