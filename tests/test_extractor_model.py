@@ -97,7 +97,7 @@ def test_ratio_one_leaves_only_class_and_latent_slots(model_and_vars):
     a = m.apply(v, images(0), none, method="latents")
     b = m.apply(v, images(1), none, method="latents")
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))    # no image content reaches them
-    rec, _, feats = m.apply(v, images(), keep=none, method="forward")
+    rec, _, feats, _ = m.apply(v, images(), keep=none, method="forward")
     assert rec.shape == (B, S, S, 3) and feats.shape == (B, 0, 8)
 
 
@@ -202,8 +202,40 @@ def test_scanned_layers_give_the_same_masked_forward(model_and_vars):
     keep = M.random_keep_indices(jax.random.key(4), B, P, 5)
     visible = jnp.zeros((B, P), bool).at[:, 3].set(True)
     kw = dict(keep=keep, keep_k=jnp.array([2, 4]), visible=visible, method="forward")
-    rec, _, feats = m.apply(v, images(), **kw)
-    rec_s, _, feats_s = ms.apply(vs, images(), **kw)
+    rec, _, feats, _ = m.apply(v, images(), **kw)
+    rec_s, _, feats_s, _ = ms.apply(vs, images(), **kw)
     assert feats_s.shape == (B, 5, 8)
     np.testing.assert_allclose(feats_s, feats, atol=1e-5)
     np.testing.assert_allclose(rec_s, rec, atol=1e-5)
+
+
+def test_pixel_head_unchanged_and_what_the_flow_switch_adds(model_and_vars):
+    """decoder_head="pixel" (the default) keeps the param tree and outputs the extractor had before
+    the flow head existed (values recorded from that version: 74 params, names and shapes hashed,
+    the sum of their initial values, reconstruction values); "flow" swaps the mask token for the
+    noised-patch embedding, the time embedding and the head's adaLN; decoder REPA adds its own
+    projector."""
+    import hashlib
+    m, v = model_and_vars
+    v = {"params": {**v["params"], "dropped_code": jnp.zeros((3,))}}   # as initialised
+    flat = jax.tree_util.tree_flatten_with_path(v["params"])[0]
+    desc = ";".join(f"{jax.tree_util.keystr(p)}:{tuple(x.shape)}" for p, x in flat)
+    assert len(flat) == 74 and hashlib.sha256(desc.encode()).hexdigest()[:16] == "cc1167ea93267a34"
+    np.testing.assert_allclose(sum(float(np.sum(np.asarray(x, np.float64))) for _, x in flat),
+                               170.44919872276296, rtol=1e-6)
+    rec, _ = jax.jit(m.apply)(v, images(1))
+    np.testing.assert_allclose(float(np.asarray(rec, np.float64).sum()), 19.137571, rtol=1e-4)
+    np.testing.assert_allclose(rec[0, 0, 0], [1.1327472, -0.25067288, -0.71649057], atol=1e-4)
+    vis = jnp.zeros((B, P), bool).at[:, 3].set(True)
+    out = jax.jit(lambda v_, x: m.apply(v_, x, keep_k=jnp.array([2, 4]), visible=vis,
+                                        method="forward"))(v, images(1))
+    np.testing.assert_allclose(out[0][1, 9, 3], [0.8044833, 0.29285052, 0.6628178], atol=1e-4)
+    assert out[3] is None
+    shapes = lambda mod: nn.unbox(jax.eval_shape(mod.init, jax.random.key(0), images())["params"])  # noqa: E731
+    pixel = set(shapes(m)["decoder"])
+    flow = shapes(micro(decoder_head="flow", decoder_repa_layer=0))
+    assert set(flow["decoder"]) - pixel == {"noised_embed", "time_embed", "head_adaln"}
+    assert pixel - set(flow["decoder"]) == {"mask_token"}
+    assert flow["decoder_repa_projector"]["fc_2"]["kernel"].shape == (16, 8)
+    with pytest.raises(ValueError, match="decoder_head"):
+        shapes(micro(decoder_head="diffusion"))

@@ -108,6 +108,27 @@ def guidance_preset(name: str, **overrides: Any) -> GuidanceConfig:
     return dataclasses.replace(GUIDANCE_PRESETS[name], **overrides)
 
 
+class _TracedScale(GuidanceConfig):
+    """A guidance config whose ``scale`` is a traced value: always takes the guided path."""
+
+    @property
+    def active(self) -> bool:
+        return True
+
+
+def with_scale(config: GuidanceConfig, scale: Any) -> GuidanceConfig:
+    """``config`` at guidance weight ``scale``. A Python number (or a concrete array) goes through
+    the usual checks; a traced scalar (a jit argument, as ``Tokenizer.decode`` passes it) gives a
+    config that always takes the guided path (at ``scale == 1`` it returns the conditional velocity,
+    at twice the cost)."""
+    try:
+        return dataclasses.replace(config, scale=float(scale))
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        traced = _TracedScale(**{**dataclasses.asdict(config), "scale": 2.0})
+        object.__setattr__(traced, "scale", jnp.asarray(scale, jnp.float32))
+        return traced
+
+
 def _per_sample_sum(a: jax.Array) -> jax.Array:
     """Sum over every non-batch axis, kept for broadcasting: ``[B, 1, ..., 1]``."""
     return jnp.sum(a, axis=tuple(range(1, a.ndim)), keepdims=True)

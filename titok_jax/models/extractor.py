@@ -18,8 +18,24 @@ tokens of ``C`` channels::
     Decoder:  [cls, grid] || Linear(t) + latent_pos -> ViT -> pixels      (TiTok's pixel head)
               grid slot i = visible_embed(patch_i of x) where visible[b, i], else the mask token
               (decoder masking ratio m: round(m P) mask tokens; m = 1 is TiTok's decoder)
+              decoder REPA (``decoder_repa_layer >= 0``): the P grid slots after that block ->
+              decoder_repa_projector -> [B, P, repa_dim]
 
-Inference: ``decode_tokens(ids [B, k])`` for any prefix ``1 <= k <= N`` (slots past ``k`` hold the
+``decoder_head="flow"``: the rectified-flow decoder (FlexTok's idea on TiTok's decoder; t = 1 is
+noise, ``titok_jax.flow``), in the data space ``x = 2 img - 1``::
+
+    x_t = (1 - t) x + t eps                               eps ~ N(0, I) [B, H, W, 3], t [B]
+    grid slot i = noised_embed(patch_i of x_t) + temb(t)  (visible patches: visible_embed of the
+              clean image, as above); class slot cls + temb(t); temb = TimestepEmbedder(t)
+    v   = conv_out(unpatchify(ffn(adaLN_temb(ln_post(grid slots)))))      the velocity eps - x
+          (``flow_prediction="x"``: that output is x_hat and v = (x_t - x_hat) / max(t, 0.05))
+    decode: Euler from eps (``noise_shape``) over a uniform grid of ``steps`` (default 25) with
+            CFG weight w (default 1 = none) against the null condition "no tokens" (every slot
+            the ``dropped_code``, as nested dropout at k = 0), img = (x_0 + 1) / 2; with visible
+            patches those pixels are pasted over the sample (the network never reads x_t there).
+
+Inference: ``decode_tokens(ids [B, k])`` (the flow head: ``key=`` / ``noise=``, ``steps=``,
+``guidance_scale=``) for any prefix ``1 <= k <= N`` (slots past ``k`` hold the
 ``dropped_code``, exactly as in training) with all patches masked, or with ``visible`` images and a
 ``visible_mask`` (completion / inpainting from tokens). ``latents(images)`` are the features
 (pre-quantisation tokens; a VAE bottleneck's posterior mean).
@@ -37,6 +53,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from titok_jax.flow import GuidanceConfig, match_batch, sample, start_noise, time_grid, with_scale
+from titok_jax.models.extractor_masking import pixel_weights
 from titok_jax.models.flextok_blocks import RepaProjector
 from titok_jax.models.titok import setup_titok_parts
 from titok_jax.nn import boxed, check_images
@@ -44,14 +62,20 @@ from titok_jax.quantizers import QuantizedModel, QuantizerOutput, freeze_spec
 
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "fsq", "levels": [8, 8, 8, 5, 5, 5]}
+DECODER_HEADS = ("pixel", "flow")   # TiTok's deterministic pixel decoder, or a rectified flow
+# what the flow head's network outputs: the velocity itself, or the clean image x (JiT-style,
+# v = (x_t - x_hat) / max(t, FLOW_T_MIN): the noise reaches v through x_t, not through the network)
+FLOW_PREDICTIONS = ("velocity", "x")
+FLOW_T_MIN = 0.05
 
 
 class Extractor(QuantizedModel, nn.Module):
     """The extractor (module docstring): ``Extractor(**EXTRACTOR_VARIANTS[name])``.
 
     ``__call__(images, train)`` -> ``(reconstruction [B,H,W,3] f32, QuantizerOutput)`` with no
-    masking (builds every param); ``forward(images, keep=, keep_k=, visible=, train=)`` the
-    training forward; ``encode`` / ``latents`` / ``decode`` / ``decode_tokens`` for inference.
+    masking (builds every param; the flow head: its one-step estimate from ``x_1 = 0``);
+    ``forward(images, keep=, keep_k=, visible=, x_t=, t=, train=)`` the training forward;
+    ``encode`` / ``latents`` / ``decode`` / ``decode_tokens`` for inference.
 
     Attributes (TiTok's, see ``models.titok.TiTok``): image_size, patch_size, encoder_* /
     decoder_* (width, depth, heads), num_latent_tokens (N), token_size (C), quantizer (a
@@ -59,6 +83,15 @@ class Extractor(QuantizedModel, nn.Module):
     token_prior, dtype / param_dtype. And:
       repa_layer: encoder block whose patch tokens REPA aligns (-1: none);
       repa_dim: the teacher's feature width (0: no projector); repa_hidden_dim: projector width.
+      decoder_head: ``"pixel"`` (TiTok's decoder) or ``"flow"`` (the rectified-flow decoder of
+        the module docstring; params ``decoder/{noised_embed,time_embed,head_adaln}`` instead of
+        ``decoder/mask_token``).
+      flow_prediction: the flow head's network output, ``"velocity"`` (v itself) or ``"x"`` (the
+        clean image ``x_hat``, turned into ``v = (x_t - x_hat) / max(t, 0.05)``: a network whose
+        width is below the patch's ``p * p * 3`` values cannot carry the noise of ``x_t`` through
+        to ``v``; this way it need not). Either way the module returns the velocity.
+      decoder_repa_layer: decoder block whose grid slots REPA aligns (-1: none; needs repa_dim),
+        through its own ``decoder_repa_projector``.
     """
 
     image_size: int = 256
@@ -80,10 +113,15 @@ class Extractor(QuantizedModel, nn.Module):
     scan_layers: bool = False
     init_scheme: str = "titok"
     token_prior: float = 0.0
+    decoder_head: str = "pixel"
+    flow_prediction: str = "velocity"
+    decoder_repa_layer: int = -1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     variable_length = True   # any prefix of the tokens decodes
+    default_steps = 25       # the flow head's Euler steps (uniform grid)
+    default_guidance = 1.0   # the flow head's CFG weight (1 = none)
 
     @property
     def grid_size(self) -> int:
@@ -97,17 +135,44 @@ class Extractor(QuantizedModel, nn.Module):
     def repa(self) -> bool:
         return self.repa_dim > 0 and self.repa_layer >= 0
 
+    @property
+    def decoder_repa(self) -> bool:
+        return self.repa_dim > 0 and self.decoder_repa_layer >= 0
+
+    @property
+    def flow(self) -> bool:
+        return self.decoder_head == "flow"
+
     def setup(self) -> None:
-        if self.repa_dim > 0 and not 0 <= self.repa_layer < self.encoder_depth:
+        if self.decoder_head not in DECODER_HEADS:
+            raise ValueError(f"decoder_head must be one of {', '.join(DECODER_HEADS)}, "
+                             f"got {self.decoder_head!r}")
+        if self.flow_prediction not in FLOW_PREDICTIONS:
+            raise ValueError(f"flow_prediction must be one of {', '.join(FLOW_PREDICTIONS)}, "
+                             f"got {self.flow_prediction!r}")
+        if self.repa_layer >= self.encoder_depth or (
+                self.repa_dim > 0 and self.repa_layer < 0 and self.decoder_repa_layer < 0):
             raise ValueError(f"repa_layer {self.repa_layer} is not a block of the "
-                             f"{self.encoder_depth}-block encoder (repa_dim > 0 needs one)")
-        setup_titok_parts(self, feature_layer=self.repa_layer if self.repa else -1)
+                             f"{self.encoder_depth}-block encoder (repa_dim > 0 needs one, or a "
+                             f"decoder_repa_layer)")
+        if self.decoder_repa_layer >= 0 and not (self.decoder_repa_layer < self.decoder_depth
+                                                 and self.repa_dim > 0):
+            raise ValueError(f"decoder_repa_layer {self.decoder_repa_layer} needs a block of the "
+                             f"{self.decoder_depth}-block decoder and repa_dim > 0 (the teacher's "
+                             f"width), got repa_dim {self.repa_dim}")
+        setup_titok_parts(self, feature_layer=self.repa_layer if self.repa else -1,
+                          decoder_kwargs=dict(
+                              head="flow" if self.flow else "pixels",
+                              feature_layer=self.decoder_repa_layer if self.decoder_repa else -1))
         # what the decoder reads in a token slot dropped by nested dropout (or past a prefix)
         self.dropped_code = self.param("dropped_code", boxed(nn.initializers.zeros_init(), (None,)),
                                        (self.token_size,), self.param_dtype)
+        projector = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.repa:
-            self.repa_projector = RepaProjector(self.repa_hidden_dim, self.repa_dim,
-                                                dtype=self.dtype, param_dtype=self.param_dtype)
+            self.repa_projector = RepaProjector(self.repa_hidden_dim, self.repa_dim, **projector)
+        if self.decoder_repa:
+            self.decoder_repa_projector = RepaProjector(self.repa_hidden_dim, self.repa_dim,
+                                                        **projector)
 
     # ---- encoding -------------------------------------------------------------------------------
     def _encoder(self, images: jax.Array, keep: jax.Array | None) -> tuple[jax.Array, Any]:
@@ -143,48 +208,133 @@ class Extractor(QuantizedModel, nn.Module):
             codes = jnp.where(kept[..., None], codes, self.dropped_code.astype(jnp.float32))
         return codes
 
-    def decode(self, codes: jax.Array, visible: jax.Array | None = None,
-               visible_mask: jax.Array | None = None, keep_k: jax.Array | None = None) -> jax.Array:
-        """Codes ``[B, k, C]`` (a prefix, ``1 <= k <= N``) -> pixels ``[B, H, W, 3]`` f32
-        (unclamped). ``visible`` (images ``[B, H, W, 3]``) with ``visible_mask`` (bool ``[B, P]``):
-        those patches are given to the decoder (completion); otherwise every slot is masked."""
+    def _decoder(self, codes: jax.Array, visible: jax.Array | None, visible_mask: jax.Array | None,
+                 x_t: jax.Array | None = None, t: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """Padded codes ``[B, N, C]`` -> ``(pixels or velocity, decoder REPA slots or None)``."""
         if (visible is None) != (visible_mask is None):
             raise ValueError("decode needs both `visible` (images) and `visible_mask`, or neither")
         if visible is not None:
             check_images(visible, self.image_size, "Extractor.decode (visible)")
-        return self.decoder(self.pad_codes(codes, keep_k), visible, visible_mask)
+        if self.flow and (x_t is None or t is None):
+            raise ValueError("the flow decoder head decodes with x_t and t (or decode_tokens samples)")
+        if not self.flow and (x_t is not None or t is not None):
+            raise ValueError("x_t and t apply to decoder_head='flow' only")
+        out, feats = (self.decoder(codes, visible, visible_mask, x_t, t) if self.decoder_repa else
+                      (self.decoder(codes, visible, visible_mask, x_t, t), None))
+        if self.flow and self.flow_prediction == "x":   # out is x_hat: v = (x_t - x_hat) / t
+            tb = jnp.maximum(jnp.asarray(t, jnp.float32), FLOW_T_MIN)[:, None, None, None]
+            out = (x_t.astype(jnp.float32) - out) / tb
+        return out, feats
+
+    def decode(self, codes: jax.Array, visible: jax.Array | None = None,
+               visible_mask: jax.Array | None = None, keep_k: jax.Array | None = None,
+               x_t: jax.Array | None = None, t: jax.Array | None = None) -> jax.Array:
+        """Codes ``[B, k, C]`` (a prefix, ``1 <= k <= N``) -> pixels ``[B, H, W, 3]`` f32
+        (unclamped). ``visible`` (images ``[B, H, W, 3]``) with ``visible_mask`` (bool ``[B, P]``):
+        those patches are given to the decoder (completion); otherwise every slot is masked. The
+        flow head: the velocity ``v(x_t, t | codes)`` at ``x_t [B, H, W, 3]`` (data space
+        ``2 img - 1``), ``t [B]``."""
+        return self._decoder(self.pad_codes(codes, keep_k), visible, visible_mask, x_t, t)[0]
 
     def decode_tokens(self, tokens: jax.Array, visible: jax.Array | None = None,
-                      visible_mask: jax.Array | None = None) -> jax.Array:
-        """Ids ``[B, k]`` (any prefix ``1 <= k <= N``; a VAE: codes ``[B, k, C]``) -> pixels."""
+                      visible_mask: jax.Array | None = None, *, key: jax.Array | None = None,
+                      noise: jax.Array | None = None, steps: int | None = None,
+                      guidance_scale: Any = None) -> jax.Array:
+        """Ids ``[B, k]`` (any prefix ``1 <= k <= N``; a VAE: codes ``[B, k, C]``) -> pixels; the
+        flow head samples (:meth:`sample_codes`: ``key`` / ``noise``, ``steps``, ``guidance_scale``)."""
         if not self.continuous:
             if tokens.ndim != 2:
                 raise ValueError(f"decode_tokens expects ids [B, k], got shape {tokens.shape}")
             tokens = self.quantize.indices_to_codes(tokens.astype(jnp.int32), dtype=jnp.float32)
+        if self.flow:
+            return self.sample_codes(tokens, visible, visible_mask, key=key, noise=noise,
+                                     steps=self.default_steps if steps is None else steps,
+                                     guidance_scale=(self.default_guidance if guidance_scale is None
+                                                     else guidance_scale))
+        if noise is not None or steps is not None or guidance_scale is not None:
+            raise ValueError("noise/steps/guidance apply to decoder_head='flow' only")
         return self.decode(tokens, visible, visible_mask)
+
+    # ---- the flow head ----------------------------------------------------------------------------
+    @staticmethod
+    def flow_data(images: jax.Array) -> jax.Array:
+        """Images in [0, 1] -> the flow's data space ``x = 2 img - 1`` (float32)."""
+        return 2.0 * images.astype(jnp.float32) - 1.0
+
+    def noise_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The flow sampler's initial noise: pixels ``(B, S, S, 3)`` (t = 1 is noise)."""
+        return (int(batch), self.image_size, self.image_size, 3)
+
+    def sample_codes(self, codes: jax.Array, visible: jax.Array | None = None,
+                     visible_mask: jax.Array | None = None, *, key: jax.Array | None = None,
+                     noise: jax.Array | None = None, steps: int = 25,
+                     guidance_scale: Any = 1.0) -> jax.Array:
+        """The flow head's decode: codes ``[B, k, C]`` -> pixels ``[B, S, S, 3]`` f32 (~[0, 1],
+        unclipped): Euler from ``noise`` (``noise_shape(B)``; default ``N(0, I)`` from ``key``)
+        over ``steps`` uniform steps, CFG ``guidance_scale`` against the all-dropped null condition
+        (1: none), visible patches pasted over the sample."""
+        if not self.flow:
+            raise ValueError("sample_codes is the decode of decoder_head='flow'")
+        b = codes.shape[0]
+        cond_codes = self.pad_codes(codes)
+        null_codes = self.pad_codes(codes, jnp.zeros((b,), jnp.int32))   # every slot dropped
+        if (visible is None) != (visible_mask is None):
+            raise ValueError("decode needs both `visible` (images) and `visible_mask`, or neither")
+        noise = start_noise(self.noise_shape(b), key, noise, "pixels in [-1, 1] space")
+
+        def velocity(x, t, cond):
+            n = x.shape[0]
+            z = jnp.where(cond[:, None, None], match_batch(cond_codes, n), match_batch(null_codes, n))
+            seen = None if visible is None else match_batch(visible.astype(jnp.float32), n)
+            mask = None if visible_mask is None else match_batch(visible_mask, n)
+            return self._decoder(z, seen, mask, x, t)[0]
+
+        grid = time_grid(int(steps))
+        run = lambda g: sample(velocity, noise, grid, "euler", g)   # noqa: E731
+        if not isinstance(guidance_scale, jax.core.Tracer):
+            x0 = run(None if float(guidance_scale) == 1.0 else
+                     with_scale(GuidanceConfig(kind="cfg"), guidance_scale))
+        else:   # a jit argument (Tokenizer.decode): the null pass only where w != 1
+            x0 = jax.lax.cond(guidance_scale == 1.0, lambda: run(None),
+                              lambda: run(with_scale(GuidanceConfig(kind="cfg"), guidance_scale)))
+        images = (x0 + 1.0) / 2.0
+        if visible is not None:
+            w = pixel_weights(visible_mask, self.patch_size, self.image_size) > 0
+            images = jnp.where(w, visible.astype(jnp.float32), images)
+        return images
 
     # ---- training -------------------------------------------------------------------------------
     def forward(self, images: jax.Array, *, keep: jax.Array | None = None,
                 keep_k: jax.Array | None = None, visible: jax.Array | None = None,
-                train: bool = False) -> tuple[jax.Array, QuantizerOutput, jax.Array | None]:
+                x_t: jax.Array | None = None, t: jax.Array | None = None,
+                train: bool = False) -> tuple[jax.Array, QuantizerOutput, Any, Any]:
         """The training forward with explicit masks (drawn by the task, ``models.extractor_masking``):
         ``keep [B, n]`` the patches the encoder sees (None: all), ``keep_k [B]`` nested-dropout
-        lengths (None: all tokens), ``visible [B, P]`` the patches the decoder sees (None: none).
-        Returns ``(reconstruction f32, QuantizerOutput, projected REPA features [B, n, repa_dim]
-        or None)``."""
+        lengths (None: all tokens; 0: the null condition), ``visible [B, P]`` the patches the
+        decoder sees (None: none); the flow head also takes ``x_t [B, H, W, 3]`` / ``t [B]``.
+        Returns ``(reconstruction f32 (the flow head: the velocity), QuantizerOutput, projected
+        encoder REPA features [B, n, repa_dim] or None, projected decoder REPA features
+        [B, P, repa_dim] or None)``."""
         z, feats = self._encoder(images, keep)
         codes, qout = self.quantize(z, train=train)
-        rec = self.decode(codes, None if visible is None else images, visible, keep_k)
+        out, dec_feats = self._decoder(self.pad_codes(codes, keep_k),
+                                       None if visible is None else images, visible, x_t, t)
         proj = self.repa_projector(feats) if self.repa else None
-        return rec, qout, proj
+        dec_proj = self.decoder_repa_projector(dec_feats) if self.decoder_repa else None
+        return out, qout, proj, dec_proj
 
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
         """No masking: ``(reconstruction [B,H,W,3] f32, QuantizerOutput)``; at init it also builds
-        the decoder's ``visible_embed`` (an all-False mask: the same output)."""
-        visible = (jnp.zeros((images.shape[0], self.num_patches), bool)
-                   if self.is_initializing() else None)
-        rec, qout, _ = self.forward(images, visible=visible, train=train)
-        return rec, qout
+        the decoder's ``visible_embed`` (an all-False mask: the same output). The flow head: the
+        one-step estimate ``(x_t - t v + 1) / 2`` from ``x_1 = 0`` at ``t = 1`` (cheap; not a
+        sample: ``decode_tokens`` samples)."""
+        b = images.shape[0]
+        visible = jnp.zeros((b, self.num_patches), bool) if self.is_initializing() else None
+        flow = dict(x_t=jnp.zeros(images.shape, jnp.float32), t=jnp.ones((b,), jnp.float32)) \
+            if self.flow else {}
+        out, qout, _, _ = self.forward(images, visible=visible, train=train, **flow)
+        return ((1.0 - out) / 2.0 if self.flow else out), qout
 
 
 # name -> Extractor kwargs. ``bl128``: the published size (TiTok-B encoder, TiTok-L decoder, 256 px,

@@ -40,7 +40,6 @@ Param tree: ``vae/...`` (frozen; loaded by the task), ``encoder/...``, ``decoder
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Sequence
@@ -50,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from titok_jax.flow import GuidanceConfig, guidance_preset, match_batch, rectified_flow_loss, sample
-from titok_jax.flow import start_noise, time_grid
+from titok_jax.flow import start_noise, time_grid, with_scale
 from titok_jax.models.flextok_blocks import (BD, NESTED_MODES, RepaProjector, decoder_layer,
                                              encoder_layer, encoder_mask, is_power_of_two,
                                              keep_lengths, keep_mask, patch_embed_with_posemb)
@@ -67,23 +66,9 @@ NULL_CONDS = ("learned", "zeros", "single_token")
 BHWC = ("batch", None, None, None)   # a latent grid [B, h, w, C]: the batch split, the rest free
 
 
-class _TracedGuidance(GuidanceConfig):
-    """A guidance config whose ``scale`` is a traced value (``Tokenizer.decode`` jits it): always
-    takes the guided path (``scale == 1`` then returns the conditional velocity, at 2x cost)."""
-
-    @property
-    def active(self) -> bool:
-        return True
-
-
 def flextok_guidance(scale: Any) -> GuidanceConfig:
-    """FlexTok's APG preset with ``scale`` (a Python number, or a traced scalar)."""
-    try:
-        return guidance_preset("flextok", scale=float(scale))
-    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        cfg = _TracedGuidance(**{**dataclasses.asdict(guidance_preset("flextok")), "scale": 2.0})
-        object.__setattr__(cfg, "scale", jnp.asarray(scale, jnp.float32))
-        return cfg
+    """FlexTok's APG preset with ``scale`` (a Python number, or a traced scalar: ``flow.with_scale``)."""
+    return with_scale(guidance_preset("flextok"), scale)
 
 
 def _ln(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Module:

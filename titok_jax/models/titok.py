@@ -47,7 +47,10 @@ Optional inputs the extractor (``models.extractor``) uses, off by default (TiTok
 ``TiTokEncoder(..., keep)`` runs on the kept patches only (MAE input masking) and with
 ``feature_layer`` also returns one block's patch tokens (REPA); ``TiTokDecoder(z, images,
 visible)`` puts the visible patches' embeddings (``visible_embed``) in their grid slots instead of
-the mask token (MaskGIT-style decoder masking).
+the mask token (MaskGIT-style decoder masking); ``TiTokDecoder(feature_layer=i)`` also returns the
+grid slots after block ``i`` (decoder REPA); ``TiTokDecoder(head="flow")(z, images, visible, x_t,
+t)`` is a rectified-flow velocity head (the grid slots read the noised image instead of the mask
+token, conditioned on the time ``t``; see ``TiTokDecoder``).
 """
 from __future__ import annotations
 
@@ -58,9 +61,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.nn import (check_images, LearnedPositionEmbedding, LayerContext, PatchEmbed,
-                          TransformerBlock, boxed, constrain, layer_stack, make_norm, resolve_remat,
-                          unpatchify, width_scaled_normal)
+from titok_jax.nn import (AdaLNModulation, check_images, LearnedPositionEmbedding, LayerContext,
+                          PatchEmbed, TimestepEmbedder, TransformerBlock, boxed, constrain,
+                          layer_stack, make_norm, modulate, resolve_remat, unpatchify,
+                          width_scaled_normal)
 from titok_jax.nn.activation_sharding import BTD
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
@@ -68,7 +72,8 @@ from titok_jax.models.token_prior import TokenPriorBias, kept_distances, prior_d
 
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 8192}   # TiTok-BL-64-VQ's
-HEADS = ("pixels", "legacy")   # decoder heads: RGB patches, or the two-stage proxy-code logits
+# decoder heads: RGB patches, the two-stage proxy-code logits, or a rectified-flow velocity
+HEADS = ("pixels", "legacy", "flow")
 # An image-shaped activation [B, H, W, C]: the batch split as the residual stream's, the rest
 # left to XLA (``nn.activation_sharding``).
 BHWC = ("batch", None, None, None)
@@ -218,7 +223,15 @@ class TiTokEncoder(nn.Module):
 
 
 class TiTokDecoder(nn.Module):
-    """Continuous codes ``[B, N, C]`` -> pixels ``[B, H, W, 3]`` float32 (unbounded)."""
+    """Continuous codes ``[B, N, C]`` -> pixels ``[B, H, W, 3]`` float32 (unbounded).
+
+    ``head="flow"`` (the extractor's rectified-flow decoder; t = 1 is noise): grid slot ``i`` reads
+    ``noised_embed(patch_i of x_t) + temb(t)`` instead of the mask token (visible patches, when
+    given, still read ``visible_embed`` of the clean image), the class slot ``cls + temb(t)``, with
+    ``temb = time_embed(t)`` (``nn.TimestepEmbedder``, DiT's: ``t * 1000``, period 10^4); the
+    tokens enter as in TiTok's decoder; after ``ln_post`` the grid is adaLN-modulated by ``temb``
+    (``head_adaln``, zero at init) and the pixel head (``ffn``, unpatchify, ``conv_out``) gives
+    the velocity ``v(x_t, t | z) [B, H, W, 3]``."""
 
     image_size: int
     patch_size: int
@@ -233,51 +246,80 @@ class TiTokDecoder(nn.Module):
     token_prior: float = 0.0
     head: str = "pixels"
     proxy_codebook_size: int = 1024
+    feature_layer: int = -1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array, images: jax.Array | None = None,
-                 visible: jax.Array | None = None) -> jax.Array:
+                 visible: jax.Array | None = None, x_t: jax.Array | None = None,
+                 t: jax.Array | None = None) -> Any:
         """``head="pixels"``: pixels ``[B, H, W, 3]``; ``head="legacy"``: proxy-code logits
-        ``[B, g, g, proxy_codebook_size]`` (both float32). With ``visible`` (bool ``[B, g*g]``,
-        MaskGIT-style decoder masking) the grid slots of the visible patches hold
-        ``visible_embed(images)`` (a patch embedding, param ``visible_embed``) instead of the mask
-        token; all False is the plain decoder."""
+        ``[B, g, g, proxy_codebook_size]``; ``head="flow"``: the velocity at ``(x_t [B, H, W, 3],
+        t [B])`` (all float32). With ``visible`` (bool ``[B, g*g]``, MaskGIT-style decoder
+        masking) the grid slots of the visible patches hold ``visible_embed(images)`` (a patch
+        embedding, param ``visible_embed``) instead of the mask token (the noised patch); all
+        False is the plain decoder. With ``feature_layer >= 0`` returns ``(output, grid slots
+        after that block [B, g*g, W])``."""
         if self.head not in HEADS:
             raise ValueError(f"decoder head must be one of {HEADS}, got {self.head!r}")
+        flow = self.head == "flow"
+        if flow != (x_t is not None and t is not None):
+            raise ValueError("the flow decoder head needs x_t and t (and only it takes them)")
         p, w = self.patch_size, self.width
         g = self.image_size // p
         b, n = z.shape[:2]
         if n > self.num_latent_tokens:
             raise ValueError(f"{n} tokens but the decoder has {self.num_latent_tokens} positions")
-        t = _dense(w, (None, "embed"), self.dtype, self.param_dtype, "decoder_embed",
-                   self.init_scheme)(constrain(z.astype(self.dtype), BTD))
-        t = constrain(t, BTD)
+        tok = constrain(_dense(w, (None, "embed"), self.dtype, self.param_dtype, "decoder_embed",
+                               self.init_scheme)(constrain(z.astype(self.dtype), BTD)), BTD)
         cls = self.param("class_embedding", boxed(width_scaled_normal(w), (None, "embed")),
                          (1, w), self.param_dtype)
-        mask = self.param("mask_token", boxed(width_scaled_normal(w), (None, None, "embed")),
-                          (1, 1, w), self.param_dtype)
-        grid = jnp.broadcast_to(mask.astype(self.dtype), (b, g * g, w))
+        cls = jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w))
+        patch_embed = functools.partial(PatchEmbed, p, w, channel_order="chw",
+                                        kernel_init=_kernel_inits(self.init_scheme)[0],
+                                        dtype=self.dtype, param_dtype=self.param_dtype)
+        temb = None
+        if flow:
+            temb = constrain(TimestepEmbedder(w, time_scale=1000.0, dtype=self.dtype,
+                                              param_dtype=self.param_dtype, name="time_embed")(t),
+                             ("batch", "act_embed"))
+            grid = patch_embed(name="noised_embed")(x_t.astype(self.dtype)) + temb[:, None]
+            cls = cls + temb[:, None]
+        else:
+            mask = self.param("mask_token", boxed(width_scaled_normal(w), (None, None, "embed")),
+                              (1, 1, w), self.param_dtype)
+            grid = jnp.broadcast_to(mask.astype(self.dtype), (b, g * g, w))
+        grid = constrain(grid, BTD)
         if visible is not None:
-            seen = PatchEmbed(p, w, channel_order="chw", kernel_init=_kernel_inits(self.init_scheme)[0],
-                              dtype=self.dtype, param_dtype=self.param_dtype,
-                              name="visible_embed")(images.astype(self.dtype))
+            seen = patch_embed(name="visible_embed")(images.astype(self.dtype))
             grid = jnp.where(visible[..., None], constrain(seen, BTD), grid)
-        m = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype)[None], (b, 1, w)), grid], axis=1)
+        m = jnp.concatenate([cls, grid], axis=1)
         m = constrain(LearnedPositionEmbedding(g * g + 1, w, param_dtype=self.param_dtype,
                                                dtype=self.dtype, name="positional_embedding")(m), BTD)
-        t = constrain(LearnedPositionEmbedding(
+        tok = constrain(LearnedPositionEmbedding(
             self.num_latent_tokens, w, param_dtype=self.param_dtype, dtype=self.dtype,
-            name="latent_token_positional_embedding")(t), BTD)
-        x = constrain(jnp.concatenate([m, t], axis=1), BTD)
+            name="latent_token_positional_embedding")(tok), BTD)
+        x = constrain(jnp.concatenate([m, tok], axis=1), BTD)
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(make_norm("layernorm", name="ln_pre", **norm)(x), BTD)
         distances = prior_distances(self.num_latent_tokens, g)[:1 + g * g + n, :1 + g * g + n]
         x = _blocks(x, self.depth, self.num_heads, resolve_remat(self.remat, self.remat_policy),
                     self.dtype, self.param_dtype, self.init_scheme, self.token_prior, distances,
-                    self.scan_layers)
+                    self.scan_layers, self.feature_layer, (1, 1 + g * g))
+        x, feats = x if self.feature_layer >= 0 else (x, None)
+        out = self._head(x, b, g, temb)
+        return out if feats is None else (out, constrain(feats, BTD))
+
+    def _head(self, x: jax.Array, b: int, g: int, temb: jax.Array | None) -> jax.Array:
+        """``ln_post`` of the grid slots, then the head (``temb``: the flow head's adaLN)."""
+        p, w = self.patch_size, self.width
+        norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         x = constrain(make_norm("layernorm", name="ln_post", **norm)(x[:, 1:1 + g * g]), BTD)
+        if temb is not None:
+            shift, scale = AdaLNModulation(2, w, dtype=self.dtype, param_dtype=self.param_dtype,
+                                           name="head_adaln")(temb)
+            x = constrain(modulate(x, shift, scale), BTD)
         if self.head == "legacy":
             # Two-stage head: Conv1x1(W -> 2W), tanh, Conv1x1(2W -> K) per grid cell (row-major).
             x = _dense(2 * w, ("embed", "mlp"), self.dtype, self.param_dtype, "ffn_0",
@@ -300,10 +342,12 @@ class TiTokDecoder(nn.Module):
         return constrain(x.astype(jnp.float32), BHWC)
 
 
-def setup_titok_parts(m: nn.Module, **encoder_kwargs: Any) -> None:
+def setup_titok_parts(m: nn.Module, decoder_kwargs: dict | None = None,
+                      **encoder_kwargs: Any) -> None:
     """In ``m.setup()``: TiTok's parts on ``m`` (from the fields TiTok and the extractor share):
     ``latent_tokens`` ``[N, encoder_width]``, ``encoder`` (``TiTokEncoder``, plus
-    ``encoder_kwargs``), ``quantize`` (float32, like the official quantizer) and ``decoder``."""
+    ``encoder_kwargs``), ``quantize`` (float32, like the official quantizer) and ``decoder``
+    (``TiTokDecoder``, plus ``decoder_kwargs``: ``head``, ``feature_layer``)."""
     if m.image_size % m.patch_size:
         raise ValueError(f"image_size {m.image_size} is not a multiple of patch_size "
                          f"{m.patch_size}")
@@ -321,7 +365,7 @@ def setup_titok_parts(m: nn.Module, **encoder_kwargs: Any) -> None:
     m.quantize = build_quantizer(m.quantizer, m.token_size, dtype=jnp.float32,
                                  param_dtype=m.param_dtype)
     m.decoder = TiTokDecoder(width=m.decoder_width, depth=m.decoder_depth,
-                             num_heads=m.decoder_heads, **common)
+                             num_heads=m.decoder_heads, **(decoder_kwargs or {}), **common)
 
 
 class TiTok(QuantizedModel, nn.Module):
