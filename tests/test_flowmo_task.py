@@ -151,6 +151,18 @@ def test_load_tokenizer_after_two_steps_and_post_init_from(tmp_path):
     np.testing.assert_array_equal(tok.decode(ids, steps=2, seed=1, noise=drawn), a)
     with pytest.raises(ValueError, match="noise must be"):
         tok.decode(ids, steps=2, noise=drawn[:2])
+    # guidance 1 (off) runs a program without the uncond half: half the FLOPs of the traced-scale
+    # (guided) one, the same pixels as the guided one at scale 1
+    args = (tok.params, tok.model_state, jnp.asarray(ids), jnp.asarray(drawn), 1.0)
+    flops = {u: tok._decode_noise.lower(*args, steps=2, unguided=u).compile().cost_analysis()["flops"]
+             for u in (False, True)}
+    assert flops[True] < 0.6 * flops[False], flops
+    compiled, calls = tok._decode_noise, []
+    tok._decode_noise = lambda *a, **k: calls.append(k["unguided"]) or compiled(*a, **k)
+    off = tok.decode(ids, steps=2, guidance=1.0, noise=drawn)
+    tok.decode(ids, steps=2, guidance=2.0, noise=drawn)
+    assert calls == [True, False]
+    np.testing.assert_allclose(off, np.asarray(compiled(*args, steps=2, unguided=False)), atol=1e-5)
     # post-training starts from the main run's raw (non-EMA) params
     post = micro_config("tiny_post")
     post.init_from = wd

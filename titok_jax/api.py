@@ -60,10 +60,15 @@ class Tokenizer:
         self._encode = jax.jit(task.encode)
         self._features = jax.jit(task.features)
         self._decode = jax.jit(task.decode)
-        self._decode_flow = jax.jit(lambda p, s, t, key, guidance, steps: task.decode(
-            p, s, t, key=key, steps=steps, guidance=guidance), static_argnames=("steps",))
-        self._decode_noise = jax.jit(lambda p, s, t, noise, guidance, steps: task.decode(
-            p, s, t, noise=noise, steps=steps, guidance=guidance), static_argnames=("steps",))
+        # guidance is traced (a new scale does not recompile), except guidance 1 (off), which is
+        # compiled apart as a Python constant: a traced scale always runs the guided branch, the
+        # cond + uncond batch at twice the cost, even where the scale turns out to be 1
+        self._decode_flow = jax.jit(lambda p, s, t, key, guidance, steps, unguided: task.decode(
+            p, s, t, key=key, steps=steps, guidance=1.0 if unguided else guidance),
+            static_argnames=("steps", "unguided"))
+        self._decode_noise = jax.jit(lambda p, s, t, noise, guidance, steps, unguided: task.decode(
+            p, s, t, noise=noise, steps=steps, guidance=1.0 if unguided else guidance),
+            static_argnames=("steps", "unguided"))
         self._decode_visible = jax.jit(lambda p, s, t, images, mask: task.decode(
             p, s, t, visible=images, visible_mask=mask))
 
@@ -151,13 +156,13 @@ class Tokenizer:
             if n.shape != want or not np.issubdtype(n.dtype, np.floating) or not np.all(np.isfinite(n)):
                 raise ValueError(f"noise must be finite float32 of shape {want} (tok.noise_shape(B)), "
                                  f"got {n.dtype} {n.shape}")
-            return self._batched(lambda p, st, chunk, nz: self._decode_noise(p, st, chunk, nz, guidance,
-                                                                             steps=steps),
-                                 t, n.astype(np.float32))
+            return self._batched(lambda p, st, chunk, nz: self._decode_noise(
+                p, st, chunk, nz, guidance, steps=steps, unguided=guidance == 1.0),
+                t, n.astype(np.float32))
         base = jax.random.key(int(seed))
         counter = iter(range(1 << 30))
         fn = lambda p, st, chunk: self._decode_flow(p, st, chunk, jax.random.fold_in(base, next(counter)),  # noqa: E731
-                                                    guidance, steps=steps)
+                                                    guidance, steps=steps, unguided=guidance == 1.0)
         return self._batched(fn, t)
 
     def reconstruct(self, images: Any) -> np.ndarray:
