@@ -57,6 +57,38 @@ PUBLISHED += ("taming_f16_1024",)
 VARIANTS += TAMING_VARIANTS
 
 
+def _skeleton(variant: str, model_name: str, model: dict, tiny: bool) -> ml_collections.ConfigDict:
+    """The sections every variant of this file shares: names, the ``tokenizer`` task, the model,
+    the compute dtype and the sample-data section (``tiny``: CPU settings)."""
+    c = ml_collections.ConfigDict()
+    c.family = "vqgan"
+    c.variant = variant
+    c.task = ml_collections.ConfigDict({"name": "tokenizer"})
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({"name": model_name, **model})
+    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    c.data = ml_collections.ConfigDict({
+        "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,
+        "eval_batch_size": 8 if tiny else 64, "eval_num_images": 0,  # 0 = the whole held-out split
+    })
+    return c
+
+
+def _finish(c: ml_collections.ConfigDict, tiny: bool, eval_every: int = 50_000
+            ) -> ml_collections.ConfigDict:
+    """The mesh, checkpoint, logging, sample and eval sections every variant shares."""
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500 if tiny else 5_000, "keep": 3,
+                                              "keep_every_steps": 0 if tiny else 50_000,
+                                              "async_save": True})
+    c.log_every_steps = 50 if tiny else 100
+    c.eval_every_steps = 500 if tiny else eval_every
+    c.samples = ml_collections.ConfigDict({"num_images": 8})
+    c.eval = _COMMON["eval_section"]()
+    return c
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant, options = _COMMON["split_variant"](arg, "tiny")
     if variant not in VARIANTS:
@@ -66,12 +98,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant in TAMING_VARIANTS:
         return _taming(variant, options)
     tiny = variant == "tiny"
-    c = ml_collections.ConfigDict()
-    c.family = "vqgan"
-    c.variant = variant
-    c.task = ml_collections.ConfigDict({"name": "tokenizer"})
-    c.seed = 0
-
     model = {**MASKGIT_F16_256, "quantizer": dict(MASKGIT_F16_256["quantizer"])}
     if tiny:
         # 64x64 crops of the sample photographs, f4 (16x16 = 256 tokens of a 256-entry codebook),
@@ -82,13 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 "kmeans_init": True, "dead_code_threshold": 0.5})
     # configs/vqgan.py:tiny,quantizer=fsq[,bits=N]: another quantizer at about the same bits per token
     model = _COMMON["quantizer_options"](model, options, "vqgan", dim_key="z_channels")
-    c.model = ml_collections.ConfigDict({"name": "maskgit_vqgan", **model})
-    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
-
-    c.data = ml_collections.ConfigDict({
-        "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,
-        "eval_batch_size": 8 if tiny else 64, "eval_num_images": 0,  # 0 = the whole held-out split
-    })
+    c = _skeleton(variant, "maskgit_vqgan", model, tiny)
     c.total_steps = 1500 if tiny else 1_000_000
     c.batch_size = 16 if tiny else 256
 
@@ -106,16 +126,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # "maskbit" (TiTok / MaskBit) or "patchgan" (taming's NLayerDiscriminator).
         discriminator={"name": "maskbit", "hidden_channels": 32 if tiny else 128, "num_stages": 3})
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
-    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500 if tiny else 5_000, "keep": 3,
-                                              "keep_every_steps": 0 if tiny else 50_000,
-                                              "async_save": True})
-    c.log_every_steps = 50 if tiny else 100
-    c.eval_every_steps = 500 if tiny else 50_000
-    c.samples = ml_collections.ConfigDict({"num_images": 8})
-    c.eval = _COMMON["eval_section"]()
-    return c
+    return _finish(c, tiny)
 
 
 def _vqvae(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
@@ -141,17 +152,7 @@ def _vqvae(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
                                 "ema_decay": 0.99, "kmeans_init": True,
                                 "dead_code_threshold": 0.5})
     model = _COMMON["quantizer_options"](model, options, "vqgan", dim_key="z_channels")
-    c = ml_collections.ConfigDict()
-    c.family = "vqgan"
-    c.variant = variant
-    c.task = ml_collections.ConfigDict({"name": "tokenizer"})
-    c.seed = 0
-    c.model = ml_collections.ConfigDict({"name": "vqvae", **model})
-    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
-    c.data = ml_collections.ConfigDict({
-        "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,
-        "eval_batch_size": 8 if tiny else 64, "eval_num_images": 0,  # 0 = the whole held-out split
-    })
+    c = _skeleton(variant, "vqvae", model, tiny)
     c.total_steps = 1500 if tiny else 250_000
     c.batch_size = 16 if tiny else 128
     lr = 1e-3 if tiny else 2e-4
@@ -162,16 +163,7 @@ def _vqvae(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
     })
     c.optimizers = ml_collections.ConfigDict({"disc": {"lr": 1e-4, "weight_decay": 1e-4}})
     c.losses = _COMMON["tokenizer_losses"](reconstruction="l2")   # no LPIPS, no GAN
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
-    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500 if tiny else 5_000, "keep": 3,
-                                              "keep_every_steps": 0 if tiny else 50_000,
-                                              "async_save": True})
-    c.log_every_steps = 50 if tiny else 100
-    c.eval_every_steps = 500 if tiny else 25_000
-    c.samples = ml_collections.ConfigDict({"num_images": 8})
-    c.eval = _COMMON["eval_section"]()
-    return c
+    return _finish(c, tiny, eval_every=25_000)
 
 
 def _taming(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
@@ -206,17 +198,7 @@ def _taming(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
                      quantizer={"name": "vq", "codebook_size": 256, "use_ema": True,
                                 "kmeans_init": True, "dead_code_threshold": 0.5})
     model = _COMMON["quantizer_options"](model, options, "vqgan", dim_key="embed_dim")
-    c = ml_collections.ConfigDict()
-    c.family = "vqgan"
-    c.variant = variant
-    c.task = ml_collections.ConfigDict({"name": "tokenizer"})
-    c.seed = 0
-    c.model = ml_collections.ConfigDict({"name": "taming_vqgan", **model})
-    c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
-    c.data = ml_collections.ConfigDict({
-        "source": "sample", "image_size": model["image_size"], "data_dir": "", "worker_count": 0,
-        "eval_batch_size": 8 if tiny else 64, "eval_num_images": 0,  # 0 = the whole held-out split
-    })
+    c = _skeleton(variant, "taming_vqgan", model, tiny)
     c.total_steps = 1500 if tiny else 1_000_000
     c.batch_size = 8 if tiny else 64
     lr = 1e-3 if tiny else 4.5e-6 * c.batch_size
@@ -234,13 +216,4 @@ def _taming(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
         # taming's PatchGAN; "batch" (its BatchNorm) needs running statistics the tokenizer task
         # does not carry, so the batch-independent GroupNorm stands in (models/discriminator.py).
         discriminator={"name": "patchgan", "ndf": 64, "n_layers": 3, "norm": "group"})
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
-    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500 if tiny else 5_000, "keep": 3,
-                                              "keep_every_steps": 0 if tiny else 50_000,
-                                              "async_save": True})
-    c.log_every_steps = 50 if tiny else 100
-    c.eval_every_steps = 500 if tiny else 50_000
-    c.samples = ml_collections.ConfigDict({"num_images": 8})
-    c.eval = _COMMON["eval_section"]()
-    return c
+    return _finish(c, tiny)

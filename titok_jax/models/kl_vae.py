@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from titok_jax.nn import check_images, boxed
-from titok_jax.nn.conv import check_channels, group_norm, torch_conv_init, upsample_nearest
+from titok_jax.nn.conv import (CompVisResnet, check_channels, group_norm, torch_conv_init,
+                               upsample_nearest)
 from titok_jax.nn.conv import torch_conv as conv
 from titok_jax.quantizers import QuantizerOutput
 from titok_jax.quantizers.gaussian import SAMPLE_RNG, gaussian_posterior
@@ -48,21 +49,9 @@ Dtype = Any
 zeros = nn.initializers.zeros_init()
 
 
-class VAEResnet(nn.Module):
-    """SD ResnetBlock ``[B, H, W, C_in] -> [B, H, W, out_channels]`` (module docstring)."""
-
-    out_channels: int
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = conv(self.out_channels, 3, "conv1", **kw)(nn.silu(group_norm("norm1", **kw)(x)))
-        h = conv(self.out_channels, 3, "conv2", **kw)(nn.silu(group_norm("norm2", **kw)(h)))
-        if x.shape[-1] != self.out_channels:
-            x = conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
-        return x + h
+def VAEResnet(out_channels: int, **kwargs: Any) -> nn.Module:
+    """SD ResnetBlock ``[B, H, W, C_in] -> [B, H, W, out_channels]`` (``nn.conv.CompVisResnet``)."""
+    return CompVisResnet(out_channels, shortcut_name="conv_shortcut", **kwargs)
 
 
 class VAEAttention(nn.Module):

@@ -50,7 +50,8 @@ import jax.numpy as jnp
 
 from titok_jax.models.grid_tokenizer import GridTokenizer
 from titok_jax.nn import check_images, constrain
-from titok_jax.nn.conv import GROUPS, check_channels, group_norm, torch_conv, upsample_nearest
+from titok_jax.nn.conv import (GROUPS, CompVisResnet, check_channels, group_norm, torch_conv,
+                               upsample_nearest)
 from titok_jax.quantizers import QuantizerOutput, build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
 
@@ -61,22 +62,10 @@ DEFAULT_QUANTIZER = {"name": "vq", "codebook_size": 1024, "commitment_weight": 1
 FMAP = ("batch", None, None, "act_embed")   # a feature map at a block boundary (models.vqgan's)
 
 
-class TamingResnetBlock(nn.Module):
-    """taming's ResnetBlock (no time embedding) ``[B, H, W, C_in] -> [B, H, W, out_channels]``."""
-
-    out_channels: int
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = constrain(x, FMAP)
-        h = torch_conv(self.out_channels, 3, "conv1", **kw)(nn.silu(group_norm("norm1", **kw)(x)))
-        h = torch_conv(self.out_channels, 3, "conv2", **kw)(nn.silu(group_norm("norm2", **kw)(h)))
-        if x.shape[-1] != self.out_channels:
-            x = torch_conv(self.out_channels, 1, "nin_shortcut", **kw)(x)
-        return constrain(x + h, FMAP)
+def TamingResnetBlock(out_channels: int, **kwargs: Any) -> nn.Module:
+    """taming's ResnetBlock (no time embedding) ``[B, H, W, C_in] -> [B, H, W, out_channels]``
+    (``nn.conv.CompVisResnet``, its shortcut ``nin_shortcut``, feature maps constrained)."""
+    return CompVisResnet(out_channels, shortcut_name="nin_shortcut", fmap=FMAP, **kwargs)
 
 
 class TamingAttnBlock(nn.Module):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from titok_jax.nn.activation_sharding import constrain
 from titok_jax.nn.initializers import boxed
 
 Dtype = Any
@@ -212,6 +213,30 @@ def group_norm(name: str, dtype: Dtype, param_dtype: Dtype, epsilon: float = 1e-
     return nn.GroupNorm(num_groups=GROUPS, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
                         use_fast_variance=False, scale_init=boxed(ones, ("norm",)),
                         bias_init=boxed(zeros, ("norm",)), name=name)
+
+
+class CompVisResnet(nn.Module):
+    """The CompVis ResnetBlock without a time embedding (SD's KL-VAE, taming's VQGAN):
+    ``[B, H, W, C_in] -> [B, H, W, out_channels]``, ``conv2(silu(norm2(conv1(silu(norm1(x))))))``
+    plus ``x``, through a 1x1 conv named ``shortcut_name`` where the channels change. ``fmap``: an
+    activation-sharding spec put on the input and the output (None: none)."""
+
+    out_channels: int
+    shortcut_name: str = "conv_shortcut"
+    fmap: Any = None
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.fmap is not None:
+            x = constrain(x, self.fmap)
+        h = torch_conv(self.out_channels, 3, "conv1", **kw)(nn.silu(group_norm("norm1", **kw)(x)))
+        h = torch_conv(self.out_channels, 3, "conv2", **kw)(nn.silu(group_norm("norm2", **kw)(h)))
+        if x.shape[-1] != self.out_channels:
+            x = torch_conv(self.out_channels, 1, self.shortcut_name, **kw)(x)
+        return x + h if self.fmap is None else constrain(x + h, self.fmap)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
