@@ -21,6 +21,10 @@ TOKENIZER_LOSSES = {
     "gan_loss": "hinge",
     "lecam_weight": 0.0,
     "lecam_decay": 0.999,
+    "lecam_per_sample": False,       # True: mean(relu(r - a_F)^2) + mean(relu(a_R - f)^2) over
+                                     # the logits (LeCam's code, Open-MAGVIT2); False: of their means
+    "entropy_anneal_ratio": 0.0,     # > 0: the quantizer's entropy term x (1 + ratio max(0, 1 -
+    "entropy_anneal_steps": 2000,    # step / steps)) (Open-MAGVIT2's codebook_enlarge_{ratio,steps})
     "discriminator": {},             # name: patchgan (default) | maskbit, and its arguments
     "adaptive_weight_layer": "",     # "" = fixed gan_weight; a model param path (taming:
                                      # "decoder/conv_out/kernel") = taming's adaptive GAN weight
@@ -58,7 +62,9 @@ def split_variant(arg: str | None, default: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-QUANTIZER_NAMES = ("vq", "fsq", "lfq", "bsq", "vae")
+QUANTIZER_NAMES = ("vq", "fsq", "lfq", "bsq", "fq", "rq", "vae")
+# fq / rq: 2 factors / levels, each with 2**ceil(bits / 2) codes (the bits split evenly, rounded up)
+MULTI_INDEX_PARTS = 2
 
 
 def quantizer_option(model: dict, name: str, bits: int | None = None,
@@ -68,8 +74,12 @@ def quantizer_option(model: dict, name: str, bits: int | None = None,
     quantizer swapped for ``name`` at about the same bits per token (``bits``: override):
     vq keeps its sub-config (``codebook_size = 2**bits`` when ``bits`` is given); fsq takes the FSQ
     paper's recommended levels for ``2**bits`` codes and a code dim of ``len(levels)``; lfq / bsq
-    take ``bits`` binary channels (code dim ``bits``); vae keeps the code dim's continuous
-    channels."""
+    take ``bits`` binary channels (code dim ``bits``); fq (FQGAN's factorized quantizer, 2
+    factors, disentanglement weight 0.1) and rq (residual, 2 levels) split the bits evenly over
+    their 2 factors / levels, each a VQ of ``2**ceil(bits / 2)`` codes (12 bits -> 2 x 64 codes,
+    9 -> 2 x 32: the total rounded up to even), keep the code dim and reuse the current VQ's
+    arguments (EMA, l2 lookup, ...) for each codebook; their tokens are ``k = 2`` ids each
+    (``[B, N, 2]``); vae keeps the code dim's continuous channels."""
     import math
     from titok_jax.quantizers.fsq import fsq_levels
     if name not in QUANTIZER_NAMES:
@@ -78,6 +88,8 @@ def quantizer_option(model: dict, name: str, bits: int | None = None,
     explicit = bits is not None
     if bits is None:
         size = current.get("codebook_size")
+        if size and current.get("name") in ("fq", "rq"):   # per factor / level
+            size = size ** int(current.get("factors", current.get("num_levels", MULTI_INDEX_PARTS)))
         bits = int(round(math.log2(size))) if size else 12
     out = dict(model)
     if name == "vq":
@@ -90,6 +102,18 @@ def quantizer_option(model: dict, name: str, bits: int | None = None,
         out["quantizer"], out[dim_key] = {"name": "fsq", "levels": levels}, len(levels)
     elif name in ("lfq", "bsq"):
         out["quantizer"], out[dim_key] = {"name": name, "bits": bits}, bits
+    elif name in ("fq", "rq"):
+        # each codebook: the current VQ's arguments (a plain vq, or the VQ of a current fq / rq)
+        vq = dict(current.get("quantizer") or {"name": "vq"}) \
+            if current.get("name") in ("fq", "rq") else current
+        sub = ({k: v for k, v in dict(vq).items() if k != "codebook_size"}
+               if dict(vq).get("name") == "vq" else {"name": "vq"})
+        per = 2 ** -(-bits // MULTI_INDEX_PARTS)
+        count = "factors" if name == "fq" else "num_levels"
+        out["quantizer"] = {"name": name, count: MULTI_INDEX_PARTS, "codebook_size": per,
+                            "quantizer": sub}
+        if name == "fq":
+            out["quantizer"]["disentanglement_weight"] = 0.1
     else:
         out["quantizer"] = {"name": "vae"}
     return out

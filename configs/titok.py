@@ -17,7 +17,8 @@ l2_normalize, commitment_weight, use_ema, kmeans_init, dead_code_threshold, ...;
 so each knob is set from the command line as e.g. `--config.model.quantizer.codebook_size=1024`.
 Another quantizer at about the same bits per token is an option of the variant string:
 `configs/titok.py:tiny,quantizer=fsq` (FSQ with the paper's levels; token_size follows), `quantizer=
-lfq|bsq|vq|vae`, and `bits=N` for 2**N codes (`configs/titok.py:bl64_vq,quantizer=fsq,bits=14`).
+lfq|bsq|vq|vae`, `quantizer=fq|rq` (factorized / residual: 2 VQ codebooks of 2**ceil(N/2) codes, 2 ids
+per token), and `bits=N` for 2**N codes (`configs/titok.py:bl64_vq,quantizer=fsq,bits=14`).
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ The bottleneck is one sub-config, `model.quantizer = {"name": "vq", **VectorQuan
 `--config.model.quantizer.codebook_size=512 --config.model.quantizer.use_ema=False`.
 Another quantizer at about the same bits per token is an option of the variant string, as in
 configs/titok.py: `configs/vqgan.py:tiny,quantizer=fsq` (FSQ with the paper's levels; z_channels
-follows), `quantizer=lfq|bsq|vq|vae`, and `bits=N` for 2**N codes
+follows), `quantizer=lfq|bsq|vq|vae`, `quantizer=fq|rq` (factorized / residual: 2 VQ codebooks of
+2**ceil(N/2) codes, 2 ids per token), and `bits=N` for 2**N codes
 (`configs/vqgan.py:vqvae,quantizer=fsq,bits=10`).
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ from titok_jax.train.sharding import MAX_REPLICATED_ELEMENTS
 
 from train_helpers import load_config_module
 
-FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor")
+FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor", "magvit2")
 PUBLISHED = [(f, v) for f in FAMILIES for v in load_config_module(f).PUBLISHED]
 DEVICES = (8, 64, 256)
 MAX_STATE_OVER_IDEAL = 1.2

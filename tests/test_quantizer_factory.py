@@ -47,7 +47,7 @@ def test_vae_builds_the_gaussian_posterior():
 
 
 @pytest.mark.parametrize("spec,match", [
-    ({"name": "vqq"}, r"unknown quantizer name 'vqq'; known: \['bsq', 'fsq', 'lfq', 'vae', 'vq'\]"),
+    ({"name": "vqq"}, r"unknown quantizer name 'vqq'; known: \['bsq', 'fq', 'fsq', 'lfq', 'rq', 'vae', 'vq'\]"),
     ({"codebook_size": 8}, r"unknown quantizer name None"),
     ({"name": "vq", "codebook_size": 8, "use_l2_norm": True},
      r"quantizer 'vq': unknown argument 'use_l2_norm'; known: \[.*'l2_normalize'"),
@@ -64,7 +64,8 @@ def test_unknown_names_and_arguments_are_one_line_errors(spec, match):
 
 def test_every_entry_of_the_table_builds():
     args = {"vq": {"codebook_size": 8}, "vae": {}, "fsq": {"levels": [5, 5, 4, 3]},
-            "lfq": {"bits": 4}, "bsq": {"bits": 4}}
+            "lfq": {"bits": 4}, "bsq": {"bits": 4}, "fq": {"codebook_size": 8},
+            "rq": {"codebook_size": 8}}
     assert set(QUANTIZERS) == set(args)       # a new entry needs a line here (and in the models)
     for name, kw in args.items():
         q = build_quantizer({"name": name, **kw}, 4, dtype=jnp.float32, param_dtype=jnp.float32)

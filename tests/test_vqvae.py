@@ -163,6 +163,9 @@ def test_variant_options_and_their_errors():
 EXPECTED = {("vqvae_tiny", "vq"): (512, 32), ("vqvae_tiny", "fsq"): (512, 3),
             ("vqvae_tiny", "lfq"): (512, 9), ("vqvae_tiny", "bsq"): (512, 9),
             ("vqvae_tiny", "vae"): (None, 32),
+            # fq / rq: 2 codebooks of 2**ceil(bits / 2) codes each (codebook_size is per codebook)
+            ("vqvae_tiny", "fq"): (32, 32), ("vqvae_tiny", "rq"): (32, 32),
+            ("tiny", "fq"): (16, 32), ("tiny", "rq"): (16, 32),
             ("tiny", "vq"): (256, 32), ("tiny", "fsq"): (240, 3), ("tiny", "lfq"): (256, 8),
             ("tiny", "bsq"): (256, 8), ("tiny", "vae"): (None, 32)}
 
@@ -170,7 +173,9 @@ EXPECTED = {("vqvae_tiny", "vq"): (512, 32), ("vqvae_tiny", "fsq"): (512, 3),
 # Every name trains on the VQ-VAE; the MaskGIT-VQGAN (the same quantizer factory and option code,
 # the option table above checked for every name) trains the two that change its code dim.
 # `tiny,quantizer=vq` is `tiny` itself, which test_vqgan.py trains through the trainer and the API.
-TRAINED = sorted(k for k in EXPECTED if k[0] == "vqvae_tiny" or k[1] in ("fsq", "lfq"))
+# fq / rq (ids [B, N, 2]) train in test_multi_index_quantizers.py.
+TRAINED = sorted(k for k in EXPECTED if (k[0] == "vqvae_tiny" or k[1] in ("fsq", "lfq"))
+                 and k[1] not in ("fq", "rq"))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,6 +6,7 @@ tok = titok_jax.load_tokenizer(DIR)   # latest checkpoint of a workdir (EMA para
 tok = titok_jax.load_tokenizer("hf:yucornetto/tokenizer_titok_l32_imagenet")  # local HF cache
 tok.num_tokens, tok.codebook_size, tok.image_size
 tokens = tok.encode(images)           # uint8 [B,H,W,3] or float32 in [0,1] -> int32 [B, num_tokens]
+                                      # ([B, num_tokens, k] for the k codebooks of fq / rq)
 images = tok.decode(tokens)           # -> float32 [B,H,W,3] in [0,1]
 tok.reconstruct_files("photos/", "out/")   # what `titok-jax reconstruct` does: a PNG per image
 ```
@@ -38,7 +39,9 @@ class Tokenizer:
 
     Attributes: ``num_tokens`` (tokens per image), ``codebook_size`` (None for continuous VAE
     tokenizers), ``image_size`` (square side the model takes), ``token_dim`` (the VAE's channel
-    count; for VQ the codebook's code dimension), ``quantizer`` ("vq", "vae", "fsq", "lfq"),
+    count; for VQ the codebook's code dimension), ``quantizer`` ("vq", "vae", "fsq", "lfq", "fq",
+    ...), ``num_codebooks`` (k ids per token: 2 or more for the multi-index quantizers ``fq`` /
+    ``rq``, whose ids are ``[B, num_tokens, k]``, each in ``[0, codebook_size)``; else 1),
     ``spec`` (the task's ``TokenSpec``), ``task`` (the run's task), ``step`` (the checkpoint's
     step), ``config`` (the run config) and ``batch_size`` (chunk size of ``encode``/``decode``)."""
 
@@ -54,6 +57,7 @@ class Tokenizer:
         self.image_size = spec.image_size
         self.token_dim = spec.token_dim
         self.codebook_size = spec.codebook_size
+        self.num_codebooks = spec.num_codebooks
         self.flow_decoder = spec.flow_decoder
         self.variable_length = spec.variable_length
         self.batch_size = max(1, int(batch_size))
@@ -79,12 +83,15 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(quantizer={self.quantizer!r}, image_size={self.image_size}, "
-                f"num_tokens={self.num_tokens}, codebook_size={self.codebook_size}, step={self.step})")
+                f"num_tokens={self.num_tokens}, codebook_size={self.codebook_size}"
+                + (f", num_codebooks={self.num_codebooks}" if self.num_codebooks > 1 else "")
+                + f", step={self.step})")
 
     # ------------------------------------------------------------------ public
     def encode(self, images: Any) -> np.ndarray:
         """``images``: uint8 ``[B, S, S, 3]`` or float ``[B, S, S, 3]`` in [0, 1] (``S ==
-        image_size``). Returns int32 ``[B, num_tokens]`` token ids (VQ) or float32
+        image_size``). Returns int32 ``[B, num_tokens]`` token ids (VQ; ``[B, num_tokens, k]``
+        for the ``k = num_codebooks`` ids per token of ``fq`` / ``rq``) or float32
         ``[B, num_tokens, token_dim]`` posterior means (VAE)."""
         x = self._check_images(images)
         return self._batched(self._encode, x)
@@ -112,8 +119,9 @@ class Tokenizer:
     def decode(self, tokens: Any, steps: int | None = None, guidance: float | None = None,
                seed: int = 0, noise: Any = None, visible: Any = None,
                visible_mask: Any = None) -> np.ndarray:
-        """``tokens``: int ``[B, num_tokens]`` ids in ``[0, codebook_size)`` (VQ) or float
-        ``[B, num_tokens, token_dim]`` (VAE) -> float32 ``[B, S, S, 3]`` in [0, 1].
+        """``tokens``: int ``[B, num_tokens]`` ids in ``[0, codebook_size)`` (VQ; ``[B, num_tokens,
+        k]`` with ``k = num_codebooks`` for ``fq`` / ``rq``) or float ``[B, num_tokens, token_dim]``
+        (VAE) -> float32 ``[B, S, S, 3]`` in [0, 1].
 
         Flow-decoder tokenizers also take ``steps`` and ``guidance`` (default: the model's published
         sampler) and either ``noise`` (float32 ``noise_shape(B)``: the sampler's initial noise, so a
@@ -248,11 +256,18 @@ class Tokenizer:
             if not np.issubdtype(t.dtype, np.floating):
                 raise ValueError(f"decode expects float tokens for this VAE tokenizer, got dtype {t.dtype}")
             return np.ascontiguousarray(t, dtype=np.float32)
-        if self.variable_length and t.ndim == 2 and 1 <= t.shape[1] <= n:
+        m = self.num_codebooks
+        tail = () if m == 1 else (m,)   # the k ids of a multi-index token (fq / rq)
+        if self.variable_length and t.ndim == 2 + len(tail) and 1 <= t.shape[1] <= n \
+                and t.shape[2:] == tail:
             pass  # an ordered-token prefix
-        elif t.ndim != 2 or t.shape[1] != n:
-            what = f"[B, k] with 1 <= k <= {n}" if self.variable_length else f"[B, {n}]"
-            raise ValueError(f"decode expects token ids {what} for this tokenizer, got shape {t.shape}")
+        elif t.ndim != 2 + len(tail) or t.shape[1] != n or t.shape[2:] != tail:
+            ids = "k" if self.variable_length else str(n)
+            shape = f"[B, {ids}]" if m == 1 else f"[B, {ids}, {m}]"
+            what = f"{shape} with 1 <= k <= {n}" if self.variable_length else shape
+            per = f" ({m} ids per token, one per codebook)" if m > 1 else ""
+            raise ValueError(f"decode expects token ids {what}{per} for this tokenizer, got shape "
+                             f"{t.shape}")
         if not np.issubdtype(t.dtype, np.integer):
             if t.size and np.issubdtype(t.dtype, np.floating) and np.all(np.isfinite(t)) \
                     and np.all(t == np.round(t)):
@@ -262,8 +277,9 @@ class Tokenizer:
         k = self.codebook_size
         bad = (t < 0) | (t >= k)
         if bad.any():
-            row, col = (int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"token id {int(t[row, col])} at [{row}, {col}] is out of range: valid ids are "
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            at = ", ".join(map(str, where))
+            raise ValueError(f"token id {int(t[where])} at [{at}] is out of range: valid ids are "
                              f"0..{k - 1} (codebook_size {k}); {int(bad.sum())} id(s) out of range")
         return t.astype(np.int32)
 

@@ -120,9 +120,12 @@ def class_labels(num: int, num_classes: int, class_id: int | None = None) -> np.
 
 def check_tokenizer(generator: Generator, tokenizer: Any, tokenizer_name: str = "") -> None:
     """A ValueError unless ``tokenizer`` decodes the ids ``generator`` makes (same number of tokens,
-    same codebook); ``tokenizer_name`` (e.g. its workdir) names it in the message."""
+    same codebook, one id per token); ``tokenizer_name`` (e.g. its workdir) names it in the
+    message."""
+    from titok_jax.tasks.generator import refuse_multi_index
+    name = f"the tokenizer {tokenizer_name}" if tokenizer_name else "the tokenizer"
+    refuse_multi_index(tokenizer.num_codebooks, name, "the generator")
     if tokenizer.codebook_size != generator.codebook_size or tokenizer.num_tokens != generator.num_tokens:
-        name = f"the tokenizer {tokenizer_name}" if tokenizer_name else "the tokenizer"
         raise ValueError(f"the generator makes {generator.num_tokens} ids from {generator.codebook_size} "
                          f"codes but {name} takes {tokenizer.num_tokens} from {tokenizer.codebook_size}")
 

@@ -15,7 +15,8 @@ def _flags(fv: Any) -> None:
     from absl import flags
     flags.DEFINE_string("input", None, "HF_DIR: config.json + model.safetensors "
                         "(or pytorch_model.bin), a MaskGIT-VQGAN state dict, a taming VQGAN "
-                        "last.ckpt (or its state dict), a TiTok MaskGIT "
+                        "last.ckpt (or its state dict), an Open-MAGVIT2 tokenizer .ckpt (its EMA "
+                        "weights when present), a TiTok MaskGIT "
                         "generator (generator_titok_*.bin, config.json optional), a FlexTok "
                         "model.safetensors (its config in the metadata), or a FlowMo checkpoint "
                         "(flowmo_lo.pth / flowmo_hi.pth, its training yaml optional); or "
@@ -24,14 +25,16 @@ def _flags(fv: Any) -> None:
     flags.DEFINE_string("output", None, "DIR: the workdir to create (must not exist or be empty)",
                         flag_values=fv)
     flags.DEFINE_integer("image_size", None, "image side of a MaskGIT-VQGAN or taming VQGAN "
-                         "imported without config.json (default 256), or of a FlexTok (default: "
+                         "imported without config.json (default 256), of an Open-MAGVIT2 (default: "
+                         "a 16x16 grid, 128 or 256 for the releases), or of a FlexTok (default: "
                          "its position table's largest)", flag_values=fv)
 
 
 def import_torch(argv: Sequence[str]) -> int:
     """An official PyTorch release (HF_DIR: config.json + model.safetensors / pytorch_model.bin, or
-    a bare MaskGIT-VQGAN state dict, a taming VQGAN last.ckpt, a TiTok MaskGIT generator, a FlexTok
-    model.safetensors, or a FlowMo .pth) -> a workdir at --output (never overwritten)."""
+    a bare MaskGIT-VQGAN state dict, a taming VQGAN last.ckpt, an Open-MAGVIT2 .ckpt, a TiTok
+    MaskGIT generator, a FlexTok model.safetensors, or a FlowMo .pth) -> a workdir at --output
+    (never overwritten)."""
     fv = parse("titok-jax import-torch", argv, _flags)
     if not fv.input or not fv.output:
         raise UsageError("import-torch needs --input HF_DIR and --output DIR")

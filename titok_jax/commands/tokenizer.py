@@ -95,7 +95,8 @@ def _tokenize_flags(fv: Any) -> None:
 
 
 def tokenize(argv: Sequence[str]) -> int:
-    """images -> ``tokens.npz`` with ``tokens`` (int32 [N, T]; float32 [N, T, C] for a VAE) and
+    """images -> ``tokens.npz`` with ``tokens`` (int32 [N, T]; int32 [N, T, k] for the k codebooks
+    of an fq / rq tokenizer; float32 [N, T, C] for a VAE) and
     ``files`` (the input names: the basename, or paths relative to the input directory).
     With ``--data SOURCE`` instead of ``--input``: every image of the source (``--epochs``
     augmented passes) -> token shards in the directory ``--output`` (``titok_jax.data.tokens``),
@@ -191,7 +192,8 @@ def _tokenize_data(argv: Sequence[str]) -> int:
         meta={"tokenizer": os.path.abspath(fv.workdir), "tokenizer_step": tok.step,
               "codebook_size": tok.codebook_size})
     print(f"tokenized {meta['count']} image(s) ({fv.epochs} pass(es) over {fv.data}:{fv.split}) -> "
-          f"{fv.output} ({len(meta['shards'])} shard(s) of {meta['num_tokens']} tokens)")
+          f"{fv.output} ({len(meta['shards'])} shard(s) of {meta['num_tokens']} tokens"
+          + (f" x {meta['num_codebooks']} ids" if meta.get("num_codebooks", 1) > 1 else "") + ")")
     return 0
 
 

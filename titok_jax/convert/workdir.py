@@ -13,6 +13,10 @@
   dropped; or a bare state dict), recognised by ``quant_conv`` / ``post_quant_conv`` around the
   codebook, shapes read from the tensors, ``image_size`` 256 unless given; converted by
   ``convert.taming`` into a ``taming_vqgan`` tokenizer workdir; or
+- an Open-MAGVIT2 image tokenizer (its Lightning ``.ckpt``: the EMA weights ``model_ema.*`` when
+  present, else the raw ones; ``loss.*`` dropped; or a bare state dict), recognised by the
+  decoder's AdaGN layers, shapes read from the tensors, ``image_size`` a 16x16 grid unless given;
+  converted by ``convert.magvit2`` into a ``magvit2`` tokenizer workdir; or
 - a TiTok MaskGIT generator (``generator_titok_{l32,b64,s128}.bin``: ``ImageBert`` / ``UViTBert``,
   or its HF folder), recognised by its tensor names, with its ``config.json`` where the release has
   one; converted by ``convert.maskgit_generator`` into a generator workdir (task ``maskgit``) that
@@ -101,6 +105,7 @@ def model_from_input(input_dir: str, image_size: int | None = None, read: Any = 
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """``(model section, params, weights path)`` of a tokenizer converted from ``input_dir``
     (``read``: :func:`read_input`'s result, when already read)."""
+    from titok_jax.convert import magvit2 as magvit2_conv
     from titok_jax.convert import taming as taming_conv
     from titok_jax.convert import titok as titok_conv
     from titok_jax.convert import vqgan as vqgan_conv
@@ -108,11 +113,16 @@ def model_from_input(input_dir: str, image_size: int | None = None, read: Any = 
     sd, weights, hf_config, cfg_path = read or read_input(input_dir)
     if hf_config is not None:
         if image_size is not None:
-            raise ValueError("--image_size is only for a MaskGIT-VQGAN or taming VQGAN state dict "
-                             "without config.json; the TiTok config.json sets crop_size")
+            raise ValueError("--image_size is only for a MaskGIT-VQGAN, taming VQGAN or "
+                             "Open-MAGVIT2 state dict without config.json; the TiTok config.json "
+                             "sets crop_size")
         model = titok_conv.titok_model_from_hf_config(hf_config, sd, source=cfg_path)
         params = titok_conv.titok_params_from_state_dict(sd, model, source=weights)
         return model, params, weights
+    if magvit2_conv.is_magvit2(sd):   # an Open-MAGVIT2 .ckpt: AdaGN layers in the decoder
+        kw = magvit2_conv.infer_magvit2_kwargs(sd, image_size, source=weights)
+        params = magvit2_conv.magvit2_params_from_state_dict(sd, kw, source=weights)
+        return magvit2_conv.magvit2_model_section(kw), params, weights
     if taming_conv.is_taming(sd):   # a taming VQGAN (last.ckpt): quant_conv around the quantizer
         kw = taming_conv.infer_taming_kwargs(sd, int(image_size or 256), source=weights)
         params = taming_conv.taming_params_from_state_dict(sd, kw, source=weights)

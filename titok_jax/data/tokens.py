@@ -5,7 +5,9 @@ A token data set is a directory::
 
     DIR/meta.json              {"format": "titok_jax.tokens/1", "count": n, "num_tokens": T,
                                 "codebook_size": K, "num_classes": C, "shards": [...], ...}
-    DIR/tokens_00000.npy       int32 [n_0, T] token ids (VQ) in [0, K)
+    DIR/tokens_00000.npy       int32 [n_0, T] token ids (VQ) in [0, K); [n_0, T, k] for a
+                               multi-index tokenizer (fq / rq: meta "num_codebooks": k, each id
+                               in [0, K); absent for k = 1)
     DIR/labels_00000.npy       int32 [n_0] class ids in [0, C), or -1 when the source has none
     ...
 
@@ -29,6 +31,12 @@ FORMAT = "titok_jax.tokens/1"
 META = "meta.json"
 
 
+def token_shape(meta: dict[str, Any]) -> tuple[int, ...]:
+    """One row's ids: ``(T,)``, or ``(T, k)`` for ``num_codebooks`` k > 1 (fq / rq tokenizers)."""
+    k = int(meta.get("num_codebooks", 1) or 1)
+    return (int(meta["num_tokens"]),) if k == 1 else (int(meta["num_tokens"]), k)
+
+
 def _shard_names(i: int) -> tuple[str, str]:
     return f"tokens_{i:05d}.npy", f"labels_{i:05d}.npy"
 
@@ -42,10 +50,12 @@ def check_new_token_dir(out_dir: str) -> None:
 
 
 class TokenShardWriter:
-    """Accumulate ``(tokens [b, T], labels [b])`` batches; write a shard every ``shard_size`` rows.
+    """Accumulate ``(tokens [b, T], labels [b])`` batches (``tokens [b, T, k]``: the k ids per
+    token of a multi-index tokenizer); write a shard every ``shard_size`` rows.
 
-    ``close(meta)`` flushes the last shard and writes ``meta.json`` (with ``count``, ``num_tokens``
-    and the shard list added to ``meta``). The directory must not hold a token data set already.
+    ``close(meta)`` flushes the last shard and writes ``meta.json`` (with ``count``, ``num_tokens``,
+    ``num_codebooks`` when k > 1, and the shard list added to ``meta``). The directory must not
+    hold a token data set already.
     """
 
     def __init__(self, out_dir: str, shard_size: int = 65536):
@@ -60,20 +70,22 @@ class TokenShardWriter:
         self.shards: list[dict[str, Any]] = []
         self.count = 0
         self.num_tokens: int | None = None
+        self.row_shape: tuple[int, ...] | None = None   # (T,) or (T, k)
         self.max_label = -1
 
     def add(self, tokens: np.ndarray, labels: np.ndarray) -> None:
         tokens = np.asarray(tokens)
         labels = np.asarray(labels, np.int32).reshape(-1)
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"token shards hold integer ids [B, T]; got {tokens.dtype} {tokens.shape} "
-                             "(continuous VAE tokens cannot be written as token shards)")
+        if tokens.ndim not in (2, 3) or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"token shards hold integer ids [B, T] (or [B, T, k]); got {tokens.dtype} "
+                             f"{tokens.shape} (continuous VAE tokens cannot be written as token shards)")
         if labels.shape[0] != tokens.shape[0]:
             raise ValueError(f"{tokens.shape[0]} token rows but {labels.shape[0]} labels")
-        if self.num_tokens is None:
-            self.num_tokens = int(tokens.shape[1])
-        elif tokens.shape[1] != self.num_tokens:
-            raise ValueError(f"rows of {tokens.shape[1]} tokens after rows of {self.num_tokens}")
+        if self.row_shape is None:
+            self.row_shape = tuple(int(d) for d in tokens.shape[1:])
+            self.num_tokens = self.row_shape[0]
+        elif tuple(tokens.shape[1:]) != self.row_shape:
+            raise ValueError(f"rows of ids {list(tokens.shape[1:])} after rows of {list(self.row_shape)}")
         if labels.size:
             self.max_label = max(self.max_label, int(labels.max()))
         self._tokens.append(tokens.astype(np.int32))
@@ -102,6 +114,8 @@ class TokenShardWriter:
             meta = {**meta, "num_classes": self.max_label + 1}
         meta = {**meta, "format": FORMAT, "count": self.count, "num_tokens": self.num_tokens,
                 "shards": self.shards}
+        if len(self.row_shape) == 2:   # multi-index ids [n, T, k]
+            meta["num_codebooks"] = self.row_shape[1]
         tmp = os.path.join(self.out_dir, META + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
@@ -144,6 +158,7 @@ def _check_meta(meta: dict[str, Any], meta_path: str) -> None:
     _int_field(meta.get("count"), f"{meta_path}: count", 0)
     _int_field(meta.get("num_tokens"), f"{meta_path}: num_tokens", 1)
     _int_field(meta.get("codebook_size"), f"{meta_path}: codebook_size", 1, optional=True)
+    _int_field(meta.get("num_codebooks"), f"{meta_path}: num_codebooks", 1, optional=True)
     _int_field(meta.get("num_classes") or 0, f"{meta_path}: num_classes", 0)
     shards = meta.get("shards")
     if not isinstance(shards, list) or not all(
@@ -166,7 +181,8 @@ def check_token_shard(tokens: np.ndarray, labels: np.ndarray, codebook_size: int
                       num_classes: int, where: str, labels_where: str | None = None,
                       chunk_rows: int | None = None) -> None:
     """ValueError naming ``where`` (``labels_where`` for a label) and the first bad row unless
-    every token id of ``tokens`` ``[n, T]`` is an integer in ``[0, codebook_size)`` (``>= 0`` when
+    every token id of ``tokens`` ``[n, T]`` (or ``[n, T, k]``) is an integer in
+    ``[0, codebook_size)`` (``>= 0`` when
     the size is unknown) and every label is ``-1`` (none) or in ``[0, num_classes)``. Vectorised
     over chunks of rows (min/max first; the bad row is only searched for in a chunk that fails),
     so a memory-mapped shard is read once, a few MB at a time."""
@@ -176,16 +192,19 @@ def check_token_shard(tokens: np.ndarray, labels: np.ndarray, codebook_size: int
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{labels_where}: labels must be integers, got {labels.dtype}")
     high = None if codebook_size is None else int(codebook_size) - 1
-    step = chunk_rows or max(1, (1 << 22) // max(1, tokens.shape[1] if tokens.ndim == 2 else 1))
+    per_row = int(np.prod(tokens.shape[1:])) if tokens.ndim > 1 else 1
+    step = chunk_rows or max(1, (1 << 22) // max(1, per_row))
     for start in range(0, tokens.shape[0], step):
         chunk = np.asarray(tokens[start:start + step])
         if chunk.size and (chunk.min() < 0 or (high is not None and chunk.max() > high)):
             bad = (chunk < 0) | ((chunk > high) if high is not None else False)
-            row = int(np.argmax(bad.any(axis=1)))
-            col = int(np.argmax(bad[row]))
+            flat = bad.reshape(bad.shape[0], -1)
+            row = int(np.argmax(flat.any(axis=1)))
+            pos = np.unravel_index(int(np.argmax(flat[row])), bad.shape[1:])
+            where_in_row = ", ".join(str(int(p)) for p in pos)
             valid = f"0..{high} (codebook_size {high + 1})" if high is not None else ">= 0"
-            raise ValueError(f"{where}: row {start + row} holds token id {int(chunk[row, col])} at "
-                             f"position {col}, out of range: valid ids are {valid}")
+            raise ValueError(f"{where}: row {start + row} holds token id {int(chunk[(row, *pos)])} at "
+                             f"position {where_in_row}, out of range: valid ids are {valid}")
     top = int(num_classes) - 1
     for start in range(0, labels.shape[0], 1 << 22):
         chunk = np.asarray(labels[start:start + (1 << 22)])
@@ -197,8 +216,8 @@ def check_token_shard(tokens: np.ndarray, labels: np.ndarray, codebook_size: int
 
 
 class TokenSource:
-    """Random access over a token data set: record ``i`` is ``{"tokens": int32 [T], "label": int32,
-    "index": int64}``. Shards are memory-mapped; the object pickles by path (grain workers).
+    """Random access over a token data set: record ``i`` is ``{"tokens": int32 [T] (or [T, k],
+    ``num_codebooks`` > 1), "label": int32, "index": int64}``. Shards are memory-mapped; the object pickles by path (grain workers).
 
     Opening it checks every shard once (:func:`check_token_shard`: ids in ``[0, codebook_size)``,
     labels ``-1`` or in ``[0, num_classes)``, integer dtypes, regular files), so ids a generator's
@@ -210,6 +229,8 @@ class TokenSource:
         self.verify = bool(verify)
         self.meta = read_token_meta(self.path)
         self.num_tokens = int(self.meta["num_tokens"])
+        self.row_shape = token_shape(self.meta)
+        self.num_codebooks = int(self.meta.get("num_codebooks", 1) or 1)
         self.codebook_size = self.meta.get("codebook_size")
         self.num_classes = int(self.meta.get("num_classes", 0) or 0)
         counts = [int(s["count"]) for s in self.meta["shards"]]
@@ -234,9 +255,11 @@ class TokenSource:
         self._tokens, self._labels = [], []
         for s in self.meta["shards"]:
             t, lab = self._load(s["tokens"]), self._load(s["labels"])
-            if t.shape != (int(s["count"]), self.num_tokens) or lab.shape != (int(s["count"]),):
+            if t.shape != (int(s["count"]), *self.row_shape) or lab.shape != (int(s["count"]),):
+                ids = (f"{self.num_tokens} tokens" if self.num_codebooks == 1 else
+                       f"{self.num_tokens} tokens x {self.num_codebooks} ids")
                 raise ValueError(f"{self.path}/{s['tokens']}: shape {t.shape} does not match meta.json "
-                                 f"({s['count']} rows of {self.num_tokens} tokens)")
+                                 f"({s['count']} rows of {ids})")
             if self.verify:
                 check_token_shard(t, lab, self.codebook_size, self.num_classes,
                                   os.path.join(self.path, s["tokens"]), os.path.join(self.path, s["labels"]))
@@ -268,7 +291,8 @@ class TokenSource:
 def make_token_train_dataset(path: str, global_batch_size: int, seed: int, *, shuffle: bool = True,
                              process_index: int | None = None, process_count: int | None = None,
                              num_epochs: int | None = None) -> grain.IterDataset:
-    """Per-process batches ``{"tokens": int32 [b, T], "label": int32 [b], "index": int64 [b]}``,
+    """Per-process batches ``{"tokens": int32 [b, T] (or [b, T, k]), "label": int32 [b], "index":
+    int64 [b]}``,
     shuffled with ``seed`` and repeated (``num_epochs=None``: forever); checkpointable like the
     image pipeline."""
     p, n = process_info(process_index, process_count)
@@ -291,7 +315,8 @@ def write_token_dataset(out_dir: str, encode: Any, batches: Iterable[dict[str, n
                         meta: dict[str, Any], shard_size: int = 65536,
                         progress: Any = None) -> dict[str, Any]:
     """Encode image batches (``{"image": [B,S,S,3] in [0,1], "label": [B], "mask"?: [B]}``) with
-    ``encode(images) -> int [B, T]`` and write them as shards; returns the final meta."""
+    ``encode(images) -> int [B, T]`` (or ``[B, T, k]``: multi-index ids) and write them as
+    shards; returns the final meta."""
     writer = TokenShardWriter(out_dir, shard_size)
     for batch in batches:
         images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
@@ -338,7 +363,7 @@ def tokenize_source(out_dir: str, encode: Callable[[np.ndarray], Any], source: s
                     meta: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Every image of ``source``/``split`` (``epochs`` passes, see
     :func:`image_batches_for_tokenizing`) encoded by ``encode(float32 [B,S,S,3] in [0,1]) -> int
-    [B, T]`` into a token data set at ``out_dir``. ``meta.json`` records the source, split, epochs,
+    [B, T]`` (``[B, T, k]`` for a multi-index tokenizer) into a token data set at ``out_dir``. ``meta.json`` records the source, split, epochs,
     augmentation, seed and ``num_classes`` (the source's, else the largest label + 1) plus the
     entries of ``meta`` (e.g. ``tokenizer``, ``tokenizer_step``, ``codebook_size``); returns it.
     ``progress``: a bar on stderr when stderr is a terminal."""

@@ -7,6 +7,8 @@ Discriminator / generator losses (``r`` = D(real) logits, ``f`` = D(fake) logits
     hinge:           L_D = 0.5 * (mean(relu(1 - r)) + mean(relu(1 + f)))     L_G = -mean(f)
     non_saturating:  L_D = 0.5 * (mean(softplus(-r)) + mean(softplus(f)))
                      L_G = mean(softplus(-f))
+    hinge_nonsat:    L_D = hinge's,  L_G = mean_b softplus(-mean_hw f_b)   (Open-MAGVIT2: the
+                     non-saturating loss of each sample's mean PatchGAN logit)
 
 (``0.5`` as in taming-transformers / MaskBit / TiTok.) TiTok stage 2 uses hinge with a fixed
 generator weight 0.01 from step 20k; the single-stage (TA-TiTok) recipe uses weight 0.1 from step
@@ -33,7 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-GAN_LOSSES = ("hinge", "non_saturating")
+GAN_LOSSES = ("hinge", "non_saturating", "hinge_nonsat")
 
 
 def _f32(x: jax.Array) -> jax.Array:
@@ -64,10 +66,17 @@ def non_saturating_g_loss(logits_fake: jax.Array) -> jax.Array:
     return jnp.mean(jax.nn.softplus(-_f32(logits_fake)))
 
 
+def sample_mean_non_saturating_g_loss(logits_fake: jax.Array) -> jax.Array:
+    """``mean_b softplus(-mean(f_b))``: the non-saturating loss of each sample's mean logit
+    (Open-MAGVIT2's ``non_saturate_gen_loss``; ``logits_fake [B, ...]``)."""
+    f = _f32(logits_fake)
+    return jnp.mean(jax.nn.softplus(-jnp.mean(f.reshape(f.shape[0], -1), axis=1)))
+
+
 def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array,
                        kind: str = "hinge") -> jax.Array:
-    """:func:`hinge_d_loss` or :func:`non_saturating_d_loss` by name."""
-    if kind == "hinge":
+    """:func:`hinge_d_loss` (``hinge``, ``hinge_nonsat``) or :func:`non_saturating_d_loss` by name."""
+    if kind in ("hinge", "hinge_nonsat"):
         return hinge_d_loss(logits_real, logits_fake)
     if kind == "non_saturating":
         return non_saturating_d_loss(logits_real, logits_fake)
@@ -75,9 +84,12 @@ def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array,
 
 
 def generator_loss(logits_fake: jax.Array, kind: str = "hinge") -> jax.Array:
-    """:func:`hinge_g_loss` or :func:`non_saturating_g_loss` by name."""
+    """:func:`hinge_g_loss`, :func:`non_saturating_g_loss` or (``hinge_nonsat``)
+    :func:`sample_mean_non_saturating_g_loss` by name."""
     if kind == "hinge":
         return hinge_g_loss(logits_fake)
+    if kind == "hinge_nonsat":
+        return sample_mean_non_saturating_g_loss(logits_fake)
     if kind == "non_saturating":
         return non_saturating_g_loss(logits_fake)
     raise ValueError(f"unknown GAN loss {kind!r}; expected one of {GAN_LOSSES}")

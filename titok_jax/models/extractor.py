@@ -59,6 +59,7 @@ from titok_jax.models.flextok_blocks import RepaProjector
 from titok_jax.models.titok import setup_titok_parts
 from titok_jax.nn import boxed, check_images
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, freeze_spec
+from titok_jax.quantizers.factory import split_token_ids, token_ids_shape
 
 Dtype = Any
 DEFAULT_QUANTIZER = {"name": "fsq", "levels": [8, 8, 8, 5, 5, 5]}
@@ -244,8 +245,10 @@ class Extractor(QuantizedModel, nn.Module):
         """Ids ``[B, k]`` (any prefix ``1 <= k <= N``; a VAE: codes ``[B, k, C]``) -> pixels; the
         flow head samples (:meth:`sample_codes`: ``key`` / ``noise``, ``steps``, ``guidance_scale``)."""
         if not self.continuous:
-            if tokens.ndim != 2:
-                raise ValueError(f"decode_tokens expects ids [B, k], got shape {tokens.shape}")
+            m = self.num_codebooks
+            if split_token_ids(tokens, m) != 2:
+                raise ValueError(f"decode_tokens expects ids {token_ids_shape(m, 'B, k')}, got "
+                                 f"shape {tokens.shape}")
             tokens = self.quantize.indices_to_codes(tokens.astype(jnp.int32), dtype=jnp.float32)
         if self.flow:
             return self.sample_codes(tokens, visible, visible_mask, key=key, noise=noise,

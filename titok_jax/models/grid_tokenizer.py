@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from titok_jax.nn import check_images
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput
+from titok_jax.quantizers.factory import split_token_ids, token_ids_shape
 
 
 class GridTokenizer(QuantizedModel, nn.Module):
@@ -56,7 +57,8 @@ class GridTokenizer(QuantizedModel, nn.Module):
 
     def encode(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, QuantizerOutput]:
         """``images [B, S, S, 3]`` in [0, 1] -> ``(codes [B, N, z] f32, QuantizerOutput)`` with
-        ``out.indices`` int32 ``[B, N]`` (None for continuous tokens)."""
+        ``out.indices`` int32 ``[B, N]`` (``[B, N, k]`` for a multi-index quantizer; None for
+        continuous tokens)."""
         check_images(images, self.image_size, self.NAME)
         z = self.encoder(images)
         b, h, w, c = z.shape
@@ -72,14 +74,19 @@ class GridTokenizer(QuantizedModel, nn.Module):
         return self.decoder(codes.reshape(codes.shape[0], g, g, self.z_channels))
 
     def decode_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Int indices ``[B, N]`` (or ``[B, 1, N]`` / ``[B, h, w]``) -> codebook -> ``decode``;
-        continuous codes ``[B, N, z]`` (a VAE bottleneck) -> ``decode``."""
+        """Int indices ``[B, N]`` (or ``[B, 1, N]`` / ``[B, h, w]``; with a trailing axis of ``k``
+        ids per token for a multi-index quantizer, ``fq`` / ``rq``: ``[B, N, k]`` / ``[B, h, w,
+        k]``) -> codebook -> ``decode``; continuous codes ``[B, N, z]`` (a VAE bottleneck) ->
+        ``decode``."""
         if self.continuous:
             return self.decode(tokens)
-        if tokens.ndim == 3:
-            tokens = tokens.reshape(tokens.shape[0], -1)
-        if tokens.ndim != 2:
-            raise ValueError(f"decode_tokens expects indices [B, N], got shape {tokens.shape}")
+        k = self.num_codebooks
+        lead = split_token_ids(tokens, k)
+        if lead == 3:
+            tokens = tokens.reshape(tokens.shape[0], -1, *tokens.shape[3:])
+        elif lead != 2:
+            raise ValueError(f"decode_tokens expects indices {token_ids_shape(k)}, got shape "
+                             f"{tokens.shape}")
         return self.decode(self.quantize.indices_to_codes(tokens, dtype=jnp.float32))
 
     def __call__(self, images: jax.Array, train: bool = False

@@ -183,6 +183,10 @@ class KLVAE(nn.Module):
     def codebook_size(self) -> None:
         return None
 
+    @property
+    def num_codebooks(self) -> int:
+        return 1   # the tokenizer interface (continuous tokens: no ids)
+
     def setup(self) -> None:
         check_channels(self.base_channels, self.channel_mult, "KL-VAE")
         if self.image_size % self.downsample_factor:

@@ -135,6 +135,16 @@ def _vqvae(**kwargs: Any) -> Any:
 MODELS["vqvae"] = _vqvae
 
 
+def _magvit2(**kwargs: Any) -> Any:
+    from titok_jax.models.magvit2 import Magvit2
+    if "ch_mult" in kwargs:  # a JSON round trip turns the tuple into a list
+        kwargs["ch_mult"] = tuple(int(m) for m in kwargs["ch_mult"])
+    return Magvit2(**kwargs)
+
+
+MODELS["magvit2"] = _magvit2
+
+
 # Flat keys of workdirs written before ``model.quantizer`` was a sub-config -> the sub-config's
 # argument names (``"vq"``: VectorQuantizer's; ``"vae"``: GaussianPosterior's).
 LEGACY_QUANTIZER_KEYS = {

@@ -67,7 +67,7 @@ from titok_jax.nn import (AdaLNModulation, check_images, LearnedPositionEmbeddin
                           width_scaled_normal)
 from titok_jax.nn.activation_sharding import BTD
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
-from titok_jax.quantizers.factory import input_dim
+from titok_jax.quantizers.factory import input_dim, split_token_ids, token_ids_shape
 from titok_jax.models.token_prior import TokenPriorBias, kept_distances, prior_distances
 
 Dtype = Any
@@ -449,14 +449,18 @@ class TiTok(QuantizedModel, nn.Module):
         return self.decoder(codes)
 
     def decode_tokens(self, tokens: jax.Array) -> jax.Array:
-        """VQ: int indices ``[B, N]`` (or ``[B, 1, N]``) -> codebook lookup -> ``decode``.
+        """VQ: int indices ``[B, N]`` (or ``[B, 1, N]``; ``[B, N, k]`` for the k ids per token of a
+        multi-index quantizer, ``fq`` / ``rq``) -> codebook lookup -> ``decode``.
         VAE: continuous codes ``[B, N, C]`` -> ``decode``."""
         if self.continuous:
             return self.decode(tokens)
-        if tokens.ndim == 3 and tokens.shape[1] == 1:
-            tokens = tokens[:, 0]
-        if tokens.ndim != 2:
-            raise ValueError(f"decode_tokens expects indices [B, N], got shape {tokens.shape}")
+        k = self.num_codebooks
+        lead = split_token_ids(tokens, k)
+        if lead == 3 and tokens.shape[1] == 1:
+            tokens, lead = tokens[:, 0], 2
+        if lead != 2:
+            raise ValueError(f"decode_tokens expects indices {token_ids_shape(k)}, got shape "
+                             f"{tokens.shape}")
         codes = self.quantize.indices_to_codes(tokens, dtype=jnp.float32)
         return self.decode(codes)
 

@@ -38,6 +38,7 @@ from titok_jax.models.titok import BHWC, TiTokDecoder, TiTokEncoder
 from titok_jax.models.vqgan import MaskGITDecoder
 from titok_jax.nn import check_images, boxed, constrain, width_scaled_normal
 from titok_jax.quantizers import QuantizedModel, QuantizerOutput, build_quantizer, freeze_spec
+from titok_jax.quantizers.factory import split_token_ids, token_ids_shape
 from titok_jax.quantizers.vq import uniform_codebook_init
 
 Dtype = Any
@@ -176,11 +177,15 @@ class TiTokTwoStage(QuantizedModel, nn.Module):
         return self.logits_to_pixels(self.decode_logits(codes))
 
     def decode_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Int indices ``[B, N]`` (or ``[B, 1, N]``) -> codebook lookup -> ``decode``."""
-        if tokens.ndim == 3 and tokens.shape[1] == 1:
-            tokens = tokens[:, 0]
-        if tokens.ndim != 2:
-            raise ValueError(f"decode_tokens expects indices [B, N], got shape {tokens.shape}")
+        """Int indices ``[B, N]`` (or ``[B, 1, N]``; ``[B, N, k]`` for a multi-index quantizer)
+        -> codebook lookup -> ``decode``."""
+        k = self.num_codebooks
+        lead = split_token_ids(tokens, k)
+        if lead == 3 and tokens.shape[1] == 1:
+            tokens, lead = tokens[:, 0], 2
+        if lead != 2:
+            raise ValueError(f"decode_tokens expects indices {token_ids_shape(k)}, got shape "
+                             f"{tokens.shape}")
         return self.decode(self.quantize.indices_to_codes(tokens, dtype=jnp.float32))
 
     def __call__(self, images: jax.Array, train: bool = False

@@ -10,7 +10,8 @@ discriminators), NHWC.
 - :func:`conv_transpose2d` / :class:`ConvTranspose2d`: PyTorch's ``ConvTranspose2d`` (stride ``s``,
   padding ``p``: ``out = (i - 1) s - 2 p + k``; 4x4 / 2 / 1 doubles a side), VQ-VAE's upsampler.
 - :func:`group_norm` (32 groups, exact variance) and :func:`check_channels` (widths it accepts);
-  :func:`upsample_nearest` and :func:`avg_pool_2x2` (``F.interpolate`` / ``F.avg_pool2d``).
+  :func:`upsample_nearest` and :func:`avg_pool_2x2` (``F.interpolate`` / ``F.avg_pool2d``);
+  :func:`depth_to_space` (DCR order, Open-MAGVIT2's upsampler).
 """
 from __future__ import annotations
 
@@ -196,14 +197,15 @@ class ConvTranspose2d(nn.Module):
 
 
 def torch_conv(features: int, k: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1,
-               padding: Any = "SAME") -> nn.Conv:
+               padding: Any = "SAME", use_bias: bool = True) -> nn.Conv:
     """PyTorch's ``Conv2d(k, stride, padding=k // 2)`` with bias: a ``k x k`` conv, symmetric
     ``k // 2`` zero padding for ``"SAME"`` (else ``padding`` as ``nn.Conv`` takes it), PyTorch's
     default init; params ``kernel [k, k, C_in, C_out]`` (logical ``(None, None, conv_in,
-    conv_out)``) and ``bias [C_out]`` (the KL-VAE and the taming VQGAN)."""
+    conv_out)``) and ``bias [C_out]`` (the KL-VAE and the taming VQGAN; ``use_bias=False``: no
+    bias, Open-MAGVIT2's ResBlock convs)."""
     pad = ((k // 2, k // 2), (k // 2, k // 2)) if padding == "SAME" else padding
     return nn.Conv(features, (k, k), strides=(stride, stride), padding=pad, dtype=dtype,
-                   param_dtype=param_dtype,
+                   param_dtype=param_dtype, use_bias=use_bias,
                    kernel_init=boxed(torch_conv_init, (None, None, "conv_in", "conv_out")),
                    bias_init=boxed(zeros, ("conv_out",)), name=name)
 
@@ -219,11 +221,13 @@ class CompVisResnet(nn.Module):
     """The CompVis ResnetBlock without a time embedding (SD's KL-VAE, taming's VQGAN):
     ``[B, H, W, C_in] -> [B, H, W, out_channels]``, ``conv2(silu(norm2(conv1(silu(norm1(x))))))``
     plus ``x``, through a 1x1 conv named ``shortcut_name`` where the channels change. ``fmap``: an
-    activation-sharding spec put on the input and the output (None: none)."""
+    activation-sharding spec put on the input and the output (None: none). ``use_bias=False``:
+    the three convs have no bias (Open-MAGVIT2's ``ResBlock``, the same block otherwise)."""
 
     out_channels: int
     shortcut_name: str = "conv_shortcut"
     fmap: Any = None
+    use_bias: bool = True
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
 
@@ -232,16 +236,30 @@ class CompVisResnet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.fmap is not None:
             x = constrain(x, self.fmap)
-        h = torch_conv(self.out_channels, 3, "conv1", **kw)(nn.silu(group_norm("norm1", **kw)(x)))
-        h = torch_conv(self.out_channels, 3, "conv2", **kw)(nn.silu(group_norm("norm2", **kw)(h)))
+        conv = dict(kw, use_bias=self.use_bias)
+        h = torch_conv(self.out_channels, 3, "conv1", **conv)(nn.silu(group_norm("norm1", **kw)(x)))
+        h = torch_conv(self.out_channels, 3, "conv2", **conv)(nn.silu(group_norm("norm2", **kw)(h)))
         if x.shape[-1] != self.out_channels:
-            x = torch_conv(self.out_channels, 1, self.shortcut_name, **kw)(x)
+            x = torch_conv(self.out_channels, 1, self.shortcut_name, **conv)(x)
         return x + h if self.fmap is None else constrain(x + h, self.fmap)
 
 
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
     """Nearest-neighbour upsampling of ``[B, H, W, C]`` by ``factor`` (``F.interpolate``)."""
     return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
+    """``[B, H, W, block**2 C] -> [B, block H, block W, C]`` in DCR order (TF's ``depth_to_space``,
+    Open-MAGVIT2's ``depth_to_space``): output ``(block h + i, block w + j, c)`` is input channel
+    ``(block i + j) C + c`` at ``(h, w)``. (PyTorch's ``pixel_shuffle`` is the CRD order,
+    channel ``c block**2 + block i + j``.)"""
+    b, h, w, c = x.shape
+    if c % (block * block):
+        raise ValueError(f"depth_to_space: {c} channels are not a multiple of {block}**2")
+    c_out = c // (block * block)
+    x = x.reshape(b, h, w, block, block, c_out).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * block, w * block, c_out)
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ Auto and Explicit meshes); the InfoNCE logits keep the batch sharding of their r
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -157,9 +157,11 @@ class FactorizedQuantizer(nn.Module):
         joined = jnp.concatenate(codes, axis=-1)
         return self.out_proj(joined) if self.project_out else joined
 
-    def indices_to_codes(self, indices: jax.Array) -> jax.Array:
-        """Codes for ``indices[..., num_factors]``: the factors' codes concatenated (and projected)."""
-        if indices.shape[-1] != self.num_factors:
+    def indices_to_codes(self, indices: jax.Array, dtype: Any = None) -> jax.Array:
+        """Codes for ``indices[..., num_factors]``: the factors' codes (each sub-quantizer's
+        ``indices_to_codes``, in ``dtype`` when given) concatenated (and projected)."""
+        if indices.ndim < 1 or indices.shape[-1] != self.num_factors:
             raise ValueError(f"expected a trailing axis of {self.num_factors} factors, got shape {indices.shape}")
-        codes = [q.indices_to_codes(indices[..., i]) for i, q in enumerate(self.quantizers)]
+        kw = {} if dtype is None else {"dtype": dtype}
+        codes = [q.indices_to_codes(indices[..., i], **kw) for i, q in enumerate(self.quantizers)]
         return self._combine(codes)

@@ -36,6 +36,19 @@ Batch-entropy grouping (``batch_entropy_group_size`` g and ``entropy_grouping``)
 Losses (weighted scalars, float32):
     entropy    = entropy_weight * (mean_n H_sample - diversity_gamma * H_batch)   (negative by design)
     commitment = commitment_weight * mean (x - sg(q))^2
+
+Open-MAGVIT2 (TencentARC/SEED-Voken ``lookup_free_quantize.py`` + ``vqperceptual.py``) in these
+terms: ``{"name": "lfq", "bits": 18, "entropy_weight": 0.1, "commitment_weight": 0.25,
+"temperature": 0.01, "batch_entropy_group_size": 18, "batch_entropy_eps": 1e-5}``. Its dense
+``softmax(2 z.c / T)`` over all 2^18 codes is the factorised form above (its per-sample
+``log_softmax(logits / T + 1e-5)`` shifts every logit alike, so it is the exact entropy); its
+codebook entropy ``-sum P log(P + 1e-5)`` over the exact 2^18 mixture is ``batch_entropy_eps =
+1e-5`` with one group of 18 bits (the default grouping would split it in two 9-bit halves).
+Differences: OM2 averages P over the tokens of its own device (no all-reduce), this over the
+global batch; OM2 computes both losses in training only. Its optional annealing (``codebook_enlarge
+_ratio`` r over ``codebook_enlarge_steps`` n: the entropy term times ``1 + r max(0, 1 - step / n)``)
+needs the step, which a quantizer does not see: the tokenizer task applies
+:func:`entropy_anneal_factor` (``config.losses.entropy_anneal_ratio`` / ``entropy_anneal_steps``).
 """
 from __future__ import annotations
 
@@ -93,11 +106,25 @@ def mixture_sum(logits: jax.Array) -> jax.Array:
     return joint.reshape(-1)
 
 
-def mixture_entropy(logits: jax.Array, axis_name: Any = None) -> jax.Array:
-    """Entropy of the global-batch mixture ``mean_n prod_i p_ni(c_i)`` for ``[N, g]`` bit logits."""
+def mixture_entropy(logits: jax.Array, axis_name: Any = None, eps: float = 0.0) -> jax.Array:
+    """Entropy of the global-batch mixture ``P = mean_n prod_i p_ni(c_i)`` for ``[N, g]`` bit
+    logits; ``eps > 0``: ``-sum P log(P + eps)`` (Open-MAGVIT2's 1e-5) instead of the exact one."""
     total = global_sum(mixture_sum(logits.astype(jnp.float32)), axis_name)
     count = global_sum(jnp.asarray(logits.shape[0], jnp.float32), axis_name)
-    return entropy(total / count)
+    p = total / count
+    if eps > 0:
+        return -jnp.sum(p * jnp.log(p + jnp.float32(eps)))
+    return entropy(p)
+
+
+def entropy_anneal_factor(step: Any, ratio: float, steps: int) -> jax.Array:
+    """Open-MAGVIT2's entropy-loss annealing (``codebook_enlarge_ratio`` / ``_steps``): the factor
+    ``1 + ratio * max(0, 1 - step / steps)`` on the entropy term, ``1 + ratio`` at step 0 falling
+    linearly to 1 at ``steps`` (float32; ``step`` may be traced; ``ratio = 0``: always 1)."""
+    if steps <= 0:
+        raise ValueError(f"entropy annealing needs steps > 0, got {steps}")
+    frac = jnp.maximum(0.0, 1.0 - jnp.asarray(step, jnp.float32) / jnp.float32(steps))
+    return 1.0 + jnp.float32(ratio) * frac
 
 
 def contiguous_groups(bits: int, group_size: int | None) -> tuple[int, ...]:
@@ -117,6 +144,8 @@ class LFQ(nn.Module):
       commitment_weight: weight of ``mean (x - sg(q))^2``.
       temperature: T of ``softmax(2 x.c / T)``.
       diversity_gamma: weight of the batch entropy inside the entropy term.
+      batch_entropy_eps: 0 (the exact batch entropy) or eps in ``-sum P log(P + eps)``
+        (Open-MAGVIT2: 1e-5; module docstring).
       spherical: BSQ: l2-normalise the input, codes ``sign * codebook_scale / sqrt(bits)``.
       codebook_scale: s (the code magnitude, or the code norm when spherical).
       batch_entropy_group_size: None (exact up to 16 bits, else grouped) or g (see module docstring).
@@ -130,6 +159,7 @@ class LFQ(nn.Module):
     commitment_weight: float = 0.25
     temperature: float = 0.01
     diversity_gamma: float = 1.0
+    batch_entropy_eps: float = 0.0
     spherical: bool = False
     codebook_scale: float = 1.0
     batch_entropy_group_size: int | None = None
@@ -141,7 +171,7 @@ class LFQ(nn.Module):
         b = self.bits
         if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or not 1 <= b <= 31:
             raise ValueError(f"LFQ bits must be an int in [1, 31] (int32 indices), got {b!r}")
-        for name in ("entropy_weight", "commitment_weight", "diversity_gamma"):
+        for name in ("entropy_weight", "commitment_weight", "diversity_gamma", "batch_entropy_eps"):
             v = getattr(self, name)
             if not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"LFQ {name} must be a finite number >= 0, got {v!r}")
@@ -200,11 +230,12 @@ class LFQ(nn.Module):
             n_sub = self.bits // g
             # bit i = k * n_sub + h belongs to sub-token h as its k-th bit
             sub = logits.reshape(-1, g, n_sub).transpose(0, 2, 1).reshape(-1, g)
-            return h_sample / n_sub, mixture_entropy(sub, self.axis_name)
+            return h_sample / n_sub, mixture_entropy(sub, self.axis_name, self.batch_entropy_eps)
         h_batch = jnp.zeros((), jnp.float32)
         start = 0
         for size in contiguous_groups(self.bits, g):
-            h_batch = h_batch + mixture_entropy(logits[:, start:start + size], self.axis_name)
+            h_batch = h_batch + mixture_entropy(logits[:, start:start + size], self.axis_name,
+                                                self.batch_entropy_eps)
             start += size
         return h_sample, h_batch
 

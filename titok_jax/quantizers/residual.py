@@ -107,15 +107,17 @@ class ResidualQuantizer(nn.Module):
             metrics["kept_levels"] = keep.astype(jnp.float32)
         return z_q, QuantizerOutput(indices=jnp.stack(indices, axis=-1), losses=losses, metrics=metrics)
 
-    def indices_to_codes(self, indices: jax.Array) -> jax.Array:
-        """Sum of the levels' codes for ``indices[..., num_levels]``; index -1 is a zero code."""
+    def indices_to_codes(self, indices: jax.Array, dtype: Any = None) -> jax.Array:
+        """Sum of the levels' codes for ``indices[..., num_levels]`` (each level's
+        ``indices_to_codes``, in ``dtype`` when given); index -1 is a zero code."""
         self._check()
-        if indices.shape[-1] != self.num_levels:
+        if indices.ndim < 1 or indices.shape[-1] != self.num_levels:
             raise ValueError(f"expected a trailing axis of {self.num_levels} levels, got shape {indices.shape}")
+        kw = {} if dtype is None else {"dtype": dtype}
         total = None
         for level, quantizer in enumerate(self.quantizers):
             idx = indices[..., level]
-            codes = quantizer.indices_to_codes(jnp.maximum(idx, 0))
+            codes = quantizer.indices_to_codes(jnp.maximum(idx, 0), **kw)
             s = self._scale(level)
             if s != 1.0:
                 codes = codes * jnp.asarray(s, codes.dtype)

@@ -79,8 +79,9 @@ class Task(abc.ABC):
 
 
 class TokenizerTaskBase(Task):
-    """Images in, tokens out, images back. ``encode`` gives int32 ids ``[B, N]`` (continuous
-    tokenizers: float32 codes ``[B, N, C]``); ``decode`` takes them back to float32 images in [0, 1]
+    """Images in, tokens out, images back. ``encode`` gives int32 ids ``[B, N]`` (``[B, N, k]``
+    for the ``token_spec.num_codebooks = k`` ids per token of a multi-index quantizer, fq / rq;
+    continuous tokenizers: float32 codes ``[B, N, C]``); ``decode`` takes them back to float32 images in [0, 1]
     (``key`` / ``steps`` / ``guidance`` for flow decoders); ``features`` the continuous codes
     ``[B, N, C]`` the decoder reads; ``reconstruct`` what evaluation scores."""
 

@@ -63,9 +63,10 @@ def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx:
     ``prefix_decode`` (``(model_params, model_state, ids [B, k]) -> images``, a variable-length
     tokenizer's evaluation decode) also the coarse-to-fine pictures (``coarse_to_fine``)."""
     spec = task.token_spec
-    bits = (spec.num_tokens * float(np.log2(spec.codebook_size)) if spec.codebook_size else None)
+    bits = spec.num_tokens * spec.bits_per_token if spec.codebook_size else None
+    # multi-index tokens (fq / rq): one row of counts per factor / level (codebook_usage_{i}, ...)
     r = reconstruction_pass(eval_fn(task), model_params, model_state, ctx.config, ctx.mesh,
-                            spec.codebook_size, ctx.max_images, bits_per_image=bits)
+                            spec.codebook_sizes, ctx.max_images, bits_per_image=bits)
     metrics, images = r.metrics, {}
     num = int(ctx.config.get("samples", {}).get("num_images", 8))
     if r.originals is not None:

@@ -42,6 +42,17 @@ def uses_token_shards(config: Any) -> bool:
     return str(config.data.source).startswith(TOKENS_PREFIX)
 
 
+def refuse_multi_index(num_codebooks: Any, what: str, generator: str = "this generator") -> None:
+    """A one-line ValueError for tokens of ``k > 1`` ids each (a factorized / residual quantizer,
+    ``fq`` / ``rq``): MaskGIT and the AR model predict one id per token; k sub-tokens per position
+    (FQGAN's factorized AR head) are not built yet."""
+    k = int(num_codebooks or 1)
+    if k > 1:
+        raise ValueError(f"{what} has {k} ids per token (a multi-index fq / rq tokenizer); "
+                         f"{generator} models one id per token, so it cannot train on or decode "
+                         f"them (use a tokenizer with one codebook: vq, fsq, lfq or bsq)")
+
+
 class TokenGeneratorTask(GeneratorTaskBase):
     """The token data paths (shards or a frozen tokenizer), vocabulary checks, ``init``,
     ``constants``, ``evaluate``, ``logits`` and the spec; subclasses give ``model_class``, the loss,
@@ -98,7 +109,8 @@ class TokenGeneratorTask(GeneratorTaskBase):
             from titok_jax.tasks.runs import restore_run
             run = restore_run(self.tokenizer_workdir, kind="tokenizer", host=True)
             spec = run.task.token_spec
-            self._check_vocab(spec.codebook_size, spec.num_tokens, f"tokenizer {self.tokenizer_workdir}")
+            self._check_vocab(spec.codebook_size, spec.num_tokens, f"tokenizer {self.tokenizer_workdir}",
+                              spec.num_codebooks)
             self._tokenizer = run
         return self._tokenizer
 
@@ -130,9 +142,11 @@ class TokenGeneratorTask(GeneratorTaskBase):
         return evaluate_generation(self, model_params, ctx, pictures=self.inference,
                                    lengths=self.sample_lengths() if self.inference else ())
 
-    def _check_vocab(self, codebook_size: Any, num_tokens: Any, what: str) -> None:
+    def _check_vocab(self, codebook_size: Any, num_tokens: Any, what: str,
+                     num_codebooks: Any = 1) -> None:
         if codebook_size is None:
             raise ValueError(f"{what} is continuous (VAE); a generator needs discrete token ids")
+        refuse_multi_index(num_codebooks, what, type(self.model).__name__)
         if int(codebook_size) != self.model.codebook_size or int(num_tokens) != self.model.num_tokens:
             raise ValueError(f"{what} gives {num_tokens} tokens from {codebook_size} codes, but the generator "
                              f"is built for {self.model.num_tokens} tokens from {self.model.codebook_size} codes "
@@ -140,7 +154,7 @@ class TokenGeneratorTask(GeneratorTaskBase):
 
     def check_token_data(self, meta: dict) -> None:
         self._check_vocab(meta.get("codebook_size"), meta.get("num_tokens"),
-                          f"token data {self.config.data.source}")
+                          f"token data {self.config.data.source}", meta.get("num_codebooks", 1))
         classes = int(meta.get("num_classes", 0) or 0)
         if classes > self.model.num_classes:
             raise ValueError(f"token data {self.config.data.source} has {classes} classes but the generator has "

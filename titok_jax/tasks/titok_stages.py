@@ -215,7 +215,8 @@ class TiTokStage1Task(TokenizerTaskBase):
         if steps is not None or guidance is not None or noise is not None:
             raise ValueError("steps/guidance/noise apply to flow-decoder tokenizers (FlexTok, FlowMo) only")
         def proxy_logits(model: Any, ids: jax.Array) -> jax.Array:
-            ids = ids[:, 0] if ids.ndim == 3 and ids.shape[1] == 1 else ids
+            lead = ids.ndim - (1 if model.num_codebooks > 1 else 0)
+            ids = ids[:, 0] if lead == 3 and ids.shape[1] == 1 else ids
             return model.decode_logits(model.quantize.indices_to_codes(ids, dtype=jnp.float32))
 
         logits = self.model.apply({"params": model_params, **model_state}, tokens, method=proxy_logits)

@@ -12,6 +12,10 @@ params stop-gradiented inside L_G), so that the one gradient the trainer takes i
 ``{'model': d(model loss), 'disc': d(discriminator loss)}``; every group is updated by its own
 optimizer. The logged ``loss`` is the model's. Images are float32 in [0, 1].
 
+``config.losses.entropy_anneal_ratio`` r > 0 multiplies the quantizer's ``entropy`` term by
+``1 + r max(0, 1 - step / entropy_anneal_steps)`` (Open-MAGVIT2's annealing,
+``quantizers.lfq.entropy_anneal_factor``); ``lecam_per_sample`` picks LeCam's per-logit form.
+
 With ``config.losses.adaptive_weight_layer`` a ``/``-path of a model param (taming's VQGAN:
 ``decoder/conv_out/kernel``), ``w_gan`` becomes taming's adaptive weight
 ``w_gan * clip(||dnll/dW|| / (||dL_G/dW|| + 1e-4), 0, 1e4)`` (no gradient through it;
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 from titok_jax import losses as L
 from titok_jax.models.discriminator import build_discriminator
 from titok_jax.models.registry import build_model, resolve_compute_dtype
+from titok_jax.quantizers.lfq import entropy_anneal_factor
 from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 
 MODEL_COLLECTIONS = ("quantizer_stats",)
@@ -38,11 +43,12 @@ SAMPLE_RNG, QUANTIZER_RNG = "sample", "quantizer"
 def model_token_spec(model: Any) -> TokenSpec:
     """The ``TokenSpec`` of a pixel tokenizer model with the tokenizer interface every tokenizer
     model has (``image_size``, ``num_latent_tokens``, ``token_size``, ``codebook_size``: None for
-    continuous tokens, ``quantizer_name``)."""
+    continuous tokens, ``quantizer_name``, ``num_codebooks``: k ids per token for ``fq`` / ``rq``)."""
     k = model.codebook_size
     return TokenSpec(image_size=int(model.image_size), num_tokens=int(model.num_latent_tokens),
                      codebook_size=None if k is None else int(k),
-                     token_dim=int(model.token_size) or None, quantizer=str(model.quantizer_name))
+                     token_dim=int(model.token_size) or None, quantizer=str(model.quantizer_name),
+                     num_codebooks=int(model.num_codebooks))
 
 
 @register_task("tokenizer")
@@ -68,6 +74,10 @@ class TokenizerTask(TokenizerTaskBase):
         self.gan_kind = lc.gan_loss
         self.lecam_weight = float(lc.lecam_weight)
         self.lecam_decay = float(lc.lecam_decay)
+        # keys older configs lack: they read the old behaviour
+        self.lecam_per_sample = bool(lc.get("lecam_per_sample", False))
+        self.entropy_anneal = (float(lc.get("entropy_anneal_ratio", 0.0) or 0.0),
+                               int(lc.get("entropy_anneal_steps", 2000) or 2000))
         # losses.discriminator.name: "patchgan" (default, NLayerDiscriminator) or "maskbit".
         self.disc = build_discriminator(lc.discriminator) if self.gan_weight > 0 else None
         # "" = the fixed gan_weight; "decoder/conv_out/kernel" = taming's adaptive weight on it
@@ -183,6 +193,8 @@ class TokenizerTask(TokenizerTaskBase):
             total = total + weight * value
         metrics.update(extra.get("metrics", {}))
         for name, value in qout.losses.items():
+            if name == "entropy" and self.entropy_anneal[0] > 0:   # Open-MAGVIT2's annealing
+                value = value * entropy_anneal_factor(step, *self.entropy_anneal)
             metrics[f"quantizer/{name}"] = value
             total = total + value
         new_state = dict(state, model={**state["model"], **dict(new_vars)})
@@ -227,7 +239,8 @@ class TokenizerTask(TokenizerTaskBase):
             fake_logits = self.disc.apply({"params": p}, fake)
             d = L.discriminator_loss(real_logits, fake_logits, self.gan_kind)
             lecam, lecam_next = L.lecam_regularizer(real_logits, fake_logits, lecam_state,
-                                                    decay=self.lecam_decay)
+                                                    decay=self.lecam_decay,
+                                                    per_sample=self.lecam_per_sample)
             return d, lecam, lecam_next
 
         def no_disc(p):

@@ -31,7 +31,9 @@ class EvalResult:
 @dataclasses.dataclass(frozen=True)
 class TokenSpec:
     """What a tokenizer's tokens are. ``codebook_size`` is None for continuous tokens (then
-    ``token_dim`` is their channel count); ``flow_decoder`` tokenizers decode with a sampler
+    ``token_dim`` is their channel count); ``num_codebooks`` is ``k`` for a multi-index quantizer
+    (``fq`` factors / ``rq`` levels: ids ``[B, N, k]``, each in ``[0, codebook_size)``), else 1
+    (ids ``[B, N]``); ``flow_decoder`` tokenizers decode with a sampler
     (``default_steps`` / ``default_guidance``) from noise of shape ``(B, *noise_shape)`` (NHWC;
     t = 1 is noise); ``variable_length`` ones decode any prefix; ``decoder_visible`` ones also decode
     with some patches given (``decode(..., visible=images, visible_mask=bool [B, P])``)."""
@@ -47,10 +49,30 @@ class TokenSpec:
     default_guidance: float = 1.0
     noise_shape: tuple[int, ...] | None = None  # one example's initial sampler noise (flow decoders)
     decoder_visible: bool = False   # decode also takes visible patches (completion from tokens)
+    num_codebooks: int = 1          # k ids per token (fq / rq): ids [B, N, k]
 
     @property
     def continuous(self) -> bool:
         return self.codebook_size is None
+
+    @property
+    def ids_shape(self) -> tuple[int, ...]:
+        """One image's ids: ``(num_tokens,)`` or ``(num_tokens, num_codebooks)``."""
+        return (self.num_tokens,) if self.num_codebooks == 1 else (self.num_tokens, self.num_codebooks)
+
+    @property
+    def codebook_sizes(self) -> int | tuple[int, ...] | None:
+        """What codebook counters take (``evaluation.codebook``): ``codebook_size``, or one size
+        per id of a multi-index token (counts ``[k, K]``, one row per factor / level)."""
+        if self.codebook_size is None or self.num_codebooks == 1:
+            return self.codebook_size
+        return (int(self.codebook_size),) * self.num_codebooks
+
+    @property
+    def bits_per_token(self) -> float | None:
+        """``num_codebooks * log2(codebook_size)``; None for continuous tokens."""
+        import math
+        return None if self.codebook_size is None else self.num_codebooks * math.log2(self.codebook_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -242,8 +242,8 @@ def abstract_batch(config: Any, task: Any, mesh: Any) -> dict:
     source = str(config.data.source)
     known = {"image": ((b, size, size, 3), np.float32), "label": ((b,), np.int32)}
     if source.startswith("tokens:"):
-        from titok_jax.data.tokens import read_token_meta
-        known["tokens"] = ((b, int(read_token_meta(source[len("tokens:"):])["num_tokens"])), np.int32)
+        from titok_jax.data.tokens import read_token_meta, token_shape
+        known["tokens"] = ((b, *token_shape(read_token_meta(source[len("tokens:"):]))), np.int32)
     missing = [k for k in task.batch_keys if k not in known]
     if missing:
         raise ValueError(f"no abstract batch entry for {missing} (data source {source!r})")
