@@ -16,6 +16,16 @@ FlexTok AR code or recipe is released; the recipe here is LlamaGen's c2i one (Ad
 (0.9, 0.95), wd 0.05, clip 1.0, batch 256, 300 ImageNet epochs = 1.5M steps at batch 256, class
 dropout 0.1, dropout 0.1) and its sampler defaults (temperature 1, top-k 2000, top-p 1, CFG 4.0);
 d10 uses the re-implementation's lr 1.2e-3 with a cosine to 1%. The EMA (0.9999) is ours.
+Multi-index tokens: ``tiny_factorized`` (FQGAN's factorized head: ``model.num_codebooks = k``
+for fq / rq ids [N, k], per-factor embeddings summed at the input, or ``factor_embedding=concat``
+and a Linear as FAR; a ``head_depth``-block head predicts factor after factor, CE summed over the
+factors) and ``tiny_split_bits`` (Open-MAGVIT2's head for a many-bit LFQ index:
+``model.split_bits`` = bit widths, LSB first, each group a softmax over 2^bits);
+``--config.model.position_embedding=rope_2d`` for grid tokens (a square number of them):
+  titok-jax train --config configs/titok.py:tiny_vq,quantizer=fq --workdir workdirs/tiny_fq
+  titok-jax tokenize --workdir workdirs/tiny_fq --data sample --output workdirs/tiny_fq_tokens
+  titok-jax train --config configs/ar.py:tiny_factorized --workdir workdirs/tiny_far \\
+      --config.data.source=tokens:workdirs/tiny_fq_tokens
 Sample any prefix length with ``--config.generator.sampler.max_len=k`` (or
 ``Generator.sample(..., max_len=k)``).
 """
@@ -26,37 +36,47 @@ import ml_collections
 from titok_jax.generators.ar import AR_VARIANTS
 
 PUBLISHED = ("flextok_d10", "flextok_d30")
-VARIANTS = ("tiny",) + PUBLISHED
+# Several sub-tokens per position (generators/ar_subtokens.py), tiny: FQGAN's factorized head on
+# the ids [32, 2] of configs/titok.py:tiny_vq,quantizer=fq (2 factors of 16 codes), and
+# Open-MAGVIT2's split-bit head on the 12-bit index of tiny_vq,quantizer=lfq,bits=12 (2 x 6 bits).
+SUB_TOKENS = {
+    "tiny_factorized": dict(codebook_size=16, num_codebooks=2, factor_embedding="sum", head_depth=1),
+    "tiny_split_bits": dict(codebook_size=4096, split_bits=(6, 6), factor_embedding="sum",
+                            head_depth=1),
+}
+SHARDS = {"tiny_factorized": "_fq", "tiny_split_bits": "_lfq"}
+VARIANTS = ("tiny",) + tuple(SUB_TOKENS) + PUBLISHED
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variant = arg or "tiny"
     if variant not in VARIANTS:
         raise ValueError(f"unknown ar variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    tiny = variant == "tiny"
+    tiny = variant == "tiny" or variant in SUB_TOKENS
     c = ml_collections.ConfigDict()
     c.family = "ar"
     c.variant = variant
     c.task = ml_collections.ConfigDict({"name": "ar"})
     c.seed = 0
-    model = dict(AR_VARIANTS[variant])
+    model = dict(AR_VARIANTS["tiny" if tiny else variant])
     if tiny:
         # The tiny TiTok's tokens (32 ids from 256 codes); one class per sample photograph.
         model.update(codebook_size=256, num_tokens=32, num_classes=6, width=128, depth=4, num_heads=4,
                      token_dropout=0.1, dropout=0.1)
+        model.update(SUB_TOKENS.get(variant, {}))
     model.update(remat=not tiny)
     c.model = ml_collections.ConfigDict({"name": "ar", **model})
     c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     # data.source: "tokens:DIR" (pre-tokenized shards) or an image source tokenized on the fly by
     # the frozen tokenizer of tokenizer.workdir.
     c.data = ml_collections.ConfigDict({
-        "source": "tokens:workdirs/tiny_tokens" if tiny else "tokens:",
+        "source": (f"tokens:workdirs/tiny{SHARDS.get(variant, '')}_tokens" if tiny else "tokens:"),
         "image_size": 64 if tiny else 256, "data_dir": "", "worker_count": 0,
         "eval_batch_size": 32 if tiny else 256, "eval_num_images": 0})
     c.tokenizer = ml_collections.ConfigDict({"workdir": ""})
     c.total_steps = 2000 if tiny else 1_500_000
     c.batch_size = 64 if tiny else 256
-    lr = {"tiny": 1e-3, "flextok_d10": 1.2e-3, "flextok_d30": 1e-4}[variant]
+    lr = 1e-3 if tiny else {"flextok_d10": 1.2e-3, "flextok_d30": 1e-4}[variant]
     c.optimizer = ml_collections.ConfigDict({
         "lr": lr, "end_lr": lr / 100 if variant != "flextok_d30" else lr,
         "warmup_steps": 100 if tiny else 10_000,

@@ -13,7 +13,8 @@ from titok_jax.models.registry import AUTO_DTYPE_ENV, build_model, resolve_compu
 
 from train_helpers import load_config_module
 
-FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor", "magvit2")
+FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor", "magvit2",
+            "fqgan")
 
 
 def test_auto_is_float32_on_this_cpu_and_names_pass_through(monkeypatch):

@@ -1,7 +1,8 @@
 """Any quantizer in any tokenizer (issue 17 §1), with the two multi-index quantizers: ``fq``
 (FQGAN's factorized quantizer) and ``rq`` (residual) in the factory and the config options, their
 ids ``[B, N, k]`` through the tokenizer task (per-factor codebook usage), ``tokenize`` shards,
-``api.Tokenizer`` and the generators' refusal.
+``api.Tokenizer`` and the generators' refusal (MaskGIT; an AR model of one id per token, which
+names its factorized head: tests/test_ar_multi_index.py).
 
 Every quantizer name trains two steps through the tokenizer task in TiTok (``micro_config`` with
 ``quantizer_option``) and in the VQ-VAE (``configs/vqgan.py:vqvae_tiny,quantizer=NAME`` at 8 px),
@@ -258,6 +259,8 @@ def test_the_generators_refuse_multi_index_tokens_in_one_line(family, fq_workdir
                      f"--config.data.source=tokens:{fq_shards}"]) == 1
     err = one_line_error(capsys)
     assert "2 ids per token" in err and f"token data tokens:{fq_shards}" in err
+    # the AR model takes them with its factorized head (tests/test_ar_multi_index.py): the line says how
+    assert ("--config.model.num_codebooks=2" in err) == (family == "ar")
     # tokens on the fly from the tokenizer workdir
     assert cli.main(["train", "--config", config, "--workdir", str(tmp_path / "b"), *GEN_ARGS,
                      "--config.data.source=sample", f"--config.tokenizer.workdir={fq_workdir}"]) == 1

@@ -16,7 +16,8 @@ from titok_jax.train.sharding import MAX_REPLICATED_ELEMENTS
 
 from train_helpers import load_config_module
 
-FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor", "magvit2")
+FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor", "magvit2",
+            "fqgan")
 PUBLISHED = [(f, v) for f in FAMILIES for v in load_config_module(f).PUBLISHED]
 DEVICES = (8, 64, 256)
 MAX_STATE_OVER_IDEAL = 1.2
@@ -31,6 +32,8 @@ def _config(family, variant):
             config[section].allow_random = True
     if "repa" in config:
         config.repa.weight = 0.0
+    if "teachers" in config:   # FQGAN's teachers: constants, as FlexTok's REPA teacher
+        config.teachers = {}
     return config
 
 

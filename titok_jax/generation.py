@@ -34,6 +34,7 @@ class Generator:
         self.num_classes = spec.num_classes
         self.sampler = dict(spec.sampler)
         self.mask_token_id = spec.mask_token_id
+        self.num_codebooks = spec.num_codebooks
 
     def __repr__(self) -> str:
         return (f"Generator(num_tokens={self.num_tokens}, codebook_size={self.codebook_size}, "
@@ -41,7 +42,8 @@ class Generator:
 
     def sample(self, labels: Sequence[int] | None = None, num: int | None = None, seed: int = 0,
                batch_size: int = 64, **sampler: Any) -> np.ndarray:
-        """Token ids ``[B, num_tokens]`` (``[B, max_len]`` for an AR prefix): one row per label
+        """Token ids ``[B, num_tokens]`` (``[B, max_len]`` for an AR prefix; ``[B, ..., k]`` for an
+        AR model of ``num_codebooks = k`` factorized ids): one row per label
         (``num`` null labels when ``labels`` is None). Drawn in chunks of ``batch_size`` with seeds
         ``seed + chunk``, so a run is reproducible for a given ``(seed, batch_size)``."""
         if labels is None:
@@ -63,12 +65,20 @@ class Generator:
 
     def logits(self, tokens: Any, labels: Any = None) -> np.ndarray:
         """float32 logits ``[B, N, K]`` for ``tokens [B, N]`` (MaskGIT: may hold ``mask_token_id``)
-        and ``labels [B]`` (None or -1 = unconditional); no dropout."""
+        and ``labels [B]`` (None or -1 = unconditional); no dropout. An AR model with sub-tokens
+        (factorized ids ``[B, N, k]`` or split bits) gives a tuple of ``[B, N, V_i]``, sub-token
+        ``i`` given the true sub-tokens before it."""
         tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"logits expects integer tokens [B, {self.num_tokens}], got {tokens.dtype} {tokens.shape}")
+        k = self.num_codebooks
+        want = (self.num_tokens,) if k == 1 else (self.num_tokens, k)
+        if tokens.shape[1:] != want or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"logits expects integer tokens [B, {', '.join(map(str, want))}], got "
+                             f"{tokens.dtype} {tokens.shape}")
         labels = np.full(tokens.shape[0], -1) if labels is None else np.asarray(labels)
-        return np.asarray(self.task.logits(self.params, tokens, labels), np.float32)
+        out = self.task.logits(self.params, tokens, labels)
+        if isinstance(out, (tuple, list)):
+            return tuple(np.asarray(o, np.float32) for o in out)
+        return np.asarray(out, np.float32)
 
 
 def load_generator(workdir: str | os.PathLike, step: int | None = None) -> Generator:
@@ -120,11 +130,12 @@ def class_labels(num: int, num_classes: int, class_id: int | None = None) -> np.
 
 def check_tokenizer(generator: Generator, tokenizer: Any, tokenizer_name: str = "") -> None:
     """A ValueError unless ``tokenizer`` decodes the ids ``generator`` makes (same number of tokens,
-    same codebook, one id per token); ``tokenizer_name`` (e.g. its workdir) names it in the
+    same codebook, as many ids per token); ``tokenizer_name`` (e.g. its workdir) names it in the
     message."""
-    from titok_jax.tasks.generator import refuse_multi_index
+    from titok_jax.tasks.generator import check_num_codebooks
     name = f"the tokenizer {tokenizer_name}" if tokenizer_name else "the tokenizer"
-    refuse_multi_index(tokenizer.num_codebooks, name, "the generator")
+    check_num_codebooks(tokenizer.num_codebooks, getattr(generator, "num_codebooks", 1), name,
+                        "the generator")
     if tokenizer.codebook_size != generator.codebook_size or tokenizer.num_tokens != generator.num_tokens:
         raise ValueError(f"the generator makes {generator.num_tokens} ids from {generator.codebook_size} "
                          f"codes but {name} takes {tokenizer.num_tokens} from {tokenizer.codebook_size}")

@@ -17,6 +17,10 @@
   present, else the raw ones; ``loss.*`` dropped; or a bare state dict), recognised by the
   decoder's AdaGN layers, shapes read from the tensors, ``image_size`` a 16x16 grid unless given;
   converted by ``convert.magvit2`` into a ``magvit2`` tokenizer workdir; or
+- an FQGAN Dual / Triple tokenizer (showlab/FQGAN ``fqgan_{dual,triple}_ds{16,8}.pt``: weights
+  under ``model``, or ``ema`` when present; or a bare state dict), recognised by its per-factor
+  ``quantize_{vis,sem...}`` codebooks, shapes read from the tensors, ``image_size`` from the
+  adapters' position tables; converted by ``convert.fqgan`` into an ``fqgan`` tokenizer workdir; or
 - a TiTok MaskGIT generator (``generator_titok_{l32,b64,s128}.bin``: ``ImageBert`` / ``UViTBert``,
   or its HF folder), recognised by its tensor names, with its ``config.json`` where the release has
   one; converted by ``convert.maskgit_generator`` into a generator workdir (task ``maskgit``) that
@@ -78,7 +82,9 @@ def read_input(input_dir: str) -> tuple[dict[str, np.ndarray], str, dict[str, An
     has_config = os.path.isfile(cfg_path)
     hf_config = read_release_config(cfg_path) if has_config else None  # before the (large) weights
     weights = _weights_file(input_dir, has_config)
-    sd = read_state_dict(weights)
+    # a training checkpoint's weights: FQGAN's files hold "model" (and "ema", which its loaders
+    # prefer); Lightning's (taming, Open-MAGVIT2) "state_dict"
+    sd = read_state_dict(weights, state_keys=("ema", "model", "state_dict"))
     return sd, weights, hf_config, cfg_path
 
 
@@ -105,6 +111,7 @@ def model_from_input(input_dir: str, image_size: int | None = None, read: Any = 
                      ) -> tuple[dict[str, Any], dict[str, np.ndarray], str]:
     """``(model section, params, weights path)`` of a tokenizer converted from ``input_dir``
     (``read``: :func:`read_input`'s result, when already read)."""
+    from titok_jax.convert import fqgan as fqgan_conv
     from titok_jax.convert import magvit2 as magvit2_conv
     from titok_jax.convert import taming as taming_conv
     from titok_jax.convert import titok as titok_conv
@@ -123,6 +130,10 @@ def model_from_input(input_dir: str, image_size: int | None = None, read: Any = 
         kw = magvit2_conv.infer_magvit2_kwargs(sd, image_size, source=weights)
         params = magvit2_conv.magvit2_params_from_state_dict(sd, kw, source=weights)
         return magvit2_conv.magvit2_model_section(kw), params, weights
+    if fqgan_conv.is_fqgan(sd):   # an FQGAN Dual / Triple: one quantize_{factor} per factor
+        kw = fqgan_conv.infer_fqgan_kwargs(sd, image_size, source=weights)
+        params = fqgan_conv.fqgan_params_from_state_dict(sd, kw, source=weights)
+        return fqgan_conv.fqgan_model_section(kw), params, weights
     if taming_conv.is_taming(sd):   # a taming VQGAN (last.ckpt): quant_conv around the quantizer
         kw = taming_conv.infer_taming_kwargs(sd, int(image_size or 256), source=weights)
         params = taming_conv.taming_params_from_state_dict(sd, kw, source=weights)

@@ -10,6 +10,9 @@ is the first input, so position ``p`` reads ``t_{p-1}`` and predicts ``t_p``::
     logits   = head(norm(x))                                  [B, n, K] float32; logits[:, p] ~ t_p
 
 ``label == C`` is the null class (classifier-free guidance); the class table has ``C + 1`` rows.
+Tokens of several ids (fq / rq factors ``[B, n, k]``, or an LFQ index split into bit groups) are
+predicted sub-token after sub-token by a small per-position head (``ar_subtokens.py``; FQGAN's FAR,
+Open-MAGVIT2's AR); ``position_embedding="rope_2d"`` rotates by grid cells instead of positions.
 The defaults follow LlamaGen's ``gpt.py`` (which the unofficial FlexTok AR re-implementation
 adapts): RMSNorm eps 1e-5, SwiGLU with hidden ``find_multiple(int(8 D / 3), 256)``, no biases, 1D
 RoPE (theta 1e4, adjacent channel pairs; here the class sits at position 0 and ``t_{p-1}`` at ``p``),
@@ -25,124 +28,43 @@ causal forward.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.generators.ar_sampling import ar_sample
-from titok_jax.nn import (MLP, Dropout, HeadsDense, HeadsOutDense, apply_rope, boxed,
-                          dot_product_attention, make_norm, rope_angles)
+from titok_jax.generators.ar_blocks import ARBlock, CausalSelfAttention, swiglu_hidden
+from titok_jax.generators.ar_sampling import ar_sample, ar_sample_subtokens
+from titok_jax.generators.ar_subtokens import (FACTOR_EMBEDDINGS, from_subtokens, split_bit_widths,
+                                               sub_vocab_sizes, subtoken_fns, to_subtokens)
+from titok_jax.nn import Dropout, boxed, make_norm
 from titok_jax.nn.activation_sharding import BTD, constrain, gathered
 from titok_jax.nn.attention import module_path, split_heads
 
 Dtype = Any
 Cache = tuple  # tuple over layers of {"k": [B, L, H, d], "v": [B, L, H, d]}
-POSITION_EMBEDDINGS = ("rope", "learned")
+POSITION_EMBEDDINGS = ("rope", "rope_2d", "learned")
 init_normal = nn.initializers.normal(stddev=0.02)
 zeros = nn.initializers.zeros_init()
-
-
-def swiglu_hidden(width: int, multiple_of: int = 256) -> int:
-    """LlamaGen's SwiGLU width: ``int(2 * 4 * width / 3)`` rounded up to a multiple of
-    ``multiple_of``."""
-    h = int(2 * 4 * width / 3)
-    return multiple_of * -(-h // multiple_of)
-
-
-class CausalSelfAttention(nn.Module):
-    """Fused-qkv causal self-attention with an optional KV cache (module docstring).
-
-    ``x [B, T, D]``, ``positions [T]`` int (absolute positions of the T queries) ->
-    ``([B, T, D], new layer cache or None)``.
-    """
-
-    num_heads: int
-    use_rope: bool = True
-    rope_theta: float = 10000.0
-    qk_norm: str | None = None
-    use_bias: bool = False
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-                 index: jax.Array | int = 0, deterministic: bool = True
-                 ) -> tuple[jax.Array, dict | None]:
-        width = x.shape[-1]
-        head_dim = split_heads(width, self.num_heads, module_path(self))
-        qkv = HeadsDense(self.num_heads, head_dim, lead=(3,), use_bias=self.use_bias,
-                         kernel_init=init_normal, dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="qkv")(x)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        if self.qk_norm is not None:
-            norm = dict(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
-            q = make_norm(self.qk_norm, name="q_norm", **norm)(q)
-            k = make_norm(self.qk_norm, name="k_norm", **norm)(k)
-        if self.use_rope:
-            angles = rope_angles(positions[None], (head_dim,), self.rope_theta)
-            q, k = apply_rope(q, angles), apply_rope(k, angles)  # adjacent pairs, as LlamaGen
-        if cache is None:
-            key_pos, new_cache = positions, None
-        else:
-            start = (0, jnp.asarray(index, jnp.int32), 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            key_pos, new_cache = jnp.arange(k.shape[1]), {"k": k, "v": v}
-        mask = (key_pos[None, :] <= positions[:, None])[None, None]
-        rng = self.make_rng("dropout") if self.dropout_rate > 0 and not deterministic else None
-        y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                  dropout_rate=self.dropout_rate, dropout_rng=rng)
-        out = HeadsOutDense(width, use_bias=self.use_bias, kernel_init=init_normal,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
-        return out, new_cache
-
-
-class ARBlock(nn.Module):
-    """Pre-norm block ``x + attn(norm_1 x)``, ``x + mlp(norm_2 x)`` with residual dropout;
-    returns ``(x, new layer cache or None)``. Positional arguments so ``nn.remat`` can mark
-    ``deterministic`` static."""
-
-    num_heads: int
-    mlp_dim: int
-    activation: str = "swiglu"
-    norm_type: str = "rmsnorm"
-    norm_eps: float = 1e-5
-    use_bias: bool = False
-    use_rope: bool = True
-    rope_theta: float = 10000.0
-    qk_norm: str | None = None
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None,
-                 index: jax.Array | int = 0, deterministic: bool = True
-                 ) -> tuple[jax.Array, dict | None]:
-        norm = dict(epsilon=self.norm_eps, use_bias=self.use_bias, dtype=self.dtype,
-                    param_dtype=self.param_dtype)
-        drop = Dropout(self.dropout)
-        x = constrain(x, BTD)   # batch-sharded activations: FSDP gathers weights, not activations
-        h, new_cache = CausalSelfAttention(
-            self.num_heads, self.use_rope, self.rope_theta, self.qk_norm, self.use_bias,
-            self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(
-            make_norm(self.norm_type, name="norm_1", **norm)(x), positions, cache, index,
-            deterministic)
-        x = constrain(x + drop(h, deterministic=deterministic), BTD)
-        h = MLP(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
-                kernel_init=init_normal, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="mlp")(make_norm(self.norm_type, name="norm_2", **norm)(x))
-        return constrain(x + drop(h, deterministic=deterministic), BTD), new_cache
+__all__ = ["ARBlock", "ARTransformer", "CausalSelfAttention", "ar_variant", "class_step_fn",
+           "generate_tokens", "swiglu_hidden"]
 
 
 class ARTransformer(nn.Module):
     """``(tokens [B, n], labels [B]) -> logits [B, n, K]`` (teacher forcing; module docstring).
 
     ``decode`` runs the same network over positions ``index .. index + T - 1`` with a KV cache.
+
+    Several sub-tokens per position (``generators/ar_subtokens.py``): ``num_codebooks = k > 1``
+    takes factorized ids ``tokens [B, n, k]`` (fq / rq), ``split_bits`` one LFQ index split into
+    bit groups; ``__call__`` then returns a tuple of ``G`` logits ``[B, n, V_i]`` (sub-token ``i``
+    given ``s_<i``: teacher forcing), the input embedding combines per-sub-token tables
+    (``factor_embedding``) and ``head_depth`` causal blocks predict the sub-tokens one after the
+    other. ``position_embedding="rope_2d"``: RoPE over the ``sqrt(N) x sqrt(N)`` grid of the
+    token each position predicts (rows on the first half of a head's rotated pairs, columns on the
+    second; LlamaGen gives the class a zero row instead).
     """
 
     codebook_size: int
@@ -164,6 +86,10 @@ class ARTransformer(nn.Module):
     dropout: float = 0.1
     attention_dropout: float = 0.0
     remat: bool = False
+    num_codebooks: int = 1        # k ids per token (fq / rq): tokens [B, n, k]
+    split_bits: Any = None        # Open-MAGVIT2: bit widths (LSB first) or a group count
+    factor_embedding: str = "sum"  # "sum" (Open-MAGVIT2) or "concat" + Linear (FAR)
+    head_depth: int = 1           # blocks of the per-position sub-token head (FAR 3, OM2 2)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -175,38 +101,97 @@ class ARTransformer(nn.Module):
     def head_dim(self) -> int:
         return split_heads(self.width, self.num_heads, module_path(self))
 
+    @property
+    def sub_vocab(self) -> tuple[int, ...]:
+        """The vocabularies ``(V_0, ..., V_{G-1})`` of a position's sub-tokens (``(K,)``: one)."""
+        return sub_vocab_sizes(self.codebook_size, self.num_codebooks, self.split_bits)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.sub_vocab) > 1
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """One example's ids: ``(N,)`` or ``(N, k)`` (factorized)."""
+        k = int(self.num_codebooks)
+        return (self.num_tokens,) if k == 1 else (self.num_tokens, k)
+
+    def subtoken_ids(self, tokens: jax.Array) -> jax.Array:
+        """The model's ids ``[B, n(, k)]`` -> sub-token ids ``[B, n, G]``."""
+        return to_subtokens(tokens, self.num_codebooks, split_bit_widths(self.codebook_size,
+                                                                          self.split_bits))
+
+    def merge_subtokens(self, subs: jax.Array) -> jax.Array:
+        """Sub-token ids ``[B, n, G]`` -> the model's ids."""
+        return from_subtokens(subs, self.num_codebooks, split_bit_widths(self.codebook_size,
+                                                                          self.split_bits))
+
+    def _rope_grid(self) -> int:
+        if self.position_embedding != "rope_2d":
+            return 0
+        side = math.isqrt(self.num_tokens)
+        if side * side != self.num_tokens or self.head_dim % 4:
+            raise ValueError(f"position_embedding='rope_2d' needs a square number of tokens and a "
+                             f"head dim divisible by 4, got {self.num_tokens} tokens, head dim "
+                             f"{self.head_dim}")
+        return side
+
     def setup(self) -> None:
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"unknown position_embedding {self.position_embedding!r}; expected "
                              f"one of {POSITION_EMBEDDINGS}")
+        if self.factor_embedding not in FACTOR_EMBEDDINGS:
+            raise ValueError(f"unknown factor_embedding {self.factor_embedding!r}; expected one of "
+                             f"{FACTOR_EMBEDDINGS}")
         split_heads(self.width, self.num_heads, module_path(self))
-        w = self.width
+        w, vocab = self.width, self.sub_vocab
+        if len(vocab) > 1 and self.head_depth < 1:
+            raise ValueError(f"a sub-token head needs head_depth >= 1, got {self.head_depth}")
         self.class_embedding = self.param("class_embedding", boxed(init_normal, (None, "embed")),
                                           (self.num_classes + 1, w), self.param_dtype)
-        self.token_embedding = self.param("token_embedding", boxed(init_normal, ("vocab", "embed")),
-                                          (self.codebook_size, w), self.param_dtype)
+        if len(vocab) == 1:
+            self.token_embedding = self.param("token_embedding", boxed(init_normal, ("vocab", "embed")),
+                                              (self.codebook_size, w), self.param_dtype)
+        else:
+            self.token_embeddings = [
+                self.param(f"token_embedding_{i}", boxed(init_normal, ("vocab", "embed")), (v, w),
+                           self.param_dtype) for i, v in enumerate(vocab)]
+            if self.factor_embedding == "concat":
+                self.aggregate = nn.Dense(w, dtype=self.dtype, param_dtype=self.param_dtype,
+                                          kernel_init=boxed(init_normal, (None, "embed")),
+                                          bias_init=boxed(zeros, ("embed",)))
         if self.position_embedding == "learned":
             self.position_table = self.param("position_embedding",
                                              boxed(init_normal, ("tokens", "embed")),
                                              (self.num_tokens, w), self.param_dtype)
         block = nn.remat(ARBlock, static_argnums=(5,)) if self.remat else ARBlock
-        self.blocks = [block(
-            self.num_heads, self.mlp_dim or swiglu_hidden(w, self.mlp_multiple_of),
-            self.activation, self.norm_type, self.norm_eps, self.use_bias,
-            self.position_embedding == "rope", self.rope_theta, self.qk_norm, self.dropout,
-            self.attention_dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=f"block_{i}") for i in range(self.depth)]
+        args = (self.num_heads, self.mlp_dim or swiglu_hidden(w, self.mlp_multiple_of),
+                self.activation, self.norm_type, self.norm_eps, self.use_bias,
+                self.position_embedding != "learned", self.rope_theta, self.qk_norm, self.dropout,
+                self.attention_dropout)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.blocks = [block(*args, **kw, rope_grid=self._rope_grid(), name=f"block_{i}")
+                       for i in range(self.depth)]
         self.token_drop = Dropout(self.token_dropout)
         self.norm = make_norm(self.norm_type, epsilon=self.norm_eps, use_bias=self.use_bias,
                               dtype=self.dtype, param_dtype=self.param_dtype)
-        self.head = nn.Dense(self.codebook_size, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             kernel_init=boxed(zeros, ("embed", "vocab")))
+        head = dict(use_bias=False, kernel_init=boxed(zeros, ("embed", "vocab")), **kw)
+        if len(vocab) == 1:
+            self.head = nn.Dense(self.codebook_size, **head)
+        else:   # the sub-token head: 1D RoPE over sub-positions 0 .. G-1
+            args = args[:6] + (True,) + args[7:]
+            self.head_blocks = [block(*args, **kw, name=f"head_block_{i}")
+                                for i in range(self.head_depth)]
+            self.heads = [nn.Dense(v, name=f"head_{i}", **head) for i, v in enumerate(vocab)]
 
     # ------------------------------------------------------------------ helpers
-    def _check(self, tokens: jax.Array, labels: jax.Array, max_len: int) -> None:
-        if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= max_len:
-            raise ValueError(f"tokens must be [B, n] with 1 <= n <= {max_len}, got shape "
+    def _check(self, tokens: jax.Array, labels: jax.Array, max_len: int, sub: bool = False) -> None:
+        k = len(self.sub_vocab) if sub else int(self.num_codebooks)
+        want = "[B, n]" if k == 1 and not sub else f"[B, n, {k}]"
+        ndim = 2 if want == "[B, n]" else 3
+        if (tokens.ndim != ndim or not 1 <= tokens.shape[1] <= max_len
+                or (ndim == 3 and tokens.shape[2] != k)):
+            raise ValueError(f"tokens must be {want} with 1 <= n <= {max_len}, got shape "
                              f"{tokens.shape}")
         if labels.shape != tokens.shape[:1]:
             raise ValueError(f"labels must be [B] = [{tokens.shape[0]}], got shape {labels.shape}")
@@ -214,8 +199,9 @@ class ARTransformer(nn.Module):
             if not jnp.issubdtype(a.dtype, jnp.integer):
                 raise ValueError(f"{name} must be integer ids, got dtype {a.dtype}")
 
-    def _run(self, x: jax.Array, positions: jax.Array, cache: Cache | None, index: Any,
-             train: bool) -> tuple[jax.Array, Cache | None]:
+    def _trunk(self, x: jax.Array, positions: jax.Array, cache: Cache | None, index: Any,
+               train: bool) -> tuple[jax.Array, Cache | None]:
+        """The blocks' output ``h [B, T, D]`` (before the final norm) and the new cache."""
         if self.position_embedding == "learned":
             table = jax.lax.dynamic_slice_in_dim(self.position_table, positions[0],
                                                  positions.shape[0])
@@ -225,26 +211,68 @@ class ARTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, c = block(x, positions, None if cache is None else cache[i], index, not train)
             new_cache.append(c)
-        logits = constrain(self.head(self.norm(x)).astype(jnp.float32), ("batch", "tokens", None))
-        return logits, (None if cache is None else tuple(new_cache))
+        return x, (None if cache is None else tuple(new_cache))
+
+    def _logits(self, h: jax.Array) -> jax.Array:
+        return constrain(self.head(self.norm(h)).astype(jnp.float32), ("batch", "tokens", None))
+
+    def _lookup(self, table: jax.Array, ids: jax.Array) -> jax.Array:
+        return jnp.take(gathered(table), jnp.clip(ids.astype(jnp.int32), 0, table.shape[0] - 1),
+                        axis=0)
 
     def _embed(self, token_ids: jax.Array, labels: jax.Array, is_class: jax.Array) -> jax.Array:
-        """``E_cls[labels]`` where ``is_class [T]`` else ``E_tok[token_ids]`` -> ``[B, T, D]``."""
+        """``E_cls[labels]`` where ``is_class [T]`` else the token embedding -> ``[B, T, D]``
+        (``token_ids [B, T]``, or sub-token ids ``[B, T, G]`` combined by ``factor_embedding``)."""
         cls = jnp.take(gathered(self.class_embedding), labels.astype(jnp.int32), axis=0)[:, None]
-        tok = jnp.take(gathered(self.token_embedding), jnp.clip(token_ids.astype(jnp.int32), 0,
-                                                      self.codebook_size - 1), axis=0)
+        if not self.multi:
+            tok = self._lookup(self.token_embedding, token_ids)
+        else:
+            parts = [self._lookup(t, token_ids[..., i]) for i, t in enumerate(self.token_embeddings)]
+            tok = (sum(parts) if self.factor_embedding == "sum" else
+                   self.aggregate(jnp.concatenate(parts, axis=-1).astype(self.dtype)))
         return constrain(jnp.where(is_class[None, :, None], cls, tok).astype(self.dtype), BTD)
 
     # ------------------------------------------------------------------ entry points
-    def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False
-                 ) -> jax.Array:
+    def __call__(self, tokens: jax.Array, labels: jax.Array, *, train: bool = False) -> Any:
         tokens, labels = jnp.asarray(tokens), jnp.asarray(labels)
         self._check(tokens, labels, self.num_tokens)
         n = tokens.shape[1]
-        prev = jnp.concatenate([jnp.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+        ids = self.subtoken_ids(tokens) if self.multi else tokens
+        prev = jnp.concatenate([jnp.zeros_like(ids[:, :1]), ids[:, :-1]], axis=1)
         positions = jnp.arange(n)
-        x = self._embed(prev, labels, positions == 0)
-        return self._run(x, positions, None, 0, train)[0]
+        h, _ = self._trunk(self._embed(prev, labels, positions == 0), positions, None, 0, train)
+        return self.sub_logits(h, ids, train=train) if self.multi else self._logits(h)
+
+    def sub_logits(self, h: jax.Array, subs: jax.Array, *, train: bool = False
+                   ) -> tuple[jax.Array, ...]:
+        """The sub-token head: trunk outputs ``h [B, T, D]`` and sub-ids ``subs [B, T, G]`` ->
+        ``G`` logits ``[B, T, V_i]`` (float32), ``i`` read from ``[h, E_0[s_0], .., E_{i-1}[s_{i-1}]]``
+        (causal: ``subs[..., i:]`` do not affect logits ``i``)."""
+        b, t, d = h.shape
+        g = len(self.sub_vocab)
+        seq = [h.astype(self.dtype)] + [self._lookup(self.token_embeddings[i], subs[..., i]
+                                                     ).astype(self.dtype) for i in range(g - 1)]
+        x = jnp.stack(seq, axis=2).reshape(b * t, g, d)
+        positions = jnp.arange(g)
+        for block in self.head_blocks:
+            x, _ = block(x, positions, None, 0, not train)
+        x = self.norm(x).reshape(b, t, g, d)
+        return tuple(constrain(head(x[:, :, i]).astype(jnp.float32), ("batch", "tokens", None))
+                     for i, head in enumerate(self.heads))
+
+    def decode_hidden(self, prev_tokens: jax.Array, labels: jax.Array, index: jax.Array | int,
+                      cache: Cache) -> tuple[jax.Array, Cache]:
+        """Cached trunk at positions ``index .. index + T - 1`` (eval mode): ``(h [B, T, D], new
+        cache)``. ``prev_tokens``: the token *before* each position, ``[B, T]`` or sub-token ids
+        ``[B, T, G]`` (ignored at ``p = 0``, which reads the class); the cache length must cover
+        ``index + T`` (not checked when ``index`` is traced)."""
+        prev_tokens, labels = jnp.asarray(prev_tokens), jnp.asarray(labels)
+        self._check(prev_tokens, labels, self.num_tokens, sub=self.multi)
+        if len(cache) != self.depth:
+            raise ValueError(f"cache has {len(cache)} layers, the model {self.depth}")
+        positions = jnp.asarray(index, jnp.int32) + jnp.arange(prev_tokens.shape[1])
+        x = self._embed(prev_tokens, labels, positions == 0)
+        return self._trunk(x, positions, cache, index, False)
 
     def decode(self, prev_tokens: jax.Array, labels: jax.Array, index: jax.Array | int,
                cache: Cache) -> tuple[jax.Array, Cache]:
@@ -252,15 +280,13 @@ class ARTransformer(nn.Module):
 
         ``prev_tokens [B, T]``: the token *before* each position (``t_{p-1}``; ignored at
         ``p = 0``, which reads the class). Returns ``(logits [B, T, K], new cache)``; the cache
-        length ``L`` must cover ``index + T`` (not checked when ``index`` is traced).
+        length ``L`` must cover ``index + T`` (not checked when ``index`` is traced). A model with
+        sub-tokens runs ``decode_hidden`` and ``sub_logits`` instead.
         """
-        prev_tokens, labels = jnp.asarray(prev_tokens), jnp.asarray(labels)
-        self._check(prev_tokens, labels, self.num_tokens)
-        if len(cache) != self.depth:
-            raise ValueError(f"cache has {len(cache)} layers, the model {self.depth}")
-        positions = jnp.asarray(index, jnp.int32) + jnp.arange(prev_tokens.shape[1])
-        x = self._embed(prev_tokens, labels, positions == 0)
-        return self._run(x, positions, cache, index, False)
+        if self.multi:
+            raise ValueError("a model with sub-tokens decodes with decode_hidden + sub_logits")
+        h, cache = self.decode_hidden(prev_tokens, labels, index, cache)
+        return self._logits(h), cache
 
     def init_cache(self, batch: int, length: int | None = None, dtype: Dtype | None = None
                    ) -> Cache:
@@ -297,13 +323,24 @@ def generate_tokens(model: ARTransformer, variables: Any, labels: jax.Array, key
                     max_len: int | None = None, temperature: float | jax.Array = 1.0,
                     top_k: int = 0, top_p: float | jax.Array = 1.0, guidance_scale: float = 1.0,
                     return_logits: bool = False) -> Any:
-    """Jitted class-conditional sampling: ``labels [B]`` -> code ids ``[B, max_len]`` int32
-    (``max_len`` default ``num_tokens``; later positions are never computed). See
-    ``ar_sampling.ar_sample`` for the settings."""
+    """Jitted class-conditional sampling: ``labels [B]`` -> code ids ``[B, max_len]`` int32,
+    ``[B, max_len, k]`` for factorized ids (a split-bit index comes back whole; ``max_len``
+    default ``num_tokens``; later positions are never computed). See ``ar_sampling.ar_sample`` /
+    ``ar_sample_subtokens`` for the settings; ``return_logits`` gives a tuple of per-sub-token
+    logits for a model with sub-tokens."""
     length = model.num_tokens if not max_len else int(max_len)
     if not 1 <= length <= model.num_tokens:
         raise ValueError(f"max_len must be in [1, {model.num_tokens}], got {max_len}")
     labels = jnp.asarray(labels, jnp.int32)
+    if model.multi:   # G sub-tokens per position; ids merged back to the model's layout
+        step_fn, sub_fn = subtoken_fns(model, variables, labels)
+        out = ar_sample_subtokens(step_fn, sub_fn, lambda rows: model.init_cache(rows, length), key,
+                                  labels.shape[0], length, len(model.sub_vocab),
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  guidance_scale=guidance_scale, return_logits=return_logits)
+        if return_logits:
+            return model.merge_subtokens(out[0]), out[1]
+        return model.merge_subtokens(out)
     return ar_sample(class_step_fn(model, variables, labels),
                      lambda rows: model.init_cache(rows, length), key, labels.shape[0], length,
                      temperature=temperature, top_k=top_k, top_p=top_p,

@@ -138,3 +138,67 @@ def ar_sample(
         tokens, logits = out
         return tokens.T, jnp.swapaxes(logits, 0, 1)
     return out.T
+
+
+# sub_fn(h [B', D], subs [B', G], i) -> logits [B', V_i]: sub-token i of the position whose trunk
+# output is h, given subs[:, :i] (later entries are ignored: the head is causal).
+SubFn = Callable[[jax.Array, jax.Array, int], jax.Array]
+
+
+def ar_sample_subtokens(
+    step_fn: Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]],
+    sub_fn: SubFn,
+    cache_fn: Callable[[int], Any],
+    key: jax.Array,
+    batch: int,
+    length: int,
+    num_sub: int,
+    *,
+    temperature: float | jax.Array = 1.0,
+    top_k: int = 0,
+    top_p: float | jax.Array = 1.0,
+    guidance_scale: float | jax.Array = 1.0,
+    return_logits: bool = False,
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+    """``ar_sample`` for positions of ``num_sub = G`` sub-tokens (``ar_subtokens``): sub-ids
+    ``[batch, length, G]`` int32.
+
+    At position ``i``: ``h = step_fn(s_{i-1} [B', G], uncond, i, cache)`` (the trunk; zeros at
+    ``i = 0``), then for ``g = 0 .. G-1``: ``l = sub_fn(h, s_i, g)``, guided per sub-token
+    (``u + s (c - u)``, FAR / Open-MAGVIT2), filtered and sampled as in ``ar_sample`` with the key
+    ``fold_in(fold_in(key, i), g)``; the drawn ``s_{i,g}`` goes to both halves of a guided batch
+    before sub-token ``g + 1``. ``top_k`` applies to each sub-vocabulary. ``return_logits`` adds
+    the guided logits, one ``[batch, length, V_g]`` per sub-token.
+    """
+    _check_settings(top_k, batch, length)
+    guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
+    rows = 2 * batch if guided else batch
+    uncond = jnp.arange(rows) >= batch
+    scale = jnp.asarray(guidance_scale, jnp.float32)
+
+    def both(x):
+        return jnp.concatenate([x, x]) if guided else x
+
+    def body(carry, i):
+        prev, cache = carry
+        h, cache = step_fn(both(prev), uncond, i, cache)
+        k_i = jax.random.fold_in(key, i)
+        subs = jnp.zeros((batch, num_sub), jnp.int32)
+        all_logits = []
+        for g in range(num_sub):
+            logits = sub_fn(h, both(subs), g).astype(jnp.float32)
+            if logits.ndim != 2 or logits.shape[0] != rows:
+                raise ValueError(f"sub_fn must return logits [{rows}, V], got {logits.shape}")
+            if guided:
+                logits = logits[batch:] + scale * (logits[:batch] - logits[batch:])
+            token = sample_logits(jax.random.fold_in(k_i, g), logits, temperature, top_k, top_p)
+            subs = subs.at[:, g].set(token)
+            all_logits.append(logits)
+        return (subs, cache), ((subs, tuple(all_logits)) if return_logits else subs)
+
+    init = (jnp.zeros((batch, num_sub), jnp.int32), cache_fn(rows))
+    _, out = jax.lax.scan(body, init, jnp.arange(length))
+    if return_logits:
+        subs, logits = out
+        return jnp.swapaxes(subs, 0, 1), tuple(jnp.swapaxes(l, 0, 1) for l in logits)
+    return jnp.swapaxes(out, 0, 1)

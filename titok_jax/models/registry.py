@@ -145,6 +145,19 @@ def _magvit2(**kwargs: Any) -> Any:
 MODELS["magvit2"] = _magvit2
 
 
+def _fqgan(**kwargs: Any) -> Any:
+    from titok_jax.models.fqgan import FQGAN
+    for key in ("ch_mult", "head_widths"):  # a JSON round trip turns tuples into lists
+        if key in kwargs:
+            kwargs[key] = tuple(int(m) for m in kwargs[key])
+    if "factors" in kwargs:
+        kwargs["factors"] = tuple(str(f) for f in kwargs["factors"])
+    return FQGAN(**kwargs)
+
+
+MODELS["fqgan"] = _fqgan
+
+
 # Flat keys of workdirs written before ``model.quantizer`` was a sub-config -> the sub-config's
 # argument names (``"vq"``: VectorQuantizer's; ``"vae"``: GaussianPosterior's).
 LEGACY_QUANTIZER_KEYS = {

@@ -210,9 +210,11 @@ def torch_conv(features: int, k: int, name: str, dtype: Dtype, param_dtype: Dtyp
                    bias_init=boxed(zeros, ("conv_out",)), name=name)
 
 
-def group_norm(name: str, dtype: Dtype, param_dtype: Dtype, epsilon: float = 1e-6) -> nn.GroupNorm:
-    """GroupNorm(32 groups) with ``("norm",)`` params; exact (two-pass) variance as PyTorch."""
-    return nn.GroupNorm(num_groups=GROUPS, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+def group_norm(name: str, dtype: Dtype, param_dtype: Dtype, epsilon: float = 1e-6,
+               groups: int = GROUPS) -> nn.GroupNorm:
+    """GroupNorm(``groups``, default 32) with ``("norm",)`` params; exact (two-pass) variance as
+    PyTorch."""
+    return nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
                         use_fast_variance=False, scale_init=boxed(ones, ("norm",)),
                         bias_init=boxed(zeros, ("norm",)), name=name)
 
@@ -222,12 +224,14 @@ class CompVisResnet(nn.Module):
     ``[B, H, W, C_in] -> [B, H, W, out_channels]``, ``conv2(silu(norm2(conv1(silu(norm1(x))))))``
     plus ``x``, through a 1x1 conv named ``shortcut_name`` where the channels change. ``fmap``: an
     activation-sharding spec put on the input and the output (None: none). ``use_bias=False``:
-    the three convs have no bias (Open-MAGVIT2's ``ResBlock``, the same block otherwise)."""
+    the three convs have no bias (Open-MAGVIT2's ``ResBlock``, the same block otherwise).
+    ``groups``: the GroupNorms' group count (32 in every release)."""
 
     out_channels: int
     shortcut_name: str = "conv_shortcut"
     fmap: Any = None
     use_bias: bool = True
+    groups: int = GROUPS
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
 
@@ -237,8 +241,11 @@ class CompVisResnet(nn.Module):
         if self.fmap is not None:
             x = constrain(x, self.fmap)
         conv = dict(kw, use_bias=self.use_bias)
-        h = torch_conv(self.out_channels, 3, "conv1", **conv)(nn.silu(group_norm("norm1", **kw)(x)))
-        h = torch_conv(self.out_channels, 3, "conv2", **conv)(nn.silu(group_norm("norm2", **kw)(h)))
+        g = self.groups
+        h = torch_conv(self.out_channels, 3, "conv1", **conv)(
+            nn.silu(group_norm("norm1", groups=g, **kw)(x)))
+        h = torch_conv(self.out_channels, 3, "conv2", **conv)(
+            nn.silu(group_norm("norm2", groups=g, **kw)(h)))
         if x.shape[-1] != self.out_channels:
             x = torch_conv(self.out_channels, 1, self.shortcut_name, **conv)(x)
         return x + h if self.fmap is None else constrain(x + h, self.fmap)

@@ -1,8 +1,10 @@
 """Factorized quantization (FQGAN, arXiv 2411.16681).
 
 k sub-quantizers, each behind its own projection: factor i sees ``P_i z`` (a Dense to the factor's
-dim, or z itself when ``project_in`` is off), returns codes c_i and one index per token; the output is
-``W_out [c_1; ...; c_k]`` (or the plain concatenation when ``project_out`` is off). Indices are
+dim, or z itself when ``project_in`` is off, or its own slice ``z[..., o_i : o_i + d_i]`` with
+``split_input``: official FQGAN, whose factors come from separate encoder branches), returns codes
+c_i and one index per token; the output is ``W_out [c_1; ...; c_k]`` (or the plain concatenation
+when ``project_out`` is off). Indices are
 stacked on a trailing factor axis ``[..., k]``; the effective vocabulary is prod_i K_i.
 
 Extra terms (both optional, already weighted in ``out.losses``):
@@ -70,6 +72,7 @@ class FactorizedQuantizer(nn.Module):
       factor_dims: input dim of each sub-quantizer (the output dim of its in-projection).
       dim: the input (and, with ``project_out``, the output) feature dim.
       project_in / project_out: Dense projections around each factor / after the concatenation.
+      split_input: factor i reads its own channel slice of z (sum(factor_dims) == dim; no in-proj).
       disentanglement_weight: lambda_1 (FQGAN uses 0.1); 0 disables the term.
       representation_heads: optional per-factor modules for the representation loss (None entries skip).
       representation_weight, representation_temperature: lambda_2 (FQGAN 0.5) and the InfoNCE T (1.0).
@@ -80,6 +83,7 @@ class FactorizedQuantizer(nn.Module):
     dim: int
     project_in: bool = True
     project_out: bool = True
+    split_input: bool = False
     disentanglement_weight: float = 0.0
     representation_heads: Sequence[nn.Module | None] | None = None
     representation_weight: float = 0.0
@@ -102,7 +106,10 @@ class FactorizedQuantizer(nn.Module):
             raise ValueError(f"FactorizedQuantizer: {k} quantizers but {len(self.factor_dims)} factor_dims")
         if self.representation_heads is not None and len(self.representation_heads) != k:
             raise ValueError("FactorizedQuantizer: representation_heads needs one entry (or None) per factor")
-        if not self.project_in and any(d != self.dim for d in self.factor_dims):
+        if self.split_input and sum(self.factor_dims) != self.dim:
+            raise ValueError(f"FactorizedQuantizer: split_input needs sum(factor_dims) = "
+                             f"{sum(self.factor_dims)} == dim {self.dim}")
+        if not self.split_input and not self.project_in and any(d != self.dim for d in self.factor_dims):
             raise ValueError("FactorizedQuantizer: without project_in every factor_dim must equal dim")
         if z is not None and z.shape[-1] != self.dim:
             raise ValueError(f"FactorizedQuantizer expects inputs with last dim {self.dim}, got {z.shape}")
@@ -114,7 +121,8 @@ class FactorizedQuantizer(nn.Module):
 
     def setup(self) -> None:
         self._check()
-        self.in_proj = [self._dense(d) for d in self.factor_dims] if self.project_in else None
+        self.in_proj = ([self._dense(d) for d in self.factor_dims]
+                        if self.project_in and not self.split_input else None)
         self.out_proj = self._dense(self.dim) if self.project_out else None
 
     def __call__(self, z: jax.Array, train: bool = False,
@@ -122,8 +130,12 @@ class FactorizedQuantizer(nn.Module):
                  ) -> tuple[jax.Array, QuantizerOutput]:
         self._check(z)
         codes, indices, losses, metrics, aux = [], [], {}, {}, {}
+        offsets = [sum(self.factor_dims[:i]) for i in range(self.num_factors)]
         for i, quantizer in enumerate(self.quantizers):
-            x = self.in_proj[i](z) if self.project_in else z
+            if self.split_input:
+                x = z[..., offsets[i]:offsets[i] + self.factor_dims[i]]
+            else:
+                x = self.in_proj[i](z) if self.project_in else z
             c, out = quantizer(x, train=train)
             codes.append(c)
             indices.append(out.indices)

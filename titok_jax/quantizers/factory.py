@@ -13,7 +13,9 @@ imply theirs)::
 
 ``fq`` (``FactorizedQuantizer``): each factor quantizes its own Dense projection of the token
 (``factor_dim`` channels; default the token's dim for VQ, ``len(levels)`` / ``bits`` for the
-others), the codes are concatenated and projected back; ``disentanglement_weight`` is FQGAN's
+others), the codes are concatenated and projected back (``split_input=True``: factor i quantizes
+its own ``dim / factors`` channels of the token and the codes are concatenated unprojected, the
+official FQGAN whose factors come from separate encoder branches, ``models.fqgan``); ``disentanglement_weight`` is FQGAN's
 lambda_1 (0.1). ``rq`` (``ResidualQuantizer``): level l quantizes the residual left by the levels
 before it (optional ``scales`` s_l, ``quantize_dropout_min_levels``). Both emit ``k`` ids per token
 (``indices [..., k]``, each in ``[0, codebook_size)``; :func:`spec_num_codebooks`). Models keep it as a hashable tuple of ``(key, value)`` pairs
@@ -181,6 +183,9 @@ def _check_fq(args: Mapping[str, Any]) -> None:
     _count("fq", "factors", args.get("factors", 2))
     if args.get("factor_dim") is not None:
         _count("fq", "factor_dim", args["factor_dim"])
+        if args.get("split_input"):
+            raise ValueError("quantizer 'fq': split_input gives each factor dim / factors "
+                             "channels; leave factor_dim unset")
     if float(args.get("disentanglement_weight", 0.0)) < 0:
         raise ValueError(f"quantizer 'fq': disentanglement_weight must be >= 0, got "
                          f"{args['disentanglement_weight']}")
@@ -203,11 +208,16 @@ def _build_fq(dim: int, *, dtype: Any, param_dtype: Any, **args: Any) -> Factori
     a = {**QUANTIZERS["fq"].defaults, **args}
     sub = sub_spec("fq", a)
     k = int(a["factors"])
-    factor_dim = int(a["factor_dim"] or _natural_dim(sub, dim))
+    split = bool(a["split_input"])
+    if split and dim % k:
+        raise ValueError(f"quantizer 'fq': split_input needs the token dim {dim} to be a multiple "
+                         f"of factors {k}")
+    factor_dim = dim // k if split else int(a["factor_dim"] or _natural_dim(sub, dim))
     # parent=None: the factors are adopted (and named quantizers_{i}) by the factorized module
     subs = tuple(build_quantizer(sub, factor_dim, dtype=dtype, param_dtype=param_dtype)
                  .clone(parent=None) for _ in range(k))
     return FactorizedQuantizer(quantizers=subs, factor_dims=(factor_dim,) * k, dim=dim,
+                               split_input=split, project_out=not split,
                                disentanglement_weight=float(a["disentanglement_weight"]),
                                dtype=dtype, param_dtype=param_dtype)
 
@@ -257,7 +267,8 @@ QUANTIZERS: dict[str, QuantizerEntry] = {
     # multi-index: ids [..., k]; codebook_size = the codes of each factor / level
     "fq": QuantizerEntry(
         _build_fq, defaults={"factors": 2, "codebook_size": None, "quantizer": None,
-                             "factor_dim": None, "disentanglement_weight": 0.1},
+                             "factor_dim": None, "disentanglement_weight": 0.1,
+                             "split_input": False},
         codebook_size=_sub_codebook_size("fq"), num_codebooks=lambda a: int(a.get("factors", 2)),
         check=_check_fq),
     "rq": QuantizerEntry(

@@ -6,6 +6,10 @@ Per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
     logits = model(tokens, labels)                 teacher forcing: logits[:, p] ~ t_p | t_<p, label
     loss   = mean_{b, p} CE(logits[b, p], t_p)     (optional label smoothing, default 0)
 
+Multi-index tokens (``tokens [B, N, k]`` of an fq / rq tokenizer, ``model.num_codebooks = k``) and
+many-bit LFQ indices (``model.split_bits``) are predicted sub-token after sub-token by the model's
+per-position head; the loss is then the sum of the sub-tokens' CEs (``subtoken_loss``).
+
 The data paths, the evaluation and the spec are shared with MaskGIT (``tasks/generator.py``,
 ``TokenGeneratorTask``):
 pre-tokenized shards (``data.source = "tokens:DIR"``) or ids computed on the fly by the frozen
@@ -46,6 +50,34 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, label_smoothing: float
     loss = jnp.mean(per_token)
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32))
     return loss, {"loss": loss, "nll": jnp.mean(nll), "next_token_accuracy": accuracy}
+
+
+def subtoken_loss(logits: tuple[jax.Array, ...], subs: jax.Array, label_smoothing: float = 0.0
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sub-token heads (``generators/ar_subtokens.py``): ``loss = sum_i mean CE(logits[i], s_i)``
+    for ``G`` logits ``[B, n, V_i]`` and sub-ids ``subs [B, n, G]`` (teacher forcing, so the sum
+    is the CE of the whole token under the factorised distribution; FAR averages the factors, the
+    same objective at 1/G the scale). Metrics: ``loss``, ``nll`` (summed), ``nll_i``,
+    ``accuracy_i`` and ``next_token_accuracy`` (every sub-token's argmax right)."""
+    if subs.ndim != 3 or subs.shape[-1] != len(logits):
+        raise ValueError(f"subtoken_loss needs {len(logits)} logits and sub-ids [B, n, "
+                         f"{len(logits)}]; got sub-ids {subs.shape}")
+    loss, nll, metrics, right = 0.0, 0.0, {}, True
+    for i, l in enumerate(logits):
+        loss_i, m = next_token_loss(l, subs[..., i], label_smoothing)
+        loss, nll = loss + loss_i, nll + m["nll"]
+        metrics[f"nll_{i}"], metrics[f"accuracy_{i}"] = m["nll"], m["next_token_accuracy"]
+        right = right & (jnp.argmax(l, axis=-1) == subs[..., i])
+    accuracy = jnp.mean(jnp.asarray(right, jnp.float32))
+    return loss, {"loss": loss, "nll": nll, "next_token_accuracy": accuracy, **metrics}
+
+
+def ar_loss(model: ARTransformer, logits: Any, tokens: jax.Array, label_smoothing: float = 0.0
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``next_token_loss``, or ``subtoken_loss`` for a model with sub-tokens."""
+    if model.multi:
+        return subtoken_loss(logits, model.subtoken_ids(tokens), label_smoothing)
+    return next_token_loss(logits, tokens, label_smoothing)
 
 
 @register_task("ar")
@@ -90,18 +122,20 @@ class ARTask(TokenGeneratorTask):
         labels = masking.drop_classes(k_drop, batch["label"], self.class_dropout, self.model.num_classes)
         logits = self.model.apply({"params": params["model"]}, tokens, labels, train=True,
                                   rngs={DROPOUT_RNG: k_dropout})
-        loss, metrics = next_token_loss(logits, tokens, self.label_smoothing)
+        loss, metrics = ar_loss(self.model, logits, tokens, self.label_smoothing)
         return loss, (state, metrics)
 
     # ------------------------------------------------------------------ evaluation
     def token_metrics(self, model_params: Any, tokens: Any, labels: Any) -> dict:
         """Next-token loss and accuracy of the eval batch (deterministic: no dropout, no mask)."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        _, metrics = next_token_loss(self.logits(model_params, tokens, labels), tokens, self.label_smoothing)
+        _, metrics = ar_loss(self.model, self.logits(model_params, tokens, labels), tokens,
+                             self.label_smoothing)
         return metrics
 
     def sample(self, model_params: Any, labels: np.ndarray, seed: int, **overrides: Any) -> np.ndarray:
-        """Token ids ``[B, max_len or N]`` for class ``labels`` (``num_classes`` = unconditional)."""
+        """Token ids ``[B, max_len or N]`` (``[B, max_len or N, k]`` factorized) for class
+        ``labels`` (``num_classes`` = unconditional)."""
         kw = self.sampler_settings({**self.sampler, **overrides})
         return np.asarray(generate_tokens(self.model, {"params": model_params},
                                           jnp.asarray(labels, jnp.int32), jax.random.key(seed), **kw))

@@ -44,13 +44,31 @@ def uses_token_shards(config: Any) -> bool:
 
 def refuse_multi_index(num_codebooks: Any, what: str, generator: str = "this generator") -> None:
     """A one-line ValueError for tokens of ``k > 1`` ids each (a factorized / residual quantizer,
-    ``fq`` / ``rq``): MaskGIT and the AR model predict one id per token; k sub-tokens per position
-    (FQGAN's factorized AR head) are not built yet."""
+    ``fq`` / ``rq``) where the generator predicts one id per token (MaskGIT; an AR model takes them
+    with ``model.num_codebooks = k``, its factorized head: ``check_num_codebooks``)."""
     k = int(num_codebooks or 1)
     if k > 1:
         raise ValueError(f"{what} has {k} ids per token (a multi-index fq / rq tokenizer); "
                          f"{generator} models one id per token, so it cannot train on or decode "
                          f"them (use a tokenizer with one codebook: vq, fsq, lfq or bsq)")
+
+
+def check_num_codebooks(num_codebooks: Any, model_codebooks: Any, what: str, generator: str) -> None:
+    """A one-line ValueError unless ``what`` has the ``model_codebooks`` ids per token the generator
+    models (``None``: a generator of one id per token, ``refuse_multi_index``)."""
+    k = int(num_codebooks or 1)
+    if model_codebooks is None or (int(model_codebooks) == 1 and k > 1):
+        hint = "" if model_codebooks is None else (
+            f"; an AR model takes them with its factorized head: --config.model.num_codebooks={k} "
+            f"(configs/ar.py:tiny_factorized)")
+        try:
+            refuse_multi_index(k, what, generator)
+        except ValueError as e:
+            raise ValueError(f"{e}{hint}") from None
+        return
+    if k != int(model_codebooks):
+        raise ValueError(f"{what} has {k} id(s) per token but {generator} models {int(model_codebooks)} "
+                         f"(set --config.model.num_codebooks={k})")
 
 
 class TokenGeneratorTask(GeneratorTaskBase):
@@ -65,7 +83,7 @@ class TokenGeneratorTask(GeneratorTaskBase):
 
     def __init__(self, config: Any, *, inference: bool = False):
         super().__init__(config, inference=inference)
-        kwargs = dict(config.model)
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config.model).items()}
         kwargs.pop("name", None)
         dtype = resolve_compute_dtype(config.compute_dtype)
         try:
@@ -92,7 +110,8 @@ class TokenGeneratorTask(GeneratorTaskBase):
         return GeneratorSpec(num_tokens=int(m.num_tokens), codebook_size=int(m.codebook_size),
                              num_classes=int(m.num_classes), sampler=dict(self.sampler),
                              sampler_keys=tuple(self.sampler_keys),
-                             mask_token_id=int(m.mask_id) if hasattr(m, "mask_id") else None)
+                             mask_token_id=int(m.mask_id) if hasattr(m, "mask_id") else None,
+                             num_codebooks=int(getattr(m, "num_codebooks", 1)))
 
     def sampler_settings(self, settings: dict) -> dict:
         """Validated sampler settings (unknown names are an error)."""
@@ -146,7 +165,8 @@ class TokenGeneratorTask(GeneratorTaskBase):
                      num_codebooks: Any = 1) -> None:
         if codebook_size is None:
             raise ValueError(f"{what} is continuous (VAE); a generator needs discrete token ids")
-        refuse_multi_index(num_codebooks, what, type(self.model).__name__)
+        check_num_codebooks(num_codebooks, getattr(self.model, "num_codebooks", None), what,
+                            type(self.model).__name__)
         if int(codebook_size) != self.model.codebook_size or int(num_tokens) != self.model.num_tokens:
             raise ValueError(f"{what} gives {num_tokens} tokens from {codebook_size} codes, but the generator "
                              f"is built for {self.model.num_tokens} tokens from {self.model.codebook_size} codes "
@@ -162,8 +182,8 @@ class TokenGeneratorTask(GeneratorTaskBase):
 
     # ------------------------------------------------------------------ setup
     def init(self, key: jax.Array) -> tuple[dict, dict]:
-        n = self.model.num_tokens
-        variables = self.model.init({"params": key}, jnp.zeros((1, n), jnp.int32),
+        shape = getattr(self.model, "token_shape", (self.model.num_tokens,))
+        variables = self.model.init({"params": key}, jnp.zeros((1, *shape), jnp.int32),
                                     jnp.zeros((1,), jnp.int32), train=False)
         return {"model": variables["params"]}, {"model": {}}
 

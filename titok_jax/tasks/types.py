@@ -80,7 +80,8 @@ class GeneratorSpec:
     """A generator's vocabulary: ``num_tokens`` ids per image from ``codebook_size`` codes and
     ``num_classes`` classes (label ``num_classes`` = unconditional); ``sampler``: its default
     sampler settings; ``sampler_keys``: the settings ``sample`` accepts; ``mask_token_id``: the
-    id of the ``[MASK]`` token ``logits`` accepts (MaskGIT), or None."""
+    id of the ``[MASK]`` token ``logits`` accepts (MaskGIT), or None; ``num_codebooks``: ids per
+    token (``k > 1``: an AR model's factorized head on fq / rq ids ``[B, N, k]``)."""
 
     num_tokens: int
     codebook_size: int
@@ -88,3 +89,4 @@ class GeneratorSpec:
     sampler: dict
     sampler_keys: tuple[str, ...]
     mask_token_id: int | None = None
+    num_codebooks: int = 1
