@@ -260,3 +260,9 @@ def test_tokenize_a_data_source_into_shards(trained, tok, tmp_path, capsys):
     assert cli.main(["tokenize", "--workdir", trained, "--data", "sample", "--input", out,
                      "--output", str(tmp_path / "x")]) == 2
     assert "not both" in one_line_error(capsys)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

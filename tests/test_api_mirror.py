@@ -92,3 +92,9 @@ def test_reconstruct_files_skips_bad_images_and_writes_all_or_nothing(vq_release
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tok.reconstruct_files([str(src / "missing.png")], tmp_path / "none")
     assert not os.path.exists(tmp_path / "none")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

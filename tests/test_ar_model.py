@@ -245,3 +245,9 @@ def test_variants_and_errors():
     with pytest.raises(ValueError, match="position_embedding"):
         ARTransformer(codebook_size=K, num_tokens=N, position_embedding="alibi").init(
             jax.random.key(0), jnp.zeros((1, N), jnp.int32), jnp.zeros((1,), jnp.int32))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

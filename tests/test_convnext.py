@@ -160,3 +160,9 @@ def test_tokenizer_task_adds_the_weighted_convnext_term(weights_file):
     metrics, expect = jax.jit(run)(params, state, constants)
     term = float(metrics["perceptual_convnext"])
     assert term > 0 and term == pytest.approx(float(expect), rel=1e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

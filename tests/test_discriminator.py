@@ -145,3 +145,9 @@ def test_tokenizer_task_trains_the_maskbit_discriminator():
 
 def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

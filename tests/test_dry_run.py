@@ -122,3 +122,9 @@ def test_cli_dry_run_on_simulated_devices(tmp_path):
     assert report["device_count"] == 8
     assert report["state_bytes_per_device"] < 1.3 * report["ideal_state_bytes_per_device"]
     assert not wd.exists()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -235,3 +235,9 @@ def test_lfq_full_forward(mesh):
     with jax.set_mesh(mesh):
         out = jax.jit(lambda z: q.apply({}, z))(jax.device_put(z, NamedSharding(mesh, P("data"))))[1]
     np.testing.assert_allclose(float(out.metrics["perplexity"]), float(ref.metrics["perplexity"]), rtol=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -106,3 +106,9 @@ def test_bad_arguments_are_clear():
     fq = make_fq()
     with pytest.raises(ValueError, match="last dim 6"):
         fq.init(jax.random.key(0), jnp.zeros((2, 5)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

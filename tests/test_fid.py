@@ -316,3 +316,9 @@ def test_generation_scorer_equals_direct_features(weights_file, tmp_path):
     want_is, _ = fid.inception_score(np.asarray(out["logits_unbiased"]), splits=2)
     assert abs(got["gfid"] - want_fid) <= 1e-4 * max(1.0, abs(want_fid)), (got["gfid"], want_fid)
     assert abs(got["inception_score"] - want_is) < 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

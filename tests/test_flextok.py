@@ -220,3 +220,9 @@ def test_bad_settings_are_one_line_errors():
                        (dict(repa_layer=5), "repa_layer")]:
         with pytest.raises(ValueError, match=match):
             jax.eval_shape(FlexTok(**{**MICRO, **bad}).init, jax.random.key(0), x)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

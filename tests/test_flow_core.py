@@ -217,3 +217,9 @@ def test_loss_draws_t_from_the_sampler_and_is_deterministic():
         rectified_flow_loss(lambda xt, t: xt, x)
     with pytest.raises(ValueError, match="weights must have shape"):
         rectified_flow_loss(lambda xt, t: xt, x, jax.random.key(0), weights=jnp.ones(5))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

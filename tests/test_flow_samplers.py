@@ -299,3 +299,9 @@ def test_errors():
         match_batch(jnp.zeros((3, 2)), 4)
     assert dataclasses.replace(guidance_preset("flowmo"), scale=2.0).interval == \
         guidance_preset("flowmo").interval
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

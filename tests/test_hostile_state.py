@@ -260,3 +260,9 @@ def test_sigint_from_outside_saves_and_exits_cleanly(tmp_path):
     assert "stopped by signal SIGINT" in err, err[-3000:]
     last_logged = json.loads(open(metrics).readlines()[-1])["step"]
     assert steps_saved(workdir) and steps_saved(workdir)[-1] >= last_logged >= 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

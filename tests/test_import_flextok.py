@@ -199,3 +199,9 @@ def test_eval_runs_on_an_imported_workdir(imported, capsys):
     assert cli.main(["eval", "--workdir", WORKDIRS["single"]]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["step"] == 0 and np.isfinite(metrics["psnr"]) and metrics["num_images"] == 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -109,3 +109,9 @@ def test_published_variant_recognised_from_shapes(variant):
     for k, v in want.items():
         assert kw[k] == v, k
     assert kw["encoder_rope_axes"] == [8, 28, 28] and kw["decoder_rope_axes"] == [12, 42, 42]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

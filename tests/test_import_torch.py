@@ -259,3 +259,9 @@ def test_published_name_table_fills_the_model(variant, torch_keys):
     want = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(a.shape)
             for path, a in jax.tree_util.tree_leaves_with_path(abstract)}
     assert got == want
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from titok_jax.models.kl_vae import KLVAE
 
@@ -37,3 +38,9 @@ def test_tokens_and_kl_term():
     kl = np.mean(np.sum(0.5 * (mean ** 2 + np.exp(logvar) - 1 - logvar), axis=(1, 2, 3)))
     np.testing.assert_allclose(float(out.losses["kl"]), 0.5 * kl, rtol=1e-4)
     assert out.indices is None and model.quantizer_name == "vae" and model.num_latent_tokens == 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -332,3 +332,9 @@ def test_bad_arguments(kwargs):
 def test_wrong_input_dim_is_clear_error():
     with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 4\]"):
         apply(LFQ(4), jnp.zeros((2, 5)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -354,3 +354,9 @@ def test_tiny_memorises_one_sequence_per_class_and_the_sampler_reproduces_it():
     out = generate_tokens(model, {"params": params}, jnp.array([0, 1, 1, 0]), jax.random.key(9),
                           steps=4, guidance_scale=2.0, randomize_temperature=0.5)
     np.testing.assert_array_equal(out, data[jnp.array([0, 1, 1, 0])])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

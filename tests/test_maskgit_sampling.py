@@ -287,3 +287,9 @@ def test_generate_tokens_batch_sharded_on_explicit_mesh():
         got = generate_tokens(model, variables, sharded, jax.random.key(2), **kw)
         assert got.sharding.spec[0] == "data"
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

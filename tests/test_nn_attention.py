@@ -330,3 +330,9 @@ def test_chunked_attention_matches_numpy(kind):
     np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got[1, :5], want[1, :5], atol=1e-5, rtol=1e-5)
     assert np.isfinite(got).all()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

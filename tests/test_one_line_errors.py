@@ -188,3 +188,9 @@ def test_a_full_disk_while_training_is_one_line_and_keeps_the_earlier_checkpoint
     ckdir = os.path.join(workdir, "checkpoints")
     assert os.listdir(ckdir) == ["000000002"]  # no partial step 4 left
     assert verify(os.path.join(ckdir, "000000002")) == ("ok", "")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

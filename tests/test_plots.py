@@ -256,3 +256,9 @@ def test_class_pictures_layout():
     task = _StubGenerator(0)
     out = class_pictures(task, None, _stub_decoder, 0, classes=3, per_class=2)
     assert task.calls == [[0, 0]] and sorted(out) == ["per_class"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -418,3 +418,9 @@ def test_tiny_overfits_one_batch_through_the_straight_through_estimator():
     assert losses[-1] < 0.5 * losses[0], losses
     # quantizer_stats passed through: 30 steps x 4 images x 32 tokens counted.
     assert float(stats["quantize"]["usage"]["code_counts"].sum()) == 30 * 4 * 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

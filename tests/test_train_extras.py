@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from titok_jax.train.step import build_step
 
@@ -91,3 +92,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert steps, "no checkpoint was written"
     last_logged = json.loads(open(metrics).readlines()[-1])["step"]
     assert int(steps[-1]) >= last_logged >= 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

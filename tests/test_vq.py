@@ -302,3 +302,9 @@ def test_bad_arguments_raise():
         VectorQuantizer(8, 4, use_ema=True, kmeans_method="foo").init(jax.random.key(0), z)
     with pytest.raises(ValueError, match="entropy_temperature"):
         VectorQuantizer(8, 4, entropy_temperature=0.0).init(jax.random.key(0), z)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

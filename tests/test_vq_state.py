@@ -206,3 +206,9 @@ def test_module_rotation_trick_gradient(antipodal):
         scale = np.linalg.norm(codebook[c].astype(np.float64)) / np.linalg.norm(e[i].astype(np.float64))
         np.testing.assert_allclose(grad[i], scale * np_rotation(e[i], codebook[c]).T @ g[i],
                                    rtol=0, atol=3e-6)                # measured 3e-7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""

@@ -292,3 +292,9 @@ def test_tiny_trains_three_steps_and_loads_as_a_tokenizer(tmp_path):
     assert tokens.shape == (2, 64) and tokens.dtype == np.int32
     out = tok.decode(tokens)
     assert out.shape == (2, 32, 32, 3) and 0.0 <= out.min() and out.max() <= 1.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile(fast_compile):
+    """XLA's heavy optimisation passes off for this module's micro programs (conftest
+    ``fast_compile``): their compile, not their run, is most of the time on a 2-core CPU."""
