@@ -39,12 +39,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import StateDictReader, conv_kernel, linear_kernel
+from titok_jax.convert.common import StateDictReader, linear_kernel
+from titok_jax.convert.compvis_names import (Entry, abstract_params, attn_rows as _attn,
+                                           conv_rows as _conv, linear_rows as _linear,
+                                           norm_rows as _norm, resnet_rows as _res)
 from titok_jax.models.fqgan import (ADAPTER_NAMES, DUAL, FQGAN_DUAL_DS16, HEAD_NAMES, TRIPLE,
                                     fqgan_quantizer)
 from titok_jax.trees import check_tree_matches, unflatten
 
-Entry = tuple[str, str, tuple[int, ...], Any]
 PROBE_DUAL = ("quantize_vis.embedding.weight", "quantize_sem.embedding.weight")
 PROBE_TRIPLE = ("quantize_vis.embedding.weight", "quantize_sem_mid.embedding.weight",
                 "quantize_sem_high.embedding.weight")
@@ -62,36 +64,6 @@ def fqgan_variant(keys: Any) -> tuple[str, ...] | None:
 
 def is_fqgan(keys: Any) -> bool:
     return fqgan_variant(keys) is not None
-
-
-def _conv(t: str, f: str, c_out: int, c_in: int, k: int) -> list[Entry]:
-    return [(f"{t}.weight", f"{f}/kernel", (c_out, c_in, k, k), conv_kernel),
-            (f"{t}.bias", f"{f}/bias", (c_out,), None)]
-
-
-def _norm(t: str, f: str, c: int) -> list[Entry]:
-    return [(f"{t}.weight", f"{f}/scale", (c,), None), (f"{t}.bias", f"{f}/bias", (c,), None)]
-
-
-def _linear(t: str, f: str, c_out: int, c_in: int) -> list[Entry]:
-    return [(f"{t}.weight", f"{f}/kernel", (c_out, c_in), linear_kernel),
-            (f"{t}.bias", f"{f}/bias", (c_out,), None)]
-
-
-def _res(t: str, f: str, c_in: int, c_out: int) -> list[Entry]:
-    rows = (_norm(f"{t}.norm1", f"{f}/norm1", c_in) + _conv(f"{t}.conv1", f"{f}/conv1", c_out, c_in, 3)
-            + _norm(f"{t}.norm2", f"{f}/norm2", c_out)
-            + _conv(f"{t}.conv2", f"{f}/conv2", c_out, c_out, 3))
-    if c_in != c_out:
-        rows += _conv(f"{t}.nin_shortcut", f"{f}/nin_shortcut", c_out, c_in, 1)
-    return rows
-
-
-def _attn(t: str, f: str, c: int) -> list[Entry]:
-    rows = _norm(f"{t}.norm", f"{f}/norm", c)
-    for n in ("q", "k", "v", "proj_out"):
-        rows += _conv(f"{t}.{n}", f"{f}/{n}", c, c, 1)
-    return rows
 
 
 def _block(t: str, f: str, w: int) -> list[Entry]:
@@ -235,16 +207,7 @@ def fqgan_params_from_state_dict(sd: Mapping[str, np.ndarray], model_kwargs: Map
 
 
 def _abstract_params(model_kwargs: Mapping[str, Any]) -> Any:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from titok_jax.models.registry import build_model
-
-    model = build_model({**FQGAN_DUAL_DS16, **dict(model_kwargs), "name": "fqgan"})
-    s = model.image_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
-    return nn.unbox(shapes["params"])
+    return abstract_params({**FQGAN_DUAL_DS16, **dict(model_kwargs), "name": "fqgan"})
 
 
 def fqgan_model_section(kwargs: Mapping[str, Any]) -> dict[str, Any]:

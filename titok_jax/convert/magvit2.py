@@ -41,12 +41,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import StateDictReader, conv_kernel, linear_kernel
+from titok_jax.convert.common import StateDictReader
+from titok_jax.convert.compvis_names import (Entry, abstract_params, conv_rows as _conv,
+                                           linear_rows as _linear, norm_rows as _norm,
+                                           resnet_rows)
 from titok_jax.models.magvit2 import DEFAULT_QUANTIZER, OPEN_MAGVIT2_128
 from titok_jax.trees import check_tree_matches, unflatten
 
-# (torch key, flax key, torch shape, transform)
-Entry = tuple[str, str, tuple[int, ...], Any]
 EMA_PREFIX = "model_ema."
 PROBE = ("encoder.conv_in.weight", "decoder.adaptive.0.gamma.weight")
 EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
@@ -65,28 +66,9 @@ def is_magvit2(keys: Any) -> bool:
     return all(k in keys or ema_key(k) in keys for k in PROBE)
 
 
-def _conv(t: str, f: str, c_out: int, c_in: int, k: int, bias: bool = True) -> list[Entry]:
-    rows = [(f"{t}.weight", f"{f}/kernel", (c_out, c_in, k, k), conv_kernel)]
-    return rows + ([(f"{t}.bias", f"{f}/bias", (c_out,), None)] if bias else [])
-
-
-def _norm(t: str, f: str, c: int) -> list[Entry]:
-    return [(f"{t}.weight", f"{f}/scale", (c,), None), (f"{t}.bias", f"{f}/bias", (c,), None)]
-
-
-def _linear(t: str, f: str, c_out: int, c_in: int) -> list[Entry]:
-    return [(f"{t}.weight", f"{f}/kernel", (c_out, c_in), linear_kernel),
-            (f"{t}.bias", f"{f}/bias", (c_out,), None)]
-
-
 def _resblock(t: str, f: str, c_in: int, c_out: int) -> list[Entry]:
-    rows = (_norm(f"{t}.norm1", f"{f}/norm1", c_in)
-            + _conv(f"{t}.conv1", f"{f}/conv1", c_out, c_in, 3, bias=False)
-            + _norm(f"{t}.norm2", f"{f}/norm2", c_out)
-            + _conv(f"{t}.conv2", f"{f}/conv2", c_out, c_out, 3, bias=False))
-    if c_in != c_out:
-        rows += _conv(f"{t}.nin_shortcut", f"{f}/nin_shortcut", c_out, c_in, 1, bias=False)
-    return rows
+    """Open-MAGVIT2's ResBlock: the CompVis rows without conv biases."""
+    return resnet_rows(t, f, c_in, c_out, bias=False)
 
 
 def _shape_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,16 +212,7 @@ def magvit2_params_from_state_dict(sd: Mapping[str, np.ndarray], model_kwargs: M
 
 
 def _abstract_params(model_kwargs: Mapping[str, Any]) -> Any:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from titok_jax.models.registry import build_model
-
-    model = build_model({**OPEN_MAGVIT2_128, **dict(model_kwargs), "name": "magvit2"})
-    s = model.image_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
-    return nn.unbox(shapes["params"])
+    return abstract_params({**OPEN_MAGVIT2_128, **dict(model_kwargs), "name": "magvit2"})
 
 
 def magvit2_model_section(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,12 +36,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import StateDictReader, conv_kernel
+from titok_jax.convert.common import StateDictReader
+from titok_jax.convert.compvis_names import (Entry, abstract_params, attn_rows as _attn,
+                                           conv_rows as _conv, norm_rows as _norm,
+                                           resnet_rows as _resnet)
 from titok_jax.models.taming import DEFAULT_QUANTIZER, TAMING_F16_1024
 from titok_jax.trees import check_tree_matches, unflatten
 
-# (torch key, flax key, torch shape, transform)
-Entry = tuple[str, str, tuple[int, ...], Any]
 PROBE_KEYS = ("encoder.conv_in.weight", "quant_conv.weight", "post_quant_conv.weight",
               "quantize.embedding.weight")
 DROPPED_PREFIX = "loss."
@@ -52,31 +53,6 @@ def is_taming(keys: Any) -> bool:
     VQGAN has no 1x1 projections around the quantizer)."""
     keys = set(keys)
     return all(k in keys for k in PROBE_KEYS)
-
-
-def _conv(t: str, f: str, c_out: int, c_in: int, k: int) -> list[Entry]:
-    return [(f"{t}.weight", f"{f}/kernel", (c_out, c_in, k, k), conv_kernel),
-            (f"{t}.bias", f"{f}/bias", (c_out,), None)]
-
-
-def _norm(t: str, f: str, c: int) -> list[Entry]:
-    return [(f"{t}.weight", f"{f}/scale", (c,), None), (f"{t}.bias", f"{f}/bias", (c,), None)]
-
-
-def _resnet(t: str, f: str, c_in: int, c_out: int) -> list[Entry]:
-    rows = (_norm(f"{t}.norm1", f"{f}/norm1", c_in) + _conv(f"{t}.conv1", f"{f}/conv1", c_out, c_in, 3)
-            + _norm(f"{t}.norm2", f"{f}/norm2", c_out)
-            + _conv(f"{t}.conv2", f"{f}/conv2", c_out, c_out, 3))
-    if c_in != c_out:
-        rows += _conv(f"{t}.nin_shortcut", f"{f}/nin_shortcut", c_out, c_in, 1)
-    return rows
-
-
-def _attn(t: str, f: str, c: int) -> list[Entry]:
-    rows = _norm(f"{t}.norm", f"{f}/norm", c)
-    for name in ("q", "k", "v", "proj_out"):
-        rows += _conv(f"{t}.{name}", f"{f}/{name}", c, c, 1)
-    return rows
 
 
 def _mid(t: str, f: str, c: int) -> list[Entry]:
@@ -199,21 +175,12 @@ def taming_params_from_state_dict(sd: Mapping[str, np.ndarray], model_kwargs: Ma
 
 
 def _abstract_params(model_kwargs: Mapping[str, Any]) -> Any:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from titok_jax.models.registry import build_model
-
     kw = {**TAMING_F16_1024, **dict(model_kwargs), "name": "taming_vqgan"}
     q = dict(kw["quantizer"])
     if q.get("name") != "vq" or q.get("use_ema"):
         raise ValueError("the taming codebook is a param of a 'vq' quantizer with use_ema=False; "
                          f"got quantizer {q}")
-    model = build_model(kw)
-    s = model.image_size
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3), jnp.float32))
-    return nn.unbox(shapes["params"])
+    return abstract_params(kw)
 
 
 def taming_model_section(kwargs: Mapping[str, Any]) -> dict[str, Any]:
