@@ -25,6 +25,9 @@ EXTRAS_REQUIRE = {
     # Reading official `.bin` checkpoints in `import-torch`; `.safetensors` loads without it.
     # 2.13.0 is the CPU build that ships on the development machines; any >= works elsewhere.
     "torch": ["torch>=2.5"],
+    # Decoding compressed videos (.mp4/.webm/.mkv/.mov/.avi) for `data.source=video_folder:PATH`;
+    # GIFs and folders of frame images need nothing beyond the base install.
+    "video": ["av>=12.0"],
     # benchmarks/vs_reference.py: building the official PyTorch models from their checkouts;
     # einops + einx: lucidrains/vector-quantize-pytorch in benchmarks/vs_quantizers.py.
     "reference": ["torch>=2.5", "omegaconf>=2.3", "einops>=0.8.0", "einx>=0.3.0"],

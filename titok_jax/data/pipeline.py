@@ -22,38 +22,16 @@ import math
 from typing import Any
 
 import grain
-import numpy as np
 
+from titok_jax.data.grain_utils import _cfg_get, _check_seed, _config_value_range, _finish
 from titok_jax.data.hosts import local_batch_size, process_info
 from titok_jax.data.sources import make_source
 from titok_jax.data.transforms import EvalTransform, TrainTransform, _check_size
-from titok_jax.errors import ConfigError
-
-
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return int(seed)
-
-
-def _finish(ds: grain.MapDataset, read_threads: int, prefetch_buffer_size: int,
-            worker_count: int, worker_buffer_size: int) -> grain.IterDataset:
-    if worker_count < 0:
-        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
-    it = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size)
-    )
-    if worker_count > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app.run mark
-            flags.FLAGS.mark_as_parsed()  # them parsed (defaults) instead of failing
-        it = it.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
-            )
-        )
-    return it
+from titok_jax.data.video import (
+    is_video_spec,
+    video_eval_iterator_from_config,
+    video_train_iterator_from_config,
+)
 
 
 def make_train_dataset(
@@ -187,30 +165,13 @@ def make_eval_iterator(
     return iter(_finish(ds, read_threads, prefetch_buffer_size, 0, 1))
 
 
-def _cfg_get(cfg, key, default):
-    try:
-        return cfg.get(key, default)
-    except AttributeError:
-        return getattr(cfg, key, default)
-
-
-def _config_value_range(data) -> tuple[float, float]:
-    """``data.value_range`` of a run config: the trainer's tasks, metrics, thumbnails and sample
-    grids all work on images in [0, 1] (the models map to their own range inside), so any other
-    range would train and then report garbage PSNR; a one-line ``ConfigError`` instead."""
-    value_range = tuple(float(v) for v in _cfg_get(data, "value_range", (0.0, 1.0)))
-    if value_range != (0.0, 1.0):
-        raise ConfigError(f"data.value_range must be (0, 1) in a run config (the tasks, metrics and "
-                          f"pictures expect images in [0, 1]; models rescale inside), got "
-                          f"{value_range}")
-    return value_range
-
-
 def train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
     """``make_train_iterator`` from a run config: ``data.source``, ``data.image_size``,
     ``batch_size`` (global), ``seed``; optional ``data.{data_dir, worker_count, crop_scale, flip,
     value_range, hue, train_split}``. Keyword ``overrides`` win."""
     data = config.data
+    if is_video_spec(data.source):  # clips [T, H, W, 3] for video tokenizers (data/video.py)
+        return video_train_iterator_from_config(config, **overrides)
     if str(data.source).startswith("tokens:"):  # pre-tokenized shards for generators
         from titok_jax.data.tokens import make_token_train_dataset
         return iter(make_token_train_dataset(str(data.source)[len("tokens:"):], config.batch_size,
@@ -232,6 +193,8 @@ def eval_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
     """``make_eval_iterator`` from a run config (``data.eval_split`` default "eval",
     ``data.eval_batch_size`` default ``batch_size``)."""
     data = config.data
+    if is_video_spec(data.source):
+        return video_eval_iterator_from_config(config, **overrides)
     kwargs = dict(
         split=_cfg_get(data, "eval_split", "eval"),
         data_dir=_cfg_get(data, "data_dir", None),
