@@ -23,8 +23,8 @@ sem head (width 1024, 3 blocks) aligned with CLIP ViT-L/14's CLS; Triple: (vis, 
 sem_high) with DINOv2-S/14 (384) and CLIP ViT-B/16 (768). Disentanglement 0.1, representation 0.5
 per head (summed). Recipe (train_fqgan_{dual,triple}.sh): Adam lr 2e-4 constant, betas (0.9,
 0.95), no weight decay, grad clip 1.0, batch 256, 40 epochs; MSE on [-1, 1] images (weight 4 on
-ours in [0, 1]) + LPIPS 1.0 + hinge GAN 0.5 from step 20000 (PatchGAN ndf 64, 3 layers; GroupNorm
-here, FQGAN's BatchNorm needs running statistics the task does not carry). The teachers are
+ours in [0, 1]) + LPIPS 1.0 + hinge GAN 0.5 from step 20000 (LlamaGen's PatchGAN: ndf 64, 3
+layers, BatchNorm in train mode in both passes). The teachers are
 `nets.dinov2.ViTFeatures`: exact for DINOv2; FQGAN's CLIP teachers are not that architecture
 (tasks/fqgan.py lists the gaps), so `teachers` entries for CLIP need a stand-in.
 """
@@ -112,7 +112,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.losses = _COMMON["tokenizer_losses"](
         reconstruction="l2", reconstruction_weight=4.0, perceptual_weight=0.0 if tiny else 1.0,
         gan_weight=0.0 if tiny else 0.5, gan_start_step=0 if tiny else 20_000, gan_loss="hinge",
-        discriminator={"name": "patchgan", "ndf": 64, "n_layers": 3, "norm": "group"})
+        # LlamaGen's (taming's) PatchGAN with BatchNorm (running statistics in the train state)
+        discriminator={"name": "patchgan", "ndf": 64, "n_layers": 3, "norm": "batch"})
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()

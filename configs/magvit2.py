@@ -15,16 +15,19 @@ decoder with adaptive GroupNorm on the quantized latent and depth-to-space upsam
 `open_magvit2_128` = imagenet_lfqgan_128_L.yaml (ch 128, ch_mult (1,2,2,4), 4 blocks, 128 px ->
 16x16 tokens), `open_magvit2_256` = imagenet_lfqgan_256_L.yaml (ch_mult (1,1,2,2,4), 256 px -> 16x16).
 Recipe (reference/magvit.md 4.4-4.5): Adam lr 1e-4, betas (0.5, 0.9), no weight decay, no
-clipping, constant (OM2 multiplies it by 0.1 at epochs 250 and 300 of 350, resp. 200 and 250 of
-270: not modelled, the schedule here is constant), EMA 0.999, batch 256 (8 x 32 GPUs) for 350
+clipping, constant but multiplied by 0.1 once epochs 250 and 300 of 350 (resp. 200 and 250 of 270)
+have ended, for the model and the discriminator alike (OM2's `scheduler_type: "None"` with
+`lr_drop_epoch`; here `schedule="step"` with `decay_steps` = those epochs x 5005 steps and
+`decay_factor` 0.1, train/optimizer.py), EMA 0.999, batch 256 (8 x 32 GPUs) for 350
 (resp. 270) ImageNet epochs of 5005 steps; loss L1 (OM2's on [-1, 1] images, so weight 2 on ours
 in [0, 1]) + LPIPS 1.0 + LFQ (entropy 0.1 x (per-sample - codebook), commitment 0.25; the exact
 2^18 mixture with OM2's 1e-5 in the codebook log: quantizers/lfq.py) + GAN from step 0: a fixed
 generator weight 0.1, the non-saturating loss of each sample's mean PatchGAN logit, hinge for D
-with LeCam (per logit, EMA decay 0.999) 0.01 (resp. 0.05). Differences: the PatchGAN runs with
-GroupNorm (OM2's BatchNorm needs running statistics the task does not carry); LeCam uses the
-EMAs before their update (OM2 updates first); the codebook entropy averages over the global batch
-(OM2: each GPU's 8 images). OM2's entropy annealing (off in its released configs) is
+with LeCam (per logit, EMA decay 0.999) 0.01 (resp. 0.05); the PatchGAN is OM2's (ndf 64, 3
+layers, BatchNorm in train mode in both passes; its running statistics are in the train state).
+Differences: LeCam uses the EMAs before their update (OM2 updates first); the codebook entropy and
+the discriminator's BatchNorm average over the global batch (OM2: each GPU's 8 images). OM2's
+entropy annealing (off in its released configs) is
 `--config.losses.entropy_anneal_ratio=3 --config.losses.entropy_anneal_steps=2000`.
 
 Another quantizer is an option of the variant string, as in configs/vqgan.py:
@@ -49,6 +52,9 @@ VARIANTS = ("tiny",) + PUBLISHED
 _MODELS = {"open_magvit2_128": OPEN_MAGVIT2_128, "open_magvit2_256": OPEN_MAGVIT2_256}
 STEPS_PER_EPOCH = 5005   # ImageNet's 1 281 167 images in batches of 256 (the last one partial)
 EPOCHS = {"open_magvit2_128": 350, "open_magvit2_256": 270}
+# OM2's lr_drop_epoch: the lr is multiplied by LR_DROP_RATE once each of these epochs has ended
+LR_DROP_EPOCHS = {"open_magvit2_128": (250, 300), "open_magvit2_256": (200, 250)}
+LR_DROP_RATE = 0.1
 LECAM = {"open_magvit2_128": 0.01, "open_magvit2_256": 0.05}
 MAX_EXACT_GROUP = 24     # quantizers.lfq.MAX_GROUP_BITS
 
@@ -114,13 +120,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "weight_decay": 1e-4 if tiny else 0.0, "grad_clip": 1.0 if tiny else 0.0,
         "accumulation_steps": 1, "ema_decay": 0.999, "no_decay": "", "frozen": "",
     })
+    if not tiny:   # OM2's constant lr with its epoch drops (the disc group inherits them)
+        c.optimizer.update({"schedule": "step", "decay_factor": LR_DROP_RATE,
+                            "decay_steps": [e * STEPS_PER_EPOCH for e in LR_DROP_EPOCHS[variant]]})
     c.optimizers = ml_collections.ConfigDict({"disc": {"lr": lr, "weight_decay": 0.0}})
     # tiny: the pixel loss and LFQ's terms only (no LPIPS weights, no GAN on six photographs)
     c.losses = _COMMON["tokenizer_losses"](
         reconstruction="l1", reconstruction_weight=2.0, perceptual_weight=0.0 if tiny else 1.0,
         gan_weight=0.0 if tiny else 0.1, gan_start_step=0, gan_loss="hinge_nonsat",
         lecam_weight=0.0 if tiny else LECAM[variant], lecam_decay=0.999, lecam_per_sample=True,
-        discriminator={"name": "patchgan", "ndf": 64, "n_layers": 3, "norm": "group"})
+        # OM2's PatchGAN: taming's, with BatchNorm (running statistics in the train state)
+        discriminator={"name": "patchgan", "ndf": 64, "n_layers": 3, "norm": "batch"})
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES

@@ -178,11 +178,12 @@ def _taming(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
     (||dg/dW|| + 1e-4), 0, 1e4)`` on the decoder's ``conv_out`` kernel. Our L1 is on [0, 1]
     images, half of taming's on [-1, 1], so ``reconstruction_weight`` 2 gives taming's nll. The
     yaml's batch is 12 per GPU (GPU count unpublished); 64 here, and lr follows it. The PatchGAN
-    runs with GroupNorm, not taming's BatchNorm (the task keeps no running statistics). ``taming_tiny``: 64 px crops of the sample photographs ->
-    a 16x16 grid (f4), width 32 at every level (GroupNorm(32)'s least), attention at the 16x16
-    level, 256 EMA k-means codes, batch 8, pixel loss only (as the other tiny variants). Even so
-    a step is ~20 GFLOP (the decoder runs two 3x3 convs more per level than the encoder, at full
-    resolution too), several times the other tiny models: 1500 steps took 12.6 CPU-minutes (34
+    has taming's BatchNorm, in train mode in both passes as taming runs it (statistics of each
+    call's global batch; taming's DDP uses each GPU's 12 images). ``taming_tiny``: 64 px crops
+    of the sample photographs -> a 16x16 grid (f4), width 32 at every level (GroupNorm(32)'s
+    least), attention at the 16x16 level, 256 EMA k-means codes, batch 8, pixel loss only (as
+    the other tiny variants). Even so a step is ~20 GFLOP (the decoder runs two 3x3 convs more
+    per level than the encoder, at full resolution too), several times the other tiny models: 1500 steps took 12.6 CPU-minutes (34
     min wall on a shared, loaded 2-core machine) to 16.6 dB held-out PSNR (seed 0).
 
     COMMAND (CPU, tens of minutes):
@@ -214,7 +215,6 @@ def _taming(variant: str, options: dict[str, str]) -> ml_collections.ConfigDict:
         reconstruction="l2" if tiny else "l1", reconstruction_weight=1.0 if tiny else 2.0,
         perceptual_weight=0.0 if tiny else 1.0, gan_weight=0.0 if tiny else 0.8,
         gan_start_step=250_001, adaptive_weight_layer="" if tiny else "decoder/conv_out/kernel",
-        # taming's PatchGAN; "batch" (its BatchNorm) needs running statistics the tokenizer task
-        # does not carry, so the batch-independent GroupNorm stands in (models/discriminator.py).
-        discriminator={"name": "patchgan", "ndf": 64, "n_layers": 3, "norm": "group"})
+        # taming's PatchGAN with its BatchNorm (running statistics in the train state)
+        discriminator={"name": "patchgan", "ndf": 64, "n_layers": 3, "norm": "batch"})
     return _finish(c, tiny)

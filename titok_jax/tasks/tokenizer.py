@@ -12,6 +12,11 @@ params stop-gradiented inside L_G), so that the one gradient the trainer takes i
 ``{'model': d(model loss), 'disc': d(discriminator loss)}``; every group is updated by its own
 optimizer. The logged ``loss`` is the model's. Images are float32 in [0, 1].
 
+The model state is ``{"model": collections, "lecam": LeCam EMAs}`` and, for a discriminator with
+non-param collections (the PatchGAN with ``norm="batch"``: taming's, Open-MAGVIT2's and FQGAN's),
+``"disc": {"batch_stats": ...}``; such a discriminator runs in train mode in both passes, as
+theirs do (``_disc``). Others add no entry, so their state and checkpoints are unchanged.
+
 ``config.losses.entropy_anneal_ratio`` r > 0 multiplies the quantizer's ``entropy`` term by
 ``1 + r max(0, 1 - step / entropy_anneal_steps)`` (Open-MAGVIT2's annealing,
 ``quantizers.lfq.entropy_anneal_factor``); ``lecam_per_sample`` picks LeCam's per-logit form.
@@ -96,7 +101,10 @@ class TokenizerTask(TokenizerTaskBase):
         params = {"model": variables["params"]}
         state = {"model": {k: v for k, v in variables.items() if k != "params"}}
         if self.disc is not None:
-            params["disc"] = self.disc.init(k_disc, self._dummy())["params"]
+            disc_vars = dict(self.disc.init(k_disc, self._dummy()))
+            params["disc"] = disc_vars.pop("params")
+            if disc_vars:   # a BatchNorm PatchGAN's running statistics ({"batch_stats": ...})
+                state["disc"] = disc_vars
             state["lecam"] = L.lecam_init()
         return params, state
 
@@ -209,45 +217,74 @@ class TokenizerTask(TokenizerTaskBase):
         metrics["loss"] = total
         return objective, (new_state, metrics)
 
+    def _disc(self, params: Any, stats: Any, x: jax.Array) -> tuple[jax.Array, Any]:
+        """``(D(x) logits, updated running statistics)``. ``stats`` is the discriminator's non-param
+        state (``{"batch_stats": ...}`` of a BatchNorm PatchGAN) or None (GroupNorm / no norm /
+        MaskBit: applied as always, no collection). With statistics D runs in train mode in the
+        generator's pass as well as in its own: taming's ``VQLPIPSWithDiscriminator`` (and
+        Open-MAGVIT2's, FQGAN's) calls ``self.discriminator(reconstructions)`` for L_G with the
+        module in ``train()``, so L_G sees the fake batch's own statistics (and its gradient flows
+        through them), never the running ones. Each call normalises with the statistics of its
+        batch ``x`` and moves the running ones (momentum 0.9, PyTorch's 0.1). Under ``jit`` the
+        batch is the global one, i.e. SyncBatchNorm; their DDP runs use each GPU's share. The
+        running statistics are never read in training, only kept, as PyTorch keeps them."""
+        if stats is None:
+            return self.disc.apply({"params": params}, x), None
+        logits, stats = self.disc.apply({"params": params, **stats}, x, train=True,
+                                        mutable=list(stats))
+        return logits, dict(stats)
+
     def _gan_terms(self, disc_params: Any, lecam_state: Any, images: jax.Array, rec: jax.Array,
                    step: jax.Array, metrics: dict, new_state: dict, vjp: Any = None,
                    nll_of: Any = None) -> jax.Array:
         """``w_gan * L_G(D_sg(rec)) + L_D(D(images), D(sg(rec))) + w_lecam * LeCam``: the first term
         moves only the model, the rest only the discriminator (``w_gan``: ``gan_weight``, or the
         adaptive weight from ``vjp`` and ``nll_of`` when given). Before ``gan_start_step`` neither
-        runs (``lax.cond``): the terms read 0 and so do both gradients; the LeCam EMAs stay."""
+        runs (``lax.cond``): the terms read 0 and so do both gradients; the LeCam EMAs (and a
+        BatchNorm discriminator's running statistics, ``new_state["disc"]``) stay.
+
+        A BatchNorm discriminator (:meth:`_disc`) sees three batches a step, in taming's order:
+        ``rec`` in the generator term, then ``images`` and ``sg(rec)`` separately (never
+        concatenated: one batch's statistics would mix real and fake) in the discriminator's;
+        each call's running-statistics update feeds the next and the last is kept."""
         frozen_disc = jax.lax.stop_gradient(disc_params)
+        stats0 = new_state.get("disc")
 
         def g_loss(r):
-            return L.generator_loss(self.disc.apply({"params": frozen_disc}, r), self.gan_kind)
+            logits, stats = self._disc(frozen_disc, stats0, r)
+            return L.generator_loss(logits, self.gan_kind), stats
 
         def generator_term(r):
-            g = g_loss(r)
+            g, stats = g_loss(r)
             if vjp is None:
-                return g, jnp.asarray(self.gan_weight, jnp.float32)
+                return g, jnp.asarray(self.gan_weight, jnp.float32), stats
             r0 = jax.lax.stop_gradient(r)
-            (d_nll,), (d_gan,) = vjp(jax.grad(nll_of)(r0)), vjp(jax.grad(g_loss)(r0))
-            return g, L.adaptive_weight(d_nll, d_gan, disc_weight=self.gan_weight)
+            d_gan = jax.grad(lambda x: g_loss(x)[0])(r0)
+            (d_nll,), (d_gan,) = vjp(jax.grad(nll_of)(r0)), vjp(d_gan)
+            return g, L.adaptive_weight(d_nll, d_gan, disc_weight=self.gan_weight), stats
 
         zero = jnp.zeros((), jnp.float32)
-        metrics["gan/generator"], metrics["gan/weight"] = self._after_start(
-            step, generator_term, lambda r: (zero, zero), rec)
+        metrics["gan/generator"], metrics["gan/weight"], stats1 = self._after_start(
+            step, generator_term, lambda r: (zero, zero, stats0), rec)
         fake = jax.lax.stop_gradient(rec)
 
         def disc_terms(p):
-            real_logits = self.disc.apply({"params": p}, images)
-            fake_logits = self.disc.apply({"params": p}, fake)
+            real_logits, stats = self._disc(p, stats1, images)
+            fake_logits, stats = self._disc(p, stats, fake)
             d = L.discriminator_loss(real_logits, fake_logits, self.gan_kind)
             lecam, lecam_next = L.lecam_regularizer(real_logits, fake_logits, lecam_state,
                                                     decay=self.lecam_decay,
                                                     per_sample=self.lecam_per_sample)
-            return d, lecam, lecam_next
+            return d, lecam, lecam_next, stats
 
         def no_disc(p):
             zero = jnp.zeros((), jnp.float32)
-            return zero, zero, lecam_state
+            return zero, zero, lecam_state, stats1
 
-        d, lecam, new_state["lecam"] = self._after_start(step, disc_terms, no_disc, disc_params)
+        d, lecam, new_state["lecam"], stats2 = self._after_start(step, disc_terms, no_disc,
+                                                                 disc_params)
+        if stats2 is not None:
+            new_state["disc"] = stats2
         metrics.update({"gan/discriminator": d, "gan/lecam": lecam})
         return metrics["gan/weight"] * metrics["gan/generator"] + d + self.lecam_weight * lecam
 

@@ -1,10 +1,12 @@
-"""Optimizers from the config: AdamW with linear warmup and cosine decay, a weight-decay mask by
-parameter name, global-norm clipping, frozen parameters, one optimizer per parameter group
+"""Optimizers from the config: AdamW with linear warmup and cosine (or step) decay, a weight-decay
+mask by parameter name, global-norm clipping, frozen parameters, one optimizer per parameter group
 (``model``, ``disc``, ...), and the EMA of the model parameters.
 
 Config (``config.optimizer``; a group ``G`` other than ``model`` reads ``config.optimizers.G`` and falls
 back to the model's values):
   lr, end_lr, warmup_steps, b1, b2, eps, weight_decay, grad_clip (0 = off),
+  schedule ("cosine", the default: warmup + cosine decay to end_lr; or "step": warmup, then lr times
+  decay_factor at each train step of the increasing list decay_steps; :func:`schedule`),
   no_decay (regex on the '/'-joined parameter path; plus every parameter with ndim < 2),
   fix_norms (regex; matching weights (ndim >= 2) are rescaled to their initial Frobenius norm
   after every update, FlowMo's weight normalisation),
@@ -19,8 +21,8 @@ count, a regex that does not compile) are a one-line ``ConfigError`` naming the 
 The ``disc`` group starts at ``config.losses.gan_start_step`` (the step from which the task gives
 the discriminator a gradient): before it the group gets no update and its optimizer state does not
 move (Adam's moments and count stay at their initial values), and its schedule counts from it (warmup
-from ``gan_start_step``, cosine decay to ``end_lr`` at ``total_steps``), so its first update is a fresh
-optimizer's first update.
+from ``gan_start_step``, cosine decay to ``end_lr`` at ``total_steps``; a step schedule's boundaries
+stay train steps), so its first update is a fresh optimizer's first update.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from titok_jax.nn.scan import SCAN_NAME
 # Norm scales/biases, biases, embeddings, position tables, latent and mask tokens, codebooks.
 DEFAULT_NO_DECAY = (r"(^|/)(bias|scale)$|norm|ln_|embed|posemb|pos_emb|position|latent_tokens|"
                     r"mask_token|class_token|cls|codebook")
+# config.optimizer.schedule: warmup + cosine decay (the default), or warmup + step decay (schedule())
+SCHEDULES = ("cosine", "step")
 
 
 def path_keys(path: tuple) -> tuple[str, ...]:
@@ -80,12 +84,37 @@ def decay_mask(params: Any, no_decay: str = DEFAULT_NO_DECAY) -> Any:
         params)
 
 
-def schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Linear warmup 0 -> lr over ``warmup_steps``, then cosine decay to ``end_lr`` at ``total_steps``."""
-    lr, end_lr = float(cfg["lr"]), float(cfg.get("end_lr", 0.0))
-    warmup = int(cfg.get("warmup_steps", 0))
-    decay_steps = max(int(total_steps), warmup + 1)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps, end_lr)
+def schedule(cfg: Mapping[str, Any], total_steps: int, start: int = 0) -> optax.Schedule:
+    """A group's learning rate as a function of its own update count ``t`` (the group's first
+    update, at train step ``start``, is ``t = 0``), by ``cfg["schedule"]`` (:data:`SCHEDULES`):
+
+    - ``"cosine"`` (the default): linear warmup 0 -> lr over ``warmup_steps``, then cosine decay
+      to ``end_lr`` at ``t = total_steps``;
+    - ``"step"``: linear warmup 0 -> lr over ``warmup_steps``, then
+      ``lr * decay_factor ** #{b in decay_steps: start + t >= b}`` (``end_lr`` unused). The
+      boundaries are train steps, so every group drops at the same step whatever its start;
+      Open-MAGVIT2's ``lr_drop_epoch`` (x0.1 once the listed epochs have ended, for the model and
+      the discriminator alike) is ``decay_steps = [epoch * steps_per_epoch, ...]``.
+
+    An unknown name is a ``ConfigError`` (a ``ValueError``)."""
+    kind = str(cfg.get("schedule", "cosine") or "cosine")
+    lr, warmup = float(cfg["lr"]), int(cfg.get("warmup_steps", 0))
+    if kind == "cosine":
+        decay_steps = max(int(total_steps), warmup + 1)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps,
+                                                  float(cfg.get("end_lr", 0.0)))
+    if kind == "step":
+        # boundaries on the group's own count t
+        boundaries = [int(b) - int(start) for b in (cfg.get("decay_steps") or ())]
+        factor = float(cfg.get("decay_factor", 0.1))
+
+        def step_schedule(t):
+            t = jnp.asarray(t)
+            ramp = jnp.minimum(1.0, t.astype(jnp.float32) / warmup) if warmup > 0 else 1.0
+            drops = sum((t >= b).astype(jnp.int32) for b in boundaries)
+            return lr * ramp * jnp.float32(factor) ** drops
+        return step_schedule
+    raise ConfigError(f"unknown learning-rate schedule {kind!r}; expected one of {SCHEDULES}")
 
 
 def fix_initial_norms(pattern: str) -> optax.GradientTransformation:
@@ -162,14 +191,15 @@ def group_start(config: Any, group: str) -> int:
     return max(int(config.losses.gan_start_step), 0) if group == "disc" else 0
 
 
-def _group_optimizer(cfg: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
-    """One group's optimizer. Masks and labels are functions of the params they are given, since
-    ``multi_transform`` hands each group the whole tree with the other groups masked out."""
+def _group_optimizer(cfg: Mapping[str, Any], total_steps: int,
+                     start: int = 0) -> optax.GradientTransformation:
+    """One group's optimizer (``start``: the train step of its first update). Masks and labels are
+    functions of the params they are given, since ``multi_transform`` hands each group the whole tree with the other groups masked out."""
     parts = []
     if float(cfg.get("grad_clip", 0.0)) > 0:
         parts.append(optax.clip_by_global_norm(float(cfg["grad_clip"])))
     no_decay = cfg.get("no_decay") or DEFAULT_NO_DECAY
-    parts.append(optax.adamw(schedule(cfg, total_steps), b1=float(cfg.get("b1", 0.9)),
+    parts.append(optax.adamw(schedule(cfg, total_steps, start), b1=float(cfg.get("b1", 0.9)),
                              b2=float(cfg.get("b2", 0.999)), eps=float(cfg.get("eps", 1e-8)),
                              weight_decay=float(cfg.get("weight_decay", 0.0)),
                              mask=lambda p: decay_mask(p, no_decay)))
@@ -253,6 +283,24 @@ def check_group_config(cfg: Mapping[str, Any], key: Callable[[str], str]) -> Non
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                                   or value < 0):
             raise ConfigError(f"config {key(name)} = {value!r}: {what} must be an integer >= 0")
+    kind = cfg.get("schedule") or "cosine"
+    if kind not in SCHEDULES:
+        raise ConfigError(f"config {key('schedule')} = {kind!r}: unknown learning-rate schedule; "
+                          f"expected one of {SCHEDULES}")
+    steps = cfg.get("decay_steps")
+    if steps is not None:
+        fine = (isinstance(steps, (list, tuple))
+                and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b >= 0
+                        for b in steps)
+                and all(a < b for a, b in zip(steps, steps[1:])))
+        if not fine:
+            raise ConfigError(f"config {key('decay_steps')} = {steps!r}: the step schedule's "
+                              "boundaries must be increasing integers >= 0 (train steps)")
+    factor = cfg.get("decay_factor")
+    if factor is not None and not (isinstance(factor, numbers.Real) and not isinstance(factor, bool)
+                                   and math.isfinite(factor) and factor > 0):
+        raise ConfigError(f"config {key('decay_factor')} = {factor!r}: the step schedule's factor "
+                          "must be a finite number > 0")
     for name in _REGEXES:
         value = cfg.get(name)
         if not value:
@@ -272,7 +320,8 @@ def make_optimizer(config: Any, params: Mapping[str, Any]) -> optax.GradientTran
     transforms = {}
     for g in params:
         start = group_start(config, g)
-        transforms[g] = start_at(_group_optimizer(group_config(config, g), total - start), start)
+        transforms[g] = start_at(_group_optimizer(group_config(config, g), total - start, start),
+                                 start)
     labels = {g: jax.tree.map(lambda _, g=g: g, p) for g, p in params.items()}
     return optax.multi_transform(transforms, labels)
 
@@ -283,7 +332,7 @@ def learning_rates(config: Any, step: jax.Array, groups: Any) -> dict[str, jax.A
     out = {}
     for g in groups:
         start = group_start(config, g)
-        lr = schedule(group_config(config, g), int(config.total_steps) - start)(step - start)
+        lr = schedule(group_config(config, g), int(config.total_steps) - start, start)(step - start)
         out[f"lr/{g}"] = jnp.where(jnp.asarray(step) >= start, lr, 0.0) if start > 0 else lr
     return out
 

@@ -20,8 +20,9 @@ from titok_jax.train.optimizer import path_keys, path_str
 class TrainState:
     """step: optimizer steps taken; params: ``{group: tree}`` (``model``, optionally ``disc``);
     opt_state: the multi-group optax state; ema_params: EMA of ``params['model']`` (or None);
-    model_state: non-param collections (quantizer statistics, loss EMAs); rng: raw key data (uint32),
-    so checkpoints hold plain arrays."""
+    model_state: non-param collections (quantizer statistics, loss EMAs, a BatchNorm
+    discriminator's running statistics); rng: raw key data (uint32), so checkpoints hold plain
+    arrays."""
 
     step: jax.Array
     params: Any
