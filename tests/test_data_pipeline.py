@@ -1,6 +1,5 @@
 """grain pipelines of titok_jax.data: determinism, iterator state, per-process slicing, eval padding,
 and host -> global arrays on the 8-device CPU mesh from conftest.py."""
-import os
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ from PIL import Image
 
 from titok_jax import data as D
 
-SINGLE = dict(process_index=0, process_count=1)
+from data_helpers import SINGLE, assert_batches_equal, take
 
 
 def _toy_source(n=8, size=12):
@@ -22,25 +21,13 @@ def _toy_source(n=8, size=12):
     return out
 
 
-def _take(it, k):
-    return [next(it) for _ in range(k)]
-
-
-def _assert_batches_equal(xs, ys):
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-
-
 def test_train_batches_shape_and_determinism():
-    a = _take(D.make_train_iterator("sample", 16, 4, seed=0, read_threads=0, **SINGLE), 2)
-    b = _take(D.make_train_iterator("sample", 16, 4, seed=0, **SINGLE), 2)  # threads: same result
-    _assert_batches_equal(a, b)
+    a = take(D.make_train_iterator("sample", 16, 4, seed=0, read_threads=0, **SINGLE), 2)
+    b = take(D.make_train_iterator("sample", 16, 4, seed=0, **SINGLE), 2)  # threads: same result
+    assert_batches_equal(a, b)
     assert a[0]["image"].shape == (4, 16, 16, 3) and a[0]["image"].dtype == np.float32
     assert a[0]["label"].dtype == np.int32 and a[0]["index"].dtype == np.int64
-    c = _take(D.make_train_iterator("sample", 16, 4, seed=1, read_threads=0, **SINGLE), 2)
+    c = take(D.make_train_iterator("sample", 16, 4, seed=1, read_threads=0, **SINGLE), 2)
     assert not np.array_equal(a[0]["index"], c[0]["index"])
     assert not np.array_equal(a[0]["image"], c[0]["image"])
     m = next(D.make_train_iterator("sample", 16, 4, seed=0, read_threads=0, value_range=(-1, 1), **SINGLE))
@@ -76,12 +63,12 @@ def test_finite_epochs_cut_to_whole_global_batches():
 def test_iterator_state_restore_continues_identically(read_threads):
     kw = dict(read_threads=read_threads, **SINGLE)
     it = D.make_train_iterator("sample", 16, 4, seed=5, **kw)
-    _take(it, 2)
+    take(it, 2)
     state = it.get_state()
-    expected = _take(it, 3)
+    expected = take(it, 3)
     fresh = D.make_train_iterator("sample", 16, 4, seed=5, **kw)
     fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 3), expected)
+    assert_batches_equal(take(fresh, 3), expected)
     # and a fresh iterator without the state starts over (so the check above means something)
     assert not np.array_equal(next(D.make_train_iterator("sample", 16, 4, seed=5, **kw))["index"],
                               expected[0]["index"])
@@ -92,11 +79,11 @@ def test_per_process_slices_partition_the_global_batch():
     see exactly the single-process global batch (same records, same crops), without overlap."""
     src = _toy_source(16)
     G, steps = 8, 3
-    whole = _take(D.make_train_iterator(src, 8, G, seed=7, read_threads=0, **SINGLE), steps)
+    whole = take(D.make_train_iterator(src, 8, G, seed=7, read_threads=0, **SINGLE), steps)
     for n in (2, 4):
         per_proc = [
-            _take(D.make_train_iterator(src, 8, G, seed=7, read_threads=0, process_index=p,
-                                        process_count=n), steps)
+            take(D.make_train_iterator(src, 8, G, seed=7, read_threads=0, process_index=p,
+                                       process_count=n), steps)
             for p in range(n)
         ]
         for k in range(steps):
@@ -121,7 +108,7 @@ def test_eval_iterator_covers_held_out_images_once_with_padding_mask():
     want = D.EvalTransform(32)(1, src[1])["image"]
     np.testing.assert_array_equal(batches[0]["image"][1], want)
     again = list(D.make_eval_iterator("sample", 32, 2, **SINGLE))
-    _assert_batches_equal(batches, again)
+    assert_batches_equal(batches, again)
     # two processes: same number of steps each, valid images partitioned without overlap
     parts = [list(D.make_eval_iterator("sample", 32, 4, process_index=p, process_count=2))
              for p in range(2)]
@@ -191,7 +178,7 @@ def test_train_iterator_from_config():
     cfg = ml_collections.ConfigDict(dict(seed=0, batch_size=4, data=dict(source="sample", image_size=16)))
     a = next(D.train_iterator_from_config(cfg, read_threads=0, **SINGLE))
     b = next(D.make_train_iterator("sample", 16, 4, 0, read_threads=0, **SINGLE))
-    _assert_batches_equal([a], [b])
+    assert_batches_equal([a], [b])
     e = list(D.eval_iterator_from_config(cfg, **SINGLE))
     assert len(e) == 1 and e[0]["mask"].tolist() == [True, True, True, False]
     # hue augmentation from the config: same crops, other colours; eval never augments
@@ -212,19 +199,19 @@ def test_train_dataset_pickles_for_spawned_workers():
 
     ds = D.make_train_dataset("sample", 16, 4, 0, read_threads=0, **SINGLE)
     copy = pickle.loads(pickle.dumps(ds))
-    _assert_batches_equal(_take(iter(copy), 2), _take(iter(ds), 2))
+    assert_batches_equal(take(iter(copy), 2), take(iter(ds), 2))
 
 
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches():
     """mp_prefetch spawns workers: sources and transforms must pickle, and results must not depend
     on the worker count."""
-    a = _take(D.make_train_iterator("sample", 16, 4, 0, read_threads=0, **SINGLE), 3)
+    a = take(D.make_train_iterator("sample", 16, 4, 0, read_threads=0, **SINGLE), 3)
     it = D.make_train_iterator("sample", 16, 4, 0, read_threads=0, worker_count=2, **SINGLE)
-    b = _take(it, 3)
-    _assert_batches_equal(a, b)
+    b = take(it, 3)
+    assert_batches_equal(a, b)
     state = it.get_state()
-    c = _take(it, 2)
+    c = take(it, 2)
     fresh = D.make_train_iterator("sample", 16, 4, 0, read_threads=0, worker_count=2, **SINGLE)
     fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 2), c)
+    assert_batches_equal(take(fresh, 2), c)

@@ -17,19 +17,7 @@ from titok_jax.data import video as V
 from titok_jax.data import video_sources as VS
 from titok_jax.data.transforms import record_rng
 
-SINGLE = dict(process_index=0, process_count=1)
-
-
-def _take(it, k):
-    return [next(it) for _ in range(k)]
-
-
-def _assert_batches_equal(xs, ys):
-    assert len(xs) == len(ys)
-    for x, y in zip(xs, ys):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+from data_helpers import SINGLE, assert_batches_equal, take
 
 
 def _texture(h=24, w=32, seed=0):
@@ -91,9 +79,9 @@ def test_sample_video_deterministic_in_seed_and_index():
     assert not np.array_equal(src[0]["video"], src[6]["video"])  # repeats of a photo differ
     np.testing.assert_array_equal(src[6]["video"], pickle.loads(pickle.dumps(src))[6]["video"])
     kw = dict(num_frames=5, **SINGLE)
-    x = _take(V.make_video_train_iterator("sample_video", 16, 4, 1, read_threads=0, **kw), 2)
-    y = _take(V.make_video_train_iterator("sample_video", 16, 4, 1, read_threads=4, **kw), 2)
-    _assert_batches_equal(x, y)  # threads do not change the result
+    x = take(V.make_video_train_iterator("sample_video", 16, 4, 1, read_threads=0, **kw), 2)
+    y = take(V.make_video_train_iterator("sample_video", 16, 4, 1, read_threads=4, **kw), 2)
+    assert_batches_equal(x, y)  # threads do not change the result
     z = next(V.make_video_train_iterator("sample_video", 16, 4, 2, read_threads=0, **kw))
     assert not np.array_equal(x[0]["image"], z["image"])
 
@@ -164,8 +152,8 @@ def test_frame_folder_temporal_crops_and_stride(tmp_path):
     # training: random starts, stride 3, one spatial crop / flip for all frames; same seed -> same
     spec = f"video_folder:{tmp_path}"
     kw = dict(num_frames=4, frame_stride=3, crop_scale=(0.5, 1.0), read_threads=0, **SINGLE)
-    batches = _take(V.make_video_train_iterator(spec, 16, 2, 0, **kw), 6)
-    _assert_batches_equal(batches, _take(V.make_video_train_iterator(spec, 16, 2, 0, **kw), 6))
+    batches = take(V.make_video_train_iterator(spec, 16, 2, 0, **kw), 6)
+    assert_batches_equal(batches, take(V.make_video_train_iterator(spec, 16, 2, 0, **kw), 6))
     starts = set()
     for b in batches:
         for clip, index in zip(b["image"], b["index"]):
@@ -289,12 +277,12 @@ def test_iterator_state_restore_continues_identically(tmp_path, spec):
         spec = f"video_folder:{tmp_path}"
     kw = dict(num_frames=3, frame_stride=2, read_threads=0, **SINGLE)
     it = V.make_video_train_iterator(spec, 16, 2, 5, **kw)
-    _take(it, 2)
+    take(it, 2)
     state = it.get_state()
-    expected = _take(it, 3)
+    expected = take(it, 3)
     fresh = V.make_video_train_iterator(spec, 16, 2, 5, **kw)
     fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 3), expected)
+    assert_batches_equal(take(fresh, 3), expected)
     assert not np.array_equal(next(V.make_video_train_iterator(spec, 16, 2, 5, **kw))["image"],
                               expected[0]["image"])
 
@@ -305,8 +293,8 @@ def test_per_process_slices_partition_the_global_batch():
     src = [{"video": rng.integers(0, 256, (6, 10, 12, 3), dtype=np.uint8), "label": np.int32(i)}
            for i in range(8)]
     kw = dict(num_frames=2, frame_stride=2, read_threads=0)
-    whole = _take(V.make_video_train_iterator(src, 8, 4, 3, **kw, **SINGLE), 2)
-    parts = [_take(V.make_video_train_iterator(src, 8, 4, 3, process_index=p, process_count=2, **kw), 2)
+    whole = take(V.make_video_train_iterator(src, 8, 4, 3, **kw, **SINGLE), 2)
+    parts = [take(V.make_video_train_iterator(src, 8, 4, 3, process_index=p, process_count=2, **kw), 2)
              for p in range(2)]
     for k in range(2):
         merged = np.empty_like(whole[k]["image"])
@@ -321,12 +309,12 @@ def test_video_iterators_from_config_and_pickling():
     a = next(D.train_iterator_from_config(cfg, read_threads=0, **SINGLE))
     b = next(V.make_video_train_iterator("sample_video", 16, 2, 0, num_frames=3, frame_stride=2,
                                          read_threads=0, **SINGLE))
-    _assert_batches_equal([a], [b])
+    assert_batches_equal([a], [b])
     e = list(D.eval_iterator_from_config(cfg, **SINGLE))
     assert [x["mask"].tolist() for x in e] == [[True, True], [True, False]]
     assert e[0]["image"].shape == (2, 3, 16, 16, 3)
     ds = V.make_video_train_dataset("sample_video", 16, 2, 0, num_frames=3, read_threads=0, **SINGLE)
-    _assert_batches_equal(_take(iter(pickle.loads(pickle.dumps(ds))), 2), _take(iter(ds), 2))
+    assert_batches_equal(take(iter(pickle.loads(pickle.dumps(ds))), 2), take(iter(ds), 2))
     cfg.data.value_range = (-1.0, 1.0)
     with pytest.raises(ValueError, match=r"data.value_range must be \(0, 1\)"):
         D.train_iterator_from_config(cfg, **SINGLE)
@@ -337,14 +325,14 @@ def test_worker_processes_give_the_same_clips():
     """mp_prefetch spawns workers: clip sources and transforms pickle, results do not depend on the
     worker count, and the iterator state resumes across them."""
     kw = dict(num_frames=3, read_threads=0, **SINGLE)
-    a = _take(V.make_video_train_iterator("sample_video", 16, 2, 0, **kw), 3)
+    a = take(V.make_video_train_iterator("sample_video", 16, 2, 0, **kw), 3)
     it = V.make_video_train_iterator("sample_video", 16, 2, 0, worker_count=2, **kw)
-    _assert_batches_equal(a, _take(it, 3))
+    assert_batches_equal(a, take(it, 3))
     state = it.get_state()
-    c = _take(it, 2)
+    c = take(it, 2)
     fresh = V.make_video_train_iterator("sample_video", 16, 2, 0, worker_count=2, **kw)
     fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 2), c)
+    assert_batches_equal(take(fresh, 2), c)
 
 
 def test_fifo_named_like_a_video_is_skipped_not_read(tmp_path):

@@ -18,12 +18,21 @@ processes run the same number of steps and metrics count each image once.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import grain
 
-from titok_jax.data.grain_utils import _cfg_get, _check_seed, _config_value_range, _finish
+from titok_jax.data.grain_utils import (
+    cfg_get,
+    check_not_empty,
+    check_seed,
+    eval_batch_size,
+    eval_config_kwargs,
+    eval_positions,
+    finish,
+    train_config_kwargs,
+    train_stream,
+)
 from titok_jax.data.hosts import local_batch_size, process_info
 from titok_jax.data.sources import make_source
 from titok_jax.data.transforms import EvalTransform, TrainTransform, _check_size
@@ -64,33 +73,19 @@ def make_train_dataset(
     ``image`` float32 ``[B, S, S, 3]`` in ``value_range``, ``label`` int32 ``[B]``, ``index`` int64 ``[B]``.
     """
     image_size = _check_size(image_size)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = make_source(source, split, data_dir=data_dir)
-    if len(src) == 0:
-        raise ValueError(f"data source {source!r} split {split!r} is empty")
+    check_not_empty(len(src), source, split)
     if crop_scale is None:
         crop_scale = getattr(src, "default_crop_scale", (1.0, 1.0))
     transform = TrainTransform(image_size, seed, crop_scale=crop_scale, flip=flip,
                                value_range=value_range, hue=hue)
-    ds = grain.MapDataset.source(src)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if num_epochs is not None and num_epochs <= 0:
-        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
-    ds = ds.repeat(num_epochs)
-    if num_epochs is not None:
-        whole = (len(ds) // global_batch_size) * global_batch_size
-        if whole == 0:
-            raise ValueError(
-                f"{len(ds)} records x epochs is less than one global batch of {global_batch_size}"
-            )
-        ds = ds[:whole]
-    ds = ds.map_with_index(transform)
-    ds = ds[p::n]
-    ds = ds.batch(local, drop_remainder=True)
-    return _finish(ds, read_threads, prefetch_buffer_size, worker_count, worker_buffer_size)
+    ds = train_stream(grain.MapDataset.source(src), seed, global_batch_size, shuffle=shuffle,
+                      num_epochs=num_epochs)
+    ds = ds.map_with_index(transform)[p::n].batch(local, drop_remainder=True)
+    return finish(ds, read_threads, prefetch_buffer_size, worker_count, worker_buffer_size)
 
 
 def make_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
@@ -138,11 +133,7 @@ def make_eval_dataset(
     p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = make_source(source, split, data_dir=data_dir, sample_repeats=1)
-    num = len(src)
-    if num == 0:
-        raise ValueError(f"data source {source!r} split {split!r} is empty")
-    padded = math.ceil(num / global_batch_size) * global_batch_size
-    ds = grain.MapDataset.range(padded)[p::n]
+    ds = eval_positions(check_not_empty(len(src), source, split), global_batch_size, p, n)
     ds = ds.map(_EvalElement(src, EvalTransform(image_size, value_range=value_range)))
     return ds.batch(local, drop_remainder=True)
 
@@ -162,7 +153,7 @@ def make_eval_iterator(
     ``mask`` bool (True = a real image, counted in metrics).
     """
     ds = make_eval_dataset(source, image_size, global_batch_size, **kwargs)
-    return iter(_finish(ds, read_threads, prefetch_buffer_size, 0, 1))
+    return iter(finish(ds, read_threads, prefetch_buffer_size, 0, 1))
 
 
 def train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
@@ -176,15 +167,7 @@ def train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
         from titok_jax.data.tokens import make_token_train_dataset
         return iter(make_token_train_dataset(str(data.source)[len("tokens:"):], config.batch_size,
                                              config.seed, **overrides))
-    kwargs = dict(
-        split=_cfg_get(data, "train_split", "train"),
-        data_dir=_cfg_get(data, "data_dir", None),
-        worker_count=_cfg_get(data, "worker_count", 0),
-        crop_scale=_cfg_get(data, "crop_scale", None),
-        flip=_cfg_get(data, "flip", True),
-        value_range=_config_value_range(data),
-        hue=_cfg_get(data, "hue", 0.0),
-    )
+    kwargs = dict(train_config_kwargs(data), data_dir=cfg_get(data, "data_dir", None))
     kwargs.update(overrides)
     return make_train_iterator(data.source, data.image_size, config.batch_size, config.seed, **kwargs)
 
@@ -195,11 +178,6 @@ def eval_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
     data = config.data
     if is_video_spec(data.source):
         return video_eval_iterator_from_config(config, **overrides)
-    kwargs = dict(
-        split=_cfg_get(data, "eval_split", "eval"),
-        data_dir=_cfg_get(data, "data_dir", None),
-        value_range=_config_value_range(data),
-    )
+    kwargs = dict(eval_config_kwargs(data), data_dir=cfg_get(data, "data_dir", None))
     kwargs.update(overrides)
-    batch = _cfg_get(data, "eval_batch_size", None) or config.batch_size
-    return make_eval_iterator(data.source, data.image_size, batch, **kwargs)
+    return make_eval_iterator(data.source, data.image_size, eval_batch_size(config), **kwargs)

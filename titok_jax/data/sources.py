@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 from titok_jax.data import sample_images
+from titok_jax.data.folders import SkipLog, first_line, folder_labels, walk_folders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # Sub-folders of a `folder:` root that name splits, by logical split.
@@ -90,11 +90,6 @@ def decode_image_file(path: str) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(im.convert("RGB")), dtype=np.uint8)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
-
-
 def _record(image: np.ndarray, label: int, index: int, file: str) -> dict[str, Any]:
     return {
         "image": image,
@@ -166,29 +161,15 @@ def list_image_files(root: str, skipped: dict[str, str] | None = None) -> list[s
     from titok_jax.data.paths import file_kind
 
     files: list[str] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    stack = [root]
-    while stack:
-        top = stack.pop()
-        try:
-            st = os.stat(top)
-            with os.scandir(top) as it:
-                entries = list(it)
-        except OSError:
-            continue  # an unreadable sub-folder, as os.walk skips it
-        if (st.st_dev, st.st_ino) in seen_dirs:
-            continue  # a link back to a folder already read: no loop, no duplicates
-        seen_dirs.add((st.st_dev, st.st_ino))
+    for _, entries, descend in walk_folders(root):
         for e in entries:
-            if e.name.startswith("."):
-                continue
             try:
                 is_dir = e.is_dir()
                 is_file = not is_dir and e.is_file()
             except OSError:
                 is_dir = is_file = False
             if is_dir:
-                stack.append(e.path)
+                descend.append(e.path)
             elif e.name.lower().endswith(IMAGE_EXTENSIONS):
                 rel = os.path.relpath(e.path, root)
                 if is_file:
@@ -202,7 +183,7 @@ def list_image_files(root: str, skipped: dict[str, str] | None = None) -> list[s
     return sorted(files, key=lambda p: p.replace(os.sep, "/"))
 
 
-class FolderSource:
+class FolderSource(SkipLog):
     """Every image file under a folder (recursive, sorted), decoded to uint8 RGB.
 
     Labels: when images sit in first-level sub-folders (``root/<class>/...``, the ImageNet layout)
@@ -220,6 +201,9 @@ class FolderSource:
     ``num_skipped`` / ``skipped_files`` count both (per process: grain workers keep their own count).
     """
 
+    skip_warning = CorruptImageWarning
+    skip_noun = "unreadable image"
+
     def __init__(self, path: str, split: str | None = None, verify: bool = False):
         path = os.path.expanduser(str(path))
         if not os.path.exists(path):
@@ -229,8 +213,7 @@ class FolderSource:
         self.path = path
         self.split = split
         self.root = _resolve_folder_root(path, split)
-        self._skipped: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._init_skips()
         special: dict[str, str] = {}
         files = list_image_files(self.root, special)
         for f, reason in special.items():  # FIFOs, sockets, broken links: skipped, counted, warned
@@ -251,65 +234,18 @@ class FolderSource:
                 raise ValueError(f"no readable images in folder {self.root} ({len(files)} corrupt)")
             files = good
         self.files = files
-        class_names = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
-        self.class_names = class_names
-        class_index = {c: i for i, c in enumerate(class_names)}
-        self.labels = np.array(
-            [class_index[f.split(os.sep)[0]] if os.sep in f else -1 for f in files], np.int32
-        )
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    @property
-    def num_skipped(self) -> int:
-        """How many distinct corrupt files this process has skipped (index time + read time)."""
-        return len(self._skipped)
-
-    @property
-    def skipped_files(self) -> dict[str, str]:
-        """Relative path -> error message of every skipped corrupt file (this process)."""
-        return dict(self._skipped)
-
-    def _note_bad(self, f: str, error: BaseException) -> None:
-        with self._lock:
-            new = f not in self._skipped
-            if new:
-                self._skipped[f] = f"{type(error).__name__}: {_first_line(error)}"
-        if new:
-            warnings.warn(
-                f"skipping unreadable image {os.path.join(self.root, f)}: "
-                f"{type(error).__name__}: {_first_line(error)}",
-                CorruptImageWarning,
-                stacklevel=3,
-            )
+        self.class_names, self.labels = folder_labels(files)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        n = len(self.files)
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} records")
-        for k in range(n):
-            j = (index + k) % n
-            f = self.files[j]
-            if f in self._skipped:
-                continue
-            try:
-                image = decode_image_file(os.path.join(self.root, f))
-            except Exception as e:  # noqa: BLE001
-                self._note_bad(f, e)
-                continue
-            return _record(image, int(self.labels[j]), j, f)
-        raise ValueError(f"no readable images in folder {self.root}: all {n} files are corrupt")
+        read = self._read_usable(index, lambda f, j: decode_image_file(os.path.join(self.root, f)))
+        if read is None:
+            raise ValueError(f"no readable images in folder {self.root}: all {len(self.files)} "
+                             f"files are corrupt")
+        j, image = read
+        return _record(image, int(self.labels[j]), j, self.files[j])
 
     def __repr__(self) -> str:
         return f"FolderSource({self.root!r}, files={len(self.files)}, classes={len(self.class_names)})"
@@ -342,7 +278,7 @@ class TfdsSource:
             where = self.data_dir or "TFDS's default data dir"
             raise ValueError(
                 f"cannot open TFDS data set {name!r} split {split!r} in {where} as ArrayRecord "
-                f"(prepare it with file_format='array_record'): {type(e).__name__}: {_first_line(e)}"
+                f"(prepare it with file_format='array_record'): {type(e).__name__}: {first_line(e)}"
             ) from e
         self.split = split
 

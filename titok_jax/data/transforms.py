@@ -166,15 +166,27 @@ class TrainTransform:
             image = random_crop(resize_shorter_side(image, self.image_size), self.image_size, rng)
         else:
             image = random_resized_square_crop(image, self.image_size, rng, self.crop_scale)
-        if self.flip and rng.random() < 0.5:
-            image = horizontal_flip(image)
-        if self.hue and rng.random() < self.hue:
-            image = rotate_hue(image, rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.5, 1.5))
-        return {
-            "image": to_float(image, self.value_range),
-            "label": np.int32(record.get("label", -1)),
-            "index": np.int64(record.get("index", -1)),
-        }
+        return flip_hue_example(image, record, rng, flip=self.flip, hue=self.hue,
+                                value_range=self.value_range)
+
+
+def flip_hue_example(x: np.ndarray, record: dict[str, Any], rng: np.random.Generator, *,
+                     flip: bool, hue: float,
+                     value_range: tuple[float, float]) -> dict[str, Any]:
+    """The augmentation tail of ``TrainTransform`` (an image ``[H, W, 3]``) and of the clip
+    transform (``[T, H, W, 3]``: the same draw for every frame): when ``flip``, mirrored left-right
+    with probability 1/2; with probability ``hue``, ``rotate_hue`` by an angle ``~ U[0, 2 pi)`` and a
+    saturation ``~ U[0.5, 1.5]``; then ``to_float``, with the record's ``label`` and ``index``
+    (-1 when it has none). Draws from ``rng`` in that order."""
+    if flip and rng.random() < 0.5:
+        x = x[..., ::-1, :]  # horizontal_flip, on every frame
+    if hue and rng.random() < hue:
+        x = rotate_hue(x, rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.5, 1.5))
+    return {
+        "image": to_float(x, value_range),
+        "label": np.int32(record.get("label", -1)),
+        "index": np.int64(record.get("index", -1)),
+    }
 
 
 class EvalTransform:

@@ -21,13 +21,22 @@ Config keys (``*_from_config``): ``data.num_frames`` (default 16), ``data.frame_
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import grain
 import numpy as np
 
-from titok_jax.data.grain_utils import _cfg_get, _check_seed, _config_value_range, _finish
+from titok_jax.data.grain_utils import (
+    cfg_get,
+    check_not_empty,
+    check_seed,
+    eval_batch_size,
+    eval_config_kwargs,
+    eval_positions,
+    finish,
+    train_config_kwargs,
+    train_stream,
+)
 from titok_jax.data.hosts import local_batch_size, process_info
 from titok_jax.data.sample_video import SampleVideoSource
 from titok_jax.data.transforms import (
@@ -35,9 +44,9 @@ from titok_jax.data.transforms import (
     _check_scale,
     _check_size,
     _pil_resize,
+    flip_hue_example,
     record_rng,
     resize_shorter_side,
-    rotate_hue,
     to_float,
 )
 from titok_jax.data.video_sources import VideoFolderSource, temporal_crop
@@ -130,15 +139,8 @@ class VideoTrainTransform:
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         video = random_crop_clip(record["video"], self.image_size, rng, self.crop_scale)
-        if self.flip and rng.random() < 0.5:
-            video = video[:, :, ::-1]
-        if self.hue and rng.random() < self.hue:
-            video = rotate_hue(video, rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.5, 1.5))
-        return {
-            "image": to_float(video, self.value_range),
-            "label": np.int32(record.get("label", -1)),
-            "index": np.int64(record.get("index", -1)),
-        }
+        return flip_hue_example(video, record, rng, flip=self.flip, hue=self.hue,
+                                value_range=self.value_range)
 
 
 class VideoEvalTransform:
@@ -245,33 +247,21 @@ def make_video_train_dataset(
     (``data_dir`` is accepted for the same signature and unused: no ``tfds:`` video sets yet).
     """
     image_size = _check_size(image_size)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = make_video_source(source, split, num_frames=num_frames, frame_stride=frame_stride,
                             image_size=image_size, seed=seed, verify=verify)
-    if len(src) == 0:
-        raise ValueError(f"video source {source!r} split {split!r} is empty")
+    check_not_empty(len(src), source, split, "video source")
     if crop_scale is None:
         crop_scale = getattr(src, "default_crop_scale", (1.0, 1.0))
     transform = VideoTrainTransform(image_size, crop_scale=crop_scale, flip=flip,
                                     value_range=value_range, hue=hue)
-    ds = grain.MapDataset.range(len(src))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if num_epochs is not None and num_epochs <= 0:
-        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
-    ds = ds.repeat(num_epochs)
-    if num_epochs is not None:
-        whole = (len(ds) // global_batch_size) * global_batch_size
-        if whole == 0:
-            raise ValueError(
-                f"{len(ds)} clips x epochs is less than one global batch of {global_batch_size}")
-        ds = ds[:whole]
-    ds = ds.map_with_index(_TrainElement(src, transform, seed, int(num_frames), int(frame_stride)))
-    ds = ds[p::n]
-    ds = ds.batch(local, drop_remainder=True)
-    return _finish(ds, read_threads, prefetch_buffer_size, worker_count, worker_buffer_size)
+    ds = train_stream(grain.MapDataset.range(len(src)), seed, global_batch_size, shuffle=shuffle,
+                      num_epochs=num_epochs, noun="clips")
+    element = _TrainElement(src, transform, seed, int(num_frames), int(frame_stride))
+    ds = ds.map_with_index(element)[p::n].batch(local, drop_remainder=True)
+    return finish(ds, read_threads, prefetch_buffer_size, worker_count, worker_buffer_size)
 
 
 def make_video_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
@@ -301,11 +291,8 @@ def make_video_eval_dataset(
     local = local_batch_size(global_batch_size, n)
     src = make_video_source(source, split, num_frames=num_frames, frame_stride=frame_stride,
                             image_size=image_size, seed=0, sample_repeats=1)
-    num = len(src)
-    if num == 0:
-        raise ValueError(f"video source {source!r} split {split!r} is empty")
-    padded = math.ceil(num / global_batch_size) * global_batch_size
-    ds = grain.MapDataset.range(padded)[p::n]
+    num = check_not_empty(len(src), source, split, "video source")
+    ds = eval_positions(num, global_batch_size, p, n)
     transform = VideoEvalTransform(image_size, num_frames, value_range=value_range)
     ds = ds.map(_EvalElement(src, transform, int(num_frames), int(frame_stride)))
     return ds.batch(local, drop_remainder=True)
@@ -317,27 +304,19 @@ def make_video_eval_iterator(source: Any, image_size: int, global_batch_size: in
     """Finite iterator over ``make_video_eval_dataset(source, image_size, global_batch_size,
     **kwargs)``: ``image`` float32 ``[B, T, S, S, 3]``, ``label``, ``index`` (-1 on padding), ``mask``."""
     ds = make_video_eval_dataset(source, image_size, global_batch_size, **kwargs)
-    return iter(_finish(ds, read_threads, prefetch_buffer_size, 0, 1))
+    return iter(finish(ds, read_threads, prefetch_buffer_size, 0, 1))
 
 
 def _clip_config(data) -> dict[str, int]:
-    return dict(num_frames=int(_cfg_get(data, "num_frames", DEFAULT_NUM_FRAMES)),
-                frame_stride=int(_cfg_get(data, "frame_stride", DEFAULT_FRAME_STRIDE)))
+    return dict(num_frames=int(cfg_get(data, "num_frames", DEFAULT_NUM_FRAMES)),
+                frame_stride=int(cfg_get(data, "frame_stride", DEFAULT_FRAME_STRIDE)))
 
 
 def video_train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:
     """``make_video_train_iterator`` from a run config: as ``train_iterator_from_config`` plus
     ``data.num_frames`` / ``data.frame_stride``. Keyword ``overrides`` win."""
     data = config.data
-    kwargs = dict(
-        split=_cfg_get(data, "train_split", "train"),
-        worker_count=_cfg_get(data, "worker_count", 0),
-        crop_scale=_cfg_get(data, "crop_scale", None),
-        flip=_cfg_get(data, "flip", True),
-        value_range=_config_value_range(data),
-        hue=_cfg_get(data, "hue", 0.0),
-        **_clip_config(data),
-    )
+    kwargs = dict(train_config_kwargs(data), **_clip_config(data))
     kwargs.update(overrides)
     return make_video_train_iterator(data.source, data.image_size, config.batch_size, config.seed,
                                      **kwargs)
@@ -347,8 +326,7 @@ def video_eval_iterator_from_config(config, **overrides) -> grain.DatasetIterato
     """``make_video_eval_iterator`` from a run config (``data.eval_split`` default "eval",
     ``data.eval_batch_size`` default ``batch_size``, ``data.num_frames`` / ``data.frame_stride``)."""
     data = config.data
-    kwargs = dict(split=_cfg_get(data, "eval_split", "eval"), value_range=_config_value_range(data),
-                  **_clip_config(data))
+    kwargs = dict(eval_config_kwargs(data), **_clip_config(data))
     kwargs.update(overrides)
-    batch = _cfg_get(data, "eval_batch_size", None) or config.batch_size
-    return make_video_eval_iterator(data.source, data.image_size, batch, **kwargs)
+    return make_video_eval_iterator(data.source, data.image_size, eval_batch_size(config),
+                                    **kwargs)

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import warnings
 from typing import Any
 
 import numpy as np
 
+from titok_jax.data.folders import SkipLog, folder_labels, walk_folders
 from titok_jax.data.sources import (
     IMAGE_EXTENSIONS,
     CorruptImageWarning,
-    _first_line,
     _resolve_folder_root,
     decode_image_file,
 )
@@ -108,19 +107,7 @@ def list_videos(root: str, skipped: dict[str, str] | None = None) -> list[str]:
     from titok_jax.data.paths import file_kind
 
     out: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    stack = [root]
-    while stack:
-        top = stack.pop()
-        try:
-            st = os.stat(top)
-            with os.scandir(top) as it:
-                entries = [e for e in it if not e.name.startswith(".")]
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            continue
-        seen.add((st.st_dev, st.st_ino))
+    for top, entries, descend in walk_folders(root):
         dirs, videos, has_frames = [], [], False
         for e in entries:
             try:
@@ -145,7 +132,7 @@ def list_videos(root: str, skipped: dict[str, str] | None = None) -> list[str]:
         if has_frames:
             out.append(os.path.relpath(top, root))
         else:
-            stack.extend(dirs)
+            descend.extend(dirs)
         out.extend(videos)
     return sorted(out, key=lambda p: p.replace(os.sep, "/"))
 
@@ -207,7 +194,7 @@ class _TooShort(Exception):
     """A readable video with fewer frames than one clip spans."""
 
 
-class VideoFolderSource:
+class VideoFolderSource(SkipLog):
     """Every video under a folder: video files (``.gif`` with PIL; ``.mp4 .webm .mkv .mov .avi .m4v``
     with PyAV, the ``video`` extra) and frame folders (a folder of images is one video, frames in
     natural name order: ``f2`` before ``f10``). Layout as for ``FolderSource``: split sub-folders
@@ -224,6 +211,8 @@ class VideoFolderSource:
     """
 
     default_crop_scale = (1.0, 1.0)
+    skip_warning = CorruptVideoWarning
+    skip_noun = "video"
 
     def __init__(self, path: str, split: str | None = None, num_frames: int = 16,
                  frame_stride: int = 1, verify: bool = False):
@@ -237,10 +226,9 @@ class VideoFolderSource:
         self.frame_stride = _check_positive(frame_stride, "frame_stride")
         self.span = clip_span(self.num_frames, self.frame_stride)
         self.root = _resolve_folder_root(path, split)
-        self._skipped: dict[str, str] = {}
+        self._init_skips()
         self._lengths: dict[str, int] = {}  # per process: frame counts already known
         self._frames: dict[str, list[str]] = {}  # frame folder -> its frame file names
-        self._lock = threading.Lock()
         bad: dict[str, str] = {}  # FIFOs, sockets, broken links: skipped, counted, warned
         entries = list_videos(self.root, bad)
         if not entries:
@@ -276,29 +264,7 @@ class VideoFolderSource:
                           f"unreadable; see .skipped_files), e.g. {next(iter(bad))}: "
                           f"{next(iter(bad.values()))}", CorruptVideoWarning, stacklevel=2)
         self.files = good
-        self.class_names = sorted({f.split(os.sep)[0] for f in good if os.sep in f})
-        class_index = {c: i for i, c in enumerate(self.class_names)}
-        self.labels = np.array([class_index[f.split(os.sep)[0]] if os.sep in f else -1
-                                for f in good], np.int32)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    @property
-    def num_skipped(self) -> int:
-        """How many distinct videos this process has skipped (construction + read time)."""
-        return len(self._skipped)
-
-    @property
-    def skipped_files(self) -> dict[str, str]:
-        """Relative path -> why it was skipped, for every skipped video (this process)."""
-        return dict(self._skipped)
+        self.class_names, self.labels = folder_labels(good)
 
     def _short_reason(self, n: int) -> str:
         return (f"too short: {n} frames, a clip of {self.num_frames} at stride "
@@ -306,18 +272,7 @@ class VideoFolderSource:
 
     @staticmethod
     def _reason(error: BaseException) -> str:
-        if isinstance(error, _TooShort):
-            return str(error)
-        return f"{type(error).__name__}: {_first_line(error)}"
-
-    def _note_bad(self, f: str, error: BaseException) -> None:
-        with self._lock:
-            new = f not in self._skipped
-            if new:
-                self._skipped[f] = self._reason(error)
-        if new:
-            warnings.warn(f"skipping video {os.path.join(self.root, f)}: {self._reason(error)}",
-                          CorruptVideoWarning, stacklevel=4)
+        return str(error) if isinstance(error, _TooShort) else SkipLog._reason(error)
 
     def _length(self, f: str) -> int | None:
         if f not in self._lengths:
@@ -364,26 +319,16 @@ class VideoFolderSource:
         """A clip of video ``index`` (random temporal crop from ``rng``; the central one when None),
         or of the next usable video when that one is not. The crop drawn for a video depends only
         on ``rng``'s state and that video, not on which videos this process found unusable before."""
-        index = int(index)
-        n = len(self.files)
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} records")
+        index = self._check_index(index)  # before drawing from rng
         base = None if rng is None else int(rng.integers(2**63))
-        for k in range(n):
-            j = (index + k) % n
-            f = self.files[j]
-            if f in self._skipped:
-                continue
-            try:
-                clip = self._read(f, None if base is None else [base, j])
-            except MissingExtraError:
-                raise
-            except Exception as e:  # noqa: BLE001 - corrupt or too short: skip, never crash
-                self._note_bad(f, e)
-                continue
-            return _record(clip, int(self.labels[j]), j, f)
-        raise ValueError(f"no usable video in folder {self.root}: all {n} are unreadable or "
-                         f"shorter than {self.span} frames")
+        read = self._read_usable(
+            index, lambda f, j: self._read(f, None if base is None else [base, j]),
+            fatal=(MissingExtraError,), stacklevel=4)
+        if read is None:
+            raise ValueError(f"no usable video in folder {self.root}: all {len(self.files)} are "
+                             f"unreadable or shorter than {self.span} frames")
+        j, clip = read
+        return _record(clip, int(self.labels[j]), j, self.files[j])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.get_clip(index, None)
