@@ -11,6 +11,12 @@ images = tok.decode(tokens)           # -> float32 [B,H,W,3] in [0,1]
 tok.reconstruct_files("photos/", "out/")   # what `titok-jax reconstruct` does: a PNG per image
 ```
 
+Video tokenizers (``tok.num_frames > 0``: MAGVIT, MAGVIT-v2) take clips: ``tok.encode(clips)``
+with clips uint8 or float ``[B, T, S, S, 3]`` (``T``: any length the model takes, e.g. its nominal
+``tok.num_frames``) -> int32 ``[B, T', h, w]`` (latent time first; ``tok.latent_shape`` is the
+nominal clip's ``(T', h, w)``), and ``tok.decode`` the inverse -> float32 ``[B, T, S, S, 3]``;
+``titok_jax.video_files`` reads and writes the video files.
+
 Only what inference needs is read from the checkpoint (the EMA params, or ``params["model"]`` when
 the run kept no EMA, and the model's non-param collections); it lives on one device. ``encode`` and
 ``decode`` are jitted and run in chunks of ``batch_size`` images (the last chunk is padded, so at
@@ -58,6 +64,9 @@ class Tokenizer:
         self.token_dim = spec.token_dim
         self.codebook_size = spec.codebook_size
         self.num_codebooks = spec.num_codebooks
+        # video tokenizers: the nominal clip length (0 = images) and latent grid (T', h, w)
+        self.num_frames = spec.num_frames
+        self.latent_shape = spec.latent_shape
         self.flow_decoder = spec.flow_decoder
         self.variable_length = spec.variable_length
         self.batch_size = max(1, int(batch_size))
@@ -232,6 +241,8 @@ class Tokenizer:
     def _check_images(self, images: Any) -> np.ndarray:
         x = np.asarray(images)
         s = self.image_size
+        if self.num_frames:
+            return self._check_clips(x)
         if x.ndim == 3 and x.shape[-1] == 3:
             raise ValueError(f"encode expects a batch of images [B, {s}, {s}, 3], got one image of shape "
                              f"{x.shape}; add a batch axis (images[None])")
@@ -245,11 +256,44 @@ class Tokenizer:
             raise ValueError(f"encode expects uint8 images or float images in [0, 1], got dtype {x.dtype}")
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def _check_clips(self, x: np.ndarray) -> np.ndarray:
+        """A video tokenizer's input: clips ``[B, T, S, S, 3]`` (uint8, or float in [0, 1]) with a
+        length ``T`` the model takes; one-line ValueError otherwise."""
+        s = self.image_size
+        if x.ndim != 5 or x.shape[2:] != (s, s, 3):
+            raise ValueError(f"this video tokenizer expects clips [B, T, {s}, {s}, 3] (T frames, "
+                             f"nominally {self.num_frames}), got shape {x.shape}")
+        self.model.check_frames(int(x.shape[1]))
+        if x.dtype == np.uint8:
+            from titok_jax.data.transforms import to_float
+            return to_float(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"encode expects uint8 clips or float clips in [0, 1], got dtype {x.dtype}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _check_video_tokens(self, t: np.ndarray) -> np.ndarray:
+        """A video tokenizer's ids ``[B, T', h, w]`` (any ``T' >= 1``; ``h, w`` the nominal grid)
+        or ``[B, N]`` (the nominal grid flattened), a trailing ``k`` for multi-index tokens."""
+        m = self.num_codebooks
+        tail = () if m == 1 else (m,)
+        grid = tuple(self.latent_shape[1:])
+        ok = (t.ndim == 4 + len(tail) and t.shape[2:4] == grid and t.shape[1] >= 1) or \
+            (t.ndim == 2 + len(tail) and t.shape[1] == self.num_tokens)
+        if not ok or t.shape[t.ndim - len(tail):] != tail:
+            k = "" if m == 1 else f", {m}"
+            raise ValueError(f"decode expects token ids [B, T', {grid[0]}, {grid[1]}{k}] (or "
+                             f"[B, {self.num_tokens}{k}]) for this video tokenizer, got shape "
+                             f"{t.shape}")
+        return t
+
     def _check_tokens(self, tokens: Any) -> np.ndarray:
         t = np.asarray(tokens)
         n = self.num_tokens
         if self.spec.continuous:
             c = self.token_dim
+            if self.num_frames and t.ndim == 5 and t.shape[2:] == (*self.latent_shape[1:], c) \
+                    and np.issubdtype(t.dtype, np.floating):   # a video VAE's code grid
+                return np.ascontiguousarray(t, dtype=np.float32)
             if t.ndim != 3 or t.shape[1:] != (n, c):
                 raise ValueError(f"decode expects continuous tokens [B, {n}, {c}] for this VAE tokenizer, "
                                  f"got shape {t.shape}")
@@ -258,7 +302,9 @@ class Tokenizer:
             return np.ascontiguousarray(t, dtype=np.float32)
         m = self.num_codebooks
         tail = () if m == 1 else (m,)   # the k ids of a multi-index token (fq / rq)
-        if self.variable_length and t.ndim == 2 + len(tail) and 1 <= t.shape[1] <= n \
+        if self.num_frames:
+            t = self._check_video_tokens(t)
+        elif self.variable_length and t.ndim == 2 + len(tail) and 1 <= t.shape[1] <= n \
                 and t.shape[2:] == tail:
             pass  # an ordered-token prefix
         elif t.ndim != 2 + len(tail) or t.shape[1] != n or t.shape[2:] != tail:

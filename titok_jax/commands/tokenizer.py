@@ -57,8 +57,12 @@ def reconstruct(argv: Sequence[str]) -> int:
     a directory: skipped, and reported in one warning line). Every output path is checked (inside
     --output, no two alike, none existing unless --overwrite) before the model is loaded; the
     PNGs are renamed into place once every image went through."""
-    fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images",
-                         "PATH: the PNG to write (a directory when --input is one)")
+    fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images "
+                         "(a video file for a video tokenizer)",
+                         "PATH: the PNG to write (a directory when --input is one; a video "
+                         "file, .gif or .mp4, for a video input)")
+    if _video_run(fv):
+        return _reconstruct_video(fv)
     from titok_jax.api import list_images, load_tokenizer, png_names, write_reconstructions
     from titok_jax.data.paths import paths_inside
     paths, names, is_dir = list_images(fv.input)
@@ -75,6 +79,36 @@ def reconstruct(argv: Sequence[str]) -> int:
     written = write_reconstructions(tok, paths, outputs, names=names, source=fv.input,
                                     skip_unreadable=is_dir)
     print(f"reconstructed {len(written)} image(s) -> {fv.output if is_dir else outputs[0]}")
+    return 0
+
+
+def _video_run(fv: Any) -> bool:
+    """True when ``--input`` is a video file (``video_files.VIDEO_EXTENSIONS``) and the workdir a
+    video tokenizer (its task, built without loading the checkpoint, says so); a GIF given to an
+    image tokenizer stays an image."""
+    from titok_jax.video_files import is_video_file
+    if os.path.isdir(fv.input) or not is_video_file(fv.input):
+        return False
+    from titok_jax.tasks.runs import run_task
+    return run_task(fv.workdir, "tokenizer").token_spec.is_video
+
+
+def _reconstruct_video(fv: Any) -> int:
+    """A video file through a video tokenizer: the reconstruction as a video at --output (a
+    directory: ``<input stem>.gif`` in it) and the first clip's frame grid beside it
+    (``<stem>_frames.png``); both checked before the model is loaded."""
+    from titok_jax.video_files import VIDEO_EXTENSIONS, grid_path, is_video_file, reconstruct_video
+    output = fv.output
+    if os.path.isdir(output):
+        output = os.path.join(output, os.path.splitext(os.path.basename(fv.input))[0] + ".gif")
+    if not is_video_file(output):
+        raise UsageError(f"--output {output}: a video input needs a video output "
+                         f"({', '.join(VIDEO_EXTENSIONS)}) or a directory")
+    check_new_outputs([output, grid_path(output)], fv.overwrite)
+    from titok_jax.api import load_tokenizer
+    tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    written = reconstruct_video(tok, fv.input, output)
+    print(f"reconstructed {fv.input} -> {written[0]} (frame grid {written[1]})")
     return 0
 
 
@@ -103,9 +137,23 @@ def tokenize(argv: Sequence[str]) -> int:
     the input of generator training (``config.data.source=tokens:DIR``)."""
     if any(a == "--data" or a.startswith("--data=") for a in argv):
         return _tokenize_data(argv)
-    fv = _tokenizer_args("tokenize", argv, "IMG_OR_DIR: an image file or a directory of images",
-                         "tokens.npz: the file to write")
+    fv = _tokenizer_args("tokenize", argv, "IMG_OR_DIR: an image file or a directory of images "
+                         "(a video file for a video tokenizer)", "tokens.npz: the file to write")
     import numpy as np
+    if _video_run(fv):   # one row per clip: tokens [C, T', h, w], files the input's name
+        from titok_jax.api import load_tokenizer
+        from titok_jax.video_files import tokenizer_clips
+        out = npz_path(fv.output)
+        check_new_outputs([out], fv.overwrite)
+        tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+        clips, _ = tokenizer_clips(tok, fv.input)
+        tokens = tok.encode(clips)
+        with replacing(out) as tmp:
+            np.savez(tmp, tokens=tokens,
+                     files=np.asarray([os.path.basename(fv.input)] * len(tokens), dtype=str))
+        print(f"tokenized {len(tokens)} clip(s) of {fv.input} -> {out} (tokens {tokens.dtype} "
+              f"{list(tokens.shape)})")
+        return 0
 
     from titok_jax.api import image_batches, list_images, load_tokenizer, report_skipped
     paths, names, is_dir = list_images(fv.input)

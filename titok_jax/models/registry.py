@@ -158,6 +158,22 @@ def _fqgan(**kwargs: Any) -> Any:
 MODELS["fqgan"] = _fqgan
 
 
+def _magvit3d(**kwargs: Any) -> Any:
+    from titok_jax.models.magvit3d import Magvit3D
+    return Magvit3D(**kwargs)   # lists from a JSON round trip become tuples in the model
+
+
+MODELS["magvit3d"] = _magvit3d
+
+
+def _magvit2_video(**kwargs: Any) -> Any:
+    from titok_jax.models.magvit2_video import Magvit2Video
+    return Magvit2Video(**kwargs)   # lists from a JSON round trip become tuples in the model
+
+
+MODELS["magvit2_video"] = _magvit2_video
+
+
 # Flat keys of workdirs written before ``model.quantizer`` was a sub-config -> the sub-config's
 # argument names (``"vq"``: VectorQuantizer's; ``"vae"``: GaussianPosterior's).
 LEGACY_QUANTIZER_KEYS = {

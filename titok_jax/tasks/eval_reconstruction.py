@@ -8,6 +8,11 @@ rFID and Inception Score (optional, ``config.eval``; configs without an ``eval``
   "" = the statistics of the same split's originals, computed in the same pass;
 - ``eval.fid_method``: ``sqrtm`` (pytorch-fid, default) or ``eigh`` (same value, faster on CPUs).
 
+Clips ``[B, T, H, W, 3]`` (video tokenizers): ``psnr`` is each clip's PSNR over all its frames,
+``ssim`` the mean of its per-frame SSIM (``clip_scores``), ``num_images`` counts clips, rFID / IS
+are per frame (not rFVD), there is no thumbnail baseline, and the ``reconstructions`` grid is one
+pair of rows per clip, a column per frame (``clip_grid``).
+
 Images (originals and clipped reconstructions) are rounded to the uint8 grid before the pytorch-fid
 InceptionV3; ``rfid`` is the Fréchet distance of the 2048-d pool features, ``inception_score`` the
 one-split IS of the reconstructions' unbiased 1008-way logits (as the TiTok evaluator).
@@ -47,12 +52,34 @@ def eval_fn(task: Any) -> Callable:
     if fn is None or fn[0] is not task:
         def scores(model_params, model_state, images):
             rec, indices = task.reconstruct(model_params, model_state, images)
+            if images.ndim == 5:   # clips: clip_scores
+                return (rec, indices, *clip_scores(rec, images))
             return rec, indices, ev.psnr(rec, images, max_db=100.0), ev.ssim(rec, images)
 
         fn = (task, jax.jit(scores))
         _EVAL_FNS.clear()
         _EVAL_FNS[id(task)] = fn
     return fn[1]
+
+
+def clip_scores(rec: jax.Array, clips: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(psnr [B], ssim [B])`` of clips ``[B, T, H, W, 3]``: the PSNR of each clip's MSE over
+    all its frames, and the mean over its frames of the per-frame SSIM."""
+    b, t = clips.shape[:2]
+    flat = lambda x: x.reshape((b, t * x.shape[2], *x.shape[3:]))  # noqa: E731  frames stacked
+    per_frame = lambda x: x.reshape((b * t, *x.shape[2:]))  # noqa: E731
+    ssim = ev.ssim(per_frame(rec), per_frame(clips)).reshape((b, t)).mean(axis=1)
+    return ev.psnr(flat(rec), flat(clips), max_db=100.0), ssim
+
+
+def clip_grid(originals: np.ndarray, reconstructions: np.ndarray, max_clips: int = 4,
+              max_frames: int = 8) -> np.ndarray:
+    """The frame grid of clips ``[N, T, H, W, 3]``: one pair of rows per clip (its first
+    ``max_frames`` frames, originals over reconstructions), ``max_clips`` clips at most."""
+    a = np.asarray(originals)[:max_clips, :max_frames]
+    b = np.asarray(reconstructions)[:max_clips, :max_frames]
+    n, t = a.shape[:2]
+    return ev.make_grid(a.reshape((n * t, *a.shape[2:])), b.reshape((n * t, *b.shape[2:])), ncol=t)
 
 
 def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx: EvalContext,
@@ -63,13 +90,17 @@ def evaluate_reconstruction(task: Any, model_params: Any, model_state: Any, ctx:
     ``prefix_decode`` (``(model_params, model_state, ids [B, k]) -> images``, a variable-length
     tokenizer's evaluation decode) also the coarse-to-fine pictures (``coarse_to_fine``)."""
     spec = task.token_spec
-    bits = spec.num_tokens * spec.bits_per_token if spec.codebook_size else None
+    # the same-bit thumbnail baseline is an image baseline: none for clips (video tokenizers)
+    bits = spec.num_tokens * spec.bits_per_token if spec.codebook_size and not spec.is_video \
+        else None
     # multi-index tokens (fq / rq): one row of counts per factor / level (codebook_usage_{i}, ...)
     r = reconstruction_pass(eval_fn(task), model_params, model_state, ctx.config, ctx.mesh,
                             spec.codebook_sizes, ctx.max_images, bits_per_image=bits)
     metrics, images = r.metrics, {}
     num = int(ctx.config.get("samples", {}).get("num_images", 8))
-    if r.originals is not None:
+    if r.originals is not None and r.originals.ndim == 5:   # clips: a frame grid
+        images["reconstructions"] = clip_grid(r.originals[:num], r.reconstructions[:num])
+    elif r.originals is not None:
         images["reconstructions"] = ev.make_grid(r.originals[:num], r.reconstructions[:num])
     if jax.process_index() == 0 and r.counts is not None:  # only process 0 writes pictures
         hist = plots.try_plot("the codebook histogram", plots.render_codebook_histogram, r.counts)
@@ -251,6 +282,11 @@ class InceptionEval:
         return cls(_INCEPTION_CACHE[key], reference, method)
 
     def update(self, images: Any, reconstructions: Any, mask: np.ndarray) -> None:
+        if images.ndim == 5:   # clips: every frame is an image (a per-frame rFID, not rFVD)
+            t = images.shape[1]
+            images, reconstructions = (x.reshape((-1, *x.shape[2:]))
+                                       for x in (images, reconstructions))
+            mask = np.repeat(mask, t)
         out = self.features(self.params, reconstructions)
         self.fake.update(_gather(out["pool"]), mask)
         self.logits.append(_gather(out["logits_unbiased"])[mask])

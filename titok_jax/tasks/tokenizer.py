@@ -12,6 +12,13 @@ params stop-gradiented inside L_G), so that the one gradient the trainer takes i
 ``{'model': d(model loss), 'disc': d(discriminator loss)}``; every group is updated by its own
 optimizer. The logged ``loss`` is the model's. Images are float32 in [0, 1].
 
+Video tokenizers (``models.video_tokenizer.VideoTokenizer``: MAGVIT, MAGVIT-v2) train the same way
+on clips ``[B, T, H, W, 3]`` (``T = data.num_frames``, default the model's ``num_frames``; the
+init input is one such clip): the pixel loss is the mean over every frame, LPIPS and the ConvNeXt
+loss are taken per frame (:func:`frames`), ``token_spec`` carries ``num_frames`` and the latent
+grid ``(T', h, w)``, ``encode`` gives ids ``[B, T', h, w]``. There is no 3D discriminator: a GAN
+on clips is refused.
+
 The model state is ``{"model": collections, "lecam": LeCam EMAs}`` and, for a discriminator with
 non-param collections (the PatchGAN with ``norm="batch"``: taming's, Open-MAGVIT2's and FQGAN's),
 ``"disc": {"batch_stats": ...}``; such a discriminator runs in train mode in both passes, as
@@ -38,6 +45,7 @@ import jax.numpy as jnp
 from titok_jax import losses as L
 from titok_jax.models.discriminator import build_discriminator
 from titok_jax.models.registry import build_model, resolve_compute_dtype
+from titok_jax.models.video_tokenizer import VideoTokenizer
 from titok_jax.quantizers.lfq import entropy_anneal_factor
 from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
 
@@ -50,10 +58,20 @@ def model_token_spec(model: Any) -> TokenSpec:
     model has (``image_size``, ``num_latent_tokens``, ``token_size``, ``codebook_size``: None for
     continuous tokens, ``quantizer_name``, ``num_codebooks``: k ids per token for ``fq`` / ``rq``)."""
     k = model.codebook_size
+    video = {}
+    if isinstance(model, VideoTokenizer):   # clips in, ids [B, T', h, w] out
+        video = dict(num_frames=int(model.num_frames),
+                     latent_shape=tuple(int(d) for d in model.latent_shape))
     return TokenSpec(image_size=int(model.image_size), num_tokens=int(model.num_latent_tokens),
                      codebook_size=None if k is None else int(k),
                      token_dim=int(model.token_size) or None, quantizer=str(model.quantizer_name),
-                     num_codebooks=int(model.num_codebooks))
+                     num_codebooks=int(model.num_codebooks), **video)
+
+
+def frames(x: jax.Array) -> jax.Array:
+    """Clips ``[B, T, H, W, C]`` -> frames ``[B T, H, W, C]`` (images unchanged): what the
+    per-frame losses (LPIPS, ConvNeXt) see."""
+    return x.reshape((-1, *x.shape[2:])) if x.ndim == 5 else x
 
 
 @register_task("tokenizer")
@@ -62,6 +80,11 @@ class TokenizerTask(TokenizerTaskBase):
         super().__init__(config, inference=inference)
         self.model = build_model(config.model, dtype=config.compute_dtype)
         self.image_size = int(config.data.image_size)
+        # a video tokenizer trains on clips [B, T, S, S, 3] (T = data.num_frames, default the
+        # model's nominal clip length); 0 = images [B, S, S, 3]
+        self.num_frames = 0
+        if isinstance(self.model, VideoTokenizer):
+            self.num_frames = int(config.data.get("num_frames", 0) or self.model.num_frames)
         self.disc = None
         if inference:  # the losses are training-only (an imported workdir carries none)
             return
@@ -84,6 +107,9 @@ class TokenizerTask(TokenizerTaskBase):
         self.entropy_anneal = (float(lc.get("entropy_anneal_ratio", 0.0) or 0.0),
                                int(lc.get("entropy_anneal_steps", 2000) or 2000))
         # losses.discriminator.name: "patchgan" (default, NLayerDiscriminator) or "maskbit".
+        if self.gan_weight > 0 and self.num_frames:
+            raise ValueError("losses.gan_weight > 0 for a video tokenizer needs a 3D "
+                             "discriminator, which is not implemented yet; set gan_weight=0")
         self.disc = build_discriminator(lc.discriminator) if self.gan_weight > 0 else None
         # "" = the fixed gan_weight; "decoder/conv_out/kernel" = taming's adaptive weight on it
         # (a key older configs lack: they read "")
@@ -92,6 +118,8 @@ class TokenizerTask(TokenizerTaskBase):
 
     # ------------------------------------------------------------------ setup
     def _dummy(self) -> jax.Array:
+        if self.num_frames:   # one clip
+            return jnp.zeros((1, self.num_frames, self.image_size, self.image_size, 3), jnp.float32)
         return jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
 
     def init(self, key: jax.Array) -> tuple[dict, dict]:
@@ -171,11 +199,12 @@ class TokenizerTask(TokenizerTaskBase):
                                      if recon is None else recon)
         total = self.recon_weight * metrics["reconstruction"]
         if self.lpips_weight > 0:
-            metrics["perceptual"] = L.lpips_loss(constants["lpips"], rec, images,
+            metrics["perceptual"] = L.lpips_loss(constants["lpips"], frames(rec), frames(images),
                                                  dtype=self.perceptual_dtype)
             total = total + self.lpips_weight * metrics["perceptual"]
         if self.convnext_weight > 0:
-            metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], rec, images,
+            metrics["perceptual_convnext"] = L.convnext_loss(constants["convnext"], frames(rec),
+                                                             frames(images),
                                                              dtype=self.perceptual_dtype)
             total = total + self.convnext_weight * metrics["perceptual_convnext"]
         return total
@@ -318,6 +347,8 @@ class TokenizerTask(TokenizerTaskBase):
     def features(self, model_params: Any, model_state: Any, images: jax.Array) -> jax.Array:
         codes, _ = self.model.apply(self._variables(model_params, model_state),
                                     images.astype(jnp.float32), train=False, method="encode")
+        if self.num_frames:   # a video tokenizer's code grid [B, T', h, w, C] -> [B, N, C]
+            codes = codes.reshape((codes.shape[0], -1, codes.shape[-1]))
         return codes.astype(jnp.float32)
 
     def decode(self, model_params: Any, model_state: Any, tokens: jax.Array, *,

@@ -50,6 +50,15 @@ class TokenSpec:
     noise_shape: tuple[int, ...] | None = None  # one example's initial sampler noise (flow decoders)
     decoder_visible: bool = False   # decode also takes visible patches (completion from tokens)
     num_codebooks: int = 1          # k ids per token (fq / rq): ids [B, N, k]
+    # video tokenizers: the nominal clip length T (0 = an image tokenizer) and the latent grid
+    # (T', h, w) of the nominal clip [T, image_size, image_size]; ids [B, T', h, w]
+    num_frames: int = 0
+    latent_shape: tuple[int, ...] | None = None
+
+    @property
+    def is_video(self) -> bool:
+        """True for a video tokenizer (clips ``[B, T, H, W, 3]`` in, ids ``[B, T', h, w]`` out)."""
+        return self.num_frames > 0
 
     @property
     def continuous(self) -> bool:
@@ -57,7 +66,10 @@ class TokenSpec:
 
     @property
     def ids_shape(self) -> tuple[int, ...]:
-        """One image's ids: ``(num_tokens,)`` or ``(num_tokens, num_codebooks)``."""
+        """One image's ids: ``(num_tokens,)`` or ``(num_tokens, num_codebooks)`` (a video
+        tokenizer: one nominal clip's ``(T', h, w)``, plus ``(num_codebooks,)`` when > 1)."""
+        if self.latent_shape is not None:
+            return tuple(self.latent_shape) + ((self.num_codebooks,) if self.num_codebooks > 1 else ())
         return (self.num_tokens,) if self.num_codebooks == 1 else (self.num_tokens, self.num_codebooks)
 
     @property

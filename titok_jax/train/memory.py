@@ -241,6 +241,10 @@ def abstract_batch(config: Any, task: Any, mesh: Any) -> dict:
     b, size = int(config.batch_size), int(config.data.image_size)
     source = str(config.data.source)
     known = {"image": ((b, size, size, 3), np.float32), "label": ((b,), np.int32)}
+    from titok_jax.data.video import DEFAULT_NUM_FRAMES, is_video_spec
+    if is_video_spec(source):   # clips [B, T, S, S, 3] (data/video.py)
+        t = int(config.data.get("num_frames", 0) or DEFAULT_NUM_FRAMES)
+        known["image"] = ((b, t, size, size, 3), np.float32)
     if source.startswith("tokens:"):
         from titok_jax.data.tokens import read_token_meta, token_shape
         known["tokens"] = ((b, *token_shape(read_token_meta(source[len("tokens:"):]))), np.int32)
