@@ -23,9 +23,12 @@ TOKENIZER_LOSSES = {
     "lecam_decay": 0.999,
     "lecam_per_sample": False,       # True: mean(relu(r - a_F)^2) + mean(relu(a_R - f)^2) over
                                      # the logits (LeCam's code, Open-MAGVIT2); False: of their means
+    "r1_weight": 0.0,                # > 0: + r1_weight x R1 penalty on real inputs in D's loss
+                                     # (MAGVIT v1: 10 with its 3D StyleGAN discriminator)
     "entropy_anneal_ratio": 0.0,     # > 0: the quantizer's entropy term x (1 + ratio max(0, 1 -
     "entropy_anneal_steps": 2000,    # step / steps)) (Open-MAGVIT2's codebook_enlarge_{ratio,steps})
-    "discriminator": {},             # name: patchgan (default) | maskbit, and its arguments
+    "discriminator": {},             # name: patchgan (default) | maskbit (images), stylegan3d |
+                                     # patchgan3d (clips), and its arguments
     "adaptive_weight_layer": "",     # "" = fixed gan_weight; a model param path (taming:
                                      # "decoder/conv_out/kernel") = taming's adaptive GAN weight
 }

@@ -21,10 +21,15 @@ res blocks, 256-d codes, 1024 codes: 16 x 128^2 -> 4 x 16 x 16 = 1024 tokens (re
 Recipe (reference/magvit.md 1.6): L2 on [0, 1] pixels, EMA 0.999, AdamW lr 1e-4 with betas (0.0,
 0.99), no weight decay, linear warmup over one epoch then cosine decay, batch 128 for 500 epochs
 (the epoch here is UCF-101's 13 320 videos / 128 = 104 steps: an assumption, the v1 configs count
-epochs of their own UCF-101 split). NOT here yet, so this variant is NOT the full recipe:
-- the GAN: MAGVIT v1 trains a StyleGAN-style 3D discriminator (non-saturating loss, generator weight
-  0.1, R1 penalty 10); no 3D discriminator is implemented, so gan_weight is 0 (the trainer refuses
-  a GAN on clips);
+epochs of their own UCF-101 split). The GAN (reference/magvit.md 1.5-1.6): MAGVIT v1's
+StyleGAN-style 3D discriminator (`stylegan3d`, models/discriminator3d.py: filters 64, multipliers
+(2, 4, 4, 4, 4), no norm, 2x2x2 average-pool down; one logit per clip), the non-saturating loss
+with a fixed generator weight 0.1 from step 0 (v1 has no start step), the R1 penalty 10 x
+mean_b ||dD/dx_real||^2, no LeCam; D's optimizer is the model's (AdamW 1e-4, betas (0.0, 0.99),
+same schedule), as v1's. (Our non-saturating D loss is halved, taming's convention; v1 sums the
+real and fake terms.) `tiny` carries a small stylegan3d but keeps gan_weight 0:
+`--config.losses.gan_weight=0.1` turns it on. NOT here yet, so this variant is NOT the full
+recipe:
 - the perceptual loss: 0.1 x L2 between ResNet-50 ImageNet logits of the frames; no ResNet-50 is
   available, so perceptual_weight is 0 (LPIPS per frame is available as
   `--config.losses.perceptual_weight=W --config.losses.perceptual_weights=lpips_vgg.safetensors`,
@@ -92,9 +97,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "weight_decay": 1e-4 if tiny else 0.0, "grad_clip": 1.0 if tiny else 0.0,
         "accumulation_steps": 1, "ema_decay": 0.999, "no_decay": "", "frozen": "",
     })
-    # L2 + the VQ's terms; no GAN (no 3D discriminator yet) and no perceptual loss (module docstring)
-    c.losses = _COMMON["tokenizer_losses"](reconstruction="l2", reconstruction_weight=1.0,
-                                           perceptual_weight=0.0, gan_weight=0.0)
+    # L2 + the VQ's terms + (published) the 3D StyleGAN discriminator with R1; no perceptual loss
+    # (module docstring)
+    disc = ({"name": "stylegan3d", "filters": 16, "channel_multipliers": (1, 2)} if tiny else
+            {"name": "stylegan3d", "filters": model["hidden_channels"],
+             "channel_multipliers": (2, 4, 4, 4, 4)})
+    c.losses = _COMMON["tokenizer_losses"](
+        reconstruction="l2", reconstruction_weight=1.0, perceptual_weight=0.0,
+        gan_weight=0.0 if tiny else 0.1, gan_start_step=0, gan_loss="non_saturating",
+        lecam_weight=0.0, r1_weight=10.0, discriminator=disc)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES

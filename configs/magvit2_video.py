@@ -25,9 +25,14 @@ video one (reference/magvit.md 5), the one published for this architecture: L1 (
 codebook), commitment 0.25), Adam lr 1e-4 betas (0.5, 0.9), no weight decay, cosine decay to
 0.01 x lr after a warmup of 2 epochs, EMA 0.999, batch 128; the length is OM2's 2000 epochs of
 UCF-101 (9 537 clips of trainlist01 / 128 = 75 steps an epoch: 150 000 steps), to be set for
-Kinetics-600 with --config.total_steps. NOT here yet, so this variant is NOT the full recipe:
-- the GAN: OM2 trains a 3D PatchGAN (BatchNorm, hinge, generator weight 0.3, LeCam 0.05);
-  no 3D discriminator is implemented, so gan_weight is 0 (the trainer refuses a GAN on clips);
+Kinetics-600 with --config.total_steps. The GAN is OM2's video one (reference/magvit.md 5): a 3D
+PatchGAN (`patchgan3d`, models/discriminator3d.py: ndf 64, 3 layers, 3x3x3 kernels, BatchNorm in
+train mode, time halved by the first two convs: 17 x 128^2 -> 5 x 16 x 16 logits), hinge D loss,
+the non-saturating generator loss of each clip's mean logit with a fixed weight 0.3, LeCam 0.05
+(per logit, decay 0.999), from step 0 (as OM2's image recipe; the video config's start step
+is not in the notes); D's optimizer is the model's. `tiny` carries a small patchgan3d
+(GroupNorm) but keeps gan_weight 0: `--config.losses.gan_weight=0.3` turns it on. NOT here yet,
+so this variant is NOT the full recipe:
 - the inflation from the image model (`models.magvit2_video.inflate_from_image` exists; no
   `init_from` wiring) and the import of Open-MAGVIT2's video checkpoint.
 
@@ -96,10 +101,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "weight_decay": 1e-4 if tiny else 0.0, "grad_clip": 1.0 if tiny else 0.0,
         "accumulation_steps": 1, "ema_decay": 0.999, "no_decay": "", "frozen": "",
     })
-    # L1 + (published) LPIPS per frame + LFQ's terms; no GAN: no 3D discriminator yet (docstring)
+    # L1 + (published) LPIPS per frame + LFQ's terms + (published) OM2's 3D PatchGAN (docstring)
+    disc = ({"name": "patchgan3d", "ndf": 16, "n_layers": 2, "norm": "group", "num_groups": 8}
+            if tiny else {"name": "patchgan3d", "ndf": 64, "n_layers": 3, "norm": "batch"})
     c.losses = _COMMON["tokenizer_losses"](
         reconstruction="l1", reconstruction_weight=2.0, perceptual_weight=0.0 if tiny else 1.0,
-        gan_weight=0.0)
+        gan_weight=0.0 if tiny else 0.3, gan_start_step=0, gan_loss="hinge_nonsat",
+        lecam_weight=0.0 if tiny else 0.05, lecam_decay=0.999, lecam_per_sample=True,
+        discriminator=disc)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES

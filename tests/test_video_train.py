@@ -129,20 +129,31 @@ def test_video_configs_and_refusals():
     ucf = mv.get_config("ucf_16x128")
     assert (ucf.model.num_frames, ucf.model.image_size, ucf.model.quantizer.codebook_size) == \
         (16, 128, 1024)
-    assert ucf.losses.gan_weight == 0 and ucf.data.num_frames == 16
+    assert ucf.data.num_frames == 16
+    # MAGVIT v1's GAN: 3D StyleGAN D, non-saturating, weight 0.1, R1 10 (tiny: off)
+    assert (ucf.losses.gan_weight, ucf.losses.gan_loss, ucf.losses.r1_weight) == \
+        (0.1, "non_saturating", 10.0)
+    assert ucf.losses.discriminator.name == "stylegan3d"
+    assert mv.get_config("tiny").losses.gan_weight == 0
     mv2 = load_config_module("magvit2_video")
     k600 = mv2.get_config("k600_17x128")
     assert (k600.model.num_frames, k600.model.z_channels, k600.data.num_frames) == (17, 18, 17)
-    assert k600.losses.reconstruction == "l1" and k600.losses.gan_weight == 0
+    assert k600.losses.reconstruction == "l1"
+    # Open-MAGVIT2's video GAN: 3D PatchGAN (BatchNorm), weight 0.3, LeCam 0.05 (tiny: off)
+    assert (k600.losses.gan_weight, k600.losses.lecam_weight) == (0.3, 0.05)
+    assert (k600.losses.discriminator.name, k600.losses.discriminator.norm) == ("patchgan3d", "batch")
+    assert mv2.get_config("tiny").losses.gan_weight == 0
     assert mv2.get_config("tiny,quantizer=fsq").model.quantizer.name == "fsq"
     from titok_jax.tasks import get_task
     for config, latent in ((ucf, (4, 16, 16)), (k600, (5, 16, 16))):   # the published shapes build
         task = get_task(config)
         params, _ = jax.eval_shape(task.init, jax.random.key(0))
         assert sum(x.size for x in jax.tree.leaves(params["model"])) > 3e7
+        assert "disc" in params   # the 3D discriminator, built on one clip
         assert task.token_spec.latent_shape == latent
     c = mv2.get_config("tiny")
     c.losses.gan_weight = 0.1
+    c.losses.discriminator = {"name": "patchgan"}   # a 2D discriminator on clips
     with pytest.raises(ValueError, match="3D discriminator"):
         get_task(c)
 

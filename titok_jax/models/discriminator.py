@@ -230,12 +230,15 @@ DISCRIMINATORS = {"patchgan": NLayerDiscriminator, "maskbit": MaskBitDiscriminat
 
 
 def build_discriminator(config: Any) -> nn.Module:
-    """``config["name"]`` (``"patchgan"`` by default, or ``"maskbit"``) + that class's kwargs."""
+    """``config["name"]`` (``"patchgan"`` by default, or ``"maskbit"``; for clips the 3-D
+    ``"stylegan3d"`` / ``"patchgan3d"`` of ``models.discriminator3d``) + that class's kwargs."""
+    from titok_jax.models.discriminator3d import VIDEO_DISCRIMINATORS   # imports this module
     kwargs = dict(config or {})
     name = kwargs.pop("name", "patchgan")
-    if name not in DISCRIMINATORS:
-        raise ValueError(f"unknown discriminator {name!r}; expected one of {sorted(DISCRIMINATORS)}")
-    cls = DISCRIMINATORS[name]
+    known = {**DISCRIMINATORS, **VIDEO_DISCRIMINATORS}
+    if name not in known:
+        raise ValueError(f"unknown discriminator {name!r}; expected one of {sorted(known)}")
+    cls = known[name]
     unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__) - {"parent", "name"})
     if unknown:
         raise ValueError(f"discriminator {name!r}: unknown option(s) {unknown}")

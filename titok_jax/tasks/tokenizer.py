@@ -16,8 +16,14 @@ Video tokenizers (``models.video_tokenizer.VideoTokenizer``: MAGVIT, MAGVIT-v2) 
 on clips ``[B, T, H, W, 3]`` (``T = data.num_frames``, default the model's ``num_frames``; the
 init input is one such clip): the pixel loss is the mean over every frame, LPIPS and the ConvNeXt
 loss are taken per frame (:func:`frames`), ``token_spec`` carries ``num_frames`` and the latent
-grid ``(T', h, w)``, ``encode`` gives ids ``[B, T', h, w]``. There is no 3D discriminator: a GAN
-on clips is refused.
+grid ``(T', h, w)``, ``encode`` gives ids ``[B, T', h, w]``. Their GAN needs a 3-D discriminator
+(``losses.discriminator.name``: ``"stylegan3d"``, MAGVIT v1's, or ``"patchgan3d"``, Open-MAGVIT2's;
+``models.discriminator3d``), built on one clip; a 2-D one on clips (or a 3-D one on images) is a
+one-line ``ValueError``.
+
+``config.losses.r1_weight`` > 0 adds ``r1_weight * R1`` to the discriminator's loss (MAGVIT v1:
+10; ``losses.gan.r1_penalty`` at the real batch, logged as ``gan/r1``); 0 (the default, and what
+older configs read) computes nothing.
 
 The model state is ``{"model": collections, "lecam": LeCam EMAs}`` and, for a discriminator with
 non-param collections (the PatchGAN with ``norm="batch"``: taming's, Open-MAGVIT2's and FQGAN's),
@@ -44,6 +50,7 @@ import jax.numpy as jnp
 
 from titok_jax import losses as L
 from titok_jax.models.discriminator import build_discriminator
+from titok_jax.models.discriminator3d import VIDEO_DISCRIMINATORS
 from titok_jax.models.registry import build_model, resolve_compute_dtype
 from titok_jax.models.video_tokenizer import VideoTokenizer
 from titok_jax.quantizers.lfq import entropy_anneal_factor
@@ -106,10 +113,17 @@ class TokenizerTask(TokenizerTaskBase):
         self.lecam_per_sample = bool(lc.get("lecam_per_sample", False))
         self.entropy_anneal = (float(lc.get("entropy_anneal_ratio", 0.0) or 0.0),
                                int(lc.get("entropy_anneal_steps", 2000) or 2000))
-        # losses.discriminator.name: "patchgan" (default, NLayerDiscriminator) or "maskbit".
-        if self.gan_weight > 0 and self.num_frames:
-            raise ValueError("losses.gan_weight > 0 for a video tokenizer needs a 3D "
-                             "discriminator, which is not implemented yet; set gan_weight=0")
+        self.r1_weight = float(lc.get("r1_weight", 0.0) or 0.0)
+        # losses.discriminator.name: "patchgan" (default, NLayerDiscriminator) or "maskbit";
+        # for clips "stylegan3d" or "patchgan3d" (models.discriminator3d)
+        if self.gan_weight > 0:
+            name = (lc.discriminator or {}).get("name", "patchgan")
+            if bool(self.num_frames) != (name in VIDEO_DISCRIMINATORS):
+                want = (f"a 3D discriminator ({' or '.join(sorted(VIDEO_DISCRIMINATORS))})"
+                        if self.num_frames else "a 2D discriminator (patchgan or maskbit)")
+                raise ValueError(f"losses.discriminator.name={name!r} does not fit this "
+                                 f"{'video' if self.num_frames else 'image'} tokenizer's GAN: "
+                                 f"it needs {want}")
         self.disc = build_discriminator(lc.discriminator) if self.gan_weight > 0 else None
         # "" = the fixed gan_weight; "decoder/conv_out/kernel" = taming's adaptive weight on it
         # (a key older configs lack: they read "")
@@ -266,8 +280,9 @@ class TokenizerTask(TokenizerTaskBase):
     def _gan_terms(self, disc_params: Any, lecam_state: Any, images: jax.Array, rec: jax.Array,
                    step: jax.Array, metrics: dict, new_state: dict, vjp: Any = None,
                    nll_of: Any = None) -> jax.Array:
-        """``w_gan * L_G(D_sg(rec)) + L_D(D(images), D(sg(rec))) + w_lecam * LeCam``: the first term
-        moves only the model, the rest only the discriminator (``w_gan``: ``gan_weight``, or the
+        """``w_gan * L_G(D_sg(rec)) + L_D(D(images), D(sg(rec))) + w_lecam * LeCam`` (``+ w_r1 *
+        R1(images)`` when ``r1_weight > 0``): the first term moves only the model, the rest only
+        the discriminator (``w_gan``: ``gan_weight``, or the
         adaptive weight from ``vjp`` and ``nll_of`` when given). Before ``gan_start_step`` neither
         runs (``lax.cond``): the terms read 0 and so do both gradients; the LeCam EMAs (and a
         BatchNorm discriminator's running statistics, ``new_state["disc"]``) stay.
@@ -304,18 +319,25 @@ class TokenizerTask(TokenizerTaskBase):
             lecam, lecam_next = L.lecam_regularizer(real_logits, fake_logits, lecam_state,
                                                     decay=self.lecam_decay,
                                                     per_sample=self.lecam_per_sample)
-            return d, lecam, lecam_next, stats
+            r1 = jnp.zeros((), jnp.float32)
+            if self.r1_weight > 0:   # at the real batch (a BatchNorm D: its batch statistics)
+                r1 = L.r1_penalty(lambda x: self._disc(p, stats1, x)[0], images)
+            return d, lecam, r1, lecam_next, stats
 
         def no_disc(p):
             zero = jnp.zeros((), jnp.float32)
-            return zero, zero, lecam_state, stats1
+            return zero, zero, zero, lecam_state, stats1
 
-        d, lecam, new_state["lecam"], stats2 = self._after_start(step, disc_terms, no_disc,
-                                                                 disc_params)
+        d, lecam, r1, new_state["lecam"], stats2 = self._after_start(step, disc_terms, no_disc,
+                                                                     disc_params)
         if stats2 is not None:
             new_state["disc"] = stats2
         metrics.update({"gan/discriminator": d, "gan/lecam": lecam})
-        return metrics["gan/weight"] * metrics["gan/generator"] + d + self.lecam_weight * lecam
+        total = metrics["gan/weight"] * metrics["gan/generator"] + d + self.lecam_weight * lecam
+        if self.r1_weight > 0:
+            metrics["gan/r1"] = r1
+            total = total + self.r1_weight * r1
+        return total
 
     def _after_start(self, step: jax.Array, on: Any, off: Any, operand: Any) -> Any:
         """``on(operand)`` once ``step >= gan_start_step``, else ``off(operand)``; only the chosen
