@@ -1,7 +1,11 @@
 """``titok-jax generate``: a generator workdir + a tokenizer workdir -> images (and gFID / IS).
 
 Both ``--workdir`` and ``--tokenizer`` take ``hf:ORG/NAME`` (a release in the local Hugging Face
-cache, converted once): ``common.parse`` resolves them (``common.WORKDIR_FLAGS``)."""
+cache, converted once): ``common.parse`` resolves them (``common.WORKDIR_FLAGS``).
+
+A video generator (MaskGIT over a video tokenizer's latent grid) writes a GIF per clip (and an mp4
+with PyAV), ``grid.png`` (a row of frames per clip) and ``tokens.npz``; ``--first_frame IMG``
+predicts the clips that start with that image (a causal MAGVIT-v2 tokenizer encodes it alone)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +16,8 @@ from typing import Any, Sequence
 from titok_jax.commands.common import UsageError, check_npz_input, check_output_dir, parse, require
 from titok_jax.outputs import check_new_outputs, define_overwrite
 
-# The PNG names ``generation.generate_images`` writes: ``{index:06d}_class{K}.png``.
-_IMAGE_NAME = re.compile(r"^(\d{6,})_class-?\d+\.png$")
+# The names ``generation.generate_images`` writes: ``{index:06d}_class{K}.png`` (videos: .gif, .mp4).
+_IMAGE_NAME = re.compile(r"^(\d{6,})_class-?\d+\.(png|gif|mp4)$")
 
 
 def _flags(fv: Any) -> None:
@@ -41,7 +45,10 @@ def _flags(fv: Any) -> None:
                         "from titok-jax fid-reference", flag_values=fv)
     flags.DEFINE_integer("is_splits", 1, "splits of the Inception Score (ADM uses 10 over 50k)",
                          flag_values=fv)
-    flags.DEFINE_bool("save_images", True, "write one PNG per image", flag_values=fv)
+    flags.DEFINE_bool("save_images", True, "write one PNG per image (a GIF per clip)", flag_values=fv)
+    flags.DEFINE_string("first_frame", None, "IMG: a video generator predicts clips that start with "
+                        "this image (its ids from a causal video tokenizer stay fixed)", flag_values=fv)
+    flags.DEFINE_float("fps", 8.0, "frames per second of the videos written", flag_values=fv)
     define_overwrite(fv)
 
 
@@ -74,20 +81,32 @@ def generate(argv: Sequence[str]) -> int:
         raise UsageError("--fid_reference needs --inception_weights")
     check_npz_input(fv.inception_weights, "inception_weights")
     check_npz_input(fv.fid_reference, "fid_reference")
+    if fv.first_frame is not None and not os.path.isfile(fv.first_frame):
+        raise FileNotFoundError(f"--first_frame {fv.first_frame} does not exist")
+    if fv.fps <= 0:
+        raise UsageError("--fps must be > 0")
     existing = _existing_outputs(fv)
     check_new_outputs(existing, fv.overwrite)  # before any model is loaded
     from titok_jax.api import load_tokenizer
-    from titok_jax.generation import class_labels, generate_images, load_generator
+    from titok_jax.generation import class_labels, first_frame_tokens, generate_images, load_generator
     gen = load_generator(fv.workdir)
     tok = load_tokenizer(fv.tokenizer, batch_size=fv.batch_size)
+    first = None
+    if fv.first_frame is not None:
+        if not gen.grid_shape:
+            raise UsageError("--first_frame needs a video generator (MaskGIT over a video "
+                             "tokenizer's latent grid: configs/maskgit.py:video_tiny)")
+        first = first_frame_tokens(tok, fv.first_frame)
     sampler = {k: v for k, v in (("steps", fv.steps), ("guidance_scale", fv.guidance_scale),
                                  ("randomize_temperature", fv.temperature), ("max_len", fv.max_len))
                if v is not None}
     out = generate_images(gen, tok, fv.output, class_labels(fv.num, gen.num_classes, fv.class_id),
                           batch_size=fv.batch_size, seed=fv.seed, sampler=sampler,
                           inception_weights=fv.inception_weights, fid_reference=fv.fid_reference,
-                          is_splits=fv.is_splits, save_images=fv.save_images, tokenizer_name=fv.tokenizer)
-    print(f"generated {fv.num} image(s) -> {fv.output} (grid: {out['grid']})")
+                          is_splits=fv.is_splits, save_images=fv.save_images, tokenizer_name=fv.tokenizer,
+                          first_frame=first, fps=fv.fps)
+    what = "clip" if gen.grid_shape else "image"
+    print(f"generated {fv.num} {what}(s) -> {fv.output} (grid: {out['grid']})")
     if out["metrics"] is not None:
         print(json.dumps(out["metrics"]))
     return 0

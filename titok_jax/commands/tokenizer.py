@@ -126,6 +126,8 @@ def _tokenize_flags(fv: Any) -> None:
                       "one pass)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of the --data augmentations", flag_values=fv)
     flags.DEFINE_integer("shard_size", 65536, "token rows per shard file", flag_values=fv)
+    flags.DEFINE_integer("frame_stride", 1, "a video tokenizer on a clip source (sample_video, "
+                         "video_folder:PATH): take every k-th frame", flag_values=fv)
 
 
 def tokenize(argv: Sequence[str]) -> int:
@@ -220,8 +222,8 @@ def _tokenize_data(argv: Sequence[str]) -> int:
     if fv.input:
         raise UsageError("give either --input (image files -> tokens.npz) or --data (a data source "
                          "-> token shards), not both")
-    if fv.batch_size < 1 or fv.shard_size < 1:
-        raise UsageError("--batch_size and --shard_size must be >= 1")
+    if fv.batch_size < 1 or fv.shard_size < 1 or fv.frame_stride < 1:
+        raise UsageError("--batch_size, --shard_size and --frame_stride must be >= 1")
     if fv.overwrite:
         raise UsageError("--overwrite does not apply to token shards: --output must be a new or "
                          "empty directory (remove the old data set first)")
@@ -236,10 +238,11 @@ def _tokenize_data(argv: Sequence[str]) -> int:
     meta = tokenize_source(
         fv.output, tok.encode, fv.data, image_size=tok.image_size, batch_size=fv.batch_size,
         split=fv.split, epochs=fv.epochs, augment=fv.augment, seed=fv.seed, data_dir=fv.data_dir,
-        shard_size=fv.shard_size, progress=True,
+        shard_size=fv.shard_size, progress=True, num_frames=tok.num_frames,
+        frame_stride=fv.frame_stride,
         meta={"tokenizer": os.path.abspath(fv.workdir), "tokenizer_step": tok.step,
               "codebook_size": tok.codebook_size})
-    print(f"tokenized {meta['count']} image(s) ({fv.epochs} pass(es) over {fv.data}:{fv.split}) -> "
+    print(f"tokenized {meta['count']} {'clip' if tok.num_frames else 'image'}(s) ({fv.epochs} pass(es) over {fv.data}:{fv.split}) -> "
           f"{fv.output} ({len(meta['shards'])} shard(s) of {meta['num_tokens']} tokens"
           + (f" x {meta['num_codebooks']} ids" if meta.get("num_codebooks", 1) > 1 else "") + ")")
     return 0

@@ -11,6 +11,11 @@ A token data set is a directory::
     DIR/labels_00000.npy       int32 [n_0] class ids in [0, C), or -1 when the source has none
     ...
 
+A video tokenizer's ids ``[n, T', h, w]`` are stored flattened, ``[n, T' h w]`` (time first), with
+``"latent_shape": [T', h, w]`` and ``"num_frames": T`` in ``meta.json``; ``tokenize --data
+sample_video`` (or ``video_folder:PATH``) writes them from clips
+(``data.video.clip_batches_for_tokenizing``).
+
 Shards are plain ``.npy`` files opened memory-mapped, so a data set larger than RAM reads only the
 rows a batch needs. ``meta.json`` is written last: a directory without it is an interrupted write
 and is refused by the reader. Each augmented pass over the source (``epochs``) is one more set of
@@ -160,6 +165,15 @@ def _check_meta(meta: dict[str, Any], meta_path: str) -> None:
     _int_field(meta.get("codebook_size"), f"{meta_path}: codebook_size", 1, optional=True)
     _int_field(meta.get("num_codebooks"), f"{meta_path}: num_codebooks", 1, optional=True)
     _int_field(meta.get("num_classes") or 0, f"{meta_path}: num_classes", 0)
+    latent = meta.get("latent_shape")
+    if latent is not None:
+        if not isinstance(latent, list) or not latent:
+            raise ValueError(f"{meta_path}: latent_shape must be a list of sizes, got {latent!r}")
+        for i, d in enumerate(latent):
+            _int_field(d, f"{meta_path}: latent_shape[{i}]", 1)
+        if int(np.prod(latent)) != meta.get("num_tokens"):
+            raise ValueError(f"{meta_path}: latent_shape {latent} does not hold num_tokens "
+                             f"{meta.get('num_tokens')} tokens")
     shards = meta.get("shards")
     if not isinstance(shards, list) or not all(
             isinstance(s, dict) and isinstance(s.get("tokens"), str) and isinstance(s.get("labels"), str)
@@ -360,29 +374,61 @@ def image_batches_for_tokenizing(source: Any, image_size: int, batch_size: int, 
 def tokenize_source(out_dir: str, encode: Callable[[np.ndarray], Any], source: str, *, image_size: int,
                     batch_size: int = 32, split: str = "train", epochs: int = 1, augment: bool = True,
                     seed: int = 0, data_dir: str | None = None, shard_size: int = 65536,
-                    meta: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+                    meta: dict[str, Any] | None = None, progress: bool = False,
+                    num_frames: int = 0, frame_stride: int = 1) -> dict[str, Any]:
     """Every image of ``source``/``split`` (``epochs`` passes, see
     :func:`image_batches_for_tokenizing`) encoded by ``encode(float32 [B,S,S,3] in [0,1]) -> int
     [B, T]`` (``[B, T, k]`` for a multi-index tokenizer) into a token data set at ``out_dir``. ``meta.json`` records the source, split, epochs,
     augmentation, seed and ``num_classes`` (the source's, else the largest label + 1) plus the
     entries of ``meta`` (e.g. ``tokenizer``, ``tokenizer_step``, ``codebook_size``); returns it.
-    ``progress``: a bar on stderr when stderr is a terminal."""
+    ``progress``: a bar on stderr when stderr is a terminal.
+
+    ``num_frames = T > 0`` (a video tokenizer; ``source`` a clip source): clips of ``T`` frames
+    (``data.video.clip_batches_for_tokenizing``), ``encode`` -> ``[B, T', h, w]`` stored flattened with
+    ``latent_shape`` and ``num_frames`` in the meta."""
     import sys
 
     from tqdm import tqdm
 
-    batches, rows, src = image_batches_for_tokenizing(
-        source, image_size, batch_size, split=split, epochs=epochs, augment=augment, seed=seed,
-        data_dir=data_dir)
+    from titok_jax.data.video import is_video_spec
+
+    video = int(num_frames or 0) > 0
+    if video != is_video_spec(source):
+        raise ValueError(f"data source {source!r} is {'clips' if not video else 'images'}, but "
+                         f"the tokenizer takes {'clips' if video else 'images'} (video tokenizers: "
+                         f"sample_video or video_folder:PATH; image tokenizers: sample, folder:PATH, "
+                         f"tfds:NAME)")
+    if video:
+        from titok_jax.data.video import clip_batches_for_tokenizing
+        batches, rows, src = clip_batches_for_tokenizing(
+            source, image_size, batch_size, num_frames=int(num_frames), frame_stride=frame_stride,
+            split=split, epochs=epochs, augment=augment, seed=seed)
+        latent: list[int] = []
+
+        def encode_flat(x: np.ndarray) -> np.ndarray:
+            ids = np.asarray(encode(np.asarray(x, np.float32)))
+            latent[:] = [int(d) for d in ids.shape[1:]]
+            return ids.reshape(ids.shape[0], -1)
+    else:
+        batches, rows, src = image_batches_for_tokenizing(
+            source, image_size, batch_size, split=split, epochs=epochs, augment=augment, seed=seed,
+            data_dir=data_dir)
     num_classes = getattr(src, "num_classes", None)
     if num_classes is None and getattr(src, "class_names", None) is not None:
         num_classes = len(src.class_names)
     meta = {**(meta or {}), "image_size": image_size, "source": source, "split": split,
             "epochs": epochs, "augment": augment, "seed": seed, "num_classes": int(num_classes or 0)}
-    bar = tqdm(total=rows, unit="img", desc="tokenize", file=sys.stderr,
+    bar = tqdm(total=rows, unit="clip" if video else "img", desc="tokenize", file=sys.stderr,
                disable=not (progress and sys.stderr.isatty()))
     try:
-        return write_token_dataset(out_dir, lambda x: encode(np.asarray(x, np.float32)), batches, meta,
-                                   shard_size=shard_size, progress=bar.update)
+        if not video:
+            return write_token_dataset(out_dir, lambda x: encode(np.asarray(x, np.float32)), batches,
+                                       meta, shard_size=shard_size, progress=bar.update)
+        writer = TokenShardWriter(out_dir, shard_size)
+        for batch in batches:
+            writer.add(encode_flat(batch["image"]), np.asarray(batch["label"]))
+            bar.update(len(batch["label"]))
+        return writer.close({**meta, "num_frames": int(num_frames), "frame_stride": int(frame_stride),
+                             "latent_shape": latent})
     finally:
         bar.close()

@@ -18,10 +18,12 @@ motion per entry), centre-cropped frames, padded to whole global batches with ``
 Batches have the image pipeline's keys: ``image`` float32 ``[B, T, S, S, 3]`` in ``value_range``,
 ``label`` int32 ``[B]``, ``index`` int64 ``[B]`` (+ ``mask`` bool ``[B]`` at eval).
 Config keys (``*_from_config``): ``data.num_frames`` (default 16), ``data.frame_stride`` (1).
+``clip_batches_for_tokenizing``: every clip of a source once per pass, for token shards
+(``titok-jax tokenize --data sample_video``; ``data.tokens.tokenize_source``).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import numpy as np
@@ -330,3 +332,32 @@ def video_eval_iterator_from_config(config, **overrides) -> grain.DatasetIterato
     kwargs.update(overrides)
     return make_video_eval_iterator(data.source, data.image_size, eval_batch_size(config),
                                     **kwargs)
+
+
+def clip_batches_for_tokenizing(source: Any, image_size: int, batch_size: int, *, num_frames: int,
+                                frame_stride: int = 1, split: str = "train", epochs: int = 1,
+                                augment: bool = True, seed: int = 0
+                                ) -> tuple[Iterator[dict[str, np.ndarray]], int, Any]:
+    """``data.tokens.image_batches_for_tokenizing`` for a clip source (``sample_video``,
+    ``video_folder:PATH``): every clip of ``num_frames`` frames, ``epochs`` times, as batches
+    ``{"image": float32 [b, T, S, S, 3], "label"}`` (the last one short). ``augment``: the video
+    training transform (a random temporal crop / camera path, spatial crop and flip per clip, seeded
+    by its position ``e * len + i``), else the evaluation clip (central crop; ``epochs`` must be 1)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not augment and epochs != 1:
+        raise ValueError("without augmentation every pass gives the same tokens; use epochs=1")
+    src = make_video_source(source, split, num_frames=num_frames, frame_stride=frame_stride,
+                            image_size=image_size, seed=seed, sample_repeats=None if augment else 1)
+    if len(src) == 0:
+        raise ValueError(f"video source {source!r} split {split!r} is empty")
+    ds = grain.MapDataset.range(len(src)).repeat(epochs)
+    if augment:
+        scale = getattr(src, "default_crop_scale", (1.0, 1.0))
+        transform = VideoTrainTransform(image_size, crop_scale=scale, flip=True)
+        ds = ds.map_with_index(_TrainElement(src, transform, seed, num_frames, frame_stride))
+    else:
+        transform = VideoEvalTransform(image_size, num_frames)
+        ds = ds.map(_EvalElement(src, transform, num_frames, frame_stride))
+    ds = ds.batch(batch_size, drop_remainder=False)
+    return iter(ds), len(src) * epochs, src

@@ -14,6 +14,11 @@ embedding table has ``K + C + 2`` rows. The class token is **prepended**, positi
 
 ``vit`` is HF ``BertModel`` (post-LN, eps 1e-12, exact GELU, separate q/k/v with biases, a token-type
 embedding whose row 0 is added, dropout on the embeddings, attention weights and both branches).
+``grid_shape`` (a video tokenizer's latent grid ``(T', h, w)``, ``N = T' h w`` tokens in row-major
+order, time first) swaps the learned ``[N+1, D]`` position table for a factorised 3D one
+(:class:`GridPositionEmbedding`): ``P[0] = p_cls`` and ``P[1 + (t, i, j)] = P_t[t] + P_h[i] + P_w[j]``;
+the rest of the model is unchanged (MAGVIT's masked video transformer over its 3D tokens).
+
 ``uvit`` blocks are U-ViT's (pre-LN eps 1e-5, fused q/k/v without bias, GELU MLP); the official
 ``UViTBert`` builds them without dropout. Init: N(0, 0.02) kernels, embeddings and position table,
 zero biases (HF ``initializer_range`` / U-ViT ``trunc_normal_(std=.02)``).
@@ -21,6 +26,7 @@ zero biases (HF ``initializer_range`` / U-ViT ``trunc_normal_(std=.02)``).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -73,11 +79,50 @@ class _UViTBlock(TransformerBlock):
         return super().__call__(x, deterministic=deterministic)
 
 
+class GridPositionEmbedding(nn.Module):
+    """Factorised position embedding of ``[class | grid tokens]``: ``x [B, 1 + prod(grid), D]``
+    plus ``concat(p_cls, sum_a P_a[index_a])`` with one learned ``[grid[a], D]`` table per grid axis
+    (``axis_0`` = time for a video grid ``(T', h, w)``) and one row for the class token; all
+    N(0, 0.02). Token ``1 + n`` sits at the row-major grid index of ``n``."""
+
+    grid_shape: tuple[int, ...]
+    features: int
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        d = self.features
+        self.axes = [self.param(f"axis_{a}", boxed(init_normal, (None, "embed")), (size, d),
+                                self.param_dtype) for a, size in enumerate(self.grid_shape)]
+        self.class_position = self.param("class_position", boxed(init_normal, (None, "embed")),
+                                         (1, d), self.param_dtype)
+
+    def table(self) -> jax.Array:
+        """The ``[1 + prod(grid), D]`` table (the class row first)."""
+        d = self.features
+        total = jnp.zeros((*self.grid_shape, d), self.param_dtype)
+        for a, p in enumerate(self.axes):
+            shape = [1] * len(self.grid_shape) + [d]
+            shape[a] = self.grid_shape[a]
+            total = total + p.reshape(shape)
+        return jnp.concatenate([self.class_position, total.reshape(-1, d)], axis=0)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        table = self.table()
+        if x.shape[-2] != table.shape[0]:
+            raise ValueError(f"{x.shape[-2] - 1} tokens for the grid {tuple(self.grid_shape)} of "
+                             f"{table.shape[0] - 1}")
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype) + table.astype(dtype)
+
+
 class MaskGITTransformer(nn.Module):
     """``(tokens [B, N] in [0, K], labels [B] in [0, C]) -> logits [B, N, K]`` float32.
 
     ``labels == num_classes`` is the null class (unconditional). ``depth`` is the official
     ``num_hidden_layers``: ``vit`` has ``depth`` layers, ``uvit`` ``depth + 1`` blocks.
+    ``grid_shape``: the tokens are a flattened grid (a video's ``(T', h, w)``, ``prod ==
+    num_tokens``; always all ``N`` of them) with factorised position embeddings.
     """
 
     codebook_size: int
@@ -91,8 +136,14 @@ class MaskGITTransformer(nn.Module):
     attention_dropout: float = 0.1
     arch: str = "vit"
     remat: bool = False
+    grid_shape: tuple[int, ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens of one latent frame ``h w`` (a grid's axes after the first); 0 without a grid."""
+        return math.prod(self.grid_shape[1:]) if self.grid_shape else 0
 
     @property
     def mask_id(self) -> int:
@@ -111,6 +162,13 @@ class MaskGITTransformer(nn.Module):
             raise ValueError(f"unknown MaskGIT arch {self.arch!r}; expected one of {ARCHS}")
         if self.arch == "uvit" and self.depth % 2:
             raise ValueError(f"uvit needs an even depth (in/out halves), got {self.depth}")
+        if self.grid_shape is not None:
+            if math.prod(self.grid_shape) != self.num_tokens or min(self.grid_shape) < 1:
+                raise ValueError(f"grid_shape {tuple(self.grid_shape)} does not hold num_tokens "
+                                 f"{self.num_tokens} tokens")
+            if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:
+                raise ValueError(f"tokens must be [B, {self.num_tokens}] (the grid "
+                                 f"{tuple(self.grid_shape)} flattened), got shape {tokens.shape}")
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.num_tokens:
             raise ValueError(f"tokens must be [B, N] with 1 <= N <= {self.num_tokens}, "
                              f"got shape {tokens.shape}")
@@ -131,9 +189,13 @@ class MaskGITTransformer(nn.Module):
         table = self.param("word_embeddings", boxed(init_normal, ("vocab", "embed")),
                            (self.vocab_size, w), self.param_dtype)
         x = constrain(take_rows(gathered(table), ids).astype(self.dtype), BTD)
-        x = LearnedPositionEmbedding(self.num_tokens + 1, w, embedding_init=init_normal,
-                                     dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name="position_embeddings")(x)
+        if self.grid_shape is None:
+            x = LearnedPositionEmbedding(self.num_tokens + 1, w, embedding_init=init_normal,
+                                         dtype=self.dtype, param_dtype=self.param_dtype,
+                                         name="position_embeddings")(x)
+        else:
+            x = GridPositionEmbedding(tuple(int(d) for d in self.grid_shape), w, dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name="position_embeddings")(x)
         mlp_dim = int(self.mlp_ratio * w)
         if self.arch == "vit":
             x = self._bert(x, mlp_dim, det)
@@ -204,18 +266,30 @@ def generate_tokens(model: MaskGITTransformer, variables: Any, labels: jax.Array
                     guidance_schedule: str = "constant", guidance_power: float = 3.0,
                     randomize_temperature: float = 1.0,
                     softmax_temperature_annealing: bool = False, mask_schedule: str = "arccos",
-                    confidence: str = "logits") -> jax.Array:
-    """Jitted class-conditional sampling: ``labels [B]`` -> code ids ``[B, N]`` (int32)."""
+                    confidence: str = "logits", first_frame: jax.Array | None = None) -> jax.Array:
+    """Jitted class-conditional sampling: ``labels [B]`` -> code ids ``[B, N]`` (int32).
+
+    ``first_frame`` (a grid model: int ids ``[B, h w]`` of the first latent frame, e.g. a causal
+    video tokenizer's ids of a first frame): frame prediction, those ``h w`` leading tokens are
+    given, never masked, and the schedule spreads the other ``N - h w`` over the steps."""
     # all-mask start built from `labels` so that it carries their (batch) sharding
     init = jnp.zeros_like(labels, jnp.int32)[:, None] + jnp.full((1, model.num_tokens),
                                                                    model.mask_id, jnp.int32)
+    num_fixed = 0
+    if first_frame is not None:
+        num_fixed = model.frame_tokens
+        if not num_fixed or first_frame.shape != (labels.shape[0], num_fixed):
+            raise ValueError(f"first_frame must be ids [{labels.shape[0]}, {num_fixed}] of a grid "
+                             f"model's first latent frame, got {first_frame.shape}"
+                             if num_fixed else "first_frame needs a model with a grid_shape")
+        init = init.at[:, :num_fixed].set(first_frame.astype(jnp.int32))
     return maskgit_sample(
         class_logits_fn(model, variables, labels), key, labels.shape[0], model.num_tokens,
         model.mask_id, init_tokens=init, steps=steps, guidance_scale=guidance_scale,
         guidance_schedule=guidance_schedule, guidance_power=guidance_power,
         randomize_temperature=randomize_temperature,
         softmax_temperature_annealing=softmax_temperature_annealing,
-        mask_schedule=mask_schedule, confidence=confidence)
+        mask_schedule=mask_schedule, confidence=confidence, num_fixed=num_fixed)
 
 
 # --------------------------------------------------------------------------- variants

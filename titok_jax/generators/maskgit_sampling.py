@@ -77,6 +77,7 @@ def maskgit_sample(
     mask_schedule: str = "arccos",
     confidence: str = "logits",
     init_tokens: jax.Array | None = None,
+    num_fixed: int = 0,
     return_trace: bool = False,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     """Sample ``[batch, num_tokens]`` int32 code ids by parallel decoding (module docstring).
@@ -97,6 +98,9 @@ def maskgit_sample(
       init_tokens: the start ``[batch, num_tokens]`` (default all ``mask_id``); entries that are
         not ``mask_id`` are kept as fixed tokens. Pass it to give the state a sharding (e.g. the
         batch over a mesh).
+      num_fixed: how many entries of ``init_tokens`` (per row) are given (e.g. a video's first
+        latent frame): the per-step counts are those of ``num_tokens - num_fixed`` tokens, so the
+        schedule spreads the free ones over the ``steps`` (0: the official counts over all ``N``).
       return_trace: also return ``{"tokens": [S, B, N], "num_masked": [S, B],
         "guidance": [S]}``, the state after each step.
     """
@@ -105,7 +109,9 @@ def maskgit_sample(
         raise ValueError(f"unknown confidence {confidence!r}; expected one of {CONFIDENCES}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    counts = jnp.asarray(mask_counts(num_tokens, steps, mask_schedule))
+    if not 0 <= num_fixed < num_tokens:
+        raise ValueError(f"num_fixed must be in [0, {num_tokens}), got {num_fixed}")
+    counts = jnp.asarray(mask_counts(num_tokens - num_fixed, steps, mask_schedule))
     guided = needs_uncond(guidance_schedule, guidance_scale)
     uncond_flags = jnp.concatenate([jnp.zeros((batch,), bool), jnp.ones((batch,), bool)])
 

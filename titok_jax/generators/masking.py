@@ -70,7 +70,7 @@ def mask_ratio_np(t: ArrayLike, schedule: str = "arccos") -> np.ndarray:
     return fn(np.asarray(t, np.float64), np)
 
 
-def num_masked(t: jax.Array, num_tokens: int, schedule: str = "arccos") -> jax.Array:
+def num_masked(t: jax.Array, num_tokens: int | jax.Array, schedule: str = "arccos") -> jax.Array:
     """Training count ``max(1, round(N * clip(gamma(t), 1e-6, 1)))`` per entry of ``t`` (int32)."""
     ratio = jnp.clip(mask_ratio(t, schedule), 1e-6, 1.0)
     return jnp.maximum(1, jnp.round(num_tokens * ratio)).astype(jnp.int32)
@@ -85,12 +85,17 @@ def random_mask(key: jax.Array, counts: jax.Array, num_tokens: int) -> jax.Array
     return ranks < counts[:, None]
 
 
-def training_mask(key: jax.Array, batch: int, num_tokens: int, schedule: str = "arccos"
-                  ) -> jax.Array:
+def training_mask(key: jax.Array, batch: int, num_tokens: int, schedule: str = "arccos",
+                  keep: jax.Array | None = None) -> jax.Array:
     """The official training mask ``[batch, N]`` (True = masked; see the module docstring).
 
     ``t_key, perm_key = jax.random.split(key)``; ``t = uniform(t_key, (batch,))``; the counts are
     ``num_masked(t, N, schedule)`` and the positions come from ``random_mask(perm_key, ...)``.
+
+    ``keep`` (bool ``[batch, N]``, True = given: a video's first latent frame as the condition)
+    draws each row's mask over its other ``N_b = N - sum(keep_b)`` positions only: count
+    ``num_masked(t_b, N_b)`` (at most ``N_b``), positions uniform among them. ``keep=None`` is the
+    official mask, bit for bit.
     """
     _check_schedule(schedule)
     if batch < 1 or num_tokens < 1:
@@ -98,7 +103,14 @@ def training_mask(key: jax.Array, batch: int, num_tokens: int, schedule: str = "
                          f"{num_tokens}")
     t_key, perm_key = jax.random.split(key)
     t = jax.random.uniform(t_key, (batch,))
-    return random_mask(perm_key, num_masked(t, num_tokens, schedule), num_tokens)
+    if keep is None:
+        return random_mask(perm_key, num_masked(t, num_tokens, schedule), num_tokens)
+    keep = jnp.asarray(keep, bool)
+    free = num_tokens - jnp.sum(keep, axis=-1).astype(jnp.int32)
+    counts = jnp.minimum(num_masked(t, free, schedule), free)   # num_masked takes [B] counts too
+    u = jnp.where(keep, 2.0, jax.random.uniform(perm_key, (batch, num_tokens)))  # kept rank last
+    ranks = jnp.argsort(jnp.argsort(u, axis=-1), axis=-1)
+    return ranks < counts[:, None]
 
 
 def apply_mask(tokens: jax.Array, mask: jax.Array, mask_id: int) -> jax.Array:

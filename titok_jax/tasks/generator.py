@@ -11,6 +11,15 @@ MaskGIT, per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
 Tokens come either from pre-tokenized shards (``data.source = "tokens:DIR"``, written by
 ``titok-jax tokenize --data``) or are computed on the fly from images by the frozen tokenizer of
 ``config.tokenizer.workdir`` (any other ``data.source``; its params are a constant of the step).
+Video (``model.grid_shape = (T', h, w)``, a video tokenizer's latent grid): the ids are the grid
+flattened (time first; shards store ``[n, T' h w]`` with ``latent_shape`` in ``meta.json``), the
+model adds factorised 3D position embeddings, and with ``generator.first_frame_prob = p`` a sample
+is, with probability ``p``, conditioned on its first latent frame: those ``h w`` tokens are never
+masked (``masking.training_mask(keep=...)``), and ``sample(first_frame=ids)`` keeps them fixed
+(frame prediction from a first frame, which a causal MAGVIT-v2 encodes alone: MAGVIT v1's
+``input->input`` condition mode on one latent frame, not its COMMIT). Decoded clips show
+as film strips (the frames side by side) in the evaluation grids.
+
 Evaluation reports the task's token metrics (MaskGIT: loss and accuracy on a fixed, seeded mask) on
 the first eval batch and samples one image per class (or per null label) for the grid, decoded by
 the tokenizer of ``config.tokenizer.workdir`` or of the token shards; ``titok-jax eval`` also
@@ -107,11 +116,13 @@ class TokenGeneratorTask(GeneratorTaskBase):
     @property
     def generator_spec(self) -> GeneratorSpec:
         m = self.model
+        grid = getattr(m, "grid_shape", None)
         return GeneratorSpec(num_tokens=int(m.num_tokens), codebook_size=int(m.codebook_size),
                              num_classes=int(m.num_classes), sampler=dict(self.sampler),
                              sampler_keys=tuple(self.sampler_keys),
                              mask_token_id=int(m.mask_id) if hasattr(m, "mask_id") else None,
-                             num_codebooks=int(getattr(m, "num_codebooks", 1)))
+                             num_codebooks=int(getattr(m, "num_codebooks", 1)),
+                             grid_shape=tuple(int(d) for d in grid) if grid else None)
 
     def sampler_settings(self, settings: dict) -> dict:
         """Validated sampler settings (unknown names are an error)."""
@@ -129,7 +140,7 @@ class TokenGeneratorTask(GeneratorTaskBase):
             run = restore_run(self.tokenizer_workdir, kind="tokenizer", host=True)
             spec = run.task.token_spec
             self._check_vocab(spec.codebook_size, spec.num_tokens, f"tokenizer {self.tokenizer_workdir}",
-                              spec.num_codebooks)
+                              spec.num_codebooks, spec.latent_shape)
             self._tokenizer = run
         return self._tokenizer
 
@@ -144,7 +155,8 @@ class TokenGeneratorTask(GeneratorTaskBase):
                 from titok_jax.tasks.runs import restore_run
                 run = restore_run(workdir, kind="tokenizer")
                 fn = jax.jit(lambda p, s, t: run.task.decode(p, s, t, key=jax.random.key(0)))
-                self._decoder = lambda ids: np.asarray(fn(run.params, run.model_state, jnp.asarray(ids)))
+                self._decoder = lambda ids: film_strips(
+                    np.asarray(fn(run.params, run.model_state, jnp.asarray(ids))))
                 self._decodes_prefixes = bool(run.task.token_spec.variable_length)
         return self._decoder or None
 
@@ -162,7 +174,7 @@ class TokenGeneratorTask(GeneratorTaskBase):
                                    lengths=self.sample_lengths() if self.inference else ())
 
     def _check_vocab(self, codebook_size: Any, num_tokens: Any, what: str,
-                     num_codebooks: Any = 1) -> None:
+                     num_codebooks: Any = 1, latent_shape: Any = None) -> None:
         if codebook_size is None:
             raise ValueError(f"{what} is continuous (VAE); a generator needs discrete token ids")
         check_num_codebooks(num_codebooks, getattr(self.model, "num_codebooks", None), what,
@@ -171,10 +183,20 @@ class TokenGeneratorTask(GeneratorTaskBase):
             raise ValueError(f"{what} gives {num_tokens} tokens from {codebook_size} codes, but the generator "
                              f"is built for {self.model.num_tokens} tokens from {self.model.codebook_size} codes "
                              f"(set --config.model.num_tokens / codebook_size)")
+        grid = getattr(self.model, "grid_shape", None)
+        grid = tuple(int(d) for d in grid) if grid else None
+        latent = tuple(int(d) for d in latent_shape) if latent_shape else None
+        if grid is not None and latent is not None and grid != latent:
+            raise ValueError(f"{what} gives a latent grid {latent} but the generator's grid_shape is "
+                             f"{grid} (set --config.model.grid_shape)")
+        if grid is not None and latent is None:
+            raise ValueError(f"the generator models a video latent grid {grid} but {what} holds "
+                             f"1D / image tokens (no latent_shape)")
 
     def check_token_data(self, meta: dict) -> None:
         self._check_vocab(meta.get("codebook_size"), meta.get("num_tokens"),
-                          f"token data {self.config.data.source}", meta.get("num_codebooks", 1))
+                          f"token data {self.config.data.source}", meta.get("num_codebooks", 1),
+                          meta.get("latent_shape"))
         classes = int(meta.get("num_classes", 0) or 0)
         if classes > self.model.num_classes:
             raise ValueError(f"token data {self.config.data.source} has {classes} classes but the generator has "
@@ -200,7 +222,10 @@ class TokenGeneratorTask(GeneratorTaskBase):
         if not self.on_the_fly:
             return batch["tokens"].astype(jnp.int32)
         tok = constants["tokenizer"]
-        ids = self.tokenizer().task.encode(tok["params"], tok["state"], batch["image"].astype(jnp.float32))
+        run = self.tokenizer()
+        ids = run.task.encode(tok["params"], tok["state"], batch["image"].astype(jnp.float32))
+        if run.task.token_spec.is_video:   # [B, T', h, w] -> the grid flattened [B, N]
+            ids = ids.reshape((ids.shape[0], -1))
         return jax.lax.stop_gradient(ids).astype(jnp.int32)
 
     # ------------------------------------------------------------------ evaluation and inference
@@ -211,6 +236,23 @@ class TokenGeneratorTask(GeneratorTaskBase):
     def logits(self, model_params: Any, tokens: jax.Array, labels: jax.Array) -> jax.Array:
         return self.model.apply({"params": model_params}, jnp.asarray(tokens, jnp.int32),
                                 self._labels(labels), train=False)
+
+
+def film_strips(images: np.ndarray) -> np.ndarray:
+    """Decoded clips ``[B, T, H, W, 3]`` as film strips ``[B, H, T W, 3]`` (the frames side by side),
+    so the image grids of evaluation show them; images ``[B, H, W, 3]`` unchanged."""
+    if images.ndim != 5:
+        return images
+    b, t, h, w, c = images.shape
+    return images.transpose(0, 2, 1, 3, 4).reshape(b, h, t * w, c)
+
+
+def first_frame_keep(key: jax.Array, batch: int, num_tokens: int, frame_tokens: int, p: float
+                     ) -> jax.Array:
+    """Bool ``[batch, N]``: each row, with probability ``p``, True on its ``frame_tokens`` leading
+    positions (the first latent frame given as the condition), else all False."""
+    cond = jax.random.bernoulli(key, p, (batch,))
+    return cond[:, None] & (jnp.arange(num_tokens) < frame_tokens)[None, :]
 
 
 @register_task("maskgit")
@@ -224,6 +266,12 @@ class MaskGITTask(TokenGeneratorTask):
         self.schedule = g.mask_schedule
         self.label_smoothing = float(g.label_smoothing)
         self.unmasked_weight = float(g.unmasked_weight)
+        self.first_frame_prob = float(g.get("first_frame_prob", 0.0) or 0.0)
+        if not 0.0 <= self.first_frame_prob <= 1.0:
+            raise ValueError(f"generator.first_frame_prob must be in [0, 1], got {self.first_frame_prob}")
+        if self.first_frame_prob > 0 and not self.model.frame_tokens:
+            raise ValueError("generator.first_frame_prob > 0 needs a video generator: set "
+                             "model.grid_shape to the tokenizer's latent grid (T', h, w)")
 
     # ------------------------------------------------------------------ training
     def loss(self, params: dict, state: dict, batch: dict, key: jax.Array, step: jax.Array,
@@ -231,7 +279,11 @@ class MaskGITTask(TokenGeneratorTask):
         tokens = self.batch_tokens(batch, constants)
         k_mask, k_drop, k_dropout = jax.random.split(key, 3)
         b, n = tokens.shape
-        mask = masking.training_mask(k_mask, b, n, self.schedule)
+        keep = None
+        if self.first_frame_prob > 0:   # video: the first latent frame given as the condition
+            keep = first_frame_keep(jax.random.fold_in(k_mask, 1), b, n, self.model.frame_tokens,
+                                    self.first_frame_prob)
+        mask = masking.training_mask(k_mask, b, n, self.schedule, keep=keep)
         labels = masking.drop_classes(k_drop, batch["label"], self.class_dropout, self.model.num_classes)
         inputs = masking.apply_mask(tokens, mask, self.model.mask_id)
         logits = self.model.apply({"params": params["model"]}, inputs, labels, train=True,
@@ -249,8 +301,14 @@ class MaskGITTask(TokenGeneratorTask):
         loss, metrics = masking.maskgit_loss(logits, tokens, mask, self.label_smoothing, self.unmasked_weight)
         return {"loss": loss, **metrics}
 
-    def sample(self, model_params: Any, labels: np.ndarray, seed: int, **overrides: Any) -> np.ndarray:
-        """Token ids ``[B, N]`` for class ``labels`` (``num_classes`` = unconditional)."""
+    def sample(self, model_params: Any, labels: np.ndarray, seed: int, first_frame: Any = None,
+               **overrides: Any) -> np.ndarray:
+        """Token ids ``[B, N]`` for class ``labels`` (``num_classes`` = unconditional); a video
+        generator also takes ``first_frame``: ids ``[B, h, w]`` (or ``[B, h w]``) of the first
+        latent frame, kept as they are (frame prediction)."""
         kw = self.sampler_settings({**self.sampler, **overrides})
+        if first_frame is not None:
+            first_frame = jnp.asarray(np.asarray(first_frame).reshape(len(labels), -1), jnp.int32)
         return np.asarray(generate_tokens(self.model, {"params": model_params},
-                                          jnp.asarray(labels, jnp.int32), jax.random.key(seed), **kw))
+                                          jnp.asarray(labels, jnp.int32), jax.random.key(seed),
+                                          first_frame=first_frame, **kw))

@@ -102,3 +102,6 @@ class GeneratorSpec:
     sampler_keys: tuple[str, ...]
     mask_token_id: int | None = None
     num_codebooks: int = 1
+    # a generator over a video tokenizer's latent grid (T', h, w) (ids [B, N] = the grid flattened,
+    # time first); None for 1D / image tokens
+    grid_shape: tuple[int, ...] | None = None
