@@ -21,7 +21,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # What the test suite needs beyond the runtime: pytest, scipy for float64 references.
-    "test": ["pytest>=8.0", "scipy>=1.11"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11"],
     # Reading official `.bin` checkpoints in `import-torch`; `.safetensors` loads without it.
     # 2.13.0 is the CPU build that ships on the development machines; any >= works elsewhere.
     "torch": ["torch>=2.5"],

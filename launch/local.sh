@@ -2,6 +2,7 @@
 # One-command set-up and run on a single machine (laptop, CI, one GPU host).
 #
 #   bash launch/local.sh test [PYTEST_ARGS...]   create/reuse .venv, install .[test], run the test suite
+#                                                (two pytest-xdist workers; TITOK_TEST_WORKERS=0: one process)
 #   bash launch/local.sh main                    create/reuse .venv, install, train `tiny` TiTok on `sample`
 #   bash launch/local.sh run CMD ARGS...         create/reuse .venv, install, run `titok-jax CMD ARGS...`
 #
@@ -37,8 +38,16 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   test)
+    # Two pytest-xdist workers by default (TITOK_TEST_WORKERS=0: one process): most tests are
+    # single-threaded XLA compiles, so a 2-core CI machine runs two at once. --dist loadscope keeps
+    # each module (and its module-scoped fixtures) on one worker. An explicit -n / -p no:xdist wins.
+    workers="${TITOK_TEST_WORKERS:-$(( $(nproc 2>/dev/null || echo 1) >= 2 ? 2 : 0 ))}"
+    xdist=()
+    if [ "$workers" -gt 0 ] && ! printf '%s\n' "$@" | grep -qE '^(-n|--numprocesses|no:xdist|-pno:xdist)'; then
+      xdist=(-n "$workers" --dist loadscope)
+    fi
     set +e
-    "$venv/bin/python" -m pytest "$@"
+    "$venv/bin/python" -m pytest "${xdist[@]}" "$@"
     status=$?
     set -e
     if [ "$status" -eq 5 ]; then

@@ -37,10 +37,18 @@ def drop_failed_reads() -> None:
 
 class _OrbaxErrorFilter(logging.Filter):
     """Drops Orbax's ERROR records (with their tracebacks) from the absl logger: every failure they
-    describe reaches the caller as an exception, which the command line shows as one line."""
+    describe reaches the caller as an exception, which the command line shows as one line. Also
+    its "Waiting for previous save to complete took N seconds" WARNING (advice to checkpoint less
+    often, printed whenever a save waits on the previous async one: on a loaded machine, between
+    the status lines of a run whose checkpoint interval the user chose)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        return not (record.levelno == logging.WARNING
+                    and str(record.msg).startswith("Waiting for previous save to complete"))
 
 
 _ORBAX_FILTER = _OrbaxErrorFilter()
