@@ -28,11 +28,14 @@ def test_tiny_heldout_psnr_rises(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(tmp_path, "eval.jsonl"))]
     assert [r["step"] for r in rows] == [500, 1000, 1500]
     first, last = rows[0]["psnr"], rows[-1]["psnr"]
-    # the main job's own schedule (1500 steps, hue augmentation, FSQ saturation penalty) measured
-    # 18.03 -> 18.35 dB (seed 0) and 18.19 -> 18.14 (seed 1) at 1000 -> 1500; the recipe before
-    # (no hue, no penalty) gave 17.1 (seed 0) and 14.1 (seed 1: saturated FSQ inputs, a constant
-    # code). The dynamics depend on the whole schedule, so the test runs the real one.
-    assert last >= 17.6 and last > first + 0.5, (first, last)
+    # the main job's own schedule (1500 steps, hue augmentation, FSQ saturation penalty, the
+    # low-resolution + conv pixel head) measured 18.46 -> 18.81 -> 18.93 dB at 500 / 1000 / 1500
+    # (seed 0); without the pixel head options 15.40 -> 18.03 -> 18.35, and the
+    # recipe before that (no hue, no penalty) 17.1 (seed 0) and 14.1 (seed 1: saturated FSQ
+    # inputs, a constant code). The dynamics depend on the whole schedule, so the test runs the
+    # real one; 18.5 leaves room for the seed-to-seed spread (about 0.2 dB) and fails the
+    # previous recipe.
+    assert last >= 18.5 and last > first + 0.3, (first, last)
     assert rows[-1]["bits_per_image"] == pytest.approx(16 * np.log2(64000), abs=1e-3)
     assert rows[-1]["thumbnail_side"] == 4 and rows[-1]["thumbnail_bits"] == 5
     assert abs(rows[-1]["thumbnail_psnr"] - 18.99) < 0.05

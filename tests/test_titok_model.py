@@ -152,15 +152,46 @@ def _reference(params, images, kw):
     for i in range(kw["decoder_depth"]):
         seq = _block(seq, d[f"transformer_{i}"])
     h = _ln(seq[:, 1:1 + g * g], d["ln_post"]).transpose(0, 2, 1).reshape(bsz, dw, g, g)
-    y = np.einsum("ow,bwhv->bohv", d["ffn"]["kernel"].T, h) + d["ffn"]["bias"][:, None, None]
-    # Rearrange('b (p1 p2 c) h w -> b c (h p1) (w p2)')
-    y = y.reshape(bsz, ps, ps, 3, g, g).transpose(0, 3, 4, 1, 5, 2).reshape(bsz, 3, g * ps, g * ps)
-    ct = d["conv_out"]["kernel"].transpose(3, 2, 0, 1)            # torch [out, in, kh, kw]
+    return _pixel_head(d, h, kw).transpose(0, 2, 3, 1), idx
+
+
+def _conv3x3(y, p):
+    ct = p["kernel"].transpose(3, 2, 0, 1)                        # torch [out, in, kh, kw]
     yp = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)))
     s = y.shape[-1]
-    out = sum(np.einsum("oi,biyx->boyx", ct[:, :, a, c], yp[:, :, a:a + s, c:c + s])
-              for a in range(3) for c in range(3)) + d["conv_out"]["bias"][:, None, None]
-    return out.transpose(0, 2, 3, 1), idx
+    return sum(np.einsum("oi,biyx->boyx", ct[:, :, a, c], yp[:, :, a:a + s, c:c + s])
+               for a in range(3) for c in range(3)) + p["bias"][:, None, None]
+
+
+def _cells(h, p, k, ch):
+    """Conv1x1 on the grid ``h [B, W, g, g]`` then Rearrange('b (p1 p2 c) h w -> b c (h p1) (w p2)')."""
+    bsz, g = h.shape[0], h.shape[-1]
+    y = np.einsum("ow,bwhv->bohv", p["kernel"].T, h) + p["bias"][:, None, None]
+    return y.reshape(bsz, k, k, ch, g, g).transpose(0, 3, 4, 1, 5, 2).reshape(bsz, ch, g * k, g * k)
+
+
+def _bilinear(y, size):
+    """Bilinear resize of ``y [B, C, n, n]`` to ``size`` (half-pixel centres, edges repeated)."""
+    n = y.shape[-1]
+    pos = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n - 1)
+    w = pos - lo
+    rows = y[:, :, lo] * (1 - w)[:, None] + y[:, :, hi] * w[:, None]
+    return rows[..., lo] * (1 - w) + rows[..., hi] * w
+
+
+def _pixel_head(d, h, kw):
+    """The pixel head in NCHW float64, with the ``head_channels`` / ``lowres_head`` options."""
+    ps, ch, k = kw["patch_size"], kw.get("head_channels", 0), kw.get("lowres_head", 0)
+    y = _cells(h, d["ffn"], ps, ch or 3)
+    if ch:
+        y = _conv3x3(y, d["conv_mid"])
+        y = 0.5 * y * (1 + erf(y / np.sqrt(2)))                  # exact GELU
+    out = _conv3x3(y, d["conv_out"])
+    if k:
+        out = out + _bilinear(_cells(h, d["ffn_lowres"], k, 3), y.shape[-1])
+    return out
 
 
 def _perturbed(params, seed=0):
@@ -189,6 +220,28 @@ def test_forward_matches_float64_reference():
     ref, idx = _reference(params, x, kw)
     np.testing.assert_array_equal(np.asarray(out.indices), idx)
     np.testing.assert_allclose(np.asarray(recon), ref, rtol=0, atol=5e-6)   # float32: 6e-7 measured
+
+
+def test_head_options_match_float64_reference():
+    """``head_channels`` (a conv3x3 + GELU layer at full resolution) and ``lowres_head`` (a
+    bilinearly enlarged k x k-per-patch colour image added to the output) against numpy; off, the
+    params are the official head's."""
+    kw = titok_variant("tiny", encoder_depth=1, decoder_depth=1, head_channels=4, lowres_head=2)
+    model = TiTok(**kw)
+    x = _images(1)
+    params = _perturbed(nn.unbox(model.init(jax.random.key(3), x)["params"]))
+    assert params["decoder"]["ffn"]["kernel"].shape[-1] == 8 * 8 * 4
+    assert params["decoder"]["ffn_lowres"]["kernel"].shape[-1] == 2 * 2 * 3
+    recon, out = model.apply({"params": params}, x)
+    ref, idx = _reference(params, x, kw)
+    np.testing.assert_array_equal(np.asarray(out.indices), idx)
+    np.testing.assert_allclose(np.asarray(recon), ref, rtol=0, atol=5e-6)
+    # the lowres path is visible in the output: without it the reference differs
+    assert np.abs(_reference(params, x, {**kw, "lowres_head": 0})[0] - ref).max() > 1e-2
+    plain = jax.eval_shape(TiTok(**titok_variant("tiny", encoder_depth=1, decoder_depth=1)).init,
+                           jax.random.key(0), x)
+    assert sorted(plain["params"]["decoder"]) == sorted(
+        k for k in params["decoder"] if k not in ("conv_mid", "ffn_lowres"))
 
 
 # --------------------------------------------------------------------------- shapes and round trips
