@@ -37,7 +37,8 @@ import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor")
+FAMILIES = ("titok", "flextok", "flowmo", "maskgit", "ar", "vqgan", "extractor", "magvit",
+            "magvit2_video")
 DEVICES = (8, 64, 256)
 ACCUMULATION = (1, 2)
 DEFAULT_CACHE = os.path.join("/tmp", "titok_jax_scale", "results.json")

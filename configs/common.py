@@ -42,11 +42,16 @@ def tokenizer_losses(**recipe: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**TOKENIZER_LOSSES, **recipe})
 
 
-def eval_section() -> ml_collections.ConfigDict:
+def eval_section(video: bool = False) -> ml_collections.ConfigDict:
     """rFID / IS in evaluation: ``inception_weights`` from ``titok-jax convert-inception``
     ("" = off); ``fid_reference`` an .npz of mu/sigma ("" = the eval split's own originals);
-    ``fid_method`` sqrtm (pytorch-fid) or eigh."""
-    return ml_collections.ConfigDict({"inception_weights": "", "fid_reference": "", "fid_method": "sqrtm"})
+    ``fid_method`` sqrtm (pytorch-fid) or eigh. ``video``: also rFVD (``titok_jax.tasks.eval_fvd``):
+    ``fvd_weights`` from ``titok-jax convert-i3d`` ("" = off), ``fvd_features`` logits or pool,
+    ``fvd_bn_eps`` (1e-5 for i3d_pretrained_400.pt, 1e-3 for piergiaj's rgb_imagenet.pt)."""
+    c = ml_collections.ConfigDict({"inception_weights": "", "fid_reference": "", "fid_method": "sqrtm"})
+    if video:
+        c.update(fvd_weights="", fvd_features="logits", fvd_bn_eps=1e-5)
+    return c
 
 
 def split_variant(arg: str | None, default: str) -> tuple[str, dict[str, str]]:

@@ -10,7 +10,8 @@ Then `titok-jax reconstruct --workdir W --input clip.gif --output rec.gif` (an a
 frame grid `rec_frames.png`; mp4 in and out with PyAV, the `video` extra).
 
 Data: clips [B, T, S, S, 3] in [0, 1] from `sample_video` (the sample photographs under synthetic
-pans and zooms) or `video_folder:PATH` (data.num_frames frames every data.frame_stride).
+pans and zooms), `video_folder:PATH` or `tfds_video:NAME` (data.num_frames frames every
+data.frame_stride).
 
 The model (titok_jax/models/magvit3d.py): MAGVIT v1's 3D-CNN encoder / decoder (no attention,
 average-pool down, nearest + conv up, 'SAME' 3x3x3 convs: not causal) around its VQ (commitment
@@ -34,9 +35,22 @@ recipe:
   available, so perceptual_weight is 0 (LPIPS per frame is available as
   `--config.losses.perceptual_weight=W --config.losses.perceptual_weights=lpips_vgg.safetensors`,
   but it is not MAGVIT's);
-- the 2-D -> 3-D inflation from an ImageNet VQGAN (`models.magvit3d.inflate_from_2d` exists; no
-  `init_from` wiring).
+- an ImageNet-trained 2-D model to inflate from (below: the wiring is here, the weights are not).
 No MAGVIT v1 weights were ever released.
+
+2-D -> 3-D inflation (MAGVIT v1's `init_from.inflation = '2d->3d'`, central): train the image
+twin first - this config with `temporal_kernel_size=1`, `num_frames=1` and no temporal
+downsampling (`models.magvit3d.image_twin`: every conv 1 x 3 x 3, an image is a 1-frame clip) -
+then start the video run from it:
+  titok-jax train --config configs/magvit.py:ucf_16x128 --workdir W3D \
+      --config.init_from=TWIN_WORKDIR ...
+Its params (EMA when kept) are inflated into the 3-D model (each kernel in the centre time slice,
+`tasks/video_init.py`); the discriminator and the optimizer start fresh.
+
+Memory (BENCHMARKS.md, "Video tokenizers"): `--config.model.remat=True` recomputes every
+ResBlock3D in the backward pass; `--config.optimizer.accumulation_steps=N` splits the batch.
+`data.source=tfds_video:NAME[:split]` reads an ArrayRecord-prepared TFDS video set (a `video`
+feature [T, H, W, 3]; data.data_dir or $TFDS_DATA_DIR).
 
 Another quantizer is an option of the variant string, as in configs/vqgan.py:
 `configs/magvit.py:tiny,quantizer=fsq` (z_channels follows), `quantizer=lfq|bsq|vq|rq`, `bits=N`.
@@ -80,7 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.task = ml_collections.ConfigDict({"name": "tokenizer"})
     c.seed = 0
-    c.model = ml_collections.ConfigDict({"name": "magvit3d", **model})
+    # remat: every ResBlock3D recomputed in the backward pass (less memory, ~1/3 more compute)
+    c.model = ml_collections.ConfigDict({"remat": False, "name": "magvit3d", **model})
     c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     c.data = ml_collections.ConfigDict({
         "source": "sample_video" if tiny else "video_folder:/path/to/UCF-101",
@@ -107,6 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         gan_weight=0.0 if tiny else 0.1, gan_start_step=0, gan_loss="non_saturating",
         lecam_weight=0.0, r1_weight=10.0, discriminator=disc)
 
+    c.init_from = ""   # an image model's workdir to inflate from (module docstring)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 500 if tiny else 5_000, "keep": 3,
@@ -115,5 +131,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50 if tiny else 100
     c.eval_every_steps = 500 if tiny else 10_000
     c.samples = ml_collections.ConfigDict({"num_images": 4})
-    c.eval = _COMMON["eval_section"]()
+    c.eval = _COMMON["eval_section"](video=True)
     return c

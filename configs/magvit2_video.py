@@ -12,7 +12,8 @@ Then `titok-jax reconstruct --workdir W --input clip.gif --output rec.gif` (an a
 frame grid `rec_frames.png`; mp4 in and out with PyAV, the `video` extra).
 
 Data: clips [B, T, S, S, 3] in [0, 1], T = 1 + 4k (1 + ft k: 17 frames -> 5 latent frames),
-from `sample_video` or `video_folder:PATH` (data.num_frames frames every data.frame_stride).
+from `sample_video`, `video_folder:PATH` or `tfds_video:NAME` (data.num_frames frames every
+data.frame_stride).
 
 The model (titok_jax/models/magvit2_video.py). `k600_17x128` is Open-MAGVIT2's only released
 video tokenizer shape (ucf101_lfqfan_128_L.yaml, `OPEN_MAGVIT2_VIDEO_UCF_128`): ch 128, ch_mult
@@ -33,8 +34,19 @@ the non-saturating generator loss of each clip's mean logit with a fixed weight 
 is not in the notes); D's optimizer is the model's. `tiny` carries a small patchgan3d
 (GroupNorm) but keeps gan_weight 0: `--config.losses.gan_weight=0.3` turns it on. NOT here yet,
 so this variant is NOT the full recipe:
-- the inflation from the image model (`models.magvit2_video.inflate_from_image` exists; no
-  `init_from` wiring) and the import of Open-MAGVIT2's video checkpoint.
+- the import of Open-MAGVIT2's video checkpoint.
+
+Inflation from the image model (Open-MAGVIT2's `video_lfqgan.py`, as MAGVIT-v2 starts from its
+image tokenizer): `--config.init_from=IMAGE_WORKDIR`, a configs/magvit2.py run (or an import of
+Open-MAGVIT2's image release) with this config's ch, ch_mult, num_res_blocks and quantizer. Its
+params (EMA when kept) are inflated into the causal 3-D model (each 2-D kernel in the last time
+slice, the temporal upsamplers tiled; `tasks/video_init.py`), so with causal_norm=True a 1-frame
+clip reconstructs exactly as the image model; the discriminator and the optimizer start fresh.
+
+Memory (BENCHMARKS.md, "Video tokenizers"): `--config.model.remat=True` recomputes every
+ResBlock3D in the backward pass; `--config.optimizer.accumulation_steps=N` splits the batch.
+`data.source=tfds_video:NAME[:split]` reads an ArrayRecord-prepared TFDS video set (a `video`
+feature [T, H, W, 3]; data.data_dir or $TFDS_DATA_DIR).
 
 `tiny` is strictly causal (causal_norm=True, the model's default). Another quantizer:
 `configs/magvit2_video.py:tiny,quantizer=fsq`, `bits=N`, as configs/magvit2.py.
@@ -82,7 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.task = ml_collections.ConfigDict({"name": "tokenizer"})
     c.seed = 0
-    c.model = ml_collections.ConfigDict({"name": "magvit2_video", **model})
+    # remat: every ResBlock3D recomputed in the backward pass (less memory, ~1/3 more compute)
+    c.model = ml_collections.ConfigDict({"remat": False, "name": "magvit2_video", **model})
     c.compute_dtype = "float32" if tiny else "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     c.data = ml_collections.ConfigDict({
         "source": "sample_video" if tiny else "video_folder:/path/to/kinetics600",
@@ -110,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lecam_weight=0.0 if tiny else 0.05, lecam_decay=0.999, lecam_per_sample=True,
         discriminator=disc)
 
+    c.init_from = ""   # an image model's workdir to inflate from (module docstring)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()  # () = titok_jax.train.sharding.DEFAULT_RULES
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 500 if tiny else 5_000, "keep": 3,
@@ -118,5 +132,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = 50 if tiny else 100
     c.eval_every_steps = 500 if tiny else 10_000
     c.samples = ml_collections.ConfigDict({"num_images": 4})
-    c.eval = _COMMON["eval_section"]()
+    c.eval = _COMMON["eval_section"](video=True)
     return c

@@ -14,8 +14,8 @@ from titok_jax.convert.common import read_state_dict
 from titok_jax.convert.vqgan import (maskbit_discriminator_name_table,
                                      maskbit_discriminator_params_from_state_dict)
 from titok_jax.models.discriminator import (MaskBitDiscriminator, NLayerDiscriminator,
-                                            adaptive_max_pool, blur_downsample, blur_kernel,
-                                            build_discriminator)
+                                            adaptive_max_pool, blur_downsample, blur_kernel)
+from titok_jax.models.discriminators import build_discriminator
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "vqgan")
 

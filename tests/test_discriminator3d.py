@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from titok_jax import losses as L
-from titok_jax.models.discriminator import blur_downsample, build_discriminator
+from titok_jax.models.discriminator import blur_downsample
+from titok_jax.models.discriminators import build_discriminator
 from titok_jax.models.discriminator3d import (NLayerDiscriminator3D, StyleGANDiscriminator3D,
                                               blur_downsample_3d)
 from titok_jax.train.step import build_step

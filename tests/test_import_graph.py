@@ -16,9 +16,9 @@ FLOORS = {
     "titok_jax": 0, "__main__": 0,                             # package root (lazy load()), python -m
     "cli": 1, "commands": 2,                                   # the `titok-jax` command
     "train": 3, "api": 3, "generation": 3,                     # trainer and inference API
-    "video_files": 3,                                          # video files of the inference commands
     "tasks": 4,                                                # one task per family
     "convert": 5,                                              # PyTorch weights -> our params
+    "video_files": 5,                                          # GIF / mp4 in and out (commands, generate)
     "models": 6, "generators": 6,                              # tokenizers and generators
     "quantizers": 7, "flow": 7, "losses": 7, "evaluation": 7, "data": 7, "checkpoint": 7,
     "nets": 8,                                                 # frozen feature networks

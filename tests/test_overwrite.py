@@ -141,6 +141,7 @@ def test_fid_reference_refuses_before_loading_weights(tmp_path, capsys):
 
 @pytest.mark.parametrize("command, inputs", [
     ("convert-inception", ["--input", "missing.pth"]),
+    ("convert-i3d", ["--input", "missing.pt"]),
     ("convert-convnext", ["--input", "missing.pth"]),
     ("convert-lpips", ["--vgg", "missing.pth", "--lin", "missing_lin.pth"]),
 ])

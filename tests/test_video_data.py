@@ -343,3 +343,53 @@ def test_fifo_named_like_a_video_is_skipped_not_read(tmp_path):
     with pytest.warns(VS.CorruptVideoWarning, match="skipping 1 of 2 videos"):
         src = VS.VideoFolderSource(str(tmp_path), num_frames=4)
     assert src.files == ["clip"] and "not a regular video file" in src.skipped_files["pipe.gif"]
+
+
+# ----------------------------------------------------------------------------- tfds_video
+try:
+    import tensorflow_datasets as tfds
+except ImportError:   # the tfds extra is optional
+    tfds = None
+
+if tfds is not None:
+    class TitokTinyClips(tfds.core.GeneratorBasedBuilder):
+        """12-frame 20x24 clips (a ``video`` Tensor feature: TFDS's ``Video`` feature needs
+        TensorFlow to prepare); the records come from ``mock_data``."""
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "video": tfds.features.Tensor(shape=(12, 20, 24, 3), dtype=np.uint8),
+                "label": tfds.features.ClassLabel(num_classes=3)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(), "test": self._generate_examples()}
+
+        def _generate_examples(self):
+            yield 0, {"video": np.zeros((12, 20, 24, 3), np.uint8), "label": 0}
+
+
+@pytest.mark.skipif(tfds is None, reason="needs tensorflow_datasets")
+def test_tfds_video_source_and_pipelines_with_mock_data():
+    spec = "tfds_video:titok_tiny_clips"
+    assert V.is_video_spec(spec) and not V.is_video_spec("tfds:titok_tiny_clips")
+    with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+        src = V.make_video_source(spec, "train")
+        assert isinstance(src, VS.TfdsVideoSource) and len(src) == 5
+        r = src[3]
+        assert r["video"].dtype == np.uint8 and r["video"].shape == (12, 20, 24, 3)
+        assert 0 <= int(r["label"]) < 3 and int(r["index"]) == 3
+        assert V.make_video_source(spec, "eval").split in ("validation", "test")
+        assert V.make_video_source(f"{spec}:train", "eval").split == "train"
+        copy = pickle.loads(pickle.dumps(src))
+        np.testing.assert_array_equal(copy[3]["video"], r["video"])
+        it = V.make_video_train_iterator(spec, 16, 4, 0, num_frames=5, frame_stride=2,
+                                         process_index=0, process_count=1, read_threads=0)
+        b = next(it)
+        assert b["image"].shape == (4, 5, 16, 16, 3) and b["image"].dtype == np.float32
+        ev = V.make_video_eval_iterator(spec, 16, 4, num_frames=5, process_index=0,
+                                        process_count=1, read_threads=0)
+        b = next(ev)
+        assert b["image"].shape == (4, 5, 16, 16, 3)
+    with pytest.raises(ValueError, match="TFDS video data set"):
+        V.make_video_source("tfds_video:no_such_set_here", "train")

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from titok_jax.data.transforms import load_image  # noqa: F401  (api.load_image, re-exported)
 from titok_jax.outputs import check_new_outputs, staging
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -387,23 +388,6 @@ def list_images(path: str) -> tuple[list[str], list[str], bool]:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
     order = sorted(range(len(names)), key=lambda i: names[i])
     return [full[i] for i in order], [names[i] for i in order], True
-
-
-def load_image(path: str, image_size: int) -> np.ndarray:
-    """Decode an image file -> uint8 ``[S, S, 3]``: resize the shorter side to ``S`` (bicubic),
-    centre crop (the eval transform). A file that cannot be decoded raises ValueError naming it."""
-    from titok_jax.data.sources import decode_image_file
-    from titok_jax.data.transforms import center_crop, resize_shorter_side
-    try:
-        image = decode_image_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-        lines = str(e).strip().splitlines()
-        raise ValueError(f"cannot read image {path}: {lines[0] if lines else type(e).__name__}") from None
-    if image.ndim != 3 or min(image.shape[:2]) < 1:
-        raise ValueError(f"cannot read image {path}: empty image of shape {image.shape}")
-    return np.ascontiguousarray(center_crop(resize_shorter_side(image, image_size), image_size))
 
 
 def image_batches(paths: Sequence[str], image_size: int, batch_size: int,

@@ -184,7 +184,7 @@ def first_frame_tokens(tokenizer: Any, path: str) -> np.ndarray:
     tokenizer's size) encoded alone, as a 1-frame clip, by a causal video tokenizer (MAGVIT-v2:
     its first latent frame sees the first frame only, so these are the ids any clip starting with
     that frame has). A tokenizer that cannot encode one frame is a one-line ValueError."""
-    from titok_jax.api import load_image
+    from titok_jax.data.transforms import load_image
     if not getattr(tokenizer, "num_frames", 0):
         raise ValueError("a first frame needs a video tokenizer")
     try:

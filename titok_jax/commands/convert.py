@@ -99,6 +99,15 @@ def convert_inception(argv: Sequence[str]) -> int:
                     {"input": "pt_inception-2015-12-05-6726825d.pth (or .safetensors / .npz)"}, run)
 
 
+def convert_i3d(argv: Sequence[str]) -> int:
+    """The PyTorch InceptionI3d (piergiaj layout) -> the params of FVD (``eval.fvd_weights``)."""
+    def run(fv: Any, out: str) -> Mapping[str, np.ndarray]:
+        from titok_jax.convert.i3d import convert_i3d_file
+        return convert_i3d_file(fv.input, out)
+
+    return _convert("convert-i3d", argv,
+                    {"input": "i3d_pretrained_400.pt / rgb_imagenet.pt (or .safetensors / .npz)"}, run)
+
 def _fid_reference_flags(fv: Any) -> None:
     from absl import flags
     flags.DEFINE_string("data", None, "data source: sample, folder:PATH or tfds:NAME", flag_values=fv)

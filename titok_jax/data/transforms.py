@@ -218,3 +218,19 @@ class EvalTransform:
             "index": np.int64(index),
             "mask": np.bool_(index == position),
         }
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+    """Decode an image file -> uint8 ``[S, S, 3]``: resize the shorter side to ``S`` (bicubic),
+    centre crop (the eval transform). A file that cannot be decoded raises ValueError naming it."""
+    from titok_jax.data.sources import decode_image_file
+    try:
+        image = decode_image_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"cannot read image {path}: {lines[0] if lines else type(e).__name__}") from None
+    if image.ndim != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"cannot read image {path}: empty image of shape {image.shape}")
+    return np.ascontiguousarray(center_crop(resize_shorter_side(image, image_size), image_size))

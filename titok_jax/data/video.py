@@ -2,7 +2,8 @@
 of images.
 
 Sources (``video_sources``): ``sample_video`` (the sample photographs under synthetic pans and
-zooms, offline) and ``video_folder:PATH`` (video files and folders of frames). Train, per process
+zooms, offline), ``video_folder:PATH`` (video files and folders of frames) and
+``tfds_video:NAME[:VERSION][:SPLIT]`` (an ArrayRecord TFDS video data set). Train, per process
 ``p`` of ``n``::
 
     MapDataset.range(len(src)).shuffle(seed).repeat(epochs)     # the image pipeline's global stream
@@ -51,27 +52,51 @@ from titok_jax.data.transforms import (
     resize_shorter_side,
     to_float,
 )
-from titok_jax.data.video_sources import VideoFolderSource, temporal_crop
+from titok_jax.data.sources import _TFDS_SPLITS as TFDS_SPLITS, parse_source_spec
+from titok_jax.data.video_sources import TfdsVideoSource, VideoFolderSource, temporal_crop
 
 DEFAULT_NUM_FRAMES = 16
 DEFAULT_FRAME_STRIDE = 1
-VIDEO_SPEC_HELP = "'sample_video' or 'video_folder:PATH'"
+VIDEO_SPEC_HELP = "'sample_video', 'video_folder:PATH' or 'tfds_video:NAME[:split]'"
+_TFDS_VIDEO = "tfds_video:"
 
 
 def is_video_spec(spec: Any) -> bool:
-    """True for the spec strings of clip sources (``sample_video``, ``video_folder:PATH``)."""
-    return isinstance(spec, str) and (spec == "sample_video" or spec.startswith("video_folder:"))
+    """True for the spec strings of clip sources (``sample_video``, ``video_folder:PATH``,
+    ``tfds_video:NAME[:VERSION][:SPLIT]``)."""
+    return isinstance(spec, str) and (spec == "sample_video" or spec.startswith("video_folder:")
+                                      or spec.startswith(_TFDS_VIDEO))
+
+
+def _tfds_video_source(spec: str, split: str, data_dir: str | None) -> TfdsVideoSource:
+    """``tfds_video:NAME[:VERSION][:SPLIT]``, split as ``tfds:`` for images
+    (``sources.make_source``): "train" -> "train", "eval" -> "validation" (falling back to
+    "test"); a split in the spec wins."""
+    _, name, spec_split = parse_source_spec("tfds:" + spec[len(_TFDS_VIDEO):])
+    if spec_split is not None:
+        return TfdsVideoSource(name, spec_split, data_dir=data_dir)
+    error: Exception | None = None
+    for s in TFDS_SPLITS.get(split, (split,)):
+        try:
+            return TfdsVideoSource(name, s, data_dir=data_dir)
+        except ValueError as e:
+            error = e
+    assert error is not None
+    raise error
 
 
 def make_video_source(spec: Any, split: str = "train", *, num_frames: int = DEFAULT_NUM_FRAMES,
                       frame_stride: int = DEFAULT_FRAME_STRIDE, image_size: int = 64, seed: int = 0,
-                      sample_repeats: int | None = None, verify: bool = False):
+                      sample_repeats: int | None = None, verify: bool = False,
+                      data_dir: str | None = None):
     """The clip source a spec names, for a logical split (as ``make_source`` for images).
 
     ``sample_video`` renders ``image_size`` square frames (its camera path is the spatial crop);
     ``video_folder:PATH`` reads native-size frames (the transform crops). A source object (anything
-    with ``__len__`` and ``__getitem__``) is returned unchanged. ``tfds:`` video sets are not
-    supported yet.
+    with ``__len__`` and ``__getitem__``) is returned unchanged. ``tfds_video:NAME[:split]``: an
+    ArrayRecord-prepared TFDS data set with a ``video`` feature ``[T, H, W, C]``
+    (``video_sources.TfdsVideoSource``; ``data_dir`` or ``$TFDS_DATA_DIR``); ``tfds:NAME`` stays
+    the image source (the spec string is what tells clips from images everywhere).
     """
     if not isinstance(spec, str):
         if hasattr(spec, "__len__") and hasattr(spec, "__getitem__"):
@@ -81,6 +106,8 @@ def make_video_source(spec: Any, split: str = "train", *, num_frames: int = DEFA
     if spec == "sample_video":
         return SampleVideoSource(split, num_frames=num_frames, frame_size=image_size,
                                  frame_stride=frame_stride, repeats=sample_repeats, seed=seed)
+    if spec.startswith(_TFDS_VIDEO):
+        return _tfds_video_source(spec, split, data_dir)
     kind, sep, rest = spec.partition(":")
     if kind == "video_folder" and sep and rest:
         return VideoFolderSource(rest, split=split, num_frames=num_frames,
@@ -246,14 +273,14 @@ def make_video_train_dataset(
 
     ``source``: ``sample_video``, ``video_folder:PATH`` or a clip source object. ``crop_scale=None``
     takes the source's ``default_crop_scale`` or (1, 1). Other arguments as ``make_train_dataset``
-    (``data_dir`` is accepted for the same signature and unused: no ``tfds:`` video sets yet).
+    (``data_dir``: the TFDS data dir of a ``tfds_video:`` source).
     """
     image_size = _check_size(image_size)
     seed = check_seed(seed)
     p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = make_video_source(source, split, num_frames=num_frames, frame_stride=frame_stride,
-                            image_size=image_size, seed=seed, verify=verify)
+                            image_size=image_size, seed=seed, verify=verify, data_dir=data_dir)
     check_not_empty(len(src), source, split, "video source")
     if crop_scale is None:
         crop_scale = getattr(src, "default_crop_scale", (1.0, 1.0))
@@ -292,7 +319,7 @@ def make_video_eval_dataset(
     p, n = process_info(process_index, process_count)
     local = local_batch_size(global_batch_size, n)
     src = make_video_source(source, split, num_frames=num_frames, frame_stride=frame_stride,
-                            image_size=image_size, seed=0, sample_repeats=1)
+                            image_size=image_size, seed=0, sample_repeats=1, data_dir=data_dir)
     num = check_not_empty(len(src), source, split, "video source")
     ds = eval_positions(num, global_batch_size, p, n)
     transform = VideoEvalTransform(image_size, num_frames, value_range=value_range)
@@ -309,9 +336,10 @@ def make_video_eval_iterator(source: Any, image_size: int, global_batch_size: in
     return iter(finish(ds, read_threads, prefetch_buffer_size, 0, 1))
 
 
-def _clip_config(data) -> dict[str, int]:
+def _clip_config(data) -> dict[str, Any]:
     return dict(num_frames=int(cfg_get(data, "num_frames", DEFAULT_NUM_FRAMES)),
-                frame_stride=int(cfg_get(data, "frame_stride", DEFAULT_FRAME_STRIDE)))
+                frame_stride=int(cfg_get(data, "frame_stride", DEFAULT_FRAME_STRIDE)),
+                data_dir=cfg_get(data, "data_dir", None) or None)
 
 
 def video_train_iterator_from_config(config, **overrides) -> grain.DatasetIterator:

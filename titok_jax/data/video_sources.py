@@ -1,4 +1,5 @@
-"""Random-access clip sources for video tokenizers: ``video_folder:PATH`` (and the clip helpers
+"""Random-access clip sources for video tokenizers: ``video_folder:PATH``,
+``tfds_video:NAME[:VERSION][:SPLIT]`` (:class:`TfdsVideoSource`; and the clip helpers
 ``sample_video.py`` shares; the spec parser is ``video.make_video_source``).
 
 A clip source has ``__len__``, ``__getitem__(i)`` (the fixed, evaluation clip of entry ``i``) and
@@ -21,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from titok_jax.data.folders import SkipLog, folder_labels, walk_folders
+from titok_jax.data.folders import SkipLog, first_line, folder_labels, walk_folders
 from titok_jax.data.sources import (
     IMAGE_EXTENSIONS,
     CorruptImageWarning,
     _resolve_folder_root,
     decode_image_file,
+    to_rgb_uint8,
 )
 from titok_jax.errors import UserError
 
@@ -337,3 +339,51 @@ class VideoFolderSource(SkipLog):
         return (f"VideoFolderSource({self.root!r}, videos={len(self.files)}, "
                 f"classes={len(self.class_names)}, num_frames={self.num_frames}, "
                 f"frame_stride={self.frame_stride})")
+
+
+# --------------------------------------------------------------------------------------------
+# tfds_video:NAME[:VERSION][:SPLIT]: an ArrayRecord-prepared TFDS video data set
+# --------------------------------------------------------------------------------------------
+
+class TfdsVideoSource:
+    """``tfds.data_source(name, split=..., data_dir=...)`` of a video data set (ArrayRecord; no
+    TensorFlow at run time): each record's ``video_key`` feature ``[T, H, W, C]`` (uint8, or
+    floats in [0, 1]; 1 or 3 channels) is the whole video, RGB uint8, and ``label_key`` its label
+    (-1 when absent). A plain clip source: the temporal crop is ``video._clip``'s (random in
+    training, central at eval). The data dir is ``data_dir`` or ``$TFDS_DATA_DIR`` (or TFDS's
+    default)."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 video_key: str = "video", label_key: str = "label"):
+        import tensorflow_datasets as tfds
+
+        self.name, self.split, self.video_key, self.label_key = name, split, video_key, label_key
+        self.data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=self.data_dir)
+        except Exception as e:  # noqa: BLE001 - turn TFDS's many errors into one clear line
+            where = self.data_dir or "TFDS's default data dir"
+            raise ValueError(
+                f"cannot open TFDS video data set {name!r} split {split!r} in {where} as "
+                f"ArrayRecord (prepare it with file_format='array_record'): "
+                f"{type(e).__name__}: {first_line(e)}") from e
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        rec = self._source[index]
+        video = rec.get(self.video_key) if hasattr(rec, "get") else None
+        if video is None or np.ndim(video) != 4:
+            what = "no" if video is None else f"a {np.ndim(video)}-D"
+            raise ValueError(f"TFDS record {index} of {self.name!r} (split {self.split!r}) has "
+                             f"{what} {self.video_key!r} feature, not a video [T, H, W, C] (its "
+                             f"features: {sorted(rec)})")
+        frames = np.stack([to_rgb_uint8(f) for f in np.asarray(video)])
+        label = rec.get(self.label_key, -1)
+        label = int(np.asarray(label)) if np.ndim(label) == 0 else -1
+        return _record(frames, label, index, f"tfds:{self.name}/{self.split}/{index}")
+
+    def __repr__(self) -> str:
+        return f"TfdsVideoSource({self.name!r}, split={self.split!r}, records={len(self)})"

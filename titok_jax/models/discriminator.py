@@ -44,8 +44,8 @@ the official code); ``blur_resample=False`` uses 2x2 average pooling instead. Ou
 ``U(+-1/sqrt(fan_in))`` kernels, zero biases, GroupNorm 1 / 0. 1,909,889 params at ``h = 128``
 (3 stages).
 
-:func:`build_discriminator` picks one by ``name``: ``"patchgan"`` (this PatchGAN, the VQGAN /
-taming discriminator; the default) or ``"maskbit"``.
+``models.discriminators.build_discriminator`` picks one by ``name``: ``"patchgan"`` (this
+PatchGAN, the VQGAN / taming discriminator; the default) or ``"maskbit"`` (or a 3-D one).
 """
 from __future__ import annotations
 
@@ -227,19 +227,3 @@ class MaskBitDiscriminator(nn.Module):
 
 
 DISCRIMINATORS = {"patchgan": NLayerDiscriminator, "maskbit": MaskBitDiscriminator}
-
-
-def build_discriminator(config: Any) -> nn.Module:
-    """``config["name"]`` (``"patchgan"`` by default, or ``"maskbit"``; for clips the 3-D
-    ``"stylegan3d"`` / ``"patchgan3d"`` of ``models.discriminator3d``) + that class's kwargs."""
-    from titok_jax.models.discriminator3d import VIDEO_DISCRIMINATORS   # imports this module
-    kwargs = dict(config or {})
-    name = kwargs.pop("name", "patchgan")
-    known = {**DISCRIMINATORS, **VIDEO_DISCRIMINATORS}
-    if name not in known:
-        raise ValueError(f"unknown discriminator {name!r}; expected one of {sorted(known)}")
-    cls = known[name]
-    unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__) - {"parent", "name"})
-    if unknown:
-        raise ValueError(f"discriminator {name!r}: unknown option(s) {unknown}")
-    return cls(**kwargs)

@@ -233,6 +233,6 @@ class NLayerDiscriminator3D(nn.Module):
         return x.astype(jnp.float32)
 
 
-# name -> class, merged into ``discriminator.build_discriminator``'s table; a video tokenizer's GAN
+# name -> class, merged into ``discriminators.build_discriminator``'s table; a video tokenizer's GAN
 # needs one of these (the task refuses a 2-D one on clips)
 VIDEO_DISCRIMINATORS = {"stylegan3d": StyleGANDiscriminator3D, "patchgan3d": NLayerDiscriminator3D}

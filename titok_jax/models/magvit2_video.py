@@ -59,8 +59,8 @@ from titok_jax.models.magvit2 import DEFAULT_QUANTIZER, AdaptiveGroupNorm
 from titok_jax.models.video_tokenizer import VideoTokenizer
 from titok_jax.nn import constrain
 from titok_jax.nn.conv import GROUPS, check_channels
-from titok_jax.nn.conv3d import (FMAP5, Conv3d, ResBlock3D, depth_to_space_3d, inflate_params,
-                                 over_frames, reshape_batch_major, video_group_norm)
+from titok_jax.nn.conv3d import (FMAP5, Conv3d, depth_to_space_3d, inflate_params, over_frames,
+                                 res_block, reshape_batch_major, video_group_norm)
 from titok_jax.quantizers import build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
 
@@ -113,6 +113,7 @@ class Magvit2VideoEncoder(nn.Module):
     padding: str = "causal"
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, clips: jax.Array) -> jax.Array:
@@ -124,13 +125,14 @@ class Magvit2VideoEncoder(nn.Module):
         levels = len(self.ch_mult)
         for i, m in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
-                x = ResBlock3D(self.ch * int(m), name=f"down_{i}_block_{j}", **block)(x)
+                x = res_block(self.remat)(self.ch * int(m), name=f"down_{i}_block_{j}",
+                                          **block)(x)
             if i != levels - 1:
                 stride = (2 if self.temporal_downsample[i] else 1, 2, 2)
                 x = Conv3d(x.shape[-1], (3, 3, 3), strides=stride, padding=self.padding,
                            name=f"down_{i}_downsample", **kw)(x)
         for j in range(self.num_res_blocks):
-            x = ResBlock3D(x.shape[-1], name=f"mid_block_{j}", **block)(x)
+            x = res_block(self.remat)(x.shape[-1], name=f"mid_block_{j}", **block)(x)
         x = nn.silu(video_group_norm(x, "norm_out", self.causal_norm, **kw))
         x = Conv3d(self.out_channels, (1, 1, 1), padding=self.padding, name="conv_out", **kw)(x)
         return constrain(x.astype(jnp.float32), FMAP5)
@@ -147,6 +149,7 @@ class Magvit2VideoDecoder(nn.Module):
     padding: str = "causal"
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, q: jax.Array) -> jax.Array:
@@ -156,13 +159,13 @@ class Magvit2VideoDecoder(nn.Module):
         x = Conv3d(self.ch * int(self.ch_mult[-1]), (3, 3, 3), padding=self.padding,
                    name="conv_in", **kw)(constrain(q.astype(self.dtype or q.dtype), FMAP5))
         for j in range(self.num_res_blocks):
-            x = ResBlock3D(x.shape[-1], name=f"mid_block_{j}", **block)(x)
+            x = res_block(self.remat)(x.shape[-1], name=f"mid_block_{j}", **block)(x)
         upsampled = 1   # temporal upsampling so far: feature frame t <- latent ceil(t / upsampled)
         for i in reversed(range(len(self.ch_mult))):
             x = adaptive_group_norm(AdaptiveGroupNorm(name=f"adaptive_{i}", **kw), x, style,
                                     self.causal_norm, upsampled)
             for j in range(self.num_res_blocks):
-                x = ResBlock3D(self.ch * int(self.ch_mult[i]), name=f"up_{i}_block_{j}",
+                x = res_block(self.remat)(self.ch * int(self.ch_mult[i]), name=f"up_{i}_block_{j}",
                                **block)(x)
             if i != 0:
                 bt = 2 if self.temporal_downsample[i - 1] else 1
@@ -196,6 +199,8 @@ class Magvit2Video(VideoTokenizer):
         Open-MAGVIT2's clip-wide statistics.
       temporal_padding: what the causal convs put before the clip: ``"zeros"`` (``kt - 1`` zero
         frames, Open-MAGVIT2) or ``"replicate"`` (copies of frame 0).
+      remat: recompute every ResBlock3D's activations in the backward pass (``nn.remat``;
+        same params and gradients, less memory).
       quantizer: the bottleneck's sub-config (default OM2's LFQ, ``magvit2.DEFAULT_QUANTIZER``).
       dtype: compute dtype of the CNNs (the quantizer stays float32); param_dtype: float32.
     """
@@ -209,6 +214,7 @@ class Magvit2Video(VideoTokenizer):
     temporal_downsample: Sequence[bool] | None = None
     causal_norm: bool = True
     temporal_padding: str = "zeros"
+    remat: bool = False
     quantizer: Any = freeze_spec(DEFAULT_QUANTIZER)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -265,12 +271,16 @@ class Magvit2Video(VideoTokenizer):
         trunk = dict(ch=self.ch, ch_mult=self.ch_mult, num_res_blocks=self.num_res_blocks,
                      temporal_downsample=self._flags, causal_norm=self.causal_norm,
                      padding=TEMPORAL_PADDINGS[self.temporal_padding], dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+                     param_dtype=self.param_dtype, remat=self.remat)
         self.encoder = Magvit2VideoEncoder(
             out_channels=input_dim(self.quantizer, self.z_channels), **trunk)
         self.quantize = build_quantizer(self.quantizer, self.z_channels, dtype=jnp.float32,
                                         param_dtype=self.param_dtype)
         self.decoder = Magvit2VideoDecoder(**trunk)
+
+    def inflate_image_params(self, params_2d: Any, params_3d: Any) -> Any:
+        """``models.magvit2.Magvit2`` params -> this model's: :func:`inflate_from_image`."""
+        return inflate_from_image(params_2d, params_3d)
 
 
 def inflate_from_image(params_2d: Any, params_3d: Any) -> Any:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from titok_jax.models.video_tokenizer import VideoTokenizer
 from titok_jax.nn import constrain
 from titok_jax.nn.conv import check_channels
-from titok_jax.nn.conv3d import (FMAP5, Conv3d, ResBlock3D, avg_pool_3d, inflate_params,
+from titok_jax.nn.conv3d import (FMAP5, Conv3d, avg_pool_3d, inflate_params, res_block,
                                  upsample_nearest_3d, video_group_norm)
 from titok_jax.quantizers import build_quantizer, freeze_spec
 from titok_jax.quantizers.factory import input_dim
@@ -80,6 +80,7 @@ class Magvit3DEncoder(nn.Module):
     temporal_kernel_size: int = 3
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, clips: jax.Array) -> jax.Array:
@@ -91,12 +92,12 @@ class Magvit3DEncoder(nn.Module):
         levels = len(self.channel_mult)
         for i, m in enumerate(self.channel_mult):
             for j in range(self.num_res_blocks):
-                x = ResBlock3D(self.hidden_channels * int(m), name=f"down_{i}_block_{j}",
-                               **block)(x)
+                x = res_block(self.remat)(self.hidden_channels * int(m),
+                                          name=f"down_{i}_block_{j}", **block)(x)
             if i != levels - 1:
                 x = avg_pool_3d(x, _stage_factors(self.temporal_downsample, i))
         for j in range(self.num_res_blocks):
-            x = ResBlock3D(x.shape[-1], name=f"mid_{j}", **block)(x)
+            x = res_block(self.remat)(x.shape[-1], name=f"mid_{j}", **block)(x)
         x = nn.silu(video_group_norm(x, "norm_out", False, **kw))
         x = Conv3d(self.out_channels, (1, 1, 1), kernel_init=LECUN, name="conv_out", **kw)(x)
         return constrain(x.astype(jnp.float32), FMAP5)
@@ -112,6 +113,7 @@ class Magvit3DDecoder(nn.Module):
     temporal_kernel_size: int = 3
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, codes: jax.Array) -> jax.Array:
@@ -121,11 +123,11 @@ class Magvit3DDecoder(nn.Module):
         x = Conv3d(self.hidden_channels * int(self.channel_mult[-1]), k, kernel_init=LECUN,
                    name="conv_in", **kw)(constrain(codes.astype(self.dtype or codes.dtype), FMAP5))
         for j in range(self.num_res_blocks):
-            x = ResBlock3D(x.shape[-1], name=f"mid_{j}", **block)(x)
+            x = res_block(self.remat)(x.shape[-1], name=f"mid_{j}", **block)(x)
         for i in reversed(range(len(self.channel_mult))):
             c = self.hidden_channels * int(self.channel_mult[i])
             for j in range(self.num_res_blocks):
-                x = ResBlock3D(c, name=f"up_{i}_block_{j}", **block)(x)
+                x = res_block(self.remat)(c, name=f"up_{i}_block_{j}", **block)(x)
             if i != 0:
                 x = upsample_nearest_3d(x, _stage_factors(self.temporal_downsample, i - 1))
                 x = Conv3d(c, k, kernel_init=LECUN, name=f"up_{i}_upsample_conv", **kw)(x)
@@ -153,6 +155,8 @@ class Magvit3D(VideoTokenizer):
       z_channels: the code dim (MAGVIT v1's ``embedding_dim``).
       temporal_kernel_size: time extent of every 3x3 conv (3; 1 with no temporal downsampling
         gives the 2-D twin, :func:`image_twin`).
+      remat: recompute every ResBlock3D's activations in the backward pass (``nn.remat``;
+        same params and gradients, less memory).
       quantizer: the bottleneck's sub-config (default ``DEFAULT_QUANTIZER``).
       dtype: compute dtype of the CNNs (the quantizer stays float32); param_dtype: float32.
     """
@@ -165,6 +169,7 @@ class Magvit3D(VideoTokenizer):
     temporal_downsample: Sequence[bool] = (True, True, False)
     z_channels: int = 256
     temporal_kernel_size: int = 3
+    remat: bool = False
     quantizer: Any = freeze_spec(DEFAULT_QUANTIZER)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -211,12 +216,17 @@ class Magvit3D(VideoTokenizer):
                      channel_mult=self.channel_mult,
                      num_res_blocks=self.num_res_blocks, temporal_downsample=self._flags,
                      temporal_kernel_size=self.temporal_kernel_size, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+                     param_dtype=self.param_dtype, remat=self.remat)
         self.encoder = Magvit3DEncoder(out_channels=input_dim(self.quantizer, self.z_channels),
                                        **trunk)
         self.quantize = build_quantizer(self.quantizer, self.z_channels, dtype=jnp.float32,
                                         param_dtype=self.param_dtype)
         self.decoder = Magvit3DDecoder(**trunk)
+
+    def inflate_image_params(self, params_2d: Any, params_3d: Any) -> Any:
+        """The image twin's params (:func:`image_twin`) -> this model's: :func:`inflate_from_2d`
+        (central)."""
+        return inflate_from_2d(params_2d, params_3d)
 
 
 def image_twin(model: Magvit3D) -> Magvit3D:

@@ -21,6 +21,7 @@ returned as a grid ``[B, T', h, w, z]`` and indices as int32 ``[B, T', h, w]`` (
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,6 +66,13 @@ class VideoTokenizer(QuantizedModel, nn.Module):
     @property
     def token_size(self) -> int:
         return self.z_channels
+
+    def inflate_image_params(self, params_2d: Any, params_3d: Any) -> Any:
+        """The params of this family's image model (``params_2d``, host arrays) -> params with the
+        structure of ``params_3d`` (this model's params or their shapes): the 2-D -> 3-D inflation
+        the MAGVIT papers start video training from (``config.init_from``, ``tasks.video_init``).
+        A family without one raises NotImplementedError; a tree that does not map, ValueError."""
+        raise NotImplementedError(f"{self.NAME} has no inflation from an image model")
 
     def check_nominal(self) -> None:
         """The nominal clip must be valid (call from ``setup``)."""

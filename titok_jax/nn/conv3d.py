@@ -181,6 +181,16 @@ class ResBlock3D(nn.Module):
         return constrain(x + h, FMAP5)
 
 
+RematResBlock3D = nn.remat(ResBlock3D)
+
+
+def res_block(remat: bool = False) -> type:
+    """``ResBlock3D``, or with ``remat`` its ``nn.remat`` (same params and outputs; the block's
+    activations are recomputed in the backward pass instead of kept: the video tokenizers'
+    ``remat`` option, for the memory of long, large clips)."""
+    return RematResBlock3D if remat else ResBlock3D
+
+
 def avg_pool_3d(x: jax.Array, window: Sequence[int]) -> jax.Array:
     """Average pooling of ``x [B, T, H, W, C]`` with window = stride = ``window`` and TF-style SAME
     padding, the padding cells excluded from the divisor (MAGVIT v1's

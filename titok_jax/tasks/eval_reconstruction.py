@@ -10,7 +10,8 @@ rFID and Inception Score (optional, ``config.eval``; configs without an ``eval``
 
 Clips ``[B, T, H, W, 3]`` (video tokenizers): ``psnr`` is each clip's PSNR over all its frames,
 ``ssim`` the mean of its per-frame SSIM (``clip_scores``), ``num_images`` counts clips, rFID / IS
-are per frame (not rFVD), there is no thumbnail baseline, and the ``reconstructions`` grid is one
+are per frame, ``rfvd`` (with ``eval.fvd_weights``, ``tasks.eval_fvd``) is the Fréchet distance of
+the clips' I3D features, there is no thumbnail baseline, and the ``reconstructions`` grid is one
 pair of rows per clip, a column per frame (``clip_grid``).
 
 Images (originals and clipped reconstructions) are rounded to the uint8 grid before the pytorch-fid
@@ -39,6 +40,7 @@ from titok_jax.evaluation import plots
 from titok_jax.evaluation.images import caption_grid, tile_grid
 from titok_jax.evaluation.thumbnail import choose_thumbnail, thumbnail_psnr
 from titok_jax.nets.inception import POOL_FEATURES, inception_feature_fn, load_inception_params
+from titok_jax.tasks.eval_fvd import FVDEval
 from titok_jax.tasks.types import EvalContext, EvalResult
 
 
@@ -197,6 +199,7 @@ def reconstruction_pass(eval_fn: Callable, model_params: Any, model_state: Any, 
     psnr_sum = ssim_sum = count = thumb_sum = 0.0
     thumb = None   # (side, bits per channel) of the same-bit thumbnail baseline
     fid = InceptionEval.from_config(config, mesh)
+    fvd = FVDEval.from_config(config, mesh)
     counter = ev.CodebookCounter(codebook_size) if codebook_size else None
     first = (None, None, None)
     for batch in it:
@@ -213,6 +216,8 @@ def reconstruction_pass(eval_fn: Callable, model_params: Any, model_state: Any, 
             counter.update(_gather(indices), mask=mask)
         if fid is not None:
             fid.update(images, rec, mask)
+        if fvd is not None:
+            fvd.update(images, rec, mask)
         originals = None
         if first[0] is None or bits_per_image:
             originals = _gather(np.asarray(batch["image"]))[np.nonzero(mask)[0]]
@@ -238,6 +243,8 @@ def reconstruction_pass(eval_fn: Callable, model_params: Any, model_state: Any, 
         counts = np.asarray(jax.device_get(counter.counts))
     if fid is not None:
         metrics.update(fid.result())
+    if fvd is not None:
+        metrics.update(fvd.result())
     return ReconstructionPass(metrics, *first, counts)
 
 
@@ -282,7 +289,7 @@ class InceptionEval:
         return cls(_INCEPTION_CACHE[key], reference, method)
 
     def update(self, images: Any, reconstructions: Any, mask: np.ndarray) -> None:
-        if images.ndim == 5:   # clips: every frame is an image (a per-frame rFID, not rFVD)
+        if images.ndim == 5:   # clips: every frame is an image (a per-frame rFID)
             t = images.shape[1]
             images, reconstructions = (x.reshape((-1, *x.shape[2:]))
                                        for x in (images, reconstructions))

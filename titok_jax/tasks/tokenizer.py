@@ -49,12 +49,13 @@ import jax
 import jax.numpy as jnp
 
 from titok_jax import losses as L
-from titok_jax.models.discriminator import build_discriminator
 from titok_jax.models.discriminator3d import VIDEO_DISCRIMINATORS
+from titok_jax.models.discriminators import build_discriminator
 from titok_jax.models.registry import build_model, resolve_compute_dtype
 from titok_jax.models.video_tokenizer import VideoTokenizer
 from titok_jax.quantizers.lfq import entropy_anneal_factor
 from titok_jax.tasks.base import TokenizerTaskBase, TokenSpec, register_task
+from titok_jax.tasks.host_params import overwrite_from_host
 
 MODEL_COLLECTIONS = ("quantizer_stats",)
 SAMPLE_RNG, QUANTIZER_RNG = "sample", "quantizer"
@@ -95,6 +96,16 @@ class TokenizerTask(TokenizerTaskBase):
         self.disc = None
         if inference:  # the losses are training-only (an imported workdir carries none)
             return
+        # init_from: a video tokenizer starts from an image model's (inflated) weights
+        # (tasks.video_init); host arrays written into init
+        self._loaded = None
+        init_from = str(config.get("init_from", "") or "")
+        if init_from and not self.num_frames:
+            raise ValueError(f"init_from={init_from!r}: the tokenizer task inflates an image model "
+                             f"into a video tokenizer; {config.model.name!r} is an image model")
+        if init_from:
+            from titok_jax.tasks.video_init import load_video_init
+            self._loaded = load_video_init(init_from, self.model, self.init)
         lc = config.losses  # every key has its default in configs/common.py (TOKENIZER_LOSSES)
         self.recon_kind = lc.reconstruction
         self.recon_weight = float(lc.reconstruction_weight)
@@ -142,6 +153,10 @@ class TokenizerTask(TokenizerTaskBase):
                                     self._dummy(), train=False)
         params = {"model": variables["params"]}
         state = {"model": {k: v for k, v in variables.items() if k != "params"}}
+        if getattr(self, "_loaded", None) is not None:
+            params["model"] = overwrite_from_host(params["model"], self._loaded[0])
+            if self._loaded[1] is not None:
+                state["model"] = overwrite_from_host(state["model"], self._loaded[1])
         if self.disc is not None:
             disc_vars = dict(self.disc.init(k_disc, self._dummy()))
             params["disc"] = disc_vars.pop("params")
