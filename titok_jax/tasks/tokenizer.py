@@ -97,15 +97,16 @@ class TokenizerTask(TokenizerTaskBase):
         if inference:  # the losses are training-only (an imported workdir carries none)
             return
         # init_from: a video tokenizer starts from an image model's (inflated) weights
-        # (tasks.video_init); host arrays written into init
-        self._loaded = None
+        # (tasks.video_init); host arrays written into init. Subclasses (TiTok stage 2, ...) read
+        # init_from themselves; the plain task refuses it for an image model.
+        self._video_init = None
         init_from = str(config.get("init_from", "") or "")
-        if init_from and not self.num_frames:
+        if init_from and self.num_frames:
+            from titok_jax.tasks.video_init import load_video_init
+            self._video_init = load_video_init(init_from, self.model, self.init)
+        elif init_from and type(self) is TokenizerTask:
             raise ValueError(f"init_from={init_from!r}: the tokenizer task inflates an image model "
                              f"into a video tokenizer; {config.model.name!r} is an image model")
-        if init_from:
-            from titok_jax.tasks.video_init import load_video_init
-            self._loaded = load_video_init(init_from, self.model, self.init)
         lc = config.losses  # every key has its default in configs/common.py (TOKENIZER_LOSSES)
         self.recon_kind = lc.reconstruction
         self.recon_weight = float(lc.reconstruction_weight)
@@ -153,10 +154,10 @@ class TokenizerTask(TokenizerTaskBase):
                                     self._dummy(), train=False)
         params = {"model": variables["params"]}
         state = {"model": {k: v for k, v in variables.items() if k != "params"}}
-        if getattr(self, "_loaded", None) is not None:
-            params["model"] = overwrite_from_host(params["model"], self._loaded[0])
-            if self._loaded[1] is not None:
-                state["model"] = overwrite_from_host(state["model"], self._loaded[1])
+        if getattr(self, "_video_init", None) is not None:
+            params["model"] = overwrite_from_host(params["model"], self._video_init[0])
+            if self._video_init[1] is not None:
+                state["model"] = overwrite_from_host(state["model"], self._video_init[1])
         if self.disc is not None:
             disc_vars = dict(self.disc.init(k_disc, self._dummy()))
             params["disc"] = disc_vars.pop("params")
