@@ -69,6 +69,25 @@ def _normal(mean: float, stddev: float):
     return init
 
 
+def patchgan_norm(kind: str, channels: int, train: bool, name: str, *, num_groups: int,
+                  dtype: Any, param_dtype: Any) -> nn.Module:
+    """The PatchGAN's norm layer (2-D or 3-D alike: both normalise the last axis): ``"batch"``
+    (PyTorch's BatchNorm: momentum 0.1, eps 1e-5; batch statistics when ``train``) or GroupNorm
+    of ``min(num_groups, channels)`` groups (their gcd when that does not divide); scales
+    N(1, 0.02), biases 0, as taming's ``weights_init``."""
+    scale_init = boxed(_normal(1.0, 0.02), ("norm",))
+    bias_init = boxed(nn.initializers.zeros_init(), ("norm",))
+    if kind == "batch":
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            dtype=dtype, param_dtype=param_dtype,
+                            scale_init=scale_init, bias_init=bias_init, name=name)
+    groups = min(num_groups, channels)
+    if channels % groups:
+        groups = math.gcd(groups, channels)
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                        scale_init=scale_init, bias_init=bias_init, name=name)
+
+
 class NLayerDiscriminator(nn.Module):
     """PatchGAN ``[B, H, W, C] -> [B, h, w, 1]`` float32 logits (see the module docstring)."""
 
@@ -91,18 +110,8 @@ class NLayerDiscriminator(nn.Module):
                        bias_init=boxed(nn.initializers.zeros_init(), (out_name,)), name=name)
 
     def _norm(self, channels: int, train: bool, name: str) -> nn.Module:
-        scale_init = boxed(_normal(1.0, 0.02), ("norm",))
-        bias_init = boxed(nn.initializers.zeros_init(), ("norm",))
-        if self.norm == "batch":
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                dtype=self.dtype, param_dtype=self.param_dtype,
-                                scale_init=scale_init, bias_init=bias_init, name=name)
-        groups = min(self.num_groups, channels)
-        if channels % groups:
-            groups = math.gcd(groups, channels)
-        return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype,
-                            param_dtype=self.param_dtype, scale_init=scale_init,
-                            bias_init=bias_init, name=name)
+        return patchgan_norm(self.norm, channels, train, name, num_groups=self.num_groups,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.models.discriminator import BLUR_KERNELS, NORMS, _normal
+from titok_jax.models.discriminator import BLUR_KERNELS, NORMS, _normal, patchgan_norm
 from titok_jax.nn.conv import same_padding
 from titok_jax.nn.conv3d import avg_pool_3d
 from titok_jax.nn.initializers import boxed
@@ -197,18 +197,8 @@ class NLayerDiscriminator3D(nn.Module):
                        bias_init=boxed(nn.initializers.zeros_init(), (out_name,)), name=name)
 
     def _norm(self, channels: int, train: bool, name: str) -> nn.Module:
-        scale_init = boxed(_normal(1.0, 0.02), ("norm",))
-        bias_init = boxed(nn.initializers.zeros_init(), ("norm",))
-        if self.norm == "batch":
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                dtype=self.dtype, param_dtype=self.param_dtype,
-                                scale_init=scale_init, bias_init=bias_init, name=name)
-        g = min(self.num_groups, channels)
-        if channels % g:
-            g = math.gcd(g, channels)
-        return nn.GroupNorm(num_groups=g, epsilon=1e-5, dtype=self.dtype,
-                            param_dtype=self.param_dtype, scale_init=scale_init,
-                            bias_init=bias_init, name=name)
+        return patchgan_norm(self.norm, channels, train, name, num_groups=self.num_groups,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
