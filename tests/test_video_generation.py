@@ -171,7 +171,7 @@ def test_generate_videos_and_frame_prediction(pipeline):
                      "--num", "2", "--steps", "2"]) == 0
     with Image.open(out / "000001_class1.gif") as im:
         assert (im.n_frames, im.size) == (5, (SIZE, SIZE))
-    from titok_jax.generation import has_pyav
+    from titok_jax.video_files import has_pyav
     assert os.path.isfile(out / "000000_class0.mp4") == has_pyav()   # mp4 too, with PyAV
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape[:2] == (2 + 2 * (SIZE + 2), 2 + 5 * (SIZE + 2))   # a row of 5 frames per clip

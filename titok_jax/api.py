@@ -469,7 +469,15 @@ def read_token_file(path: str | os.PathLike, tokenizer: Tokenizer) -> tuple[np.n
     They are relative paths that stay inside the output directory: an absolute name, a name with a
     ``..`` component, an empty name, a control character, two rows with the same output name or a
     name that is also another's directory are a ValueError (``titok_jax.data.paths``); the caller
-    joins them with :func:`titok_jax.data.paths.paths_inside`, which also refuses symlinks out."""
+    joins them with :func:`titok_jax.data.paths.paths_inside`, which also refuses symlinks out.
+
+    A video tokenizer takes clip tokens (``[C, T', h, w]``, as ``tokenize`` writes for a video;
+    ``Tokenizer.decode``'s shapes) and gives ``(tokens, video names)``: the ``files`` entry of each
+    row as it is (the rows that share one are the clips of one video, in order; each checked as
+    above, but not for repeats) or the row index (``000000`` ...); the caller picks the video file
+    names (``video_files.video_file_name``) and checks them with ``paths_inside``. A token shape
+    that is not this tokenizer's (image tokens for a video tokenizer or the reverse) is one
+    ValueError saying the shape expected."""
     import zipfile
     path = os.fspath(path)
     try:
@@ -489,17 +497,22 @@ def read_token_file(path: str | os.PathLike, tokenizer: Tokenizer) -> tuple[np.n
     n = tokens.shape[0] if tokens.ndim else 0
     if files is not None and (files.ndim != 1 or len(files) != n):
         raise ValueError(f"{path}: 'files' has shape {files.shape}, expected [{n}] to match 'tokens'")
+    video = bool(tokenizer.num_frames)
     try:
         tokens = tokenizer._check_tokens(tokens)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        hint = "" if video or tokens.ndim < 4 else \
+            " (clip tokens [C, T', h, w]: decode them with the video tokenizer that wrote them)"
+        raise ValueError(f"{path}: {e}{hint}") from None
     if files is None:
         width = max(6, len(str(max(n - 1, 0))))
-        return tokens, [f"{i:0{width}d}.png" for i in range(n)]
+        return tokens, [f"{i:0{width}d}" + ("" if video else ".png") for i in range(n)]
     from titok_jax.data.paths import check_names, check_relative_name
     raw = [f.decode("utf-8", "replace") if isinstance(f, bytes) else str(f) for f in files.tolist()]
     for i, name in enumerate(raw):
         check_relative_name(name, f"{path}: files[{i}]")
+    if video:
+        return tokens, raw
     names = png_names(raw)
     check_names(names, f"{path}: files", source=raw)
     return tokens, names

@@ -277,21 +277,15 @@ def generate_images(generator: Generator, tokenizer: Any, output: str, labels: S
 VIDEO_GRID_CLIPS = 16
 
 
-def has_pyav() -> bool:
-    """True when PyAV (the ``video`` extra) is importable: ``generate`` then also writes mp4."""
-    import importlib.util
-    return importlib.util.find_spec("av") is not None
-
-
 def _generate_videos(generator: Generator, tokenizer: Any, output: str, labels: np.ndarray, *,
                      batch_size: int, seed: int, sampler: dict[str, Any] | None, save_images: bool,
                      tokenizer_name: str, first_frame: Any, fps: float) -> dict:
     """The video side of :func:`generate_images` (its docstring)."""
     from titok_jax.evaluation.images import save_png, tile_grid
-    from titok_jax.video_files import write_video
+    from titok_jax.video_files import has_pyav, write_video
 
     os.makedirs(output, exist_ok=True)
-    mp4 = has_pyav()
+    mp4 = has_pyav()   # generate then also writes mp4
     all_ids, grid_clips = [], []
     for start, ids, clips in generate_chunks(generator, tokenizer, labels, batch_size=batch_size,
                                              seed=seed, tokenizer_name=tokenizer_name,

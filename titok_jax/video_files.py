@@ -1,9 +1,12 @@
 """Video files for the video tokenizers' inference commands (``titok-jax reconstruct`` /
-``tokenize`` on a video file): read a video into frames, cut it into clips the tokenizer takes,
-write the reconstruction as a video file and a frame grid.
+``tokenize`` on a video, ``detokenize`` of clip tokens): read a video into frames, cut it into
+clips the tokenizer takes, write the reconstruction (or decoded clips) as a video file and a frame
+grid.
 
 Formats: animated GIF with PIL (always), ``.mp4 .webm .mkv .mov .avi .m4v`` with PyAV (the
-``video`` extra: ``pip install 'titok_jax[video]'``), in and out.
+``video`` extra: ``pip install 'titok_jax[video]'``), in and out; and, in, a folder of frame
+images (``.jpg .jpeg .png .webp`` directly in it, in natural name order, ``f2`` before ``f10``:
+the frame folders of ``video_folder:PATH``), played at ``DEFAULT_FPS``.
 
 Clips (:func:`video_clips`): every frame is resized (shorter side, bicubic) and centre-cropped to
 the tokenizer's ``image_size`` (the eval transform, as ``api.load_image``), then the video is cut
@@ -45,10 +48,66 @@ def _av(path: str) -> Any:
     return av
 
 
-def read_video(path: str) -> tuple[np.ndarray, float]:
-    """``(frames uint8 [N, H, W, 3] RGB, frames per second)`` of a GIF (PIL) or a compressed video
-    (PyAV). A file that cannot be decoded is a one-line ValueError naming it."""
+def has_pyav() -> bool:
+    """True when PyAV (the ``video`` extra) is importable."""
+    import importlib.util
+    return importlib.util.find_spec("av") is not None
+
+
+def video_name(path: str) -> str:
+    """The name a video goes by (``files`` of its tokens): a file's basename, a frame folder's
+    name (``frames/`` -> ``frames``; ``.`` -> the current folder's name; ``/`` -> ``video``)."""
     path = os.fspath(path)
+    name = os.path.basename(os.path.normpath(os.path.abspath(path) if os.path.isdir(path)
+                                             else path))
+    return name or "video"   # the root folder
+
+
+def video_file_name(name: str, pyav: bool) -> str:
+    """The video file clip tokens named ``name`` are decoded to: ``name`` itself for a GIF, or for
+    a PyAV format when ``pyav``; ``<stem>.gif`` for a PyAV format without it; ``<name>.gif`` for
+    any other name (a frame folder's, a row index)."""
+    stem, ext = os.path.splitext(name)
+    if ext.lower() in GIF_EXTENSIONS or (pyav and ext.lower() in AV_EXTENSIONS):
+        return name
+    return (stem if ext.lower() in AV_EXTENSIONS else name) + ".gif"
+
+
+def read_frame_folder(path: str) -> tuple[np.ndarray, float]:
+    """``(frames uint8 [N, H, W, 3] RGB, DEFAULT_FPS)`` of a folder of frame images (the files
+    directly in it, by extension, natural name order; PIL, as every image file is read). No frame,
+    an unreadable frame or frames of different sizes is a one-line ValueError naming the file."""
+    from titok_jax.data.sources import IMAGE_EXTENSIONS, decode_image_file
+    from titok_jax.data.video_sources import frame_folder_files
+    path = os.fspath(path)
+    names = frame_folder_files(path)
+    if not names:
+        raise ValueError(f"{path} holds no frame images ({', '.join(IMAGE_EXTENSIONS)}, directly "
+                         f"in it) to read as a video")
+    frames: list[np.ndarray] = []
+    for name in names:
+        file = os.path.join(path, name)
+        try:
+            frame = decode_image_file(file)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+            lines = str(e).strip().splitlines()
+            why = lines[0] if lines else type(e).__name__
+            raise ValueError(f"cannot read frame {file}: {why}") from None
+        if frames and frame.shape != frames[0].shape:
+            raise ValueError(f"frame {file} is {frame.shape[1]}x{frame.shape[0]}, the frames "
+                             f"before it {frames[0].shape[1]}x{frames[0].shape[0]}: a video's "
+                             f"frames must have one size")
+        frames.append(frame)
+    return np.stack(frames), DEFAULT_FPS
+
+
+def read_video(path: str) -> tuple[np.ndarray, float]:
+    """``(frames uint8 [N, H, W, 3] RGB, frames per second)`` of a GIF (PIL), a compressed video
+    (PyAV) or a folder of frame images (:func:`read_frame_folder`). A file that cannot be decoded
+    is a one-line ValueError naming it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return read_frame_folder(path)
     if not is_video_file(path):
         raise ValueError(f"{path} is not a video file ({', '.join(VIDEO_EXTENSIONS)})")
     try:
@@ -145,28 +204,40 @@ def video_clips(frames: np.ndarray, image_size: int, num_frames: int,
 
 
 def tokenizer_clips(tokenizer: Any, path: str) -> tuple[np.ndarray, float]:
-    """``(clips uint8 [C, T, S, S, 3], fps)`` of the video file ``path`` for a video tokenizer."""
+    """``(clips uint8 [C, T, S, S, 3], fps)`` of the video ``path`` (a file or a frame folder) for
+    a video tokenizer."""
     frames, fps = read_video(path)
     return video_clips(frames, tokenizer.image_size, tokenizer.num_frames,
                        tokenizer.model.check_frames), fps
 
 
+def write_clips(stage: Any, output: str, clips: np.ndarray, fps: float,
+                originals: np.ndarray | None = None) -> list[str]:
+    """Clips ``[C, T, S, S, 3]`` (float in [0, 1] or uint8) concatenated in time -> the video
+    ``output`` (its extension picks the format), and the first clip's frames (under its
+    ``originals``' when given) -> :func:`grid_path` ``(output)``; both written to ``stage``'s
+    temporary names (``outputs.staging``). Returns the two paths."""
+    from titok_jax.evaluation.images import make_grid, save_png, tile_grid
+    first = clips[0, :GRID_FRAMES]
+    grid = tile_grid(first, ncol=len(first)) if originals is None else \
+        make_grid(originals[0, :GRID_FRAMES], first, ncol=len(first))
+    outputs = [os.fspath(output), grid_path(output)]
+    write_video(stage.path(outputs[0]), clips.reshape((-1, *clips.shape[2:])), fps)
+    save_png(stage.path(outputs[1]), grid)
+    return outputs
+
+
 def reconstruct_video(tokenizer: Any, path: str, output: str) -> list[str]:
-    """Encode + decode the video file ``path`` clip by clip (:func:`video_clips`); write the
-    reconstructed frames to the video ``output`` (its extension picks the format) and the first
-    clip's frames (originals over reconstructions) to :func:`grid_path` ``(output)``. Both are
-    renamed into place only once all is done (``outputs.staging``); returns the two paths."""
-    from titok_jax.evaluation.images import make_grid, save_png
+    """Encode + decode the video ``path`` (a file or a frame folder) clip by clip
+    (:func:`video_clips`); write the reconstructed frames to the video ``output`` and the first
+    clip's frames (originals over reconstructions) to :func:`grid_path` ``(output)``
+    (:func:`write_clips`). Both are renamed into place only once all is done
+    (``outputs.staging``); returns the two paths."""
     from titok_jax.outputs import staging
     if not is_video_file(output):
         raise ValueError(f"--output {output}: a video input needs a video output "
                          f"({', '.join(VIDEO_EXTENSIONS)})")
     clips, fps = tokenizer_clips(tokenizer, path)
     rec = tokenizer.reconstruct(clips)
-    grid = make_grid(clips[0, :GRID_FRAMES], rec[0, :GRID_FRAMES], ncol=min(GRID_FRAMES,
-                                                                           clips.shape[1]))
-    outputs = [os.fspath(output), grid_path(output)]
     with staging() as stage:
-        write_video(stage.path(outputs[0]), rec.reshape((-1, *rec.shape[2:])), fps)
-        save_png(stage.path(outputs[1]), grid)
-    return outputs
+        return write_clips(stage, output, rec, fps, originals=clips)

@@ -6,7 +6,11 @@ names, as training does); a single image that cannot be read is an error. Output
 under temporary names and renamed into place when the whole command has succeeded
 (``outputs.staging``; ``reconstruct`` through ``api.write_reconstructions``, which
 ``Tokenizer.reconstruct_files`` shares), so a failure leaves no partial output. ``--workdir`` may be
-``hf:ORG/NAME``: a release in the local Hugging Face cache (``common.parse`` resolves it)."""
+``hf:ORG/NAME``: a release in the local Hugging Face cache (``common.parse`` resolves it).
+
+With a video tokenizer (MAGVIT, MAGVIT-v2) ``reconstruct`` and ``tokenize`` take a video: a video
+file or a folder of frame images (``titok_jax.video_files``), and ``detokenize`` decodes clip
+tokens into a video per ``files`` name."""
 from __future__ import annotations
 
 import os
@@ -58,7 +62,7 @@ def reconstruct(argv: Sequence[str]) -> int:
     --output, no two alike, none existing unless --overwrite) before the model is loaded; the
     PNGs are renamed into place once every image went through."""
     fv = _tokenizer_args("reconstruct", argv, "IMG_OR_DIR: an image file or a directory of images "
-                         "(a video file for a video tokenizer)",
+                         "(a video file or a folder of frames for a video tokenizer)",
                          "PATH: the PNG to write (a directory when --input is one; a video "
                          "file, .gif or .mp4, for a video input)")
     if _video_run(fv):
@@ -83,24 +87,28 @@ def reconstruct(argv: Sequence[str]) -> int:
 
 
 def _video_run(fv: Any) -> bool:
-    """True when ``--input`` is a video file (``video_files.VIDEO_EXTENSIONS``) and the workdir a
-    video tokenizer (its task, built without loading the checkpoint, says so); a GIF given to an
-    image tokenizer stays an image."""
+    """True when ``--input`` is a video file (``video_files.VIDEO_EXTENSIONS``) or a directory (a
+    folder of frames) and the workdir a video tokenizer (its task, built without loading the
+    checkpoint, says so); a GIF or a directory given to an image tokenizer stays images."""
     from titok_jax.video_files import is_video_file
-    if os.path.isdir(fv.input) or not is_video_file(fv.input):
+    if not (os.path.isdir(fv.input) or is_video_file(fv.input)):
         return False
     from titok_jax.tasks.runs import run_task
     return run_task(fv.workdir, "tokenizer").token_spec.is_video
 
 
 def _reconstruct_video(fv: Any) -> int:
-    """A video file through a video tokenizer: the reconstruction as a video at --output (a
-    directory: ``<input stem>.gif`` in it) and the first clip's frame grid beside it
-    (``<stem>_frames.png``); both checked before the model is loaded."""
-    from titok_jax.video_files import VIDEO_EXTENSIONS, grid_path, is_video_file, reconstruct_video
+    """A video (file or frame folder) through a video tokenizer: the reconstruction as a video at
+    --output (a directory: ``<input stem>.gif`` in it; a frame folder's stem is its name) and the
+    first clip's frame grid beside it (``<stem>_frames.png``); both checked before the model is
+    loaded."""
+    from titok_jax.video_files import (VIDEO_EXTENSIONS, grid_path, is_video_file,
+                                       reconstruct_video, video_name)
     output = fv.output
     if os.path.isdir(output):
-        output = os.path.join(output, os.path.splitext(os.path.basename(fv.input))[0] + ".gif")
+        name = video_name(fv.input)
+        stem = name if os.path.isdir(fv.input) else os.path.splitext(name)[0]
+        output = os.path.join(output, stem + ".gif")
     if not is_video_file(output):
         raise UsageError(f"--output {output}: a video input needs a video output "
                          f"({', '.join(VIDEO_EXTENSIONS)}) or a directory")
@@ -134,17 +142,20 @@ def tokenize(argv: Sequence[str]) -> int:
     """images -> ``tokens.npz`` with ``tokens`` (int32 [N, T]; int32 [N, T, k] for the k codebooks
     of an fq / rq tokenizer; float32 [N, T, C] for a VAE) and
     ``files`` (the input names: the basename, or paths relative to the input directory).
+    A video tokenizer on a video (a file or a folder of frames) -> one row per clip: ``tokens``
+    int32 [C, T', h, w] and ``files`` the video's name (``video_files.video_name``) on each row.
     With ``--data SOURCE`` instead of ``--input``: every image of the source (``--epochs``
     augmented passes) -> token shards in the directory ``--output`` (``titok_jax.data.tokens``),
     the input of generator training (``config.data.source=tokens:DIR``)."""
     if any(a == "--data" or a.startswith("--data=") for a in argv):
         return _tokenize_data(argv)
     fv = _tokenizer_args("tokenize", argv, "IMG_OR_DIR: an image file or a directory of images "
-                         "(a video file for a video tokenizer)", "tokens.npz: the file to write")
+                         "(a video file or a folder of frames for a video tokenizer)",
+                         "tokens.npz: the file to write")
     import numpy as np
     if _video_run(fv):   # one row per clip: tokens [C, T', h, w], files the input's name
         from titok_jax.api import load_tokenizer
-        from titok_jax.video_files import tokenizer_clips
+        from titok_jax.video_files import tokenizer_clips, video_name
         out = npz_path(fv.output)
         check_new_outputs([out], fv.overwrite)
         tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
@@ -152,7 +163,7 @@ def tokenize(argv: Sequence[str]) -> int:
         tokens = tok.encode(clips)
         with replacing(out) as tmp:
             np.savez(tmp, tokens=tokens,
-                     files=np.asarray([os.path.basename(fv.input)] * len(tokens), dtype=str))
+                     files=np.asarray([video_name(fv.input)] * len(tokens), dtype=str))
         print(f"tokenized {len(tokens)} clip(s) of {fv.input} -> {out} (tokens {tokens.dtype} "
               f"{list(tokens.shape)})")
         return 0
@@ -253,8 +264,22 @@ def detokenize(argv: Sequence[str]) -> int:
     under --output/, named after ``files`` (extension .png) or the row index; every name is checked
     (:func:`titok_jax.api.read_token_file`: relative, no ``..``, no two alike;
     :func:`titok_jax.data.paths.paths_inside`: no symlink out of --output) and no output may exist
-    (unless --overwrite) before anything is written."""
-    fv = _tokenizer_args("detokenize", argv, "tokens.npz: written by tokenize", "OUT_DIR: where the PNGs go")
+    (unless --overwrite) before anything is written. A video tokenizer decodes clip tokens
+    ``[C, T', h, w]`` into one video per distinct ``files`` name (:func:`_detokenize_video`)."""
+    def define(fv: Any) -> None:
+        from absl import flags
+        _tokenizer_flags(fv, "tokens.npz: written by tokenize", "OUT_DIR: where the PNGs (or "
+                         "videos) go")
+        flags.DEFINE_float("fps", None, "frames per second of the videos a video tokenizer's "
+                           "clip tokens decode to (default: video_files.DEFAULT_FPS, 10)",
+                           flag_values=fv)
+
+    fv = parse("titok-jax detokenize", argv, define)
+    require(fv, ("workdir", "input", "output"), "detokenize",
+            "detokenize --workdir DIR --input tokens.npz --output OUT_DIR")
+    _tokenizer_args_checks(fv)
+    if fv.fps is not None and fv.fps <= 0:
+        raise UsageError(f"--fps must be > 0, got {fv.fps}")
     if os.path.isdir(fv.input):
         raise ValueError(f"--input {fv.input} is a directory; expected a tokens .npz file")
     check_npz_input(fv.input)
@@ -263,7 +288,12 @@ def detokenize(argv: Sequence[str]) -> int:
     from titok_jax.data.paths import paths_inside
     from titok_jax.evaluation.images import save_png
     tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
+    if fv.fps is not None and not tok.num_frames:
+        raise UsageError(f"--fps applies to a video tokenizer's clip tokens; {fv.workdir} is an "
+                         "image tokenizer")
     tokens, names = read_token_file(fv.input, tok)
+    if tok.num_frames:
+        return _detokenize_video(fv, tok, tokens, names)
     outputs = paths_inside(fv.output, names, f"{fv.input}: files")
     check_new_outputs(outputs, fv.overwrite)
     with staging() as stage:  # renamed into place once every row is decoded
@@ -271,4 +301,34 @@ def detokenize(argv: Sequence[str]) -> int:
             for i, image in enumerate(tok.decode(tokens[start:start + fv.batch_size])):
                 save_png(stage.path(outputs[start + i]), image)
     print(f"decoded {len(names)} token row(s) -> {fv.output}")
+    return 0
+
+
+def _detokenize_video(fv: Any, tok: Any, tokens: Any, names: list[str]) -> int:
+    """Clip tokens -> one video per distinct name (its rows' clips in row order, concatenated in
+    time) at ``--fps``, named ``video_files.video_file_name`` (``clip.gif`` -> ``clip.gif``; an
+    mp4 without PyAV -> ``clip.gif``, with a note), and its first clip's frame grid
+    (``<stem>_frames.png``); all names checked, none existing, before anything is decoded."""
+    import numpy as np
+
+    from titok_jax.data.paths import paths_inside
+    from titok_jax.video_files import (AV_EXTENSIONS, DEFAULT_FPS, grid_path, has_pyav,
+                                       video_file_name, write_clips)
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        rows.setdefault(name, []).append(i)
+    pyav = has_pyav()
+    videos = [video_file_name(name, pyav) for name in rows]
+    outputs = paths_inside(fv.output, videos + [grid_path(v) for v in videos],
+                           f"{fv.input}: files", source=list(rows) * 2)
+    check_new_outputs(outputs, fv.overwrite)
+    for name, video in zip(rows, videos):
+        if name.lower().endswith(AV_EXTENSIONS) and not pyav:
+            print(f"note: {name} is written as {video}: PyAV (the video extra) is not installed: "
+                  "pip install 'titok_jax[video]'")
+    with staging() as stage:  # renamed into place once every video is decoded
+        for k, name in enumerate(rows):
+            clips = tok.decode(tokens[np.asarray(rows[name])])
+            write_clips(stage, outputs[k], clips, fv.fps or DEFAULT_FPS)
+    print(f"decoded {len(names)} clip token row(s) -> {len(rows)} video(s) in {fv.output}")
     return 0

@@ -92,7 +92,7 @@ def _import_av(path: str):
     return av
 
 
-def _frame_folder_files(path: str) -> list[str]:
+def frame_folder_files(path: str) -> list[str]:
     """The frame images directly in ``path`` (hidden files skipped), in natural name order."""
     names = [e.name for e in os.scandir(path)
              if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
@@ -243,7 +243,7 @@ class VideoFolderSource(SkipLog):
         for e in entries:
             full = os.path.join(self.root, e)
             if os.path.isdir(full):
-                self._frames[e] = _frame_folder_files(full)
+                self._frames[e] = frame_folder_files(full)
                 self._lengths[e] = len(self._frames[e])
             try:
                 if verify:
