@@ -6,11 +6,13 @@ for a CPU; `dual` / `triple` (VQ-16, 256 px -> 16x16 tokens with 2 / 3 ids each)
 
 COMMAND (CPU, minutes; a tiny RANDOM teacher, said loudly):
   titok-jax train --config configs/fqgan.py:tiny_dual --workdir workdirs/fqgan_tiny
-COMMAND (a published shape and recipe; the teacher weights are files of nets.dinov2.ViTFeatures'
-params, `titok-jax convert-dinov2`):
+COMMAND (a published shape and recipe; the teacher weights are files of the teachers' params:
+`titok-jax convert-clip --input ViT-B-16.pt --output clip_b16.safetensors` (OpenAI .pt or a HF
+openai/clip-vit-base-patch16 snapshot), `titok-jax convert-dinov2` for DINOv2-S):
   titok-jax train --config configs/fqgan.py:triple --workdir gs://BUCKET/runs/fqgan_triple \
       --config.data.source=tfds:imagenet2012 --config.losses.perceptual_weights=lpips_vgg.safetensors \
-      --config.teachers.sem_mid.weights=dinov2_vits14.safetensors --config.teachers.sem_high.weights=...
+      --config.teachers.sem_mid.weights=dinov2_vits14.safetensors \
+      --config.teachers.sem_high.weights=clip_b16.safetensors
 To use the released weights, `titok-jax import-torch --input DIR --output W` converts
 `fqgan_{dual,triple}_ds{16,8}.pt` (titok_jax.convert.fqgan).
 
@@ -24,9 +26,10 @@ sem_high) with DINOv2-S/14 (384) and CLIP ViT-B/16 (768). Disentanglement 0.1, r
 per head (summed). Recipe (train_fqgan_{dual,triple}.sh): Adam lr 2e-4 constant, betas (0.9,
 0.95), no weight decay, grad clip 1.0, batch 256, 40 epochs; MSE on [-1, 1] images (weight 4 on
 ours in [0, 1]) + LPIPS 1.0 + hinge GAN 0.5 from step 20000 (LlamaGen's PatchGAN: ndf 64, 3
-layers, BatchNorm in train mode in both passes). The teachers are
-`nets.dinov2.ViTFeatures`: exact for DINOv2; FQGAN's CLIP teachers are not that architecture
-(tasks/fqgan.py lists the gaps), so `teachers` entries for CLIP need a stand-in.
+layers, BatchNorm in train mode in both passes). The teachers (tasks/fqgan.py) are CLIP's visual tower
+(`"arch": "clip"`, `nets.clip.CLIPVisionTower`: the CLS token before `ln_post`, no projection)
+and DINOv2 (`"arch": "dinov2"`, `nets.dinov2.ViTFeatures`), both exact, fed FQGAN's torch-`nearest`
+256 -> 224 resize (`"resize": "nearest"`); the tiny config's random teacher is DINOv2-shaped.
 """
 from __future__ import annotations
 
@@ -47,18 +50,20 @@ _MODELS = {"dual": FQGAN_DUAL_DS16, "triple": FQGAN_TRIPLE_DS16, "dual_ds8": FQG
 STEPS_PER_EPOCH = 5005   # ImageNet in batches of 256
 EPOCHS = 40
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-# teacher ViTFeatures kwargs: CLIP ViT-L/14 and ViT-B/16 (sizes; see the module docstring),
-# DINOv2-S/14 (the released table is 37 x 37, interpolated to 16 x 16 at 224 px)
+# teacher kwargs: CLIP ViT-L/14 and ViT-B/16 (nets.clip.CLIPVisionTower; 224 px, the CLIP
+# mean / std), DINOv2-S/14 (nets.dinov2.ViTFeatures; the released table is 37 x 37, interpolated
+# to 16 x 16 at 224 px); all take FQGAN's torch-legacy nearest resize of the 256-px batch
 CLIP_L14 = dict(image_size=224, patch_size=14, width=1024, depth=24, num_heads=16,
-                mean=CLIP_MEAN, std=CLIP_STD)
+                mean=CLIP_MEAN, std=CLIP_STD, resize="nearest")
 CLIP_B16 = dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12,
-                mean=CLIP_MEAN, std=CLIP_STD)
+                mean=CLIP_MEAN, std=CLIP_STD, resize="nearest")
 DINOV2_S14 = dict(image_size=224, patch_size=14, width=384, depth=12, num_heads=6,
-                  layerscale=True, pos_grid=37)
+                  layerscale=True, pos_grid=37, resize="nearest")
 
 
-def _teacher(model: dict, allow_random: bool = False) -> dict:
-    return {"model": dict(model), "weights": "", "allow_random": allow_random, "seed": 0}
+def _teacher(model: dict, arch: str = "dinov2", allow_random: bool = False) -> dict:
+    return {"arch": arch, "model": dict(model), "weights": "", "allow_random": allow_random,
+            "seed": 0}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -77,13 +82,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      adapter_heads=4, head_widths=(0, 64), head_layers=1, head_heads=4,
                      representation_weight=0.5, quantizer=fqgan_quantizer(2, 512, 0.03))
         teachers = {"sem": _teacher(dict(image_size=64, patch_size=16, width=64, depth=1,
-                                         num_heads=2), allow_random=True)}
+                                         num_heads=2), "dinov2", allow_random=True)}
     else:
         model = {**_MODELS[variant], "quantizer": dict(_MODELS[variant]["quantizer"])}
         if variant.startswith("dual"):
-            teachers = {"sem": _teacher(CLIP_L14)}
+            teachers = {"sem": _teacher(CLIP_L14, "clip")}
         else:
-            teachers = {"sem_mid": _teacher(DINOV2_S14), "sem_high": _teacher(CLIP_B16)}
+            teachers = {"sem_mid": _teacher(DINOV2_S14, "dinov2"),
+                        "sem_high": _teacher(CLIP_B16, "clip")}
     model = {**model, "ch_mult": list(model["ch_mult"]), "factors": list(model["factors"]),
              "head_widths": list(model["head_widths"])}
 

@@ -35,7 +35,8 @@ def test_python_dash_m_matches_console_script():
 def test_usage_lists_the_converter_commands(capsys):
     assert cli.main(["--help"]) == 0
     text = capsys.readouterr().out
-    for name in ("convert-lpips", "convert-convnext", "convert-inception", "convert-i3d", "fid-reference"):
+    for name in ("convert-lpips", "convert-convnext", "convert-dinov2", "convert-clip", "convert-inception",
+                 "convert-i3d", "fid-reference"):
         assert f"  {name}" in text
         assert name in cli.HANDLERS
 

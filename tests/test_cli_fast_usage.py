@@ -27,6 +27,7 @@ CASES = [
     ["convert-lpips"],
     ["convert-convnext", "--output", "x.npz"],
     ["convert-dinov2"],
+    ["convert-clip"],
     ["convert-inception"],
     ["fid-reference", "--data", "sample"],
     ["frobnicate"],

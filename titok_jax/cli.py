@@ -25,6 +25,8 @@ COMMANDS = {
                      "--output OUT.safetensors",
     "convert-convnext": "torchvision ConvNeXt-S weights for the perceptual loss: --input PTH --output OUT",
     "convert-dinov2": "official DINOv2 weights for FlexTok's REPA teacher: --input PTH --output OUT",
+    "convert-clip": "CLIP visual tower (OpenAI .pt or HF) for FQGAN's teachers: --input PT_OR_DIR "
+                    "--output OUT",
     "convert-inception": "pytorch-fid InceptionV3 weights for FID / IS: --input PTH --output OUT",
     "convert-i3d": "Inception-I3D weights for FVD (i3d_pretrained_400.pt): --input PT --output OUT",
     "fid-reference": "FID reference statistics of a data split: --data SOURCE --inception_weights FILE "
@@ -42,7 +44,7 @@ HANDLERS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate"),
     "import-torch": ("import_torch", "import_torch"),
     "convert-lpips": ("convert", "convert_lpips"), "convert-convnext": ("convert", "convert_convnext"),
-    "convert-dinov2": ("convert", "convert_dinov2"),
+    "convert-dinov2": ("convert", "convert_dinov2"), "convert-clip": ("convert", "convert_clip"),
     "convert-inception": ("convert", "convert_inception"), "convert-i3d": ("convert", "convert_i3d"),
     "fid-reference": ("convert", "fid_reference"),
 }

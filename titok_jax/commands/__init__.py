@@ -7,5 +7,5 @@ their command runs):
 - ``tokenizer``: ``reconstruct``, ``tokenize``, ``features``, ``detokenize``;
 - ``generate``: ``generate``;
 - ``import_torch``: ``import-torch``;
-- ``convert``: ``convert-lpips``, ``convert-convnext``, ``convert-dinov2``, ``convert-inception``, ``convert-i3d``, ``fid-reference``.
+- ``convert``: ``convert-lpips``, ``convert-convnext``, ``convert-dinov2``, ``convert-clip``, ``convert-inception``, ``convert-i3d``, ``fid-reference``.
 """

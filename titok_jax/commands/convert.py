@@ -1,5 +1,5 @@
 """The frozen networks' weight files: ``titok-jax convert-lpips``, ``convert-convnext``,
-``convert-dinov2`` and ``convert-inception`` (PyTorch weights -> the files the perceptual losses and FID read, by
+``convert-dinov2``, ``convert-clip`` and ``convert-inception`` (PyTorch weights -> the files the perceptual losses and FID read, by
 ``titok_jax.convert``), and ``titok-jax fid-reference`` (FID reference statistics of a data split)."""
 from __future__ import annotations
 
@@ -87,6 +87,25 @@ def convert_dinov2(argv: Sequence[str]) -> int:
                     {"input": "dinov2_vit{s,b,l}14[_reg4]_pretrain.pth (or .safetensors / .npz)"}, run,
                     lambda n: f" (repa.teacher.model: {msgs[0]})",
                     optional={"num_heads": "attention heads (default width / 64, as released)"})
+
+
+def convert_clip(argv: Sequence[str]) -> int:
+    """CLIP's visual tower (OpenAI ``ViT-L-14.pt`` or a Hugging Face ``openai/clip-vit-*`` file or
+    snapshot) -> FQGAN's CLIP teacher params (``nets.clip.CLIPVisionTower``)."""
+    def run(fv: Any, out: str) -> Mapping[str, np.ndarray]:
+        from titok_jax.convert.clip import convert_clip_file, describe
+        heads = fv.num_heads
+        if heads is not None and not (heads.isdigit() and int(heads) > 0):
+            raise UsageError(f"--num_heads must be a positive integer, got {heads!r}")
+        flat, arch = convert_clip_file(fv.input, out, int(heads) if heads else None)
+        msgs.append(describe(arch))
+        return flat
+
+    msgs: list[str] = []
+    return _convert("convert-clip", argv,
+                    {"input": "ViT-L-14.pt (OpenAI), a HF CLIP model.safetensors or snapshot directory"},
+                    run, lambda n: f' (teachers.<factor>.model with "arch": "clip": {msgs[0]})',
+                    optional={"num_heads": "attention heads (default: config.json, else width / 64)"})
 
 
 def convert_inception(argv: Sequence[str]) -> int:

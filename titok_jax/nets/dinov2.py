@@ -1,7 +1,8 @@
 """DINOv2 (Oquab et al. 2023) as facebookresearch/dinov2 ``DinoVisionTransformer`` runs it, frozen:
 FlexTok's REPA teacher (``ViTFeatures``, re-exported by ``models.flextok_blocks``).
 
-Images ``[B, S, S, 3]`` in [0, 1] (resized bilinearly to ``image_size`` when they differ) ->
+Images ``[B, S, S, 3]`` in [0, 1] (resized to ``image_size`` when they differ: ``resize="bilinear"``,
+or ``"nearest"`` = PyTorch's legacy ``F.interpolate`` default, :func:`prepare_images`) ->
 ``(x - mean) / std`` -> patch embed (conv ``p x p`` stride ``p``) -> ``[cls || patches] + pos`` ->
 ``[cls || registers || patches]`` -> ``depth`` pre-LN blocks -> LayerNorm -> the normalised patch
 tokens ``[B, (S/p)^2, width]`` (DINOv2's ``x_norm_patchtokens``; ``all_tokens=True`` gives also
@@ -89,6 +90,35 @@ def bicubic_matrix(out_size: int, in_size: int, offset: float = INTERPOLATE_OFFS
     return m
 
 
+def torch_nearest_indices(out_size: int, in_size: int) -> np.ndarray:
+    """Source rows of PyTorch's legacy ``F.interpolate(mode="nearest", size=out_size)`` along one
+    axis: ``min(floor(i * float32(in / out)), in - 1)`` (float32 as torch computes it; JAX's
+    ``"nearest"`` samples half-pixel centres instead, ``floor((i + 0.5) * in / out)``)."""
+    scale = np.float32(in_size / out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+RESIZE_METHODS = ("bilinear", "nearest")
+
+
+def prepare_images(images: jax.Array, size: int, mean: Sequence[float], std: Sequence[float],
+                   resize: str = "bilinear") -> jax.Array:
+    """``[B, H, W, 3]`` in [0, 1] -> ``[B, size, size, 3]`` float32 ``(x - mean) / std``. Resized
+    when ``H, W != size``: ``"bilinear"`` (``jax.image.resize``, antialiased when shrinking) or
+    ``"nearest"`` (a gather with PyTorch's legacy nearest rule, :func:`torch_nearest_indices`)."""
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize {resize!r}; expected one of {RESIZE_METHODS}")
+    if images.shape[1:3] != (size, size):
+        if resize == "nearest":
+            images = jnp.take(images, torch_nearest_indices(size, images.shape[1]), axis=1)
+            images = jnp.take(images, torch_nearest_indices(size, images.shape[2]), axis=2)
+        else:
+            images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
+                                      "bilinear")
+    return (images.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
+
+
 def interpolate_pos_embed(pos: jax.Array, grid: int, pos_grid: int) -> jax.Array:
     """``[pos_grid^2 + 1, D]`` -> ``[grid^2 + 1, D]`` (cls row kept; see the module docstring)."""
     if grid == pos_grid:
@@ -103,10 +133,13 @@ def interpolate_pos_embed(pos: jax.Array, grid: int, pos_grid: int) -> jax.Array
 
 class DinoBlock(nn.Module):
     """One DINOv2 block (module docstring); param names those of ``nn.TransformerBlock`` plus
-    ``ls1`` / ``ls2`` with ``layerscale``."""
+    ``ls1`` / ``ls2`` with ``layerscale``. ``epsilon`` / ``activation`` (an ``nn.MLP`` one) are
+    DINOv2's by default; CLIP's tower (``nets.clip``) runs the same block with 1e-5 and QuickGELU."""
 
     num_heads: int
     layerscale: bool = False
+    epsilon: float = LN_EPS
+    activation: str = "gelu"
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
 
@@ -122,12 +155,12 @@ class DinoBlock(nn.Module):
             return h * g.astype(h.dtype)
 
         x = constrain(x, BTD)
-        h = make_norm("layernorm", epsilon=LN_EPS, name="ln_1", **kw)(x)
+        h = make_norm("layernorm", epsilon=self.epsilon, name="ln_1", **kw)(x)
         h = MultiHeadAttention(num_heads=self.num_heads, fused_qkv=True, qkv_bias=True, out_bias=True,
                                name="attn", **kw)(h)
         x = constrain(x + scaled(h, "ls1"), BTD)
-        h = make_norm("layernorm", epsilon=LN_EPS, name="ln_2", **kw)(x)
-        h = MLP(hidden_dim=4 * d, activation="gelu", use_bias=True, name="mlp", **kw)(h)
+        h = make_norm("layernorm", epsilon=self.epsilon, name="ln_2", **kw)(x)
+        h = MLP(hidden_dim=4 * d, activation=self.activation, use_bias=True, name="mlp", **kw)(h)
         return constrain(x + scaled(h, "ls2"), BTD)
 
 
@@ -146,6 +179,7 @@ class ViTFeatures(nn.Module):
     pos_grid: int = 0
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
+    resize: str = "bilinear"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -154,9 +188,7 @@ class ViTFeatures(nn.Module):
         s = self.image_size
         if s % self.patch_size:
             raise ValueError(f"image_size {s} is not a multiple of patch_size {self.patch_size}")
-        if images.shape[1:3] != (s, s):
-            images = jax.image.resize(images, (images.shape[0], s, s, 3), "bilinear")
-        x = (images.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+        x = prepare_images(images, s, self.mean, self.std, self.resize)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = PatchEmbed(self.patch_size, self.width, name="patch_embed", **kw)(x)
         b, n, w = x.shape

@@ -4,6 +4,7 @@
                    PyTorch ``nn.GELU()``, TiTok/open_clip ``c_fc``/``c_proj``).
 - ``"gelu_tanh"``: same with ``gelu(u) = u/2 * (1 + tanh(sqrt(2/pi) * (u + 0.044715 u^3)))``
                    (FlowMo/Flux, DiT).
+- ``"quick_gelu"``: same with ``u * sigmoid(1.702 u)`` (OpenAI CLIP's ``QuickGELU``).
 - ``"swiglu"``:    ``y = fc_out(silu(gate(x)) * value(x))``, ``silu(u) = u * sigmoid(u)``
                    (FlexTok ``GatedMlp``; its hidden width is ``int(2/3 * 4 * dim)``, pass it as
                    ``hidden_dim``).
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from titok_jax.nn.dropout import Dropout
 from titok_jax.nn.initializers import Initializer, boxed, default_kernel_init, zeros_init
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
 
 
 class MLP(nn.Module):
@@ -53,6 +54,9 @@ class MLP(nn.Module):
         elif self.activation == "gelu_tanh":
             h = nn.gelu(self._dense(self.hidden_dim, ("embed", "mlp"), "fc_in")(x),
                         approximate=True)
+        elif self.activation == "quick_gelu":
+            h = self._dense(self.hidden_dim, ("embed", "mlp"), "fc_in")(x)
+            h = h * nn.sigmoid(1.702 * h)
         elif self.activation == "swiglu":
             gate = self._dense(self.hidden_dim, ("embed", "mlp"), "gate")(x)
             value = self._dense(self.hidden_dim, ("embed", "mlp"), "value")(x)

@@ -14,10 +14,11 @@ decay. ``config.vae.weights`` is a workdir of a ``tokenizer`` run of model ``kl_
 the VAE's params keyed by the ``/``-joined param path (``encoder/conv_in/kernel``); empty is an
 error unless ``vae.allow_random`` (tiny CPU runs; said loudly on stderr).
 
-REPA teacher (``config.repa.teacher``): ``model`` = kwargs of ``nets.dinov2.ViTFeatures``
-(DINOv2-L/14 at 224 px by default: LayerScale, the released 37 x 37 position table interpolated to
-16 x 16 as the official code does) and ``weights`` = a ``.safetensors`` / ``.npz`` of its params
-(``titok-jax convert-dinov2 --input dinov2_vitl14_pretrain.pth --output FILE``);
+REPA teacher (``config.repa.teacher``): ``arch`` = ``"dinov2"`` (default) or ``"clip"``, ``model`` =
+kwargs of ``nets.dinov2.ViTFeatures`` (DINOv2-L/14 at 224 px by default: LayerScale, the released
+37 x 37 position table interpolated to 16 x 16 as the official code does) or of
+``nets.clip.CLIPVisionTower`` and ``weights`` = a ``.safetensors`` / ``.npz`` of its params
+(``titok-jax convert-dinov2 --input dinov2_vitl14_pretrain.pth --output FILE``, or ``convert-clip``);
 empty is an error unless ``allow_random`` (tests and tiny runs). Its patch features are resized to
 the decoder's patch grid (``losses.repa.match_grid``).
 
@@ -40,6 +41,7 @@ import numpy as np
 
 from titok_jax.losses.repa import match_grid, repa_loss
 from titok_jax.models.flextok_blocks import ViTFeatures
+from titok_jax.nets.clip import CLIPVisionTower
 from titok_jax.nets.files import load_frozen_params
 from titok_jax.trees import check_tree_matches, flatten, unflatten
 from titok_jax.models.registry import build_model
@@ -53,6 +55,11 @@ from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS
 
 VAE_HINT = "titok-jax train --config configs/flextok.py:vae_c16 (or a converted diffusers VAE)"
 TEACHER_HINT = "titok-jax convert-dinov2 --input dinov2_vitl14_pretrain.pth --output FILE"
+# teacher "arch" -> (feature network, the command that makes its weights file)
+TEACHER_ARCHS = {
+    "dinov2": (ViTFeatures, TEACHER_HINT),
+    "clip": (CLIPVisionTower, "titok-jax convert-clip --input ViT-L-14.pt --output FILE"),
+}
 VAE_PROBE = "model/vae/encoder/conv_in/kernel"   # a path optimizer.frozen must match
 
 
@@ -98,29 +105,42 @@ def load_vae_params(vae_config: Any, abstract: Any) -> dict | None:
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
-def load_repa_teacher(teacher_config: Any) -> tuple[ViTFeatures, Any]:
-    """``(ViTFeatures module, params)`` of ``config.repa.teacher`` (random only when allowed)."""
+def build_teacher(teacher_config: Any, where: str = "repa.teacher") -> nn.Module:
+    """The frozen feature network of a teacher entry: ``TEACHER_ARCHS[entry["arch"]]`` (default
+    ``"dinov2"``) built from ``entry["model"]``; ``where`` names the entry in errors."""
     tc = dict(teacher_config)
+    arch = str(tc.get("arch", "dinov2") or "dinov2")
+    if arch not in TEACHER_ARCHS:
+        raise ValueError(f"{where}.arch {arch!r} is not one of {sorted(TEACHER_ARCHS)}")
     kwargs = dict(tc.get("model", {}) or {})
     for key in ("mean", "std"):
         if key in kwargs:
             kwargs[key] = tuple(float(v) for v in kwargs[key])
     try:
-        teacher = ViTFeatures(**kwargs)
+        return TEACHER_ARCHS[arch][0](**kwargs)
     except TypeError as e:
-        raise ValueError(f"repa.teacher.model: {e}") from None
+        raise ValueError(f"{where}.model: {e}") from None
+
+
+def load_repa_teacher(teacher_config: Any, where: str = "repa.teacher") -> tuple[nn.Module, Any]:
+    """``(feature network, params)`` of a teacher entry (``config.repa.teacher``, FQGAN's
+    ``config.teachers.<factor>``; :func:`build_teacher`), random only when allowed."""
+    tc = dict(teacher_config)
+    teacher = build_teacher(tc, where)
     weights = str(tc.get("weights", "") or "")
     if not weights:
         if not tc.get("allow_random", False):
-            raise ValueError("repa.teacher.weights is empty: set it to a .safetensors/.npz of the "
-                             "teacher ViT's params, or set repa.weight=0")
+            off = "set repa.weight=0" if where == "repa.teacher" else f"remove {where}"
+            raise ValueError(f"{where}.weights is empty: set it to a .safetensors/.npz of the "
+                             f"teacher ViT's params, or {off}")
         seed = int(tc.get("seed", 0))
-        _say(f"[titok_jax] WARNING: repa.teacher.weights is empty: the REPA teacher is RANDOMLY "
+        _say(f"[titok_jax] WARNING: {where}.weights is empty: the teacher is RANDOMLY "
              f"INITIALISED (seed {seed}); the alignment target is meaningless outside tests")
         return teacher, random_params(teacher, teacher.image_size, seed)
     x = jax.ShapeDtypeStruct((1, teacher.image_size, teacher.image_size, 3), jnp.float32)
     abstract = nn.unbox(jax.eval_shape(teacher.init, jax.random.key(0), x)["params"])
-    return teacher, load_frozen_params(weights, abstract, "REPA teacher", TEACHER_HINT)
+    hint = TEACHER_ARCHS[str(tc.get("arch", "dinov2") or "dinov2")][1]
+    return teacher, load_frozen_params(weights, abstract, "REPA teacher", hint)
 
 
 @register_task("flextok")

@@ -4,18 +4,20 @@ FQGAN model's disentanglement term among the quantizer's) plus FQGAN's represent
     representation = model.representation_weight * sum_i InfoNCE(head_i(codes_i), teacher_i(x))
 
 (``models.fqgan``; FQGAN's 0.5 per head, summed). ``config.teachers`` maps a factor name with a
-head (``sem``; ``sem_mid``, ``sem_high``) to its teacher: ``{"model": kwargs of
-nets.dinov2.ViTFeatures, "weights": a .safetensors / .npz of its params (titok-jax convert-dinov2),
-"allow_random": bool, "seed": int}`` (loaded by ``tasks.flextok.load_repa_teacher``). The target
-is the teacher's CLS token ``[B, W]`` on the batch's images (resized and normalised by the
-teacher module), frozen (a constant, no gradient). A factor without a teacher (``teachers={}``:
-all) has no representation term (its head then gets no gradient).
+head (``sem``; ``sem_mid``, ``sem_high``) to its teacher: ``{"arch": "clip" | "dinov2" (default),
+"model": kwargs of nets.clip.CLIPVisionTower | nets.dinov2.ViTFeatures, "weights": a .safetensors /
+.npz of its params (titok-jax convert-clip | convert-dinov2), "allow_random": bool, "seed": int}``
+(built and loaded by ``tasks.flextok.build_teacher`` / ``load_repa_teacher``). The target is the
+teacher's CLS token ``[B, W]`` on the batch's images (resized and normalised by the teacher
+module), frozen (a constant, no gradient): for CLIP the class token after the last block, before
+``ln_post`` and without the projection (FQGAN's ``last_hidden_state[:, 0]``); for DINOv2 after
+the final norm (``x_norm_clstoken``).
 
-Gaps to the official recipe: FQGAN feeds its teachers a torch-``nearest`` 224-px resize (here
-the teacher's bilinear resize) and its Dual / Triple-high teacher is CLIP's ViT (QuickGELU, CLS
-before ``post_layernorm``), which ``ViTFeatures`` (the DINOv2 architecture) does not reproduce;
-the DINOv2-S teacher of Triple-mid is exact up to the resize. InfoNCE negatives are the global
-batch (FQGAN: each GPU's 32 images).
+Both teacher architectures are exact (CLIP: QuickGELU, ``ln_pre``, LayerNorm 1e-5, no LayerScale;
+``tests/test_clip.py``, ``tests/test_import_dinov2.py``), and with ``"resize": "nearest"`` (the
+published configs) the 256 -> 224 teacher input is PyTorch's legacy ``F.interpolate`` nearest, as
+FQGAN feeds it. Remaining gaps to the official recipe: the teachers run in float32 (FQGAN: under
+bf16 autocast), and InfoNCE negatives are the global batch (FQGAN: each GPU's 32 images).
 """
 from __future__ import annotations
 
@@ -23,9 +25,8 @@ from typing import Any
 
 import jax
 
-from titok_jax.nets.dinov2 import ViTFeatures
 from titok_jax.tasks.base import register_task
-from titok_jax.tasks.flextok import load_repa_teacher
+from titok_jax.tasks.flextok import build_teacher, load_repa_teacher
 from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS, QUANTIZER_RNG, SAMPLE_RNG, TokenizerTask
 
 
@@ -33,7 +34,7 @@ from titok_jax.tasks.tokenizer import MODEL_COLLECTIONS, QUANTIZER_RNG, SAMPLE_R
 class FQGANTask(TokenizerTask):
     def __init__(self, config: Any, *, inference: bool = False):
         super().__init__(config, inference=inference)
-        self.teachers: list[Any] = []       # per factor: (ViTFeatures, its config entry) or None
+        self.teachers: list[Any] = []       # per factor: (teacher module, its config entry) or None
         if inference:
             return
         entries = dict(config.get("teachers", None) or {})
@@ -49,14 +50,7 @@ class FQGANTask(TokenizerTask):
             if not self.model.head_widths[i]:
                 raise ValueError(f"teachers.{factor}: the factor has no representation head "
                                  f"(model.head_widths[{i}] = 0)")
-            kwargs = dict(dict(entry).get("model", {}) or {})
-            for key in ("mean", "std"):
-                if key in kwargs:
-                    kwargs[key] = tuple(float(v) for v in kwargs[key])
-            try:
-                self.teachers.append((ViTFeatures(**kwargs), entry))
-            except TypeError as e:
-                raise ValueError(f"teachers.{factor}.model: {e}") from None
+            self.teachers.append((build_teacher(entry, f"teachers.{factor}"), entry))
 
     def constants(self) -> dict:
         """The tokenizer's frozen networks and each teacher's params (``teacher_{i}``; loaded
@@ -64,7 +58,8 @@ class FQGANTask(TokenizerTask):
         out = super().constants()
         for i, t in enumerate(self.teachers):
             if t is not None:
-                out[f"teacher_{i}"] = load_repa_teacher(t[1])[1]
+                where = f"teachers.{self.model.factors[i]}"
+                out[f"teacher_{i}"] = load_repa_teacher(t[1], where)[1]
         return out
 
     def forward(self, params: dict, state: dict, images: jax.Array, key: jax.Array,
