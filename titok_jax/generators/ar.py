@@ -363,6 +363,24 @@ AR_VARIANTS: dict[str, dict[str, Any]] = {
     "flextok_d10": dict(_FLEXTOK, width=640, depth=10, num_heads=10),
     "flextok_d30": dict(_FLEXTOK, width=1920, depth=30, num_heads=30),
 }
+# FQGAN's FAR (reference lineage_2d.md §2; showlab/FQGAN far_dual.py / far_triple.py): FQGAN-Dual
+# (Triple) ids, 2 (3) factors of 16384 codes on the 16 x 16 grid, per-factor tables concatenated
+# and mapped back to the width by a Linear with bias, a factor head of 3 (B) / 4 (L) blocks, 2D RoPE.
+# Open-MAGVIT2's AR (reference magvit.md §6): one 18-bit LFQ index per cell predicted as
+# (pre = low 6 bits, post = high 12 bits), the two tables summed at the input, 2 / 3 / 4 intra
+# blocks. Counts against the published ones: configs/ar.py and tests/test_ar_published_variants.py.
+_GRID = dict(num_tokens=256, num_classes=1000, position_embedding="rope_2d", token_dropout=0.1,
+             dropout=0.1, attention_dropout=0.0)
+_FAR = dict(_GRID, codebook_size=16384, num_codebooks=2, factor_embedding="concat")
+_OM2 = dict(_GRID, codebook_size=2 ** 18, split_bits=(6, 12), factor_embedding="sum")
+AR_VARIANTS.update({
+    "far_b_dual": dict(_FAR, width=1024, depth=24, num_heads=16, head_depth=3),
+    "far_l_dual": dict(_FAR, width=1280, depth=36, num_heads=20, head_depth=4),
+    "far_b_triple": dict(_FAR, num_codebooks=3, width=1024, depth=24, num_heads=16, head_depth=3),
+    "om2_ar_b": dict(_OM2, width=1024, depth=24, num_heads=16, head_depth=2),
+    "om2_ar_l": dict(_OM2, width=1280, depth=36, num_heads=20, head_depth=3),
+    "om2_ar_xl": dict(_OM2, width=1536, depth=48, num_heads=24, head_depth=4),
+})
 
 
 def ar_variant(name: str, **overrides: Any) -> dict[str, Any]:
