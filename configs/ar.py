@@ -60,8 +60,8 @@ Where these differ from the published models (gaps; none changes a parameter cou
   predicts (the class by cell (0, 0), the identity) and the head by 1D RoPE over its sub-positions
   (reference lineage_2d.md §2.4 and pitfall 11, magvit.md §6). Same parameters, different
   function: not weight-compatible with a released checkpoint.
-- FAR's loss is the mean of the per-factor CEs; ours (tasks/ar.py ``subtoken_loss``) the sum, so
-  the gradient is G times larger and the clip at 1.0 bites earlier (Adam is otherwise invariant).
+- FAR's loss is the mean of the per-factor CEs (``generator.subtoken_reduction="mean"`` in the
+  far_* variants; the others keep the sum, the whole token's CE).
 - Open-MAGVIT2's schedule (VAR-style: warm-up from 0.005 x lr, then a linear decay to 0.1 x lr) is
   approximated by our warm-up from 0 and a cosine to 0.1 x lr (train/optimizer.py has no linear
   decay); its sampler takes a (pre, post) pair of CFG scales and temperatures (B (1.9, 2.0) and
@@ -103,7 +103,7 @@ SHARDS = {"tiny_factorized": "_fq", "tiny_split_bits": "_lfq"}
 # >= 2-D param, embeddings included, as LlamaGen's optimizer groups (the default regex skips them).
 _FLEXTOK_SAMPLER = dict(temperature=1.0, top_k=2000, top_p=1.0, guidance_scale=4.0, max_len=0)
 _FAR_RECIPE = dict(lr=1e-4, end_lr=1e-4, warmup_steps=0, total_steps=1_500_000, batch_size=256,
-                   ema_decay=0.0, no_decay="(?!)",
+                   ema_decay=0.0, no_decay="(?!)", subtoken_reduction="mean",
                    sampler=dict(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=2.0, max_len=0))
 _OM2_EPOCH = 1669   # ceil(1,281,167 / 768) steps at the global batch of 768
 
@@ -166,8 +166,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "accumulation_steps": 1, "ema_decay": recipe["ema_decay"], "no_decay": recipe["no_decay"],
         "frozen": ""})
     sampler = dict(recipe["sampler"])
-    c.generator = ml_collections.ConfigDict({"label_smoothing": 0.0, "class_dropout": 0.1,
-                                             "sampler": sampler})
+    c.generator = ml_collections.ConfigDict({
+        "label_smoothing": 0.0, "class_dropout": 0.1, "sampler": sampler,
+        # sub-token CEs summed (the whole token's CE) or averaged (FAR); tasks/ar.py
+        "subtoken_reduction": (RECIPES.get(variant) or {}).get("subtoken_reduction", "sum")})
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.logical_axis_rules = ()
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000 if tiny else 10_000, "keep": 3,

@@ -88,6 +88,11 @@ def test_factorized_loss_is_the_summed_factor_ce_and_the_head_is_causal():
     loss, metrics = jax.jit(lambda l, t: ar_loss(m, l, t))(logits, jnp.asarray(tokens))
     ce = [-np.take_along_axis(_logp(l), tokens[..., i, None], -1).mean() for i, l in enumerate(logits)]
     np.testing.assert_allclose(float(loss), sum(ce), rtol=1e-5)
+    mean_loss, mean_metrics = ar_loss(m, logits, jnp.asarray(tokens), subtoken_reduction="mean")
+    np.testing.assert_allclose(float(mean_loss), sum(ce) / 3, rtol=1e-5)     # FAR's mean
+    np.testing.assert_allclose(float(mean_metrics["nll"]), sum(ce), rtol=1e-5)
+    with pytest.raises(ValueError, match="subtoken_reduction"):
+        ar_loss(m, logits, jnp.asarray(tokens), subtoken_reduction="max")
     for i in range(3):
         np.testing.assert_allclose(float(metrics[f"nll_{i}"]), ce[i], rtol=1e-5)
     right = np.all([np.argmax(l, -1) == tokens[..., i] for i, l in enumerate(logits)], 0)

@@ -134,7 +134,9 @@ def test_recipe(variant):
     if variant.startswith("far"):   # §2.5: constant 1e-4, batch 256, step 1.5M; eval CFG 2.0
         assert (opt.lr, opt.end_lr, opt.warmup_steps) == (1e-4, 1e-4, 0)
         assert (cfg.batch_size, cfg.total_steps, sampler.guidance_scale) == (256, 1_500_000, 2.0)
-    else:   # batch 768, 300 / 300 / 350 epochs of 1669 steps, decay to 0.1 lr
+        assert cfg.generator.subtoken_reduction == "mean"     # FAR averages its factors' CEs
+    else:
+        assert cfg.generator.subtoken_reduction == "sum"   # batch 768, 300 / 300 / 350 epochs of 1669 steps, decay to 0.1 lr
         lr, epochs, warmup, cfg_scale = {"om2_ar_b": (3e-4, 300, 6, 2.0),
                                          "om2_ar_l": (3e-4, 300, 6, 1.9),
                                          "om2_ar_xl": (2.4e-4, 350, 7, 1.85)}[variant]

@@ -8,7 +8,8 @@ Per batch (``tokens [B, N]`` int ids, ``labels [B]`` class ids or -1)::
 
 Multi-index tokens (``tokens [B, N, k]`` of an fq / rq tokenizer, ``model.num_codebooks = k``) and
 many-bit LFQ indices (``model.split_bits``) are predicted sub-token after sub-token by the model's
-per-position head; the loss is then the sum of the sub-tokens' CEs (``subtoken_loss``).
+per-position head; the loss is then the sum of the sub-tokens' CEs (``subtoken_loss``; their mean
+with ``generator.subtoken_reduction="mean"``, FAR's).
 
 The data paths, the evaluation and the spec are shared with MaskGIT (``tasks/generator.py``,
 ``TokenGeneratorTask``):
@@ -52,13 +53,20 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, label_smoothing: float
     return loss, {"loss": loss, "nll": jnp.mean(nll), "next_token_accuracy": accuracy}
 
 
-def subtoken_loss(logits: tuple[jax.Array, ...], subs: jax.Array, label_smoothing: float = 0.0
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+SUBTOKEN_REDUCTIONS = ("sum", "mean")
+
+
+def subtoken_loss(logits: tuple[jax.Array, ...], subs: jax.Array, label_smoothing: float = 0.0,
+                  reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sub-token heads (``generators/ar_subtokens.py``): ``loss = sum_i mean CE(logits[i], s_i)``
     for ``G`` logits ``[B, n, V_i]`` and sub-ids ``subs [B, n, G]`` (teacher forcing, so the sum
-    is the CE of the whole token under the factorised distribution; FAR averages the factors, the
-    same objective at 1/G the scale). Metrics: ``loss``, ``nll`` (summed), ``nll_i``,
-    ``accuracy_i`` and ``next_token_accuracy`` (every sub-token's argmax right)."""
+    is the CE of the whole token under the factorised distribution); ``reduction="mean"``: that sum
+    / G, as FAR averages its factors (the same objective at 1/G the scale, which matters to the
+    gradient clip). Metrics: ``loss``, ``nll`` (summed), ``nll_i``, ``accuracy_i`` and
+    ``next_token_accuracy`` (every sub-token's argmax right)."""
+    if reduction not in SUBTOKEN_REDUCTIONS:
+        raise ValueError(f"generator.subtoken_reduction must be one of {SUBTOKEN_REDUCTIONS}, "
+                         f"got {reduction!r}")
     if subs.ndim != 3 or subs.shape[-1] != len(logits):
         raise ValueError(f"subtoken_loss needs {len(logits)} logits and sub-ids [B, n, "
                          f"{len(logits)}]; got sub-ids {subs.shape}")
@@ -69,14 +77,17 @@ def subtoken_loss(logits: tuple[jax.Array, ...], subs: jax.Array, label_smoothin
         metrics[f"nll_{i}"], metrics[f"accuracy_{i}"] = m["nll"], m["next_token_accuracy"]
         right = right & (jnp.argmax(l, axis=-1) == subs[..., i])
     accuracy = jnp.mean(jnp.asarray(right, jnp.float32))
+    if reduction == "mean":
+        loss = loss / len(logits)
     return loss, {"loss": loss, "nll": nll, "next_token_accuracy": accuracy, **metrics}
 
 
-def ar_loss(model: ARTransformer, logits: Any, tokens: jax.Array, label_smoothing: float = 0.0
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def ar_loss(model: ARTransformer, logits: Any, tokens: jax.Array, label_smoothing: float = 0.0,
+            subtoken_reduction: str = "sum") -> tuple[jax.Array, dict[str, jax.Array]]:
     """``next_token_loss``, or ``subtoken_loss`` for a model with sub-tokens."""
     if model.multi:
-        return subtoken_loss(logits, model.subtoken_ids(tokens), label_smoothing)
+        return subtoken_loss(logits, model.subtoken_ids(tokens), label_smoothing,
+                             subtoken_reduction)
     return next_token_loss(logits, tokens, label_smoothing)
 
 
@@ -94,6 +105,10 @@ class ARTask(TokenGeneratorTask):
         self.label_smoothing = float(config.generator.label_smoothing)
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"generator.label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        self.subtoken_reduction = str(config.generator.get("subtoken_reduction", "sum"))
+        if self.subtoken_reduction not in SUBTOKEN_REDUCTIONS:
+            raise ValueError(f"generator.subtoken_reduction must be one of {SUBTOKEN_REDUCTIONS}, "
+                             f"got {self.subtoken_reduction!r}")
 
     def sampler_settings(self, settings: dict) -> dict:
         """Validated sampler settings (``randomize_temperature`` renamed ``temperature``)."""
@@ -122,7 +137,8 @@ class ARTask(TokenGeneratorTask):
         labels = masking.drop_classes(k_drop, batch["label"], self.class_dropout, self.model.num_classes)
         logits = self.model.apply({"params": params["model"]}, tokens, labels, train=True,
                                   rngs={DROPOUT_RNG: k_dropout})
-        loss, metrics = ar_loss(self.model, logits, tokens, self.label_smoothing)
+        loss, metrics = ar_loss(self.model, logits, tokens, self.label_smoothing,
+                                self.subtoken_reduction)
         return loss, (state, metrics)
 
     # ------------------------------------------------------------------ evaluation
@@ -130,7 +146,7 @@ class ARTask(TokenGeneratorTask):
         """Next-token loss and accuracy of the eval batch (deterministic: no dropout, no mask)."""
         tokens = jnp.asarray(tokens, jnp.int32)
         _, metrics = ar_loss(self.model, self.logits(model_params, tokens, labels), tokens,
-                             self.label_smoothing)
+                             self.label_smoothing, self.subtoken_reduction)
         return metrics
 
     def sample(self, model_params: Any, labels: np.ndarray, seed: int, **overrides: Any) -> np.ndarray:
