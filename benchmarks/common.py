@@ -99,8 +99,10 @@ class StepBench:
         size = self.image_size = int(cfg.data.image_size)
         rng = np.random.default_rng(0)
         local = batch // jax.process_count()
+        frames = int(cfg.data.get("num_frames", 0) or 0)   # video tokenizers: clips [B, T, ...]
         self.images = data_lib.to_global_array(
-            {"image": rng.uniform(0, 1, (local, size, size, 3)).astype(np.float32)}, mesh)
+            {"image": rng.uniform(0, 1, (local, *((frames,) if frames else ()), size, size, 3)
+                                  ).astype(np.float32)}, mesh)
         t0 = time.perf_counter()
         self.compiled = jitted.lower(self.state, self.images, self.constants).compile()
         self.compile_s = time.perf_counter() - t0
