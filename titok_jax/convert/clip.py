@@ -35,15 +35,14 @@ and then ``--config.teachers.sem.weights=clip_l14.safetensors`` (``configs/fqgan
 from __future__ import annotations
 
 import json
-import math
 import os
 import zipfile
 from typing import Callable, Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import (StateDictReader, identity, read_state_dict, vit_block_rows,
-                                      TORCH_SUFFIXES)
+from titok_jax.convert.common import (TORCH_SUFFIXES, StateDictReader, identity, read_state_dict,
+                                      vit_block_rows, vit_grid_depth_heads)
 from titok_jax.convert.inception import save_params
 
 Row = tuple  # (torch key, our flat key or None (dropped), torch shape, transform)
@@ -101,17 +100,9 @@ def clip_arch(sd: Mapping[str, np.ndarray], source: str = "state dict",
                          "not [width, 3, p, p]")
     if prefix + position not in sd:
         raise ValueError(f"{source}: missing tensor {prefix + position!r}")
-    n = int(np.shape(sd[prefix + position])[0]) - 1
-    g = math.isqrt(max(n, 0))
-    if n <= 0 or g * g != n:
-        raise ValueError(f"{source}: tensor {prefix + position!r} has {n} patch rows, not a square grid")
-    depth = 0
-    while f"{prefix}{blocks}.{depth}.{names['ln_1']}" in sd:
-        depth += 1
-    heads = int(num_heads) if num_heads else int(w) // HEAD_DIM
-    if heads <= 0 or w % heads:
-        raise ValueError(f"{source}: width {w} does not split into {heads} heads"
-                         + ("" if num_heads else f" of CLIP's {HEAD_DIM}; pass num_heads"))
+    g, depth, heads = vit_grid_depth_heads(
+        sd, source, prefix + position, np.shape(sd[prefix + position])[0],
+        f"{prefix}{blocks}.{{}}.{names['ln_1']}", int(w), num_heads, "CLIP", HEAD_DIM)
     return {"image_size": int(g * p), "patch_size": int(p), "width": int(w), "depth": depth,
             "num_heads": heads}
 

@@ -152,6 +152,29 @@ def out_kernel(heads: int):
     return lambda w: np.ascontiguousarray(w.T.reshape(heads, w.shape[1] // heads, w.shape[0]))
 
 
+def vit_grid_depth_heads(sd: Mapping[str, np.ndarray], source: str, position_key: str,
+                         position_rows: int, block_key: str, width: int,
+                         num_heads: int | None, family: str, head_dim: int = 64
+                         ) -> tuple[int, int, int]:
+    """``(grid, depth, heads)`` of a ViT state dict: the square patch grid of a position table
+    of ``position_rows`` rows (a class row first), the number of blocks (``block_key.format(i)``
+    present for ``i = 0, 1, ...``) and the heads (``num_heads``, default ``width / head_dim``);
+    a table that is no square grid or a width the heads do not divide is a one-line error."""
+    import math
+    n = int(position_rows) - 1
+    g = math.isqrt(max(n, 0))
+    if n <= 0 or g * g != n:
+        raise ValueError(f"{source}: tensor {position_key!r} has {n} patch rows, not a square grid")
+    depth = 0
+    while block_key.format(depth) in sd:
+        depth += 1
+    heads = int(num_heads) if num_heads else int(width) // head_dim
+    if heads <= 0 or width % heads:
+        raise ValueError(f"{source}: width {width} does not split into {heads} heads"
+                         + ("" if num_heads else f" of {family}'s {head_dim}; pass num_heads"))
+    return g, depth, heads
+
+
 def vit_block_rows(src: str, dst: str, width: int, heads: int, names: Mapping[str, str],
                    transform: Callable[[np.ndarray], np.ndarray] | None = None) -> list[tuple]:
     """Name-table rows of one pre-LN ViT block with a fused qkv projection and a 4x MLP: torch

@@ -29,7 +29,8 @@ from typing import Mapping
 
 import numpy as np
 
-from titok_jax.convert.common import StateDictReader, identity, read_state_dict, vit_block_rows
+from titok_jax.convert.common import (StateDictReader, identity, read_state_dict, vit_block_rows,
+                                      vit_grid_depth_heads)
 from titok_jax.convert.inception import save_params
 
 Row = tuple  # (torch key, our flat key or None (dropped), torch shape, transform)
@@ -54,17 +55,9 @@ def dinov2_arch(sd: Mapping[str, np.ndarray], source: str = "state dict",
     w, _, p, p2 = np.shape(sd["patch_embed.proj.weight"])
     if p != p2:
         raise ValueError(f"{source}: tensor 'patch_embed.proj.weight' has non-square patches {p}x{p2}")
-    n = int(np.shape(sd["pos_embed"])[1]) - 1
-    g = math.isqrt(max(n, 0))
-    if n <= 0 or g * g != n:
-        raise ValueError(f"{source}: tensor 'pos_embed' has {n} patch rows, not a square grid")
-    depth = 0
-    while f"blocks.{depth}.norm1.weight" in sd:
-        depth += 1
-    heads = int(num_heads) if num_heads else int(w) // HEAD_DIM
-    if heads <= 0 or w % heads:
-        raise ValueError(f"{source}: width {w} does not split into {heads} heads"
-                         + ("" if num_heads else f" of DINOv2's {HEAD_DIM}; pass num_heads"))
+    g, depth, heads = vit_grid_depth_heads(sd, source, "pos_embed", np.shape(sd["pos_embed"])[1],
+                                           "blocks.{}.norm1.weight", int(w), num_heads, "DINOv2",
+                                           HEAD_DIM)
     reg = sd.get("register_tokens")
     return {"patch_size": int(p), "width": int(w), "depth": depth, "num_heads": heads,
             "layerscale": "blocks.0.ls1.gamma" in sd,
