@@ -86,7 +86,13 @@ def test_detokenize_clip_tokens_writes_one_video_and_its_grid(video, tmp_path):
     assert (out / "clip_frames.png").read_bytes() == before
     assert cli.main(argv + ["--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["clip.gif", "clip_frames.png"]
-    assert read_video(str(out / "clip.gif"))[1] == 10.0   # DEFAULT_FPS without --fps
+    assert read_video(str(out / "clip.gif"))[1] == 5.0    # without --fps: the source's, stored
+    with np.load(tmp_path / "t.npz") as f:                 # by tokenize; a file without it ...
+        assert float(f["fps"]) == 5.0
+        np.savez(tmp_path / "old.npz", tokens=f["tokens"], files=f["files"])
+    argv[argv.index(str(tmp_path / "t.npz"))] = str(tmp_path / "old.npz")
+    assert cli.main(argv + ["--overwrite"]) == 0
+    assert read_video(str(out / "clip.gif"))[1] == 10.0   # ... DEFAULT_FPS
 
 
 def test_rows_of_several_names_give_a_video_each(video, tmp_path, monkeypatch, capsys):

@@ -159,10 +159,10 @@ def tokenize(argv: Sequence[str]) -> int:
         out = npz_path(fv.output)
         check_new_outputs([out], fv.overwrite)
         tok = load_tokenizer(fv.workdir, batch_size=fv.batch_size)
-        clips, _ = tokenizer_clips(tok, fv.input)
+        clips, fps = tokenizer_clips(tok, fv.input)
         tokens = tok.encode(clips)
-        with replacing(out) as tmp:
-            np.savez(tmp, tokens=tokens,
+        with replacing(out) as tmp:   # fps: the source's frame rate, detokenize's default
+            np.savez(tmp, tokens=tokens, fps=np.float64(fps),
                      files=np.asarray([video_name(fv.input)] * len(tokens), dtype=str))
         print(f"tokenized {len(tokens)} clip(s) of {fv.input} -> {out} (tokens {tokens.dtype} "
               f"{list(tokens.shape)})")
@@ -271,7 +271,8 @@ def detokenize(argv: Sequence[str]) -> int:
         _tokenizer_flags(fv, "tokens.npz: written by tokenize", "OUT_DIR: where the PNGs (or "
                          "videos) go")
         flags.DEFINE_float("fps", None, "frames per second of the videos a video tokenizer's "
-                           "clip tokens decode to (default: video_files.DEFAULT_FPS, 10)",
+                           "clip tokens decode to (default: the source's, stored by tokenize; "
+                           "else video_files.DEFAULT_FPS, 10)",
                            flag_values=fv)
 
     fv = parse("titok-jax detokenize", argv, define)
@@ -326,9 +327,24 @@ def _detokenize_video(fv: Any, tok: Any, tokens: Any, names: list[str]) -> int:
         if name.lower().endswith(AV_EXTENSIONS) and not pyav:
             print(f"note: {name} is written as {video}: PyAV (the video extra) is not installed: "
                   "pip install 'titok_jax[video]'")
+    fps = fv.fps or _stored_fps(fv.input) or DEFAULT_FPS
     with staging() as stage:  # renamed into place once every video is decoded
         for k, name in enumerate(rows):
             clips = tok.decode(tokens[np.asarray(rows[name])])
-            write_clips(stage, outputs[k], clips, fv.fps or DEFAULT_FPS)
+            write_clips(stage, outputs[k], clips, fps)
     print(f"decoded {len(names)} clip token row(s) -> {len(rows)} video(s) in {fv.output}")
     return 0
+
+
+def _stored_fps(path: str) -> float | None:
+    """The source video's frame rate that ``tokenize`` stored in ``path`` (``fps``), or None
+    (older files, or a value that is not one positive finite number)."""
+    import numpy as np
+    with np.load(path, allow_pickle=False) as f:
+        if "fps" not in f.files:
+            return None
+        value = np.asarray(f["fps"])
+    if value.shape != () or not np.issubdtype(value.dtype, np.number):
+        return None
+    fps = float(value)
+    return fps if np.isfinite(fps) and fps > 0 else None
