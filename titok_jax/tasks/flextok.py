@@ -105,11 +105,16 @@ def load_vae_params(vae_config: Any, abstract: Any) -> dict | None:
     return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
+def teacher_arch(teacher_config: Any) -> str:
+    """A teacher entry's ``arch`` (``"dinov2"`` when unset or empty)."""
+    return str(dict(teacher_config).get("arch", "dinov2") or "dinov2")
+
+
 def build_teacher(teacher_config: Any, where: str = "repa.teacher") -> nn.Module:
     """The frozen feature network of a teacher entry: ``TEACHER_ARCHS[entry["arch"]]`` (default
     ``"dinov2"``) built from ``entry["model"]``; ``where`` names the entry in errors."""
     tc = dict(teacher_config)
-    arch = str(tc.get("arch", "dinov2") or "dinov2")
+    arch = teacher_arch(tc)
     if arch not in TEACHER_ARCHS:
         raise ValueError(f"{where}.arch {arch!r} is not one of {sorted(TEACHER_ARCHS)}")
     kwargs = dict(tc.get("model", {}) or {})
@@ -139,8 +144,8 @@ def load_repa_teacher(teacher_config: Any, where: str = "repa.teacher") -> tuple
         return teacher, random_params(teacher, teacher.image_size, seed)
     x = jax.ShapeDtypeStruct((1, teacher.image_size, teacher.image_size, 3), jnp.float32)
     abstract = nn.unbox(jax.eval_shape(teacher.init, jax.random.key(0), x)["params"])
-    hint = TEACHER_ARCHS[str(tc.get("arch", "dinov2") or "dinov2")][1]
-    return teacher, load_frozen_params(weights, abstract, "REPA teacher", hint)
+    what = "REPA teacher" if where == "repa.teacher" else f"teacher {where}"
+    return teacher, load_frozen_params(weights, abstract, what, TEACHER_ARCHS[teacher_arch(tc)][1])
 
 
 @register_task("flextok")
